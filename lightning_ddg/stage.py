@@ -1,0 +1,290 @@
+"""One stage of decoupled parallel backpropagation with delayed gradients (DDG).
+
+Stage ``k`` of ``K`` has delay ``d = K-1-k``. At step ``t`` it forwards batch ``t`` and then backwards batch
+``t-d``: the gradient at its output is the input gradient that stage ``k+1`` computed for that batch one
+step earlier, and the gradient of its own weights is taken at the weights batch ``t-d``'s forward used.
+The first ``d`` steps have no backward (warm-up); :meth:`DDGStage.drain` finishes the last ``d`` batches.
+This module is plain PyTorch: it knows nothing of Lightning.
+
+Memory modes (see ``docs/semantics.md``):
+
+- ``"stash"``: keep each in-flight batch's autograd graph, built on a private copy of the weights.
+- ``"recompute"``: keep the stage input, the weight copy and the RNG state; redo the forward at backward.
+- ``"replay"``: keep the stage input and RNG state; redo the forward with the *current* weights (inexact).
+
+Example, driving stage ``k`` by hand (``links`` from :class:`~lightning_ddg.topology.StageLinks`)::
+
+    stage = DDGStage(module, stage_index=k, num_stages=K, links=links)
+    for x, y in loader:
+        out = stage.forward(x)                        # None except on the last stage
+        loss = loss_fn(out, y) if stage.is_last else None
+        if stage.backward(loss):                       # an accumulation window is complete
+            stage.install_gradients(); optimizer.step()
+    for ready in stage.drain():
+        if ready:
+            stage.install_gradients(); optimizer.step()
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lightning_ddg.topology import StageLinks
+
+__all__ = ["DDGStage", "MemoryMode", "MEMORY_MODES"]
+
+MemoryMode = Literal["stash", "recompute", "replay"]
+MEMORY_MODES = ("stash", "recompute", "replay")
+
+
+@dataclass
+class _InFlight:
+    """What a stage keeps of one batch between its forward and its delayed backward."""
+
+    batch: int
+    inputs: list[Any]
+    outputs: list[torch.Tensor] | None  # autograd graph (stash) or None (recompute, replay)
+    weights: list[torch.Tensor] | None  # private weight copy, None when the live weights are exact
+    rng: tuple[torch.Tensor, torch.Tensor | None] | None
+    autocast: tuple[str, torch.dtype, bool] | None
+
+
+def _flatten(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in output):
+        return list(output)
+    raise TypeError(
+        f"a stage boundary carries a value of type {type(output).__name__}; only tensors can cross stages. "
+        "Choose split points where the values crossing between stages are tensors."
+    )
+
+
+class DDGStage:
+    """Forward, delayed backward and gradient accumulation of one pipeline stage.
+
+    Args:
+        module: the stage's module in train mode; its ``forward`` takes the tensors crossing into the stage
+            (for the first stage: the model input) and returns those crossing out (last stage: the output).
+        stage_index: ``k``, counted from 0 in forward order.
+        num_stages: ``K``.
+        links: channels to the neighbouring stages (``None`` when ``K == 1``).
+        memory: ``"stash"`` (default), ``"recompute"`` or ``"replay"``.
+        accumulate_grad_batches: a window of batches whose gradients are summed before a step, aligned to
+            batch numbers: the window is complete after the backward of batch ``b`` when ``(b+1) % A == 0``.
+        eval_module: the stage traced in eval mode, used by :meth:`evaluate` (defaults to ``module``).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        stage_index: int,
+        num_stages: int,
+        links: StageLinks | None = None,
+        memory: MemoryMode = "stash",
+        accumulate_grad_batches: int = 1,
+        eval_module: nn.Module | None = None,
+    ) -> None:
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory={memory!r} is not one of {MEMORY_MODES}")
+        if not 0 <= stage_index < num_stages:
+            raise ValueError(f"stage_index {stage_index} is outside 0..{num_stages - 1}")
+        if num_stages > 1 and links is None:
+            raise ValueError("a pipeline of more than one stage needs links to the neighbouring stages")
+        self.module = module
+        self.eval_module = eval_module if eval_module is not None else module
+        self.stage_index = stage_index
+        self.num_stages = num_stages
+        self.delay = num_stages - 1 - stage_index
+        self.links = links or StageLinks()
+        self.memory = memory
+        self.accumulate_grad_batches = accumulate_grad_batches
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self._names = [n for n, _ in named]
+        self.parameters = [p for _, p in named]
+        self._inflight: deque[_InFlight] = deque()
+        self._grads: list[torch.Tensor | None] = [None] * len(self.parameters)
+        self._has_grads = False
+        self.batches_forwarded = 0
+        self.batches_backwarded = 0
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.num_stages - 1
+
+    @property
+    def in_flight(self) -> int:
+        """Batches forwarded whose backward has not run yet."""
+        return len(self._inflight)
+
+    # forward ---------------------------------------------------------------------------------------------
+    def _receive_inputs(self) -> list[torch.Tensor]:
+        assert self.links.act_in is not None
+        return self.links.act_in.recv()
+
+    def _send_outputs(self, outputs: list[torch.Tensor]) -> None:
+        assert self.links.act_out is not None
+        self.links.act_out.send([t.detach() for t in outputs])
+
+    def _run(self, inputs: list[Any], weights: list[torch.Tensor] | None, fresh_buffers: bool = False) -> Any:
+        """Run the module, on ``weights`` instead of the live parameters if given; with ``fresh_buffers``, on
+        copies of the buffers, so that a recomputation leaves BatchNorm statistics as they are."""
+        if weights is None and not fresh_buffers:
+            return self.module(*inputs)
+        replace = dict(zip(self._names, weights)) if weights is not None else {}
+        if fresh_buffers:
+            replace |= {name: b.clone() for name, b in self.module.named_buffers()}
+        return functional_call(self.module, replace, tuple(inputs), strict=False)
+
+    def forward(self, *args: Any) -> Any:
+        """Forward the next batch with the current weights.
+
+        The first stage takes the model input as ``args``; other stages ignore ``args`` and receive their
+        input from the previous stage. The last stage returns the model output (compute the loss from it
+        and pass it to :meth:`backward`); the others send their output on and return ``None``.
+        """
+        if self.is_first:
+            inputs = list(args)
+        else:
+            inputs = [t.requires_grad_() if t.is_floating_point() else t for t in self._receive_inputs()]
+        exact_live = self.delay == 0 or self.memory == "replay"
+        weights = None if exact_live else [p.detach().clone().requires_grad_() for p in self.parameters]
+        keep_graph = self.memory == "stash" or self.delay == 0
+        rng = autocast = None
+        if not keep_graph:
+            rng = (torch.get_rng_state(), _device_rng_state(inputs))
+            autocast = _autocast_state(inputs)
+        with nullcontext() if keep_graph else torch.no_grad():
+            output = self._run(inputs, weights)
+        outputs = _flatten(output) if not self.is_last else None
+        if outputs is not None:
+            self._send_outputs(outputs)
+        if not self.is_last and self.links.grad_in is not None:
+            self.links.grad_in.prefetch()
+        self._inflight.append(
+            _InFlight(self.batches_forwarded, inputs, outputs if keep_graph else None, weights, rng, autocast)
+        )
+        self.batches_forwarded += 1
+        return output if self.is_last else None
+
+    @torch.no_grad()
+    def evaluate(self, *args: Any) -> Any:
+        """Forward-only pass of an evaluation batch with the eval-mode module; in-flight state is untouched."""
+        inputs = list(args) if self.is_first else self._receive_inputs()
+        output = self.eval_module(*inputs)
+        if self.is_last:
+            return output
+        self._send_outputs(_flatten(output))
+        return None
+
+    # backward --------------------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor | None = None) -> bool:
+        """Backward the batch whose delay has elapsed, if any; call once per step after :meth:`forward`.
+
+        The last stage passes the loss of the batch it just forwarded. Returns ``True`` when an accumulation
+        window is complete and :meth:`install_gradients` followed by an optimizer step is due.
+        """
+        if len(self._inflight) <= self.delay:
+            return False  # warm-up: batch t-d does not exist yet
+        return self._backward_oldest(loss)
+
+    def drain(self) -> Iterator[bool]:
+        """Backward the batches still in flight, one per step; yields what :meth:`backward` returns.
+
+        After the last batch, a final incomplete accumulation window also yields ``True``.
+        """
+        while self._inflight:
+            yield self._backward_oldest(None)
+        if self._has_grads:
+            yield True
+
+    def _backward_oldest(self, loss: torch.Tensor | None) -> bool:
+        item = self._inflight.popleft()
+        if self.is_last:
+            if loss is None:
+                raise ValueError("the last stage needs the loss of the batch it forwarded")
+            targets, grad_targets = [loss], [None]
+        else:
+            assert self.links.grad_in is not None
+            grad_targets = self.links.grad_in.recv()
+            targets = item.outputs if item.outputs is not None else self._recompute(item)
+        pairs = [(t, g) for t, g in zip(targets, grad_targets) if t.requires_grad]
+        weights = item.weights if item.weights is not None else self.parameters
+        float_inputs = [x for x in item.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+        leaves = list(weights) + float_inputs
+        if pairs and leaves:
+            grads = torch.autograd.grad(
+                [t for t, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True
+            )
+        else:
+            grads = (None,) * len(leaves)
+        self._accumulate(grads[: len(weights)])
+        if not self.is_first:
+            input_grads = dict(zip(map(id, float_inputs), grads[len(weights) :]))
+            self._send_input_gradients(item.inputs, input_grads)
+        self.batches_backwarded += 1
+        return (item.batch + 1) % self.accumulate_grad_batches == 0
+
+    def _recompute(self, item: _InFlight) -> list[torch.Tensor]:
+        """Redo the forward of ``item`` with its RNG state, leaving buffers (BatchNorm statistics) unchanged."""
+        assert item.rng is not None and item.autocast is not None
+        cpu_state, device_state = item.rng
+        device = [torch.cuda.current_device()] if device_state is not None else []
+        device_type, dtype, enabled = item.autocast
+        with torch.random.fork_rng(devices=device), torch.enable_grad():
+            torch.set_rng_state(cpu_state)
+            if device_state is not None:
+                torch.cuda.set_rng_state(device_state)
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                output = self._run(item.inputs, item.weights, fresh_buffers=True)
+        return _flatten(output)
+
+    def _send_input_gradients(self, inputs: list[Any], grads: dict[int, torch.Tensor | None]) -> None:
+        assert self.links.grad_out is not None
+        out = []
+        for x in inputs:
+            g = grads.get(id(x))
+            out.append(g if g is not None else torch.zeros_like(x))
+        self.links.grad_out.send(out)
+
+    # gradients -------------------------------------------------------------------------------------------
+    def _accumulate(self, grads: tuple[torch.Tensor | None, ...]) -> None:
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            self._has_grads = True
+            if self._grads[i] is None:
+                self._grads[i] = g
+            else:
+                self._grads[i] += g
+
+    def install_gradients(self) -> None:
+        """Move the accumulated gradients into ``p.grad`` of the live parameters and start a new window."""
+        for p, g in zip(self.parameters, self._grads):
+            p.grad = g
+        self._grads = [None] * len(self.parameters)
+        self._has_grads = False
+
+
+def _device_rng_state(inputs: list[Any]) -> torch.Tensor | None:
+    if any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs):
+        return torch.cuda.get_rng_state()
+    return None
+
+
+def _autocast_state(inputs: list[Any]) -> tuple[str, torch.dtype, bool]:
+    cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
+    device_type = "cuda" if cuda else "cpu"
+    return device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)

@@ -1,0 +1,104 @@
+"""Which rank runs which stage, and the process groups between them.
+
+Ranks are laid out as ``replicas × stages``. Within a pipeline the *last* stage (the one that computes the
+loss) takes the lowest rank, so global rank 0 holds the loss, the logged metrics and the progress bar,
+exactly where Lightning's loggers and callbacks expect them.
+
+Example::
+
+    >>> topo = Topology(num_stages=4)
+    >>> [topo.stage_of(rank) for rank in range(4)]
+    [3, 2, 1, 0]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from lightning_ddg.comm import Channel
+
+__all__ = ["Topology", "StageLinks"]
+
+
+@dataclass(frozen=True)
+class Topology:
+    """``num_replicas`` copies of a pipeline of ``num_stages`` stages."""
+
+    num_stages: int
+    num_replicas: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.num_stages * self.num_replicas
+
+    def stage_of(self, rank: int) -> int:
+        return self.num_stages - 1 - rank % self.num_stages
+
+    def replica_of(self, rank: int) -> int:
+        return rank // self.num_stages
+
+    def rank_of(self, stage: int, replica: int = 0) -> int:
+        return replica * self.num_stages + self.num_stages - 1 - stage
+
+
+@dataclass
+class StageLinks:
+    """One rank's channels to its neighbouring stages and its group of replicas.
+
+    ``act_in``/``act_out`` carry activations from the previous / to the next stage, ``grad_in``/``grad_out``
+    carry gradients from the next / to the previous stage; the first and last stage lack some of them.
+    """
+
+    act_in: Channel | None = None
+    act_out: Channel | None = None
+    grad_in: Channel | None = None
+    grad_out: Channel | None = None
+    replica_group: dist.ProcessGroup | None = None
+    _all: list[Channel] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def create(
+        cls,
+        topology: Topology,
+        rank: int,
+        device: torch.device,
+        timeout: timedelta = timedelta(minutes=30),
+    ) -> StageLinks:
+        """Create every group of the job (a collective: all ranks call it) and keep this rank's channels."""
+        links = cls()
+        stage, replica = topology.stage_of(rank), topology.replica_of(rank)
+        for r in range(topology.num_replicas):
+            for s in range(topology.num_stages - 1):
+                low, high = topology.rank_of(s, r), topology.rank_of(s + 1, r)
+                forward = dist.new_group([low, high], timeout=timeout)
+                backward = dist.new_group([low, high], timeout=timeout)
+                if r != replica:
+                    continue
+                if s == stage:
+                    links.act_out = Channel(high, forward, device, timeout)
+                    links.grad_in = Channel(high, backward, device, timeout)
+                if s + 1 == stage:
+                    links.act_in = Channel(low, forward, device, timeout)
+                    links.grad_out = Channel(low, backward, device, timeout)
+        for s in range(topology.num_stages):
+            ranks = [topology.rank_of(s, r) for r in range(topology.num_replicas)]
+            group = dist.new_group(ranks, timeout=timeout) if topology.num_replicas > 1 else None
+            if s == stage:
+                links.replica_group = group
+        return links
+
+    def close(self) -> None:
+        """End every channel so that no receive is left posted; a collective between neighbours."""
+        # every rank posts its end markers before it waits, so no two ranks wait on each other
+        senders = [c for c in (self.act_out, self.grad_out) if c is not None]
+        for channel in senders:
+            channel.send_end()
+        for channel in (self.act_in, self.grad_in):
+            if channel is not None:
+                channel.close_recv()
+        for channel in senders:
+            channel.flush()

@@ -1,0 +1,45 @@
+"""Small deterministic models and data streams shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp(width: int = 16, depth: int = 4, dropout: float = 0.0, batchnorm: bool = False, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(8, width)]
+    for _ in range(depth - 1):
+        layers.append(nn.Tanh())
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(width))
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(width, width))
+    layers += [nn.Tanh(), nn.Linear(width, 3)]
+    return nn.Sequential(*layers).double()
+
+
+def split_points_for(model: nn.Sequential, num_stages: int) -> list[str]:
+    """Cut before evenly spaced Linear layers."""
+    linears = [str(i) for i, m in enumerate(model) if isinstance(m, nn.Linear)][1:]
+    step = len(linears) / num_stages
+    return [linears[int(round(step * (k + 1))) - 1] for k in range(num_stages - 1)]
+
+
+def batches(n: int, batch_size: int = 6, last: int = 4, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches; the last one is smaller, as a data loader's partial batch is."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        size = last if i == n - 1 else batch_size
+        out.append((torch.randn(size, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (size,), generator=g)))
+    return out
+
+
+def make_optimizer(kind: str, params) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=0.01)
+    raise ValueError(kind)

@@ -1,0 +1,100 @@
+"""The distributed stage runtime against the single-process reference, in real gloo processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_ddg import DDGReference, DDGStage, StageLinks, Topology, split_module
+from tests.models import batches, make_optimizer, mlp, split_points_for
+from tests.multiprocess import run_processes
+
+LOSS = nn.functional.cross_entropy
+
+
+def _model(options: dict) -> nn.Module:
+    return mlp(dropout=options.get("dropout", 0.0), batchnorm=options.get("batchnorm", False))
+
+
+def _train_stage(rank: int, world_size: int, options: dict) -> dict[str, torch.Tensor]:
+    topology = Topology(num_stages=world_size)
+    k = topology.stage_of(rank)
+    model = _model(options)
+    stages = split_module(model, split_points_for(model, world_size)).train
+    links = StageLinks.create(topology, rank, torch.device("cpu"))
+    accumulate = options.get("accumulate", 1)
+    stage = DDGStage(stages[k], k, world_size, links, memory=options["memory"], accumulate_grad_batches=accumulate)
+    optimizer = make_optimizer(options["optimizer"], stage.parameters)
+    torch.manual_seed(options["seed"])
+
+    def step() -> None:
+        stage.install_gradients()
+        optimizer.step()
+
+    data = batches(options["batches"])
+    for epoch in range(options.get("epochs", 1)):
+        for x, y in data:
+            out = stage.forward(x)
+            loss = LOSS(out, y) / accumulate if stage.is_last else None
+            if stage.backward(loss):
+                step()
+    for ready in stage.drain():
+        if ready:
+            step()
+    links.close()
+    return {name: p.detach().clone() for name, p in stages[k].named_parameters()} | {
+        name: b.clone() for name, b in stages[k].named_buffers()
+    }
+
+
+def _reference(num_stages: int, options: dict) -> dict[str, torch.Tensor]:
+    model = _model(options)
+    stages = split_module(model, split_points_for(model, num_stages)).train
+    optimizers = [make_optimizer(options["optimizer"], s.parameters()) for s in stages]
+    ref = DDGReference(
+        stages,
+        optimizers,
+        LOSS,
+        memory="replay" if options["memory"] == "replay" else "stash",
+        accumulate_grad_batches=options.get("accumulate", 1),
+        seed=options["seed"],
+    )
+    for _ in range(options.get("epochs", 1)):
+        for x, y in batches(options["batches"]):
+            ref.step(x, y)
+    ref.finish()
+    return dict(model.state_dict())
+
+
+def _check(num_stages: int, options: dict) -> None:
+    results = run_processes(_train_stage, num_stages, options, timeout=120)
+    merged = {name: t for part in results for name, t in part.items()}
+    expected = _reference(num_stages, options)
+    assert set(merged) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("num_stages", [2, 3, 4])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_stash_matches_reference(num_stages: int, optimizer: str) -> None:
+    _check(num_stages, {"memory": "stash", "optimizer": optimizer, "batches": 7, "seed": 3})
+
+
+@pytest.mark.parametrize("num_stages", [2, 4])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_recompute_matches_reference_with_dropout_and_batchnorm(num_stages: int, optimizer: str) -> None:
+    options = {"memory": "recompute", "optimizer": optimizer, "batches": 6, "seed": 5}
+    _check(num_stages, options | {"dropout": 0.3, "batchnorm": True})
+
+
+@pytest.mark.parametrize("memory", ["stash", "replay"])
+def test_dropout_batchnorm_across_epochs(memory: str) -> None:
+    options = {"memory": memory, "optimizer": "sgd", "batches": 4, "epochs": 2, "seed": 7}
+    _check(3, options | {"dropout": 0.2, "batchnorm": True})
+
+
+def test_gradient_accumulation_windows_aligned_to_batches() -> None:
+    _check(3, {"memory": "stash", "optimizer": "sgd", "batches": 7, "seed": 2, "accumulate": 3})
