@@ -1,9 +1,17 @@
-"""lightning-ddg: decoupled parallel backpropagation with delayed gradients for PyTorch Lightning."""
+"""lightning-ddg: decoupled parallel backpropagation with delayed gradients for PyTorch Lightning.
+
+Importing the package registers the strategy names ``"ddg"`` and ``"ddg_spawn"`` with Lightning.
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_ddg.partition import Partition, split_module
 from lightning_ddg.reference import DDGReference
 from lightning_ddg.stage import DDGStage
+from lightning_ddg.strategy import DDGStrategy
 from lightning_ddg.topology import StageLinks, Topology
 
-__all__ = ["DDGReference", "DDGStage", "Partition", "StageLinks", "Topology", "split_module"]
+DDGStrategy.register_strategies(StrategyRegistry)
+
+__all__ = ["DDGReference", "DDGStage", "DDGStrategy", "Partition", "StageLinks", "Topology", "split_module"]
 __version__ = "0.1.0"

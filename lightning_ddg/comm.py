@@ -104,7 +104,7 @@ class Channel:
         payload = [t.detach().contiguous() for t in tensors]
         works = [dist.isend(header, self.peer, group=self.group)]
         works += [dist.isend(t, self.peer, group=self.group) for t in payload]
-        for work, keep in zip(works, [[header], *[[t] for t in payload]]):
+        for work, keep in zip(works, [[header], *[[t] for t in payload]], strict=False):
             self._sends.append((work, keep))
 
     def _reap(self) -> None:

@@ -132,9 +132,9 @@ def _stage_graphs(gm: fx.GraphModule, cuts: list[int], root: nn.Module) -> list[
         for v in inputs:
             env[v] = new.placeholder(v.name)
         for node in body[bounds[k] : bounds[k + 1]]:
-            env[node] = new.node_copy(node, lambda v: env[v])
+            env[node] = new.node_copy(node, env.__getitem__)
         if k == len(bounds) - 2:
-            new.output(fx.map_arg(output.args[0], lambda v: env[v]))
+            new.output(fx.map_arg(output.args[0], env.__getitem__))
         else:
             outs = sorted(crossing(bounds[k + 1]), key=order.__getitem__)
             new.output(tuple(env[v] for v in outs))
@@ -191,7 +191,7 @@ def split_module(
         gm = trace(module, train=mode)
         body = _body(gm.graph)
         cuts = [_cut_index(body, name, known) for name in split_points]
-        if any(b <= a for a, b in zip([-1, *cuts], cuts)) or cuts[0] == 0:
+        if any(b <= a for a, b in zip([-1, *cuts], cuts, strict=False)) or cuts[0] == 0:
             raise ValueError(
                 f"split points {split_points} must name modules in the order forward calls them, each after "
                 "some computation of the stage before it."

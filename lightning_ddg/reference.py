@@ -144,10 +144,10 @@ class DDGReference:
             if self.memory == "replay":
                 weights = [p.detach() for p in live]
                 buffers = [v.detach() for v in self.stages[k].buffers()]
-            for p, w in zip(scratch.parameters(), weights):
+            for p, w in zip(scratch.parameters(), weights, strict=False):
                 p.copy_(w)
                 p.grad = None
-            for v, w in zip(scratch.buffers(), buffers):
+            for v, w in zip(scratch.buffers(), buffers, strict=False):
                 v.copy_(w)
         leaves = [v.clone().requires_grad_(v.is_floating_point()) for v in inputs]
         saved = torch.get_rng_state()
@@ -159,7 +159,7 @@ class DDGReference:
         else:
             outs = _as_list(output)
             grads = self._mailbox[k].pop(b)
-            pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+            pairs = [(o, g) for o, g in zip(outs, grads, strict=False) if o.requires_grad]
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         for i, p in enumerate(scratch.parameters()):
             if p.grad is not None:
@@ -168,7 +168,7 @@ class DDGReference:
         return [v.grad if v.grad is not None else torch.zeros_like(v) for v in leaves]
 
     def _apply(self, k: int) -> None:
-        for p, g in zip(self.stages[k].parameters(), self._acc[k]):
+        for p, g in zip(self.stages[k].parameters(), self._acc[k], strict=False):
             p.grad = g
         self.optimizers[k].step()
         self.optimizers[k].zero_grad(set_to_none=True)

@@ -143,7 +143,7 @@ class DDGStage:
         copies of the buffers, so that a recomputation leaves BatchNorm statistics as they are."""
         if weights is None and not fresh_buffers:
             return self.module(*inputs)
-        replace = dict(zip(self._names, weights)) if weights is not None else {}
+        replace = dict(zip(self._names, weights, strict=False)) if weights is not None else {}
         if fresh_buffers:
             replace |= {name: b.clone() for name, b in self.module.named_buffers()}
         return functional_call(self.module, replace, tuple(inputs), strict=False)
@@ -220,19 +220,17 @@ class DDGStage:
             assert self.links.grad_in is not None
             grad_targets = self.links.grad_in.recv()
             targets = item.outputs if item.outputs is not None else self._recompute(item)
-        pairs = [(t, g) for t, g in zip(targets, grad_targets) if t.requires_grad]
+        pairs = [(t, g) for t, g in zip(targets, grad_targets, strict=False) if t.requires_grad]
         weights = item.weights if item.weights is not None else self.parameters
         float_inputs = [x for x in item.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
         leaves = list(weights) + float_inputs
         if pairs and leaves:
-            grads = torch.autograd.grad(
-                [t for t, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True
-            )
+            grads = torch.autograd.grad([t for t, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
         else:
             grads = (None,) * len(leaves)
         self._accumulate(grads[: len(weights)])
         if not self.is_first:
-            input_grads = dict(zip(map(id, float_inputs), grads[len(weights) :]))
+            input_grads = dict(zip(map(id, float_inputs), grads[len(weights) :], strict=False))
             self._send_input_gradients(item.inputs, input_grads)
         self.batches_backwarded += 1
         return (item.batch + 1) % self.accumulate_grad_batches == 0
@@ -272,7 +270,7 @@ class DDGStage:
 
     def install_gradients(self) -> None:
         """Move the accumulated gradients into ``p.grad`` of the live parameters and start a new window."""
-        for p, g in zip(self.parameters, self._grads):
+        for p, g in zip(self.parameters, self._grads, strict=False):
             p.grad = g
         self._grads = [None] * len(self.parameters)
         self._has_grads = False

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import os
-import time
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any

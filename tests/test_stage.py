@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from lightning_ddg import DDGReference, DDGStage, StageLinks, Topology, split_module
@@ -34,7 +33,7 @@ def _train_stage(rank: int, world_size: int, options: dict) -> dict[str, torch.T
         optimizer.step()
 
     data = batches(options["batches"])
-    for epoch in range(options.get("epochs", 1)):
+    for _epoch in range(options.get("epochs", 1)):
         for x, y in data:
             out = stage.forward(x)
             loss = LOSS(out, y) / accumulate if stage.is_last else None
@@ -74,7 +73,7 @@ def _check(num_stages: int, options: dict) -> None:
     expected = _reference(num_stages, options)
     assert set(merged) == set(expected)
     for name, value in expected.items():
-        torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-7, msg=f"{name} differs")
 
 
 @pytest.mark.parametrize("num_stages", [2, 3, 4])

@@ -1,0 +1,473 @@
+"""``DDGStrategy``: Lightning's adapter to the DDG stage runtime.
+
+Each process runs one stage. The strategy cuts the LightningModule's ``forward`` into stages, keeps only this
+rank's stage parameters in the module (so ``configure_optimizers`` sees only those), and replaces ``forward``
+with the pipeline: inside ``training_step``, ``self(x)`` forwards batch ``t`` through this stage; on every stage
+but the last, the rest of ``training_step`` is skipped (there is no loss there). The loss computed on the last
+stage drives the delayed backward of every stage (:class:`~lightning_ddg.stage.DDGStage`); each stage steps its
+own optimizer when its accumulation window is complete. When fit ends, the pipeline drains and the full trained
+weights are gathered back into the LightningModule on every rank.
+
+Example::
+
+    import lightning as L
+    import lightning_ddg  # registers "ddg" and "ddg_spawn"
+
+    trainer = L.Trainer(strategy="ddg", devices=4)
+    trainer = L.Trainer(strategy=lightning_ddg.DDGStrategy(split_points=["model.layer3"]), devices=2)
+    trainer.fit(model, datamodule)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor, nn
+
+from lightning_ddg.partition import Partition, balance_to_split_points, split_module
+from lightning_ddg.stage import MEMORY_MODES, DDGStage, MemoryMode
+from lightning_ddg.topology import StageLinks, Topology
+
+__all__ = ["DDGStrategy"]
+
+
+class _StageDone(Exception):
+    """Raised by the pipelined forward on stages that hold no loss, to end the user's step there."""
+
+
+@dataclass
+class _Removed:
+    """A parameter or buffer of another stage, taken out of this rank's copy of the module."""
+
+    module: nn.Module
+    attr: str
+    name: str
+    is_parameter: bool
+    requires_grad: bool
+    persistent: bool
+
+
+class DDGStrategy(ParallelStrategy):
+    """Train a LightningModule split into one pipeline stage per device with DDG.
+
+    Args:
+        split_points: fully qualified names of the modules that begin a new stage, in forward order,
+            e.g. ``["model.layer3"]``; there are ``devices`` stages, so ``len(split_points) == devices - 1``.
+        balance: layer counts per stage for a module whose forward runs one ``nn.Sequential``
+            (torchgpipe's convention), e.g. ``[3, 2, 2, 1]``.
+        memory: ``"stash"`` (default, exact), ``"recompute"`` (exact, keeps no activations) or ``"replay"``
+            (inexact, keeps no weight copies); see ``docs/semantics.md``.
+        timeout: how long any wait for another stage may take before the run fails.
+        start_method: ``"popen"`` re-launches the script per process (like ``strategy="ddp"``), ``"spawn"``
+            starts processes with multiprocessing (``strategy="ddg_spawn"``, for notebooks).
+
+    With neither ``split_points`` nor ``balance``, the forward is cut into ``devices`` stages of about equal
+    parameter count.
+
+    Example::
+
+        trainer = L.Trainer(strategy=DDGStrategy(balance=[3, 2, 2, 1]), devices=4, accelerator="cpu")
+    """
+
+    strategy_name = "ddg"
+
+    def __init__(
+        self,
+        split_points: Sequence[str] | None = None,
+        balance: Sequence[int] | None = None,
+        memory: MemoryMode = "stash",
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta = default_pg_timeout,
+        start_method: Literal["popen", "spawn"] = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        if split_points is not None and balance is not None:
+            raise ValueError("give either split_points or balance, not both: they are two ways to name the same cuts")
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory={memory!r} is not one of {MEMORY_MODES}")
+        if start_method not in ("popen", "spawn"):
+            raise ValueError(f"start_method={start_method!r}: use 'popen' (strategy='ddg') or 'spawn' ('ddg_spawn')")
+        self.split_points = list(split_points) if split_points is not None else None
+        self.balance = list(balance) if balance is not None else None
+        self.memory = memory
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._start_method = start_method
+        self._num_nodes = 1
+        self._links: StageLinks | None = None
+        self.stage: DDGStage | None = None
+        self.partition: Partition | None = None
+        self._removed: list[_Removed] = []
+        self._state_dict_keys: list[str] = []
+        self._forward_signature: inspect.Signature | None = None
+        self._in_training_step = False
+        self._forward_calls = 0
+        self._update_due = False
+
+    # --- layout ------------------------------------------------------------------------------------------
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(num_stages=self.num_nodes * self.num_processes)
+
+    @property
+    def stage_index(self) -> int:
+        return self.topology.stage_of(self.global_rank)
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # every stage reads the same batches in the same order: data is sharded over replicas, never stages
+        return {"num_replicas": self.topology.num_replicas, "rank": self.topology.replica_of(self.global_rank)}
+
+    @property
+    def handles_gradient_accumulation(self) -> bool:
+        # stages step on windows aligned to batch numbers, so each stage decides when to step
+        return True
+
+    @property
+    def process_group_backend(self) -> str | None:
+        return self._process_group_backend
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        self._process_group_backend = backend
+        assert self.cluster_environment is not None
+        _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+
+    # --- model -------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None and self.lightning_module is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        self._check_supported(trainer, module)
+        self.model = self.precision_plugin.convert_module(module)
+        self.partition = self._split(module)
+        k, num_stages = self.stage_index, self.partition.num_stages
+        self._forward_signature = inspect.signature(module.forward)
+        self._state_dict_keys = list(module.state_dict())
+        self._removed = _keep_only_stage(module, self.partition, k)
+        self.model_to_device()
+        if self._links is None and num_stages > 1:
+            self._links = StageLinks.create(self.topology, self.global_rank, self.root_device, self._timeout)
+        self.stage = DDGStage(
+            self.partition.train[k],
+            k,
+            num_stages,
+            self._links,
+            memory=self.memory,
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            eval_module=self.partition.eval[k],
+        )
+        module.forward = self._pipelined_forward  # instance attribute: shadows the class's forward
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _check_supported(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not module.automatic_optimization:
+            raise MisconfigurationException(
+                "DDGStrategy drives the optimizer of each stage itself and does not support manual optimization. "
+                "Set `self.automatic_optimization = True` (the default) or use strategy='ddp'."
+            )
+        if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None:
+            raise MisconfigurationException(
+                "precision='16-mixed' needs one gradient scale shared by all stages, which DDGStrategy does not "
+                "provide yet. Use precision='bf16-mixed' (no loss scaling needed) or '32-true'."
+            )
+
+    def _split(self, module: pl.LightningModule) -> Partition:
+        num_stages = self.topology.num_stages
+        split_points = self.split_points
+        if self.balance is not None:
+            if len(self.balance) != num_stages:
+                raise ValueError(
+                    f"balance {self.balance} has {len(self.balance)} stages but the trainer runs {num_stages} "
+                    f"processes: give devices={len(self.balance)} or a balance of {num_stages} entries."
+                )
+            split_points = balance_to_split_points(module, self.balance)
+        return split_module(module, split_points=split_points, num_stages=num_stages)
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    # --- the pipelined forward ---------------------------------------------------------------------------
+    def _pipelined_forward(self, *args: Any, **kwargs: Any) -> Any:
+        assert self.stage is not None and self._forward_signature is not None
+        bound = self._forward_signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if self._in_training_step:
+            self._forward_calls += 1
+            if self._forward_calls > 1:
+                raise RuntimeError(
+                    "training_step called the model's forward twice. With DDGStrategy each training step sends "
+                    "one batch through the pipeline: call `self(...)` once per training_step."
+                )
+            output = self.stage.forward(*bound.args)
+        else:
+            output = self.stage.evaluate(*bound.args)
+        if not self.stage.is_last:
+            raise _StageDone
+        return output
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        assert self.lightning_module is not None
+        self._in_training_step, self._forward_calls = True, 0
+        try:
+            with self.precision_plugin.train_step_context():
+                output = self.lightning_module.training_step(*args, **kwargs)
+        except _StageDone:
+            output = None
+        finally:
+            self._in_training_step = False
+        if self._forward_calls == 0:
+            raise RuntimeError(
+                "training_step never called the model's forward. DDGStrategy pipelines `self(...)`/`self.forward(...)`"
+                ": compute the model output with it inside training_step."
+            )
+        if output is None:
+            # stages before the last have no loss; Lightning still expects a tensor to pass to backward
+            return torch.zeros((), device=self.root_device)
+        return output
+
+    def _eval_step(self, name: str, context: Callable, *args: Any, **kwargs: Any) -> Any:
+        assert self.lightning_module is not None
+        try:
+            with context():
+                return getattr(self.lightning_module, name)(*args, **kwargs)
+        except _StageDone:
+            return None
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step("validation_step", self.precision_plugin.val_step_context, *args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step("test_step", self.precision_plugin.test_step_context, *args, **kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step("predict_step", self.precision_plugin.predict_step_context, *args, **kwargs)
+
+    # --- delayed backward and stepping -------------------------------------------------------------------
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        assert self.stage is not None and self.lightning_module is not None
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        if self.stage.backward(closure_loss if self.stage.is_last else None):
+            self._update_due = True
+        return self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        # the closure runs training_step and the delayed backward; a step follows only when this stage's
+        # accumulation window is complete (never during warm-up)
+        result = closure()
+        if self._update_due:
+            self._update(optimizer, model)
+        return result
+
+    def _update(self, optimizer: Any, model: Any = None) -> None:
+        assert self.stage is not None
+        self._update_due = False
+        self.stage.install_gradients()
+        # through the precision plugin, so on_before_optimizer_step hooks and gradient clipping run as usual
+        self.precision_plugin.optimizer_step(optimizer, model=model or self.lightning_module, closure=_no_closure)
+
+    # --- end of a run ------------------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        assert self.stage is not None
+        optimizer = self.optimizers[0] if self.optimizers else None
+        for ready in self.stage.drain():
+            if ready and optimizer is not None:
+                self._update(optimizer)
+        self._finish()
+
+    def on_validation_end(self) -> None:
+        if self.lightning_module is not None and self.lightning_module.trainer.state.fn == TrainerFn.VALIDATING:
+            self._finish()
+
+    def on_test_end(self) -> None:
+        self._finish()
+
+    def on_predict_end(self) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        """Close the channels and put the full module back together on every rank."""
+        module = self.lightning_module
+        assert module is not None
+        if self._links is not None:
+            self._links.close()
+        full = self._gather_tensors()
+        for removed in self._removed:
+            value = full[removed.name].to(self.root_device)
+            if removed.is_parameter:
+                removed.module.register_parameter(removed.attr, nn.Parameter(value, removed.requires_grad))
+            else:
+                removed.module.register_buffer(removed.attr, value, persistent=removed.persistent)
+        self._removed = []
+        module.__dict__.pop("forward", None)
+
+    def _gather_tensors(self) -> dict[str, Tensor]:
+        """Every parameter and buffer of the module, collected from the stages that own them."""
+        module = self.lightning_module
+        assert module is not None
+        local = {n: t.detach().cpu() for n, t in [*module.named_parameters(), *module.named_buffers()]}
+        if self.topology.num_stages == 1:
+            return local
+        parts: list[dict[str, Tensor]] = [{} for _ in range(self.world_size)]
+        dist.all_gather_object(parts, local)
+        return {name: t for part in parts for name, t in part.items()}
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The full state dict with the original names (a collective: every rank calls it when saving)."""
+        if not self._removed:
+            return super().lightning_module_state_dict()
+        full = self._gather_tensors()
+        return {name: full[name] for name in self._state_dict_keys if name in full}
+
+    def teardown(self) -> None:
+        if self.lightning_module is not None:
+            self.lightning_module.__dict__.pop("forward", None)
+        self.stage = None
+        super().teardown()
+
+    # --- collectives -------------------------------------------------------------------------------------
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if _distributed_is_initialized():
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        # logged values exist only on the last stage: they are reduced over its replicas, never across stages
+        group = group if group is not None else (self._links.replica_group if self._links else None)
+        if not isinstance(tensor, Tensor) or group is None:
+            return tensor
+        return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+
+    def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
+        group = group if group is not None else (self._links.replica_group if self._links else None)
+        if group is None:
+            return tensor
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        # stopping is decided for the whole job: every stage must leave the loop at the same step
+        if not _distributed_is_initialized():
+            return decision
+        flag = torch.tensor(int(decision), device=self.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+        return bool(flag.item() == self.world_size) if all else bool(flag.item() > 0)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for name, start_method in (("ddg", "popen"), ("ddg_spawn", "spawn")):
+            if name not in strategy_registry:
+                strategy_registry.register(
+                    name,
+                    cls,
+                    description=f"DDG pipeline, one stage per device, processes started with {start_method}",
+                    start_method=start_method,
+                )
+
+
+def _no_closure() -> None:
+    return None
+
+
+def _keep_only_stage(module: nn.Module, partition: Partition, stage: int) -> list[_Removed]:
+    """Remove from ``module`` the parameters and buffers of other stages; return what was removed.
+
+    Tensors no stage uses (a loss module's weights, an unused head) stay with the last stage, which runs the
+    rest of ``training_step``.
+    """
+    owned = {id(t) for t in [*partition.train[stage].parameters(), *partition.train[stage].buffers()]}
+    used = {id(t) for s in partition.train for t in [*s.parameters(), *s.buffers()]}
+    last = stage == partition.num_stages - 1
+    names = {id(t): n for n, t in [*module.named_parameters(), *module.named_buffers()]}
+    removed = []
+    for mod in module.modules():
+        for table, is_param in ((mod._parameters, True), (mod._buffers, False)):
+            for attr, tensor in list(table.items()):
+                if tensor is None or id(tensor) in owned or (last and id(tensor) not in used):
+                    continue
+                removed.append(
+                    _Removed(
+                        mod,
+                        attr,
+                        names[id(tensor)],
+                        is_param,
+                        tensor.requires_grad,
+                        attr not in mod._non_persistent_buffers_set,
+                    )
+                )
+                del table[attr]
+    return removed

@@ -1,0 +1,112 @@
+"""DDGStrategy in real Lightning Trainer runs (gloo, spawned processes) against the reference simulation."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+import lightning_ddg
+from lightning_ddg import DDGReference, DDGStrategy, split_module
+from lightning_ddg.partition import balanced_split_points
+from tests.lightning_models import MLPClassifier, loader, make_optimizer
+
+EPOCHS = 2
+
+
+def _trainer(strategy, devices: int, **kwargs) -> L.Trainer:
+    options = dict(
+        accelerator="cpu",
+        max_epochs=EPOCHS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(strategy=strategy, devices=devices, **(options | kwargs))
+
+
+def _fit_ddg(model: L.LightningModule, devices: int, accumulate: int = 1, **strategy_options) -> dict:
+    strategy = DDGStrategy(start_method="spawn", **strategy_options)
+    trainer = _trainer(strategy, devices, accumulate_grad_batches=accumulate)
+    trainer.fit(model, loader(), loader())
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _reference(model: MLPClassifier, split_points: list[str], memory: str = "stash", accumulate: int = 1) -> dict:
+    model = copy.deepcopy(model)
+    stages = split_module(model, split_points=split_points).train
+    optimizers = [make_optimizer(model.hparams.optimizer, s.parameters()) for s in stages]
+    schedulers = []
+    if model.hparams.step_lr:
+        schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5) for o in optimizers]
+    ref = DDGReference(
+        stages,
+        optimizers,
+        torch.nn.functional.cross_entropy,
+        memory=memory,
+        accumulate_grad_batches=accumulate,
+        lr_schedulers=schedulers,
+    )
+    for _ in range(EPOCHS):
+        for x, y in loader():
+            ref.step(x, y)
+    ref.finish()
+    return dict(model.state_dict())
+
+
+def _assert_same(actual: dict, expected: dict, rtol: float = 1e-5) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=1e-7, msg=f"{name} differs")
+
+
+def test_strategy_names_are_registered() -> None:
+    assert {"ddg", "ddg_spawn"} <= set(L.pytorch.strategies.StrategyRegistry.available_strategies())
+    assert lightning_ddg.DDGStrategy is DDGStrategy
+
+
+def test_one_stage_equals_plain_lightning() -> None:
+    model = MLPClassifier(optimizer="sgd", batchnorm=True, step_lr=True)
+    plain = copy.deepcopy(model)
+    _trainer("auto", 1).fit(plain, loader(), loader())
+    _assert_same(_fit_ddg(model, devices=1), dict(plain.state_dict()), rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("devices", "optimizer", "memory", "split_points"),
+    [
+        (2, "sgd", "stash", ["model.4"]),
+        (3, "adam", "stash", ["model.2", "model.6"]),
+        (4, "sgd", "recompute", ["model.2", "model.4", "model.6"]),
+        (3, "adam", "replay", ["model.4", "model.6"]),
+    ],
+)
+def test_matches_reference(devices: int, optimizer: str, memory: str, split_points: list[str]) -> None:
+    model = MLPClassifier(optimizer=optimizer, batchnorm=True, step_lr=True)
+    expected = _reference(model, split_points, memory="replay" if memory == "replay" else "stash")
+    _assert_same(_fit_ddg(model, devices, split_points=split_points, memory=memory), expected)
+
+
+def test_default_split_and_accumulation_match_reference() -> None:
+    model = MLPClassifier(optimizer="sgd")
+    expected = _reference(model, balanced_split_points(copy.deepcopy(model), 3), accumulate=2)
+    _assert_same(_fit_ddg(model, 3, accumulate=2), expected)
+
+
+def test_balance_names_the_same_cuts_as_split_points() -> None:
+    model = MLPClassifier(optimizer="adam", depth=3)  # trunk of 6 layers: Linear Tanh Linear Tanh Linear Tanh Linear
+    expected = _reference(model, ["model.2"])
+    _assert_same(_fit_ddg(model, 2, balance=[2, 5]), expected)
+
+
+def test_recompute_reproduces_dropout_masks() -> None:
+    model = MLPClassifier(optimizer="sgd", dropout=0.3, batchnorm=True)
+    L.seed_everything(11)
+    stash = _fit_ddg(copy.deepcopy(model), 2, split_points=["model.6"], memory="stash")
+    L.seed_everything(11)
+    recompute = _fit_ddg(copy.deepcopy(model), 2, split_points=["model.6"], memory="recompute")
+    _assert_same(recompute, stash, rtol=0)
