@@ -110,3 +110,27 @@ def test_recompute_reproduces_dropout_masks() -> None:
     L.seed_everything(11)
     recompute = _fit_ddg(copy.deepcopy(model), 2, split_points=["model.6"], memory="recompute")
     _assert_same(recompute, stash, rtol=0)
+
+
+def test_last_stage_metrics_reach_the_logger_and_checkpoints_are_whole(tmp_path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = MLPClassifier(optimizer="sgd")
+    trainer = L.Trainer(
+        strategy=DDGStrategy(start_method="spawn"),
+        devices=2,
+        accelerator="cpu",
+        max_epochs=2,
+        logger=CSVLogger(tmp_path, name="run"),
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, loader(), loader())
+    metrics = (tmp_path / "run" / "version_0" / "metrics.csv").read_text()
+    assert {"train_loss", "val_loss", "val_acc"} <= set(metrics.splitlines()[0].split(","))
+    checkpoints = list(tmp_path.rglob("*.ckpt"))
+    assert len(checkpoints) == 1
+    restored = MLPClassifier.load_from_checkpoint(checkpoints[0])
+    assert restored.state_dict().keys() == model.state_dict().keys()
