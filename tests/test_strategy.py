@@ -134,3 +134,26 @@ def test_last_stage_metrics_reach_the_logger_and_checkpoints_are_whole(tmp_path)
     assert len(checkpoints) == 1
     restored = MLPClassifier.load_from_checkpoint(checkpoints[0])
     assert restored.state_dict().keys() == model.state_dict().keys()
+
+
+class _RecordsOptimizedNames(MLPClassifier):
+    def __init__(self, out_dir: str) -> None:
+        super().__init__()
+        self.out_dir = out_dir
+
+    def configure_optimizers(self):
+        names = [name for name, _ in self.named_parameters()]
+        with open(f"{self.out_dir}/rank{self.global_rank}.txt", "w") as f:
+            f.write("\n".join(names))
+        return super().configure_optimizers()
+
+
+def test_each_stage_optimizes_only_its_own_parameters(tmp_path) -> None:
+    model = _RecordsOptimizedNames(str(tmp_path))
+    all_names = {name for name, _ in model.named_parameters()}
+    _fit_ddg(model, 3, split_points=["model.4", "model.6"])
+    seen = [set((tmp_path / f"rank{r}.txt").read_text().split()) for r in range(3)]
+    assert set.union(*seen) == all_names
+    assert sum(len(s) for s in seen) == len(all_names)
+    # rank 0 runs the last stage
+    assert seen[0] == {"model.6.weight", "model.6.bias", "model.8.weight", "model.8.bias"}
