@@ -4,8 +4,9 @@ Each direction of each link between two stages is a :class:`Channel` with its ow
 activations flowing forward and gradients flowing backward never queue behind each other (on NCCL, two
 opposite transfers on one communicator can deadlock). Every message is a fixed-size header — the dtype and
 shape of each tensor — followed by one transfer per tensor, so batches of any size travel without padding.
-Receives of the next header are posted as soon as the previous message arrived, and sends never block:
-they complete in the background and are reaped later.
+As soon as a message has arrived, the receives of the next one are posted, shaped like it; a sender whose
+shapes changed first answers those receives with placeholders. Sends never block: they complete in the
+background and are reaped later.
 
 Example (two processes, gloo)::
 
@@ -42,30 +43,37 @@ _DTYPES = [
 _CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
 
 
-def _encode(tensors: list[torch.Tensor]) -> torch.Tensor:
-    values = [len(tensors)]
-    for t in tensors:
-        if t.dtype not in _CODE:
-            raise TypeError(f"tensors of dtype {t.dtype} cannot cross a stage boundary")
-        values += [_CODE[t.dtype], t.dim(), *t.shape]
+Specs = tuple[tuple[torch.dtype, tuple[int, ...]], ...]
+
+
+def _specs(tensors: list[torch.Tensor]) -> Specs:
+    return tuple((t.dtype, tuple(t.shape)) for t in tensors)
+
+
+def _encode(specs: Specs) -> torch.Tensor:
+    values = [len(specs)]
+    for dtype, shape in specs:
+        if dtype not in _CODE:
+            raise TypeError(f"tensors of dtype {dtype} cannot cross a stage boundary")
+        values += [_CODE[dtype], len(shape), *shape]
     if len(values) > HEADER_SIZE:
         raise ValueError(
-            f"{len(tensors)} tensors crossing one stage boundary need a header of {len(values)} entries, more than "
+            f"{len(specs)} tensors crossing one stage boundary need a header of {len(values)} entries, more than "
             f"{HEADER_SIZE}: choose split points where fewer values cross."
         )
     return torch.tensor(values + [0] * (HEADER_SIZE - len(values)), dtype=torch.int64)
 
 
-def _decode(header: torch.Tensor) -> list[tuple[torch.dtype, list[int]]] | None:
+def _decode(header: torch.Tensor) -> Specs | None:
     values = header.tolist()
     count, pos, specs = values[0], 1, []
     if count == _END:
         return None
     for _ in range(count):
         dtype, ndim = _DTYPES[values[pos]], values[pos + 1]
-        specs.append((dtype, values[pos + 2 : pos + 2 + ndim]))
+        specs.append((dtype, tuple(values[pos + 2 : pos + 2 + ndim])))
         pos += 2 + ndim
-    return specs
+    return tuple(specs)
 
 
 class Channel:
@@ -91,21 +99,30 @@ class Channel:
         self.timeout = timeout
         # headers travel on the host for gloo and on the device for NCCL
         self._header_device = self.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        self._sends: deque[tuple[dist.Work, list[torch.Tensor]]] = deque()
-        self._header: torch.Tensor | None = None
-        self._header_work: dist.Work | None = None
-        self.closed = False
+        self._sends: deque[tuple[dist.Work, torch.Tensor]] = deque()
+        self._sent_specs: Specs | None = None  # shapes of the last message sent
+        self._expected: Specs | None = None  # shapes of the last message received
+        self._posted: tuple[torch.Tensor, list[torch.Tensor], list[dist.Work]] | None = None
 
     # sending -------------------------------------------------------------------------------------------
     def send(self, tensors: list[torch.Tensor]) -> None:
         """Start sending ``tensors``; returns at once. The tensors must not be modified afterwards."""
         self._reap()
-        header = _encode(tensors).to(self._header_device)
-        payload = [t.detach().contiguous() for t in tensors]
-        works = [dist.isend(header, self.peer, group=self.group)]
-        works += [dist.isend(t, self.peer, group=self.group) for t in payload]
-        for work, keep in zip(works, [[header], *[[t] for t in payload]], strict=False):
-            self._sends.append((work, keep))
+        specs = _specs(tensors)
+        self._isend(_encode(specs).to(self._header_device))
+        if self._sent_specs is not None and specs != self._sent_specs:
+            self._fill_posted(self._sent_specs)
+        for t in tensors:
+            self._isend(t.detach().contiguous())
+        self._sent_specs = specs
+
+    def _isend(self, tensor: torch.Tensor) -> None:
+        self._sends.append((dist.isend(tensor, self.peer, group=self.group), tensor))
+
+    def _fill_posted(self, specs: Specs) -> None:
+        # the peer has posted receives shaped like the previous message; answer them with placeholders
+        for dtype, shape in specs:
+            self._isend(torch.empty(shape, dtype=dtype, device=self.device))
 
     def _reap(self) -> None:
         while self._sends and self._sends[0][0].is_completed():
@@ -118,43 +135,57 @@ class Channel:
             work.wait(self.timeout)
 
     # receiving -----------------------------------------------------------------------------------------
-    def _post_header(self) -> None:
-        self._header = torch.empty(HEADER_SIZE, dtype=torch.int64, device=self._header_device)
-        self._header_work = dist.irecv(self._header, self.peer, group=self.group)
-
     def prefetch(self) -> None:
-        """Post the receive of the next message's header ahead of need."""
-        if self._header_work is None:
-            self._post_header()
+        """Post the receives of the next message ahead of need: its header, and its data shaped like the
+        previous message's (in steady state shapes do not change, so the data moves without a round trip)."""
+        if self._posted is not None:
+            return
+        header = torch.empty(HEADER_SIZE, dtype=torch.int64, device=self._header_device)
+        works = [dist.irecv(header, self.peer, group=self.group)]
+        tensors = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in self._expected or ()]
+        works += [dist.irecv(t, self.peer, group=self.group) for t in tensors]
+        self._posted = (header, tensors, works)
+
+    def _take_posted(self) -> tuple[Specs | None, list[torch.Tensor], list[dist.Work]]:
+        self.prefetch()
+        assert self._posted is not None
+        header, tensors, works = self._posted
+        self._posted = None
+        works[0].wait(self.timeout)
+        return _decode(header.cpu()), tensors, works[1:]
 
     def recv(self) -> list[torch.Tensor]:
-        """Receive the next message; the receive of the one after it is posted before returning."""
-        self.prefetch()
-        assert self._header_work is not None and self._header is not None
-        self._header_work.wait(self.timeout)
-        self._header_work = None
-        specs = _decode(self._header.cpu())
+        """Receive the next message; the receives of the one after it are posted before returning."""
+        expected = self._expected
+        specs, tensors, works = self._take_posted()
         if specs is None:
             raise RuntimeError(f"rank {self.peer} closed the channel while this rank still expected data")
-        tensors = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
-        works = [dist.irecv(t, self.peer, group=self.group) for t in tensors]
-        self._post_header()
+        if specs != expected:
+            for work in works:  # placeholders for the buffers posted with the previous shapes
+                work.wait(self.timeout)
+            tensors = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
+            works = [dist.irecv(t, self.peer, group=self.group) for t in tensors]
+        self._expected = specs
+        self.prefetch()
         for work in works:
             work.wait(self.timeout)
         return tensors
 
     # shutting down -------------------------------------------------------------------------------------
     def send_end(self) -> None:
-        """Tell the peer that no more data follows: this answers its posted header receive."""
+        """Tell the peer that no more data follows: this answers the receives it has posted."""
         end = torch.zeros(HEADER_SIZE, dtype=torch.int64, device=self._header_device)
         end[0] = _END
-        self._sends.append((dist.isend(end, self.peer, group=self.group), [end]))
+        self._isend(end)
+        if self._sent_specs is not None:
+            self._fill_posted(self._sent_specs)
+        self._sent_specs = None
 
     def close_recv(self) -> None:
         """Consume the peer's end-of-data marker, so that no receive stays posted."""
-        self.prefetch()
-        assert self._header_work is not None and self._header is not None
-        self._header_work.wait(self.timeout)
-        self._header_work = None
-        if _decode(self._header.cpu()) is not None:
+        specs, _, works = self._take_posted()
+        for work in works:
+            work.wait(self.timeout)
+        self._expected = None
+        if specs is not None:
             raise RuntimeError(f"rank {self.peer} sent data that this rank never received")

@@ -1,0 +1,44 @@
+"""Channels between two real processes: shapes, dtypes and tensor counts that change, and clean closing."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from lightning_ddg.comm import Channel
+from tests.multiprocess import run_processes
+
+
+def _messages(session: int) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(session)
+    shapes = [[(4, 3)], [(4, 3)], [(2, 3)], [(2, 3), (5,)], [(2, 3), (5,)], [(1, 1, 2)], [(4, 3)]]
+    out = [[torch.randn(s, generator=g) for s in shape] for shape in shapes]
+    out[4].append(torch.arange(3))  # an integer tensor joins
+    out[5] = [out[5][0].double()]  # the dtype changes
+    return out
+
+
+def _exchange(rank: int, world_size: int) -> list[list[torch.Tensor]]:
+    group = dist.new_group([0, 1])
+    channel = Channel(peer=1 - rank, group=group)
+    received = []
+    for session in range(2):  # a second session after closing, as a second trainer.fit would
+        for message in _messages(session):
+            if rank == 0:
+                channel.send(message)
+            else:
+                received.append(channel.recv())
+        channel.send_end() if rank == 0 else channel.close_recv()
+        channel.flush()
+    return received
+
+
+def test_messages_arrive_intact_in_order_across_sessions() -> None:
+    _, received = run_processes(_exchange, 2, timeout=60)
+    expected = _messages(0) + _messages(1)
+    assert len(received) == len(expected)
+    for got, want in zip(received, expected, strict=True):
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
