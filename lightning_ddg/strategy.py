@@ -39,6 +39,7 @@ from lightning.fabric.utilities.distributed import (
 )
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
@@ -222,6 +223,8 @@ class DDGStrategy(ParallelStrategy):
             eval_module=self.partition.eval[k],
         )
         module.forward = self._pipelined_forward  # instance attribute: shadows the class's forward
+        if not any(isinstance(c, _ShareLastStageMetrics) for c in trainer.callbacks):
+            trainer.callbacks.insert(0, _ShareLastStageMetrics())  # first, ahead of the monitoring callbacks
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
@@ -437,6 +440,26 @@ class DDGStrategy(ParallelStrategy):
                     description=f"DDG pipeline, one stage per device, processes started with {start_method}",
                     start_method=start_method,
                 )
+
+
+class _ShareLastStageMetrics(Callback):
+    """Copies the metrics logged on the last stage (global rank 0) to every rank, so that callbacks monitoring
+    them — ``EarlyStopping``, ``ModelCheckpoint(monitor=...)`` — decide the same way on every stage."""
+
+    def _share(self, trainer: pl.Trainer) -> None:
+        if trainer.world_size == 1:
+            return
+        metrics = trainer.callback_metrics
+        local = {k: v.detach().cpu() for k, v in metrics.items() if isinstance(v, Tensor)}
+        shared = trainer.strategy.broadcast(local, src=0)
+        if trainer.global_rank != 0:
+            metrics.update({k: v.to(trainer.strategy.root_device) for k, v in shared.items()})
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._share(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._share(trainer)
 
 
 def _no_closure() -> None:

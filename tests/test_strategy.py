@@ -157,3 +157,26 @@ def test_each_stage_optimizes_only_its_own_parameters(tmp_path) -> None:
     assert sum(len(s) for s in seen) == len(all_names)
     # rank 0 runs the last stage
     assert seen[0] == {"model.6.weight", "model.6.bias", "model.8.weight", "model.8.bias"}
+
+
+def test_monitoring_callbacks_decide_alike_on_every_stage(tmp_path) -> None:
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    model = MLPClassifier(optimizer="sgd")
+    trainer = L.Trainer(
+        strategy=DDGStrategy(start_method="spawn"),
+        devices=3,
+        accelerator="cpu",
+        max_epochs=20,
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            EarlyStopping(monitor="val_loss", min_delta=10.0, patience=1),  # stops after 2 epochs
+            ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max", save_top_k=2),
+        ],
+    )
+    trainer.fit(model, loader(), loader())
+    saved = sorted(p.name.split("-")[0] for p in (tmp_path / "ckpt").glob("*.ckpt"))
+    assert saved == ["epoch=0", "epoch=1"]  # two epochs ran on every stage, the best two were kept
