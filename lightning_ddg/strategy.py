@@ -37,7 +37,7 @@ from lightning.fabric.utilities.distributed import (
     _init_dist_connection,
     _sync_ddp_if_available,
 )
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
@@ -46,6 +46,7 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _Su
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
@@ -390,6 +391,30 @@ class DDGStrategy(ParallelStrategy):
             return super().lightning_module_state_dict()
         full = self._gather_tensors()
         return {name: full[name] for name in self._state_dict_keys if name in full}
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """Every stage's optimizer state, in stage order (a collective: every rank calls it when saving)."""
+        state = super().optimizer_state(optimizer)
+        num_stages = self.topology.num_stages
+        if num_stages == 1:
+            return state
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, apply_to_collection(state, Tensor, Tensor.cpu))
+        return {"ddg_stages": [parts[self.topology.rank_of(s)] for s in range(num_stages)]}
+
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        num_stages = self.topology.num_stages
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            stages = state.get("ddg_stages")
+            saved = len(stages) if stages is not None else 1
+            if saved != num_stages:
+                raise MisconfigurationException(
+                    f"the checkpoint holds the optimizer state of {saved} stage(s), but this run has {num_stages}: "
+                    f"resume with devices={saved}, or start a new fit from the checkpoint's weights "
+                    "(`MyModule.load_from_checkpoint(path)`, then `trainer.fit(model)` without ckpt_path)."
+                )
+            optimizer.load_state_dict(stages[self.stage_index] if stages is not None else state)
+            _optimizer_to_device(optimizer, self.root_device)
 
     def teardown(self) -> None:
         if self.lightning_module is not None:

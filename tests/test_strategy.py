@@ -180,3 +180,26 @@ def test_monitoring_callbacks_decide_alike_on_every_stage(tmp_path) -> None:
     trainer.fit(model, loader(), loader())
     saved = sorted(p.name.split("-")[0] for p in (tmp_path / "ckpt").glob("*.ckpt"))
     assert saved == ["epoch=0", "epoch=1"]  # two epochs ran on every stage, the best two were kept
+
+
+def test_resume_restores_each_stage_optimizer(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def trainer(devices: int, epochs: int) -> L.Trainer:
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+        strategy = DDGStrategy(start_method="spawn")
+        return _trainer(strategy, devices, max_epochs=epochs, callbacks=[checkpoint], enable_checkpointing=True)
+
+    model = MLPClassifier(optimizer="sgd")
+    trainer(3, 1).fit(model, loader(), loader())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    stages = saved["optimizer_states"][0]["ddg_stages"]
+    # stage k holds the momentum of its own parameters: 2, 1 and 2 linear layers (weight and bias)
+    assert [len(s["state"]) for s in stages] == [4, 2, 4]
+
+    resumed = MLPClassifier(optimizer="sgd")
+    trainer(3, 2).fit(resumed, loader(), loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert not torch.equal(resumed.model[0].weight, model.model[0].weight)
+
+    with pytest.raises(Exception, match="optimizer state of 3 stage"):
+        trainer(2, 2).fit(MLPClassifier(optimizer="sgd"), loader(), loader(), ckpt_path=tmp_path / "last.ckpt")
