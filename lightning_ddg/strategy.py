@@ -224,6 +224,7 @@ class DDGStrategy(ParallelStrategy):
             eval_module=self.partition.eval[k],
         )
         module.forward = self._pipelined_forward  # instance attribute: shadows the class's forward
+        _scope_metrics(module, self._links.replica_group if self._links else None)
         if not any(isinstance(c, _ShareLastStageMetrics) for c in trainer.callbacks):
             trainer.callbacks.insert(0, _ShareLastStageMetrics())  # first, ahead of the monitoring callbacks
         if trainer.state.fn == TrainerFn.FITTING:
@@ -485,6 +486,19 @@ class _ShareLastStageMetrics(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._share(trainer)
+
+
+def _scope_metrics(module: nn.Module, group: dist.ProcessGroup | None) -> None:
+    """Make torchmetrics metrics synchronise over the stage's replicas only: the other stages never update them,
+    so a sync over all ranks would wait for them forever."""
+    from torchmetrics import Metric
+
+    for metric in module.modules():
+        if isinstance(metric, Metric):
+            if group is None:
+                metric.sync_on_compute = metric.dist_sync_on_step = metric._to_sync = False
+            else:
+                metric.process_group = group
 
 
 def _no_closure() -> None:

@@ -203,3 +203,28 @@ def test_resume_restores_each_stage_optimizer(tmp_path) -> None:
 
     with pytest.raises(Exception, match="optimizer state of 3 stage"):
         trainer(2, 2).fit(MLPClassifier(optimizer="sgd"), loader(), loader(), ckpt_path=tmp_path / "last.ckpt")
+
+
+class _WithTorchmetrics(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        import torchmetrics
+
+        self.accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=3, average="micro")
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.accuracy(logits, y)
+        self.log("val_acc", self.accuracy)
+        self.log("val_loss", torch.nn.functional.cross_entropy(logits, y), sync_dist=True)
+
+
+def test_torchmetrics_and_sync_dist_on_the_last_stage() -> None:
+    model = _WithTorchmetrics()
+    _trainer(DDGStrategy(start_method="spawn"), 2, max_epochs=1).fit(model, loader(), loader())
+    (piped,) = _trainer(DDGStrategy(start_method="spawn"), 2).validate(model, loader(), verbose=False)
+    # the same weights evaluated in one process give the same values
+    (plain,) = _trainer("auto", 1).validate(model, loader(), verbose=False)
+    assert piped["val_acc"] == pytest.approx(plain["val_acc"], abs=1e-6)
+    assert piped["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
