@@ -228,3 +228,17 @@ def test_torchmetrics_and_sync_dist_on_the_last_stage() -> None:
     (plain,) = _trainer("auto", 1).validate(model, loader(), verbose=False)
     assert piped["val_acc"] == pytest.approx(plain["val_acc"], abs=1e-6)
     assert piped["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
+
+
+def test_bf16_mixed_recompute_reproduces_stash() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = loader().dataset.tensors
+    data = DataLoader(TensorDataset(x.float(), y), batch_size=8)
+    results = []
+    for memory in ("stash", "recompute"):
+        model = MLPClassifier(optimizer="adam").float()
+        strategy = DDGStrategy(start_method="spawn", memory=memory, split_points=["model.4"])
+        _trainer(strategy, 2, precision="bf16-mixed").fit(model, data, data)
+        results.append(dict(model.state_dict()))
+    _assert_same(results[1], results[0], rtol=0)
