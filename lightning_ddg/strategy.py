@@ -167,6 +167,12 @@ class DDGStrategy(ParallelStrategy):
         return self.topology.stage_of(self.global_rank)
 
     @property
+    def is_distributed(self) -> bool:
+        # makes Lightning give every stage a DistributedSampler: shuffling then depends on the seed and the
+        # epoch only, never on how much randomness a stage has drawn (dropout on some stages, say)
+        return True
+
+    @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # every stage reads the same batches in the same order: data is sharded over replicas, never stages
         return {"num_replicas": self.topology.num_replicas, "rank": self.topology.replica_of(self.global_rank)}

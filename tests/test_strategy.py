@@ -242,3 +242,28 @@ def test_bf16_mixed_recompute_reproduces_stash() -> None:
         _trainer(strategy, 2, precision="bf16-mixed").fit(model, data, data)
         results.append(dict(model.state_dict()))
     _assert_same(results[1], results[0], rtol=0)
+
+
+class _RecordsBatches(MLPClassifier):
+    """Dropout on the first stage only draws randomness there; batch order must not depend on it."""
+
+    def __init__(self, out_dir: str) -> None:
+        super().__init__(dropout=0.5)
+        self.out_dir = out_dir
+
+    def training_step(self, batch, batch_idx):
+        with open(f"{self.out_dir}/rank{self.global_rank}.txt", "a") as f:
+            f.write(f"{self.current_epoch} {batch_idx} {batch[0][:, 0].sum().item():.8f}\n")
+        return super().training_step(batch, batch_idx)
+
+
+def test_every_stage_reads_the_same_shuffled_batches(tmp_path) -> None:
+    from torch.utils.data import DataLoader
+
+    shuffled = DataLoader(loader().dataset, batch_size=8, shuffle=True)  # no generator of its own
+    _trainer(DDGStrategy(start_method="spawn", split_points=["model.9"]), 2, max_epochs=3).fit(
+        _RecordsBatches(str(tmp_path)), shuffled
+    )
+    first, last = ((tmp_path / f"rank{r}.txt").read_text().splitlines() for r in (1, 0))
+    assert len(first) == 3 * 6
+    assert first == last
