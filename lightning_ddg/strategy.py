@@ -210,7 +210,7 @@ class DDGStrategy(ParallelStrategy):
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        self._check_supported(trainer, module)
+        self._check_supported(module)
         self.model = self.precision_plugin.convert_module(module)
         self.partition = self._split(module)
         k, num_stages = self.stage_index, self.partition.num_stages
@@ -239,7 +239,7 @@ class DDGStrategy(ParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
 
-    def _check_supported(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    def _check_supported(self, module: pl.LightningModule) -> None:
         if not module.automatic_optimization:
             raise MisconfigurationException(
                 "DDGStrategy drives the optimizer of each stage itself and does not support manual optimization. "
