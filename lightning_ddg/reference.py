@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -108,8 +109,11 @@ class DDGReference:
         self._backward_due(t)
         self.step_count += 1
         if (t + 1) % self.accumulate == 0:
-            for scheduler in self.lr_schedulers:
-                scheduler.step()
+            with warnings.catch_warnings():
+                # schedulers advance during warm-up too, before a stage's first optimizer step
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                for scheduler in self.lr_schedulers:
+                    scheduler.step()
         return loss.detach()
 
     def finish(self) -> None:

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,6 +49,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
+from torch.utils.data import RandomSampler
 
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
 from lightning_ddg.stage import MEMORY_MODES, DDGStage, MemoryMode
@@ -139,6 +141,7 @@ class DDGStrategy(ParallelStrategy):
         self._in_training_step = False
         self._forward_calls = 0
         self._update_due = False
+        self._shuffle_seed = 0
 
     # --- layout ------------------------------------------------------------------------------------------
     @property
@@ -165,12 +168,6 @@ class DDGStrategy(ParallelStrategy):
     @property
     def stage_index(self) -> int:
         return self.topology.stage_of(self.global_rank)
-
-    @property
-    def is_distributed(self) -> bool:
-        # makes Lightning give every stage a DistributedSampler: shuffling then depends on the seed and the
-        # epoch only, never on how much randomness a stage has drawn (dropout on some stages, say)
-        return True
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
@@ -215,6 +212,7 @@ class DDGStrategy(ParallelStrategy):
         self.partition = self._split(module)
         k, num_stages = self.stage_index, self.partition.num_stages
         self._forward_signature = inspect.signature(module.forward)
+        self._shuffle_seed = self.broadcast(_shuffle_seed())
         self._state_dict_keys = list(module.state_dict())
         self._removed = _keep_only_stage(module, self.partition, k)
         self.model_to_device()
@@ -266,6 +264,14 @@ class DDGStrategy(ParallelStrategy):
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
+
+    def process_dataloader(self, dataloader: object) -> object:
+        # A RandomSampler without a generator draws its order from the process's global RNG, which the stages
+        # consume differently (dropout on some stages only): give it a generator seeded alike on every stage.
+        sampler = getattr(dataloader, "sampler", None)
+        if self.topology.num_stages > 1 and isinstance(sampler, RandomSampler) and sampler.generator is None:
+            sampler.generator = torch.Generator().manual_seed(self._shuffle_seed)
+        return dataloader
 
     # --- the pipelined forward ---------------------------------------------------------------------------
     def _pipelined_forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -505,6 +511,12 @@ def _scope_metrics(module: nn.Module, group: dist.ProcessGroup | None) -> None:
                 metric.sync_on_compute = metric.dist_sync_on_step = metric._to_sync = False
             else:
                 metric.process_group = group
+
+
+def _shuffle_seed() -> int:
+    """The seed of ``seed_everything`` if one was set, else a fresh one (rank 0's is broadcast)."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None else int.from_bytes(os.urandom(7), "little")
 
 
 def _no_closure() -> None:

@@ -50,6 +50,20 @@ class MLPClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def cpu_trainer(strategy, devices: int, **overrides) -> L.Trainer:
+    """A quiet CPU Trainer for tests: no logger, checkpoints, progress bar, summary or sanity check."""
+    options = dict(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(strategy=strategy, devices=devices, **(options | overrides))
+
+
 def make_optimizer(kind: str, params) -> torch.optim.Optimizer:
     if kind == "sgd":
         return torch.optim.SGD(params, lr=0.05, momentum=0.9)

@@ -13,15 +13,6 @@ from torch import nn
 from lightning_ddg.partition import balance_to_split_points, balanced_split_points, split_module
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Intra-op threads only slow these tiny forwards down on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _resnet() -> nn.Module:
     torch.manual_seed(0)
     return torchvision.models.resnet18(num_classes=10)

@@ -15,15 +15,6 @@ LOSS = nn.functional.cross_entropy
 LR = 0.1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Intra-op threads only slow these tiny models down on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _sgd(params, momentum: float = 0.0) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=LR, momentum=momentum)
 

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ddg import DDGReference, DDGStrategy, split_module
+from tests.lightning_models import cpu_trainer
 
 NUM_IMAGES = 64
 BATCH_SIZE = 8
@@ -87,17 +88,7 @@ def test_resnet18_trains_with_a_cut_inside_the_residual_network(split_point: str
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     bn_counters = [name for name, _ in model.named_buffers() if name.endswith("num_batches_tracked")]
     expected = _reference(model, split_point)
-    trainer = L.Trainer(
-        strategy=DDGStrategy(split_points=[split_point], start_method="spawn"),
-        devices=2,
-        accelerator="cpu",
-        max_epochs=EPOCHS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = cpu_trainer(DDGStrategy(split_points=[split_point], start_method="spawn"), 2, max_epochs=EPOCHS)
     trainer.fit(model, _loader())
 
     assert trainer.state.finished

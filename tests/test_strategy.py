@@ -11,22 +11,13 @@ import torch
 import lightning_ddg
 from lightning_ddg import DDGReference, DDGStrategy, split_module
 from lightning_ddg.partition import balanced_split_points
-from tests.lightning_models import MLPClassifier, loader, make_optimizer
+from tests.lightning_models import MLPClassifier, cpu_trainer, loader, make_optimizer
 
 EPOCHS = 2
 
 
-def _trainer(strategy, devices: int, **kwargs) -> L.Trainer:
-    options = dict(
-        accelerator="cpu",
-        max_epochs=EPOCHS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    return L.Trainer(strategy=strategy, devices=devices, **(options | kwargs))
+def _trainer(strategy, devices: int, **overrides) -> L.Trainer:
+    return cpu_trainer(strategy, devices, **({"max_epochs": EPOCHS} | overrides))
 
 
 def _fit_ddg(model: L.LightningModule, devices: int, accumulate: int = 1, **strategy_options) -> dict:
@@ -116,16 +107,14 @@ def test_last_stage_metrics_reach_the_logger_and_checkpoints_are_whole(tmp_path)
     from lightning.pytorch.loggers import CSVLogger
 
     model = MLPClassifier(optimizer="sgd")
-    trainer = L.Trainer(
-        strategy=DDGStrategy(start_method="spawn"),
-        devices=2,
-        accelerator="cpu",
-        max_epochs=2,
+    trainer = _trainer(
+        DDGStrategy(start_method="spawn"),
+        2,
         logger=CSVLogger(tmp_path, name="run"),
         log_every_n_steps=1,
         default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
+        num_sanity_val_steps=2,
     )
     trainer.fit(model, loader(), loader())
     metrics = (tmp_path / "run" / "version_0" / "metrics.csv").read_text()
@@ -163,15 +152,12 @@ def test_monitoring_callbacks_decide_alike_on_every_stage(tmp_path) -> None:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     model = MLPClassifier(optimizer="sgd")
-    trainer = L.Trainer(
-        strategy=DDGStrategy(start_method="spawn"),
-        devices=3,
-        accelerator="cpu",
+    trainer = _trainer(
+        DDGStrategy(start_method="spawn"),
+        3,
         max_epochs=20,
-        logger=False,
         default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         callbacks=[
             EarlyStopping(monitor="val_loss", min_delta=10.0, patience=1),  # stops after 2 epochs
             ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max", save_top_k=2),
