@@ -39,6 +39,10 @@ class MLPClassifier(L.LightningModule):
         self.log("val_loss", nn.functional.cross_entropy(logits, y))
         self.log("val_acc", (logits.argmax(-1) == y).double().mean())
 
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", nn.functional.cross_entropy(self(x), y))
+
     def predict_step(self, batch, batch_idx):
         return self(batch[0]).argmax(-1)
 

@@ -253,3 +253,51 @@ def test_every_stage_reads_the_same_shuffled_batches(tmp_path) -> None:
     first, last = ((tmp_path / f"rank{r}.txt").read_text().splitlines() for r in (1, 0))
     assert len(first) == 3 * 6
     assert first == last
+
+
+class _SavePredictions(L.pytorch.callbacks.BasePredictionWriter):
+    """Spawned processes cannot return predictions to the test: rank 0 saves what predict_step returned."""
+
+    def __init__(self, path) -> None:
+        super().__init__(write_interval="epoch")
+        self.path = path
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        if trainer.is_global_zero:
+            torch.save(predictions, self.path)
+
+
+def test_test_and_predict_run_through_the_pipeline(tmp_path) -> None:
+    model = MLPClassifier(optimizer="sgd")
+    (piped,) = _trainer(DDGStrategy(start_method="spawn"), 3).test(model, loader(), verbose=False)
+    (plain,) = _trainer("auto", 1).test(model, loader(), verbose=False)
+    assert piped["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-9)
+
+    writer = _SavePredictions(tmp_path / "predictions.pt")
+    _trainer(DDGStrategy(start_method="spawn"), 3, callbacks=[writer]).predict(
+        model, loader(), return_predictions=False
+    )
+    predictions = torch.load(tmp_path / "predictions.pt")
+    expected = _trainer("auto", 1).predict(model, loader())
+    assert [p.tolist() for p in predictions] == [p.tolist() for p in expected]
+
+
+def test_clipping_and_learning_rate_monitor_run_per_stage(tmp_path) -> None:
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = MLPClassifier(optimizer="sgd", step_lr=True)
+    trainer = _trainer(
+        DDGStrategy(start_method="spawn"),
+        2,
+        gradient_clip_val=0.01,
+        logger=CSVLogger(tmp_path, name="run"),
+        log_every_n_steps=1,
+        callbacks=[LearningRateMonitor(logging_interval="step")],
+    )
+    trainer.fit(model, loader(), loader())
+    header, *rows = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()
+    column = header.split(",").index("lr-SGD")
+    rates = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
+    # StepLR(step_size=3, gamma=0.5) over 12 steps: the same schedule the stages stepped with
+    assert rates == [0.05 * 0.5 ** (step // 3) for step in range(12)]
