@@ -21,9 +21,9 @@ FINAL_LINE = re.compile(r"^final val_acc=(\d+(?:\.\d+)?)$")
 _LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE")
 
 
-def _run_example(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _run(*command: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES and not k.startswith("PL_")}
-    command = [sys.executable, str(EXAMPLE), "--log-dir", str(tmp_path / "logs"), *args]
+    command = (sys.executable, *command)
     # a session of its own, so that on timeout the whole process group dies: the script and the ranks it launched
     proc = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -49,7 +49,7 @@ def _run_example(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_digits_cnn_trains(tmp_path: Path, args: tuple[str, ...]) -> None:
     # 3 epochs of 23 steps: about 0.87 validation accuracy with DDG on 2 stages and 0.9 with backpropagation
     # (chance is 0.1); one epoch reaches only about 0.5, too close to any threshold to be a robust check
-    result = _run_example(tmp_path, "--max-epochs", "3", *args)
+    result = _run(str(EXAMPLE), "--log-dir", str(tmp_path / "logs"), "--max-epochs", "3", *args)
     assert result.returncode == 0, f"exit code {result.returncode}\nstderr:\n{result.stderr[-5000:]}"
 
     lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
@@ -62,3 +62,12 @@ def test_digits_cnn_trains(tmp_path: Path, args: tuple[str, ...]) -> None:
     assert len(metrics) == 1
     assert {"train_loss", "val_loss", "val_acc"} <= set(metrics[0].read_text().splitlines()[0].split(","))
     assert len(list((tmp_path / "logs").rglob("*.ckpt"))) == 1
+
+
+def test_lightning_cli_takes_the_strategy_name(tmp_path: Path) -> None:
+    trainer_args = ["--trainer.strategy", "ddg", "--trainer.devices", "2", "--trainer.max_epochs", "1"]
+    result = _run(
+        str(EXAMPLE.with_name("digits_cli.py")), "fit", *trainer_args, "--trainer.default_root_dir", str(tmp_path)
+    )
+    assert result.returncode == 0, f"exit code {result.returncode}\nstderr:\n{result.stderr[-5000:]}"
+    assert len(list(tmp_path.rglob("*.ckpt"))) == 1
