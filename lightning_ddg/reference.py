@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -111,7 +112,7 @@ class DDGReference:
         if (t + 1) % self.accumulate == 0:
             with warnings.catch_warnings():
                 # schedulers advance during warm-up too, before a stage's first optimizer step
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 for scheduler in self.lr_schedulers:
                     scheduler.step()
         return loss.detach()
