@@ -27,10 +27,11 @@ Example, driving stage ``k`` by hand (``links`` from :class:`~lightning_ddg.topo
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -39,7 +40,7 @@ from torch.func import functional_call
 
 from lightning_ddg.topology import StageLinks
 
-__all__ = ["DDGStage", "MemoryMode", "MEMORY_MODES"]
+__all__ = ["DDGStage", "MemoryMode", "MEMORY_MODES", "StageStats"]
 
 MemoryMode = Literal["stash", "recompute", "replay"]
 MEMORY_MODES = ("stash", "recompute", "replay")
@@ -55,6 +56,21 @@ class _InFlight:
     weights: list[torch.Tensor] | None  # private weight copy, None when the live weights are exact
     rng: tuple[torch.Tensor, torch.Tensor | None] | None
     autocast: tuple[str, torch.dtype, bool] | None
+
+
+@dataclass
+class StageStats:
+    """What a stage did since the last :meth:`reset`: a few clock readings per step, nothing more."""
+
+    steps: int = 0
+    samples: int = 0
+    busy_s: float = 0.0  # forward and backward compute
+    wait_s: float = 0.0  # blocked on a receive from a neighbouring stage
+    since: float = field(default_factory=time.perf_counter)
+
+    def reset(self) -> None:
+        self.steps, self.samples, self.busy_s, self.wait_s = 0, 0, 0.0, 0.0
+        self.since = time.perf_counter()
 
 
 def _flatten(output: Any) -> list[torch.Tensor]:
@@ -115,6 +131,7 @@ class DDGStage:
         self._has_grads = False
         self.batches_forwarded = 0
         self.batches_backwarded = 0
+        self.stats = StageStats()
 
     @property
     def is_first(self) -> bool:
@@ -130,9 +147,15 @@ class DDGStage:
         return len(self._inflight)
 
     # forward ---------------------------------------------------------------------------------------------
+    def _receive(self, channel: Any) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        tensors = channel.recv()
+        self.stats.wait_s += time.perf_counter() - start
+        return tensors
+
     def _receive_inputs(self) -> list[torch.Tensor]:
         assert self.links.act_in is not None
-        return self.links.act_in.recv()
+        return self._receive(self.links.act_in)
 
     def _send_outputs(self, outputs: list[torch.Tensor]) -> None:
         assert self.links.act_out is not None
@@ -155,6 +178,7 @@ class DDGStage:
         input from the previous stage. The last stage returns the model output (compute the loss from it
         and pass it to :meth:`backward`); the others send their output on and return ``None``.
         """
+        start, waited = time.perf_counter(), self.stats.wait_s
         if self.is_first:
             inputs = list(args)
         else:
@@ -177,12 +201,17 @@ class DDGStage:
             _InFlight(self.batches_forwarded, inputs, outputs if keep_graph else None, weights, rng, autocast)
         )
         self.batches_forwarded += 1
+        stats = self.stats
+        stats.steps += 1
+        stats.samples += inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 0
+        stats.busy_s += time.perf_counter() - start - (stats.wait_s - waited)
         return output if self.is_last else None
 
     @torch.no_grad()
     def evaluate(self, *args: Any) -> Any:
         """Forward-only pass of an evaluation batch with the eval-mode module; in-flight state is untouched."""
-        inputs = list(args) if self.is_first else self._receive_inputs()
+        assert self.is_first or self.links.act_in is not None
+        inputs = list(args) if self.is_first else self.links.act_in.recv()  # not counted in the training stats
         output = self.eval_module(*inputs)
         if self.is_last:
             return output
@@ -211,6 +240,7 @@ class DDGStage:
             yield True
 
     def _backward_oldest(self, loss: torch.Tensor | None) -> bool:
+        start, waited = time.perf_counter(), self.stats.wait_s
         item = self._inflight.popleft()
         if self.is_last:
             if loss is None:
@@ -218,7 +248,7 @@ class DDGStage:
             targets, grad_targets = [loss], [None]
         else:
             assert self.links.grad_in is not None
-            grad_targets = self.links.grad_in.recv()
+            grad_targets = self._receive(self.links.grad_in)
             targets = item.outputs if item.outputs is not None else self._recompute(item)
         pairs = [(t, g) for t, g in zip(targets, grad_targets, strict=False) if t.requires_grad]
         weights = item.weights if item.weights is not None else self.parameters
@@ -233,6 +263,7 @@ class DDGStage:
             input_grads = dict(zip(map(id, float_inputs), grads[len(weights) :], strict=False))
             self._send_input_gradients(item.inputs, input_grads)
         self.batches_backwarded += 1
+        self.stats.busy_s += time.perf_counter() - start - (self.stats.wait_s - waited)
         return (item.batch + 1) % self.accumulate_grad_batches == 0
 
     def _recompute(self, item: _InFlight) -> list[torch.Tensor]:
@@ -256,6 +287,26 @@ class DDGStage:
             g = grads.get(id(x))
             out.append(g if g is not None else torch.zeros_like(x))
         self.links.grad_out.send(out)
+
+    def summary(self) -> dict[str, float]:
+        """Per-step averages since the last summary, and what the stage holds now; then the counters restart."""
+        stats, steps = self.stats, max(self.stats.steps, 1)
+        elapsed = max(time.perf_counter() - stats.since, 1e-9)
+        weights = sum(w.numel() * w.element_size() for item in self._inflight for w in item.weights or ())
+        inputs = sum(
+            x.numel() * x.element_size() for item in self._inflight for x in item.inputs if isinstance(x, torch.Tensor)
+        )
+        result = {
+            "delay": float(self.delay),
+            "samples_per_s": stats.samples / elapsed,
+            "busy_ms": 1e3 * stats.busy_s / steps,
+            "wait_ms": 1e3 * stats.wait_s / steps,
+            "other_ms": 1e3 * max(elapsed - stats.busy_s - stats.wait_s, 0.0) / steps,
+            "stashed_weights_mb": weights / 2**20,
+            "stashed_inputs_mb": inputs / 2**20,
+        }
+        stats.reset()
+        return result
 
     # gradients -------------------------------------------------------------------------------------------
     def _accumulate(self, grads: tuple[torch.Tensor | None, ...]) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -229,8 +230,9 @@ class DDGStrategy(ParallelStrategy):
         )
         module.forward = self._pipelined_forward  # instance attribute: shadows the class's forward
         _scope_metrics(module, self._links.replica_group if self._links else None)
-        if not any(isinstance(c, _ShareLastStageMetrics) for c in trainer.callbacks):
-            trainer.callbacks.insert(0, _ShareLastStageMetrics())  # first, ahead of the monitoring callbacks
+        for callback in (_LogStageStats, _ShareLastStageMetrics):
+            if not any(isinstance(c, callback) for c in trainer.callbacks):
+                trainer.callbacks.insert(0, callback())  # first, ahead of the monitoring callbacks
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
@@ -498,6 +500,45 @@ class _ShareLastStageMetrics(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._share(trainer)
+
+
+class _LogStageStats(Callback):
+    """Once per training epoch, logs every stage's own figures as ``ddg/stage{k}/...``: samples/s, compute,
+    waiting on neighbours and other time per step (ms), stashed weights and inputs (MiB), and the delay.
+
+    The stages meet only here, once an epoch, never on the per-step path. Validation time is left out.
+    """
+
+    def __init__(self) -> None:
+        self._validation_start: float | None = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        if self._validation_start is not None and isinstance(strategy, DDGStrategy) and strategy.stage is not None:
+            strategy.stage.stats.since += time.perf_counter() - self._validation_start
+        self._validation_start = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy, DDGStrategy) and strategy.stage is not None:
+            strategy.stage.stats.reset()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        if not isinstance(strategy, DDGStrategy) or strategy.stage is None:
+            return
+        local = (strategy.stage_index, strategy.stage.summary())
+        parts = [local]
+        if trainer.world_size > 1:
+            parts = [None] * trainer.world_size
+            dist.all_gather_object(parts, local)
+        if trainer.is_global_zero:
+            metrics = {f"ddg/stage{k}/{name}": value for k, summary in sorted(parts) for name, value in summary.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
 
 def _scope_metrics(module: nn.Module, group: dist.ProcessGroup | None) -> None:

@@ -1,0 +1,77 @@
+"""A real W&B run in offline mode, its history read back from the run file W&B writes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lightning_ddg import DDGStrategy
+from tests.lightning_models import MLPClassifier, cpu_trainer, loader
+
+wandb = pytest.importorskip("wandb")
+
+
+def _records(path: Path) -> Iterator[bytes]:
+    """The records of a ``.wandb`` file: a 7-byte header, then a LevelDB-style log in 32 KiB blocks."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, chunks = 7, 32768, []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunks.append(data[pos + 7 : pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            yield b"".join(chunks)
+            chunks = []
+
+
+def _history(run_file: Path) -> list[dict[str, str]]:
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for raw in _records(run_file):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
+    return rows
+
+
+def _wait_for_history(run_file: Path, rows: int, timeout: float = 60) -> list[dict[str, str]]:
+    """W&B's service writes the run file in the background, after the training process is gone."""
+    deadline = time.monotonic() + timeout
+    history = _history(run_file)
+    while len(history) < rows and time.monotonic() < deadline:
+        time.sleep(0.5)
+        history = _history(run_file)
+    return history
+
+
+def test_wandb_offline_run_records_user_and_stage_metrics(tmp_path, monkeypatch) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="lightning-ddg-tests")
+    trainer = cpu_trainer(DDGStrategy(start_method="spawn"), 3, logger=logger, log_every_n_steps=1)
+    trainer.fit(MLPClassifier(), loader(), loader())
+
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    history = _wait_for_history(run_file, rows=12 + 2 + 2)  # steps, validations, stage figures per epoch
+    assert sum("train_loss" in row for row in history) == 12  # 2 epochs of 6 steps
+    assert sum("val_loss" in row for row in history) == 2
+    per_epoch = [row for row in history if "ddg/stage0/delay" in row]
+    assert len(per_epoch) == 2
+    for row in per_epoch:
+        for k in range(3):
+            assert float(row[f"ddg/stage{k}/delay"]) == 2 - k
+            assert float(row[f"ddg/stage{k}/samples_per_s"]) > 0
+            assert float(row[f"ddg/stage{k}/busy_ms"]) > 0
+        # stage 0 holds weight copies for its two in-flight batches; the last stage holds none
+        assert float(row["ddg/stage0/stashed_weights_mb"]) > 0
+        assert float(row["ddg/stage2/stashed_weights_mb"]) == 0
