@@ -3,7 +3,8 @@
 Each direction of each link between two stages is a :class:`Channel` with its own process group, so that
 activations flowing forward and gradients flowing backward never queue behind each other (on NCCL, two
 opposite transfers on one communicator can deadlock). Every message is a fixed-size header — the dtype and
-shape of each tensor — followed by one transfer per tensor, so batches of any size travel without padding.
+shape of each tensor, and an optional *note* of a few integers that rides along for free — followed by one
+transfer per tensor, so batches of any size travel without padding.
 As soon as a message has arrived, the receives of the next one are posted, shaped like it; a sender whose
 shapes changed first answers those receives with placeholders. Sends never block: they complete in the
 background and are reaped later.
@@ -50,30 +51,34 @@ def _specs(tensors: list[torch.Tensor]) -> Specs:
     return tuple((t.dtype, tuple(t.shape)) for t in tensors)
 
 
-def _encode(specs: Specs) -> torch.Tensor:
+def _encode(specs: Specs, note: list[int] | None = None) -> torch.Tensor:
     values = [len(specs)]
     for dtype, shape in specs:
         if dtype not in _CODE:
             raise TypeError(f"tensors of dtype {dtype} cannot cross a stage boundary")
         values += [_CODE[dtype], len(shape), *shape]
-    if len(values) > HEADER_SIZE:
+    if len(values) + 1 > HEADER_SIZE:
         raise ValueError(
             f"{len(specs)} tensors crossing one stage boundary need a header of {len(values)} entries, more than "
             f"{HEADER_SIZE}: choose split points where fewer values cross."
         )
+    note = note or []
+    if len(values) + 1 + len(note) > HEADER_SIZE:
+        note = []  # a note is best effort: it never costs a message of its own
+    values += [len(note), *note]
     return torch.tensor(values + [0] * (HEADER_SIZE - len(values)), dtype=torch.int64)
 
 
-def _decode(header: torch.Tensor) -> Specs | None:
+def _decode(header: torch.Tensor) -> tuple[Specs | None, list[int]]:
     values = header.tolist()
     count, pos, specs = values[0], 1, []
     if count == _END:
-        return None
+        return None, []
     for _ in range(count):
         dtype, ndim = _DTYPES[values[pos]], values[pos + 1]
         specs.append((dtype, tuple(values[pos + 2 : pos + 2 + ndim])))
         pos += 2 + ndim
-    return tuple(specs)
+    return tuple(specs), values[pos + 1 : pos + 1 + values[pos]]
 
 
 class Channel:
@@ -103,13 +108,15 @@ class Channel:
         self._sent_specs: Specs | None = None  # shapes of the last message sent
         self._expected: Specs | None = None  # shapes of the last message received
         self._posted: tuple[torch.Tensor, list[torch.Tensor], list[dist.Work]] | None = None
+        self.note: list[int] = []  # the note of the last message received
 
     # sending -------------------------------------------------------------------------------------------
-    def send(self, tensors: list[torch.Tensor]) -> None:
-        """Start sending ``tensors``; returns at once. The tensors must not be modified afterwards."""
+    def send(self, tensors: list[torch.Tensor], note: list[int] | None = None) -> None:
+        """Start sending ``tensors``, and ``note`` in the header if it fits; returns at once. The tensors must
+        not be modified afterwards."""
         self._reap()
         specs = _specs(tensors)
-        self._isend(_encode(specs).to(self._header_device))
+        self._isend(_encode(specs, note).to(self._header_device))
         if self._sent_specs is not None and specs != self._sent_specs:
             self._fill_posted(self._sent_specs)
         for t in tensors:
@@ -152,7 +159,8 @@ class Channel:
         header, tensors, works = self._posted
         self._posted = None
         works[0].wait(self.timeout)
-        return _decode(header.cpu()), tensors, works[1:]
+        specs, self.note = _decode(header.cpu())
+        return specs, tensors, works[1:]
 
     def recv(self) -> list[torch.Tensor]:
         """Receive the next message; the receives of the one after it are posted before returning."""

@@ -30,17 +30,18 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from lightning_ddg.stats import Snapshot, StageCounters, decode_snapshots, encode_snapshots
 from lightning_ddg.topology import StageLinks
 
-__all__ = ["DDGStage", "MemoryMode", "MEMORY_MODES", "StageStats"]
+__all__ = ["DDGStage", "MemoryMode", "MEMORY_MODES"]
 
 MemoryMode = Literal["stash", "recompute", "replay"]
 MEMORY_MODES = ("stash", "recompute", "replay")
@@ -58,19 +59,9 @@ class _InFlight:
     autocast: tuple[str, torch.dtype, bool] | None
 
 
-@dataclass
-class StageStats:
-    """What a stage did since the last :meth:`reset`: a few clock readings per step, nothing more."""
-
-    steps: int = 0
-    samples: int = 0
-    busy_s: float = 0.0  # forward and backward compute
-    wait_s: float = 0.0  # blocked on a receive from a neighbouring stage
-    since: float = field(default_factory=time.perf_counter)
-
-    def reset(self) -> None:
-        self.steps, self.samples, self.busy_s, self.wait_s = 0, 0, 0.0, 0.0
-        self.since = time.perf_counter()
+# the saved activations of one batch are measured on every this-many-th batch, so that the cost of measuring
+# them (a hook on every saved tensor) stays off the usual step
+_ACTIVATION_SAMPLE_EVERY = 100
 
 
 def _flatten(output: Any) -> list[torch.Tensor]:
@@ -131,7 +122,9 @@ class DDGStage:
         self._has_grads = False
         self.batches_forwarded = 0
         self.batches_backwarded = 0
-        self.stats = StageStats()
+        self.counters = StageCounters()
+        self._upstream: list[Snapshot] = []  # the latest snapshots of the stages before this one
+        self._activation_bytes = 0  # saved activations of one batch, last measured
 
     @property
     def is_first(self) -> bool:
@@ -150,16 +143,24 @@ class DDGStage:
     def _receive(self, channel: Any) -> list[torch.Tensor]:
         start = time.perf_counter()
         tensors = channel.recv()
-        self.stats.wait_s += time.perf_counter() - start
+        self.counters.wait_s += time.perf_counter() - start
         return tensors
 
     def _receive_inputs(self) -> list[torch.Tensor]:
         assert self.links.act_in is not None
-        return self._receive(self.links.act_in)
+        tensors = self._receive(self.links.act_in)
+        self._upstream = decode_snapshots(self.links.act_in.note)
+        return tensors
+
+    def _send(self, channel: Any, tensors: list[torch.Tensor], note: list[int] | None = None) -> None:
+        start = time.perf_counter()
+        channel.send(tensors, note)
+        self.counters.send_s += time.perf_counter() - start
 
     def _send_outputs(self, outputs: list[torch.Tensor]) -> None:
+        # the header carries this stage's figures and those of the stages before it on to the last stage
         assert self.links.act_out is not None
-        self.links.act_out.send([t.detach() for t in outputs])
+        self._send(self.links.act_out, [t.detach() for t in outputs], encode_snapshots(self.snapshots()))
 
     def _run(self, inputs: list[Any], weights: list[torch.Tensor] | None, fresh_buffers: bool = False) -> Any:
         """Run the module, on ``weights`` instead of the live parameters if given; with ``fresh_buffers``, on
@@ -178,11 +179,14 @@ class DDGStage:
         input from the previous stage. The last stage returns the model output (compute the loss from it
         and pass it to :meth:`backward`); the others send their output on and return ``None``.
         """
-        start, waited = time.perf_counter(), self.stats.wait_s
+        start, waited, sent = time.perf_counter(), self.counters.wait_s, self.counters.send_s
         if self.is_first:
             inputs = list(args)
         else:
             inputs = [t.requires_grad_() if t.is_floating_point() else t for t in self._receive_inputs()]
+        counters = self.counters
+        counters.steps += 1
+        counters.samples += _batch_size(inputs[0] if inputs else None)
         exact_live = self.delay == 0 or self.memory == "replay"
         weights = None if exact_live else [p.detach().clone().requires_grad_() for p in self.parameters]
         keep_graph = self.memory == "stash" or self.delay == 0
@@ -190,21 +194,19 @@ class DDGStage:
         if not keep_graph:
             rng = (torch.get_rng_state(), _device_rng_state(inputs))
             autocast = _autocast_state(inputs)
-        with nullcontext() if keep_graph else torch.no_grad():
+        measure = keep_graph and self.batches_forwarded % _ACTIVATION_SAMPLE_EVERY == 0
+        with nullcontext() if keep_graph else torch.no_grad(), self._measured(measure, weights):
             output = self._run(inputs, weights)
         outputs = _flatten(output) if not self.is_last else None
-        if outputs is not None:
-            self._send_outputs(outputs)
-        if not self.is_last and self.links.grad_in is not None:
-            self.links.grad_in.prefetch()
         self._inflight.append(
             _InFlight(self.batches_forwarded, inputs, outputs if keep_graph else None, weights, rng, autocast)
         )
         self.batches_forwarded += 1
-        stats = self.stats
-        stats.steps += 1
-        stats.samples += inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 0
-        stats.busy_s += time.perf_counter() - start - (stats.wait_s - waited)
+        if outputs is not None:
+            self._send_outputs(outputs)
+        if not self.is_last and self.links.grad_in is not None:
+            self.links.grad_in.prefetch()
+        counters.busy_s += time.perf_counter() - start - (counters.wait_s - waited) - (counters.send_s - sent)
         return output if self.is_last else None
 
     @torch.no_grad()
@@ -240,7 +242,7 @@ class DDGStage:
             yield True
 
     def _backward_oldest(self, loss: torch.Tensor | None) -> bool:
-        start, waited = time.perf_counter(), self.stats.wait_s
+        start, waited, sent = time.perf_counter(), self.counters.wait_s, self.counters.send_s
         item = self._inflight.popleft()
         if self.is_last:
             if loss is None:
@@ -263,7 +265,8 @@ class DDGStage:
             input_grads = dict(zip(map(id, float_inputs), grads[len(weights) :], strict=False))
             self._send_input_gradients(item.inputs, input_grads)
         self.batches_backwarded += 1
-        self.stats.busy_s += time.perf_counter() - start - (self.stats.wait_s - waited)
+        counters = self.counters
+        counters.busy_s += time.perf_counter() - start - (counters.wait_s - waited) - (counters.send_s - sent)
         return (item.batch + 1) % self.accumulate_grad_batches == 0
 
     def _recompute(self, item: _InFlight) -> list[torch.Tensor]:
@@ -276,7 +279,8 @@ class DDGStage:
             torch.set_rng_state(cpu_state)
             if device_state is not None:
                 torch.cuda.set_rng_state(device_state)
-            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            measure = item.batch % _ACTIVATION_SAMPLE_EVERY == 0
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled), self._measured(measure, item.weights):
                 output = self._run(item.inputs, item.weights, fresh_buffers=True)
         return _flatten(output)
 
@@ -286,27 +290,42 @@ class DDGStage:
         for x in inputs:
             g = grads.get(id(x))
             out.append(g if g is not None else torch.zeros_like(x))
-        self.links.grad_out.send(out)
+        self._send(self.links.grad_out, out)
 
-    def summary(self) -> dict[str, float]:
-        """Per-step averages since the last summary, and what the stage holds now; then the counters restart."""
-        stats, steps = self.stats, max(self.stats.steps, 1)
-        elapsed = max(time.perf_counter() - stats.since, 1e-9)
+    # figures ---------------------------------------------------------------------------------------------
+    def snapshots(self) -> list[Snapshot]:
+        """The running totals of stages ``0..k`` as this stage last knew them; on the last stage, every stage's.
+
+        Weight copies are counted as held now; activations as the most the in-flight graphs hold at once (the
+        saved tensors of one batch, measured every so often, times the graphs kept).
+        """
         weights = sum(w.numel() * w.element_size() for item in self._inflight for w in item.weights or ())
-        inputs = sum(
-            x.numel() * x.element_size() for item in self._inflight for x in item.inputs if isinstance(x, torch.Tensor)
-        )
-        result = {
-            "delay": float(self.delay),
-            "samples_per_s": stats.samples / elapsed,
-            "busy_ms": 1e3 * stats.busy_s / steps,
-            "wait_ms": 1e3 * stats.wait_s / steps,
-            "other_ms": 1e3 * max(elapsed - stats.busy_s - stats.wait_s, 0.0) / steps,
-            "stashed_weights_mb": weights / 2**20,
-            "stashed_inputs_mb": inputs / 2**20,
-        }
-        stats.reset()
-        return result
+        if self.memory == "stash" or self.delay == 0:
+            activations = self._activation_bytes * (self.delay + 1)
+        else:  # the inputs kept for recomputation, and one recomputed graph at a time
+            inputs = (x for item in self._inflight for x in item.inputs if isinstance(x, torch.Tensor))
+            activations = self._activation_bytes + sum(x.numel() * x.element_size() for x in inputs)
+        own = self.counters.snapshot(weights, activations)
+        return [*self._upstream[: self.stage_index], own]
+
+    @contextmanager
+    def _measured(self, enabled: bool, weights: list[torch.Tensor] | None) -> Iterator[None]:
+        """With ``enabled``, count the bytes the autograd graph saves for backward, the weights left out."""
+        if not enabled:
+            yield
+            return
+        skip = {t.untyped_storage().data_ptr() for t in (weights if weights is not None else self.parameters)}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in skip:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+        self._activation_bytes = sum(saved.values())
 
     # gradients -------------------------------------------------------------------------------------------
     def _accumulate(self, grads: tuple[torch.Tensor | None, ...]) -> None:
@@ -325,6 +344,10 @@ class DDGStage:
             p.grad = g
         self._grads = [None] * len(self.parameters)
         self._has_grads = False
+
+
+def _batch_size(x: Any) -> int:
+    return x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else 0
 
 
 def _device_rng_state(inputs: list[Any]) -> torch.Tensor | None:

@@ -1,4 +1,4 @@
-"""Channels between two real processes: shapes, dtypes and tensor counts that change, and clean closing."""
+"""Channels between two real processes: shapes, dtypes and tensor counts that change, notes, clean closing."""
 
 from __future__ import annotations
 
@@ -25,16 +25,18 @@ def _exchange(rank: int, world_size: int) -> list[list[torch.Tensor]]:
     for session in range(2):  # a second session after closing, as a second trainer.fit would
         for message in _messages(session):
             if rank == 0:
-                channel.send(message)
+                channel.send(message, note=[len(received), session, -7])
+                received.append(None)
             else:
                 received.append(channel.recv())
+                assert channel.note == [len(received) - 1, session, -7]
         channel.send_end() if rank == 0 else channel.close_recv()
         channel.flush()
     return received
 
 
 def test_messages_arrive_intact_in_order_across_sessions() -> None:
-    _, received = run_processes(_exchange, 2, timeout=60)
+    _, received = run_processes(_exchange, 2, timeout=60)  # rank 1 also checks each message's note
     expected = _messages(0) + _messages(1)
     assert len(received) == len(expected)
     for got, want in zip(received, expected, strict=True):

@@ -39,10 +39,13 @@ def _train_stage(rank: int, world_size: int, options: dict) -> dict[str, torch.T
             loss = LOSS(out, y) / accumulate if stage.is_last else None
             if stage.backward(loss):
                 step()
+    figures = stage.snapshots()
     for ready in stage.drain():
         if ready:
             step()
     links.close()
+    if options.get("figures"):
+        return figures
     return {name: p.detach().clone() for name, p in stages[k].named_parameters()} | {
         name: b.clone() for name, b in stages[k].named_buffers()
     }
@@ -97,3 +100,18 @@ def test_dropout_batchnorm_across_epochs(memory: str) -> None:
 
 def test_gradient_accumulation_windows_aligned_to_batches() -> None:
     _check(3, {"memory": "stash", "optimizer": "sgd", "batches": 7, "seed": 2, "accumulate": 3})
+
+
+def test_last_stage_receives_every_stages_figures() -> None:
+    options = {"memory": "stash", "optimizer": "sgd", "batches": 5, "seed": 1, "figures": True}
+    snapshots = run_processes(_train_stage, 3, options, timeout=120)
+    by_stage = {len(s) - 1: s for s in snapshots}  # stage k knows the figures of stages 0..k
+    last = by_stage[2]
+    assert [s.steps for s in last] == [5, 5, 5]
+    assert [s.samples for s in last] == [4 * 6 + 4] * 3
+    assert all(s.busy_us > 0 and s.active_us >= s.busy_us for s in last)
+    assert last[1].wait_us > 0  # stage 1 waits for stage 0's activations
+    # stage 0 held 3 weight copies when it sent its last activation, and 2 once that step's backward was done
+    assert 2 * last[0].stashed_weight_bytes == 3 * by_stage[0][0].stashed_weight_bytes > 0
+    assert last[2].stashed_weight_bytes == 0
+    assert all(s.activation_bytes > 0 for s in last)

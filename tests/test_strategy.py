@@ -121,7 +121,7 @@ def test_last_stage_metrics_reach_the_logger_and_checkpoints_are_whole(tmp_path)
     assert {"train_loss", "val_loss", "val_acc"} <= set(metrics.splitlines()[0].split(","))
     header = metrics.splitlines()[0].split(",")
     for k in range(2):
-        expected = {"delay", "samples_per_s", "busy_ms", "wait_ms", "stashed_weights_mb", "stashed_inputs_mb"}
+        expected = {"delay", "samples_per_s", "busy_ms", "wait_ms", "send_ms", "stashed_weights_mb", "activations_mb"}
         assert {f"ddg/stage{k}/{name}" for name in expected} <= set(header)
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert len(checkpoints) == 1

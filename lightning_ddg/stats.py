@@ -1,0 +1,100 @@
+"""Per-stage figures: counted cheaply by each stage, carried to the last stage on the pipeline's own messages.
+
+Every stage keeps running totals (:class:`StageCounters`): a few clock readings per step, nothing that scales
+with the model. Each activation a stage sends forward carries, in the message header, its own totals and
+those it received from the stages before it, so the last stage always holds a recent snapshot of every stage
+without any extra message or synchronisation. Figures over an interval are the difference of two snapshots
+(:func:`interval_figures`).
+
+Example::
+
+    >>> before = StageCounters().snapshot(stashed_weight_bytes=0, activation_bytes=0)
+    >>> after = Snapshot(steps=10, samples=640, busy_us=40_000, wait_us=5_000, send_us=1_000, active_us=50_000,
+    ...                  stashed_weight_bytes=2**20, activation_bytes=0)
+    >>> interval_figures(before, after, delay=1)["busy_ms"]
+    4.0
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import astuple, dataclass, field, fields
+
+__all__ = ["StageCounters", "Snapshot", "interval_figures", "encode_snapshots", "decode_snapshots"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A stage's running totals at one moment, as integers (they travel in int64 message headers)."""
+
+    steps: int
+    samples: int
+    busy_us: int  # forward and backward compute
+    wait_us: int  # blocked on a receive from a neighbouring stage (the transfer included)
+    send_us: int  # handing tensors to the communication backend
+    active_us: int  # wall time spent training (evaluation excluded)
+    stashed_weight_bytes: int  # weight copies held for in-flight batches, now
+    activation_bytes: int  # activations the autograd graphs of in-flight batches hold at most (sampled)
+
+
+_WIDTH = len(fields(Snapshot))
+
+
+@dataclass
+class StageCounters:
+    """Running totals of one stage since it was created; only :meth:`pause` changes what counts as training."""
+
+    steps: int = 0
+    samples: int = 0
+    busy_s: float = 0.0
+    wait_s: float = 0.0
+    send_s: float = 0.0
+    paused_s: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def pause(self, seconds: float) -> None:
+        """Leave ``seconds`` of wall time (an evaluation run, say) out of the training time."""
+        self.paused_s += seconds
+
+    def snapshot(self, stashed_weight_bytes: int, activation_bytes: int) -> Snapshot:
+        active = time.perf_counter() - self.start - self.paused_s
+        return Snapshot(
+            self.steps,
+            self.samples,
+            round(1e6 * self.busy_s),
+            round(1e6 * self.wait_s),
+            round(1e6 * self.send_s),
+            round(1e6 * active),
+            stashed_weight_bytes,
+            activation_bytes,
+        )
+
+
+def encode_snapshots(snapshots: list[Snapshot]) -> list[int]:
+    return [value for snapshot in snapshots for value in astuple(snapshot)]
+
+
+def decode_snapshots(values: list[int] | None) -> list[Snapshot]:
+    values = values or []
+    return [Snapshot(*values[i : i + _WIDTH]) for i in range(0, len(values) - _WIDTH + 1, _WIDTH)]
+
+
+def interval_figures(before: Snapshot | None, after: Snapshot, delay: int) -> dict[str, float] | None:
+    """Per-step averages between two snapshots of one stage, plus what it holds now; ``None`` without steps."""
+    zero = Snapshot(0, 0, 0, 0, 0, 0, 0, 0)
+    before = before if before is not None else zero
+    steps = after.steps - before.steps
+    if steps <= 0:
+        return None
+    active_us = max(after.active_us - before.active_us, 1)
+    busy, wait, send = (after.busy_us - before.busy_us, after.wait_us - before.wait_us, after.send_us - before.send_us)
+    return {
+        "delay": float(delay),
+        "samples_per_s": 1e6 * (after.samples - before.samples) / active_us,
+        "busy_ms": busy / 1e3 / steps,
+        "wait_ms": wait / 1e3 / steps,
+        "send_ms": send / 1e3 / steps,
+        "other_ms": max(active_us - busy - wait - send, 0) / 1e3 / steps,
+        "stashed_weights_mb": after.stashed_weight_bytes / 2**20,
+        "activations_mb": after.activation_bytes / 2**20,
+    }
