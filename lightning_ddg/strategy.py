@@ -48,10 +48,15 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _Su
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.data import RandomSampler
 
+from lightning_ddg.checkpoint import (
+    group_names,
+    merge_optimizer_states,
+    named_optimizer_state,
+    stage_optimizer_state,
+)
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
 from lightning_ddg.stage import MEMORY_MODES, DDGStage, MemoryMode
 from lightning_ddg.stats import Snapshot, StageCounters, interval_figures
@@ -139,6 +144,7 @@ class DDGStrategy(ParallelStrategy):
         self.partition: Partition | None = None
         self._removed: list[_Removed] = []
         self._state_dict_keys: list[str] = []
+        self._parameter_order: list[str] = []
         self._forward_signature: inspect.Signature | None = None
         self._in_training_step = False
         self._forward_calls = 0
@@ -216,6 +222,7 @@ class DDGStrategy(ParallelStrategy):
         self._forward_signature = inspect.signature(module.forward)
         self._shuffle_seed = self.broadcast(_shuffle_seed())
         self._state_dict_keys = list(module.state_dict())
+        self._parameter_order = [name for name, _ in module.named_parameters()]
         self._removed = _keep_only_stage(module, self.partition, k)
         self.model_to_device()
         if self._links is None and num_stages > 1:
@@ -248,8 +255,10 @@ class DDGStrategy(ParallelStrategy):
             )
         if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None:
             raise MisconfigurationException(
-                "precision='16-mixed' needs one gradient scale shared by all stages, which DDGStrategy does not "
-                "provide yet. Use precision='bf16-mixed' (no loss scaling needed) or '32-true'."
+                "DDGStrategy does not support precision='16-mixed': its loss scale is a single number that every "
+                "stage's gradients would have to be unscaled with and that must shrink whenever any stage "
+                "overflows, but the stages step at different times on gradients of different batches. Use "
+                "precision='bf16-mixed' (no loss scaling needed) or '32-true'."
             )
 
     def _split(self, module: pl.LightningModule) -> Partition:
@@ -409,28 +418,37 @@ class DDGStrategy(ParallelStrategy):
         return {name: full[name] for name in self._state_dict_keys if name in full}
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        """Every stage's optimizer state, in stage order (a collective: every rank calls it when saving)."""
-        state = super().optimizer_state(optimizer)
-        num_stages = self.topology.num_stages
-        if num_stages == 1:
-            return state
-        parts: list[Any] = [None] * self.world_size
-        dist.all_gather_object(parts, apply_to_collection(state, Tensor, Tensor.cpu))
-        return {"ddg_stages": [parts[self.topology.rank_of(s)] for s in range(num_stages)]}
+        """The optimizer state of the whole model, as one device would hold it (a collective: every rank calls
+        it when saving), so that checkpoints resume on any number of stages; see :mod:`lightning_ddg.checkpoint`."""
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
+        part = named_optimizer_state(optimizer, self._parameter_names())
+        return merge_optimizer_states(self._all_gather_objects(part), self._parameter_order)
 
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        num_stages = self.topology.num_stages
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            stages = state.get("ddg_stages")
-            saved = len(stages) if stages is not None else 1
-            if saved != num_stages:
-                raise MisconfigurationException(
-                    f"the checkpoint holds the optimizer state of {saved} stage(s), but this run has {num_stages}: "
-                    f"resume with devices={saved}, or start a new fit from the checkpoint's weights "
-                    "(`MyModule.load_from_checkpoint(path)`, then `trainer.fit(model)` without ckpt_path)."
+        module = self.lightning_module
+        assert module is not None
+        names, shapes = self._parameter_names(), {name: p.shape for name, p in module.named_parameters()}
+        for optimizer, full in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            groups = group_names(optimizer, names)
+            try:
+                state = stage_optimizer_state(
+                    full, groups, self._all_gather_objects(groups), self._parameter_order, shapes
                 )
-            optimizer.load_state_dict(stages[self.stage_index] if stages is not None else state)
+            except ValueError as err:
+                raise MisconfigurationException(f"cannot resume the optimizer from this checkpoint: {err}") from None
+            optimizer.load_state_dict(state)
             _optimizer_to_device(optimizer, self.root_device)
+
+    def _parameter_names(self) -> dict[int, str]:
+        assert self.lightning_module is not None
+        return {id(p): name for name, p in self.lightning_module.named_parameters()}
+
+    def _all_gather_objects(self, obj: Any) -> list[Any]:
+        if self.world_size == 1 or not _distributed_is_initialized():
+            return [obj]
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, obj)
+        return parts
 
     def teardown(self) -> None:
         if self.lightning_module is not None:

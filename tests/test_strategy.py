@@ -172,27 +172,51 @@ def test_monitoring_callbacks_decide_alike_on_every_stage(tmp_path) -> None:
     assert saved == ["epoch=0", "epoch=1"]  # two epochs ran on every stage, the best two were kept
 
 
-def test_resume_restores_each_stage_optimizer(tmp_path) -> None:
+SPLITS = {1: [], 2: ["model.4"], 3: ["model.2", "model.6"]}
+
+
+def _checkpointing_trainer(tmp_path, devices: int, epochs: int) -> L.Trainer:
+    """A DDG trainer on ``devices`` stages saving ``last.ckpt``; one device is a plain Lightning run."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    def trainer(devices: int, epochs: int) -> L.Trainer:
-        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-        strategy = DDGStrategy(start_method="spawn")
-        return _trainer(strategy, devices, max_epochs=epochs, callbacks=[checkpoint], enable_checkpointing=True)
+    strategy = DDGStrategy(start_method="spawn", split_points=SPLITS[devices]) if devices > 1 else "auto"
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    return _trainer(strategy, devices, max_epochs=epochs, callbacks=[checkpoint], enable_checkpointing=True)
 
+
+def _continue_from(checkpoint: dict, devices: int) -> dict:
+    """The reference of one more epoch: a new pipeline from the saved weights and momentum buffers."""
     model = MLPClassifier(optimizer="sgd")
-    trainer(3, 1).fit(model, loader(), loader())
-    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
-    stages = saved["optimizer_states"][0]["ddg_stages"]
-    # stage k holds the momentum of its own parameters: 2, 1 and 2 linear layers (weight and bias)
-    assert [len(s["state"]) for s in stages] == [4, 2, 4]
+    model.load_state_dict(checkpoint["state_dict"])
+    state = checkpoint["optimizer_states"][0]["state"]
+    momentum = {name: state[i]["momentum_buffer"] for i, (name, _) in enumerate(model.named_parameters())}
+    stages = split_module(model, split_points=SPLITS[devices]).train if devices > 1 else [model]
+    optimizers = [make_optimizer("sgd", s.parameters()) for s in stages]
+    for stage, optimizer in zip(stages, optimizers, strict=True):
+        for name, p in stage.named_parameters():
+            optimizer.state[p]["momentum_buffer"] = momentum[name].clone()
+    ref = DDGReference(stages, optimizers, torch.nn.functional.cross_entropy)
+    for x, y in loader():
+        ref.step(x, y)
+    ref.finish()
+    return dict(model.state_dict())
+
+
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [(3, 2), (1, 3), (2, 1)])
+def test_resume_on_any_number_of_stages(tmp_path, saved_on: int, resumed_on: int) -> None:
+    """Checkpoints hold the optimizer state one device would hold, so they resume on any number of stages;
+    one device is a plain Lightning run. The in-flight gradients are not saved: the pipeline warms up again."""
+    _checkpointing_trainer(tmp_path, saved_on, 1).fit(MLPClassifier(optimizer="sgd"), loader(), loader())
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    state = checkpoint["optimizer_states"][0]
+    assert state["param_groups"][0]["params"] == list(range(10))  # 5 layers, weight then bias, in model order
+    assert [state["state"][i]["momentum_buffer"].shape for i in range(10)] == [
+        p.shape for p in MLPClassifier().parameters()
+    ]
 
     resumed = MLPClassifier(optimizer="sgd")
-    trainer(3, 2).fit(resumed, loader(), loader(), ckpt_path=tmp_path / "last.ckpt")
-    assert not torch.equal(resumed.model[0].weight, model.model[0].weight)
-
-    with pytest.raises(Exception, match="optimizer state of 3 stage"):
-        trainer(2, 2).fit(MLPClassifier(optimizer="sgd"), loader(), loader(), ckpt_path=tmp_path / "last.ckpt")
+    _checkpointing_trainer(tmp_path, resumed_on, 2).fit(resumed, loader(), loader(), ckpt_path=tmp_path / "last.ckpt")
+    _assert_same(dict(resumed.state_dict()), _continue_from(checkpoint, resumed_on))
 
 
 class _WithTorchmetrics(MLPClassifier):
@@ -305,3 +329,24 @@ def test_clipping_and_learning_rate_monitor_run_per_stage(tmp_path) -> None:
     rates = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
     # StepLR(step_size=3, gamma=0.5) over 12 steps: the same schedule the stages stepped with
     assert rates == [0.05 * 0.5 ** (step // 3) for step in range(12)]
+
+
+class _ManualOptimization(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+def test_manual_optimization_is_refused_with_advice() -> None:
+    with pytest.raises(Exception, match="does not support manual optimization"):
+        _trainer(DDGStrategy(start_method="spawn"), 2).fit(_ManualOptimization(), loader())
+
+
+def test_float16_loss_scaling_is_refused_with_advice() -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    # CPU runs refuse "16-mixed" before any strategy sees it: check the strategy's own refusal directly
+    scaler = torch.amp.GradScaler("cpu")
+    strategy = DDGStrategy(precision_plugin=MixedPrecision("16-mixed", "cpu", scaler=scaler))
+    with pytest.raises(Exception, match="bf16-mixed"):
+        strategy._check_supported(MLPClassifier())
