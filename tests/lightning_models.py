@@ -18,6 +18,7 @@ class MLPClassifier(L.LightningModule):
         batchnorm: bool = False,
         depth: int = 4,
         step_lr: bool = False,
+        lr_interval: str = "step",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -50,8 +51,9 @@ class MLPClassifier(L.LightningModule):
         optimizer = make_optimizer(self.hparams.optimizer, self.parameters())
         if not self.hparams.step_lr:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        interval = self.hparams.lr_interval
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3 if interval == "step" else 1, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
 
 def cpu_trainer(strategy, devices: int, **overrides) -> L.Trainer:

@@ -32,19 +32,23 @@ def _reference(model: MLPClassifier, split_points: list[str], memory: str = "sta
     stages = split_module(model, split_points=split_points).train
     optimizers = [make_optimizer(model.hparams.optimizer, s.parameters()) for s in stages]
     schedulers = []
+    per_epoch = model.hparams.lr_interval == "epoch"
     if model.hparams.step_lr:
-        schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5) for o in optimizers]
+        size = 1 if per_epoch else 3
+        schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=size, gamma=0.5) for o in optimizers]
     ref = DDGReference(
         stages,
         optimizers,
         torch.nn.functional.cross_entropy,
         memory=memory,
         accumulate_grad_batches=accumulate,
-        lr_schedulers=schedulers,
+        lr_schedulers=[] if per_epoch else schedulers,
     )
     for _ in range(EPOCHS):
         for x, y in loader():
             ref.step(x, y)
+        for scheduler in schedulers if per_epoch else []:
+            scheduler.step()  # between epochs, with batches still in flight
     ref.finish()
     return dict(model.state_dict())
 
@@ -80,6 +84,12 @@ def test_matches_reference(devices: int, optimizer: str, memory: str, split_poin
     model = MLPClassifier(optimizer=optimizer, batchnorm=True, step_lr=True)
     expected = _reference(model, split_points, memory="replay" if memory == "replay" else "stash")
     _assert_same(_fit_ddg(model, devices, split_points=split_points, memory=memory), expected)
+
+
+def test_epoch_interval_scheduler_matches_reference() -> None:
+    model = MLPClassifier(optimizer="sgd", step_lr=True, lr_interval="epoch")
+    expected = _reference(model, ["model.2", "model.6"])
+    _assert_same(_fit_ddg(model, 3, split_points=["model.2", "model.6"]), expected)
 
 
 def test_default_split_and_accumulation_match_reference() -> None:
