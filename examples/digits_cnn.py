@@ -67,6 +67,9 @@ class DigitsCNN(L.LightningModule):
         self.log("val_loss", nn.functional.cross_entropy(logits, y), prog_bar=True)
         self.log("val_acc", (logits.argmax(dim=-1) == y).float().mean(), prog_bar=True)
 
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0]).argmax(dim=1)
+
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
@@ -96,6 +99,9 @@ class DigitsDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=256)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,7 +157,10 @@ def main(argv: list[str] | None = None) -> float:
 
     # metrics are logged on the last stage, which is global rank 0
     accuracy = float(trainer.callback_metrics.get("val_acc", float("nan")))
+    # inference runs through the same pipeline; the predictions come back to this script on global rank 0
+    predictions = trainer.predict(model, datamodule=datamodule)
     if trainer.is_global_zero:
+        print(f"predicted {sum(len(p) for p in predictions)} digits", flush=True)
         print(f"final val_acc={accuracy:.4f}", flush=True)
     return accuracy
 

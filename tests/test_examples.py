@@ -57,6 +57,7 @@ def test_digits_cnn_trains(tmp_path: Path, args: tuple[str, ...]) -> None:
     match = FINAL_LINE.match(lines[-1])
     assert match, f"the last line printed is {lines[-1]!r}, not 'final val_acc=...'"
     assert float(match.group(1)) > 0.7
+    assert "predicted 359 digits" in lines  # trainer.predict returned every prediction to the script on rank 0
 
     metrics = list((tmp_path / "logs").rglob("metrics.csv"))
     assert len(metrics) == 1
