@@ -36,7 +36,6 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from lightning_ddg.stats import Snapshot, StageCounters, decode_snapshots, encode_snapshots
 from lightning_ddg.topology import StageLinks
@@ -116,8 +115,11 @@ class DDGStage:
         self.accumulate_grad_batches = accumulate_grad_batches
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self._names = [n for n, _ in named]
+        self._weight_slots = _slots(module, "_parameters", [p for _, p in named])
+        self._buffer_slots = _slots(module, "_buffers", list(module.buffers()))
         self.parameters = [p for _, p in named]
         self._inflight: deque[_InFlight] = deque()
+        self._spare_copies: list[list[torch.Tensor]] = []
         self._grads: list[torch.Tensor | None] = [None] * len(self.parameters)
         self._has_grads = False
         self.batches_forwarded = 0
@@ -167,10 +169,14 @@ class DDGStage:
         copies of the buffers, so that a recomputation leaves BatchNorm statistics as they are."""
         if weights is None and not fresh_buffers:
             return self.module(*inputs)
-        replace = dict(zip(self._names, weights, strict=False)) if weights is not None else {}
+        swaps = []
+        if weights is not None:
+            swaps += [(slot, weights[i]) for slot, i in self._weight_slots]
         if fresh_buffers:
-            replace |= {name: b.clone() for name, b in self.module.named_buffers()}
-        return functional_call(self.module, replace, tuple(inputs), strict=False)
+            copies = [b.clone() for b in self.module.buffers()]
+            swaps += [(slot, copies[i]) for slot, i in self._buffer_slots]
+        with _swapped(swaps):
+            return self.module(*inputs)
 
     def forward(self, *args: Any) -> Any:
         """Forward the next batch with the current weights.
@@ -188,7 +194,7 @@ class DDGStage:
         counters.steps += 1
         counters.samples += _batch_size(inputs[0] if inputs else None)
         exact_live = self.delay == 0 or self.memory == "replay"
-        weights = None if exact_live else [p.detach().clone().requires_grad_() for p in self.parameters]
+        weights = None if exact_live else self._copy_weights()
         keep_graph = self.memory == "stash" or self.delay == 0
         rng = autocast = None
         if not keep_graph:
@@ -261,6 +267,8 @@ class DDGStage:
         else:
             grads = (None,) * len(leaves)
         self._accumulate(grads[: len(weights)])
+        if item.weights is not None:
+            self._spare_copies.append(item.weights)  # its graph is gone: the buffers serve a later batch
         if not self.is_first:
             input_grads = dict(zip(map(id, float_inputs), grads[len(weights) :], strict=False))
             self._send_input_gradients(item.inputs, input_grads)
@@ -268,6 +276,17 @@ class DDGStage:
         counters = self.counters
         counters.busy_s += time.perf_counter() - start - (counters.wait_s - waited) - (counters.send_s - sent)
         return (item.batch + 1) % self.accumulate_grad_batches == 0
+
+    def _copy_weights(self) -> list[torch.Tensor]:
+        """A private copy of the current weights, in buffers left by a batch whose backward is done: after
+        the first ``d+1`` steps, stashing allocates nothing."""
+        if self._spare_copies:
+            copy = self._spare_copies.pop()
+        else:
+            copy = [torch.empty_like(p, memory_format=torch.preserve_format).requires_grad_() for p in self.parameters]
+        with torch.no_grad():
+            torch._foreach_copy_(copy, self.parameters)
+        return copy
 
     def _recompute(self, item: _InFlight) -> list[torch.Tensor]:
         """Redo the forward of ``item`` with its RNG state, leaving buffers (BatchNorm statistics) unchanged."""
@@ -344,6 +363,34 @@ class DDGStage:
             p.grad = g
         self._grads = [None] * len(self.parameters)
         self._has_grads = False
+
+
+_Slot = tuple[dict, str]  # a module's _parameters or _buffers table, and the attribute name
+
+
+def _slots(module: nn.Module, table: str, tensors: list[torch.Tensor]) -> list[tuple[_Slot, int]]:
+    """Every place in ``module`` that holds one of ``tensors`` (a shared tensor has several), with its index."""
+    index = {id(t): i for i, t in enumerate(tensors)}
+    return [
+        ((getattr(m, table), attr), index[id(t)])
+        for m in module.modules(remove_duplicate=False)
+        for attr, t in getattr(m, table).items()
+        if t is not None and id(t) in index
+    ]
+
+
+@contextmanager
+def _swapped(swaps: list[tuple[_Slot, torch.Tensor]]) -> Iterator[None]:
+    """Put tensors in the modules' places for the duration of a call (what ``torch.func.functional_call`` does,
+    without its per-call cost of walking the module tree)."""
+    saved = [(table, attr, table[attr]) for (table, attr), _ in swaps]
+    for (table, attr), tensor in swaps:
+        table[attr] = tensor
+    try:
+        yield
+    finally:
+        for table, attr, tensor in saved:
+            table[attr] = tensor
 
 
 def _batch_size(x: Any) -> int:
