@@ -27,10 +27,8 @@ os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported, here and (inher
 import argparse
 import json
 import platform
-import queue
-import tempfile
+import sys
 import time
-import traceback
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,12 +37,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_ddg import DDGStage, StageLinks, Topology, split_module
 from lightning_ddg.comm import Channel
 from lightning_ddg.partition import balanced_split_points
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import can_pin, launch  # noqa: E402
 
 CLASSES = 10
 Clock = defaultdict[str, float]
@@ -130,66 +130,24 @@ def make_trainer(
     return ddg_step, finish
 
 
-def worker(rank: int, world_size: int, cfg: dict[str, Any], init_file: str, results: Any) -> None:
-    torch.set_num_threads(1)
-    try:
-        if cfg["pin"]:
-            os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank]})  # gloo's threads inherit it
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-        clock: Clock = defaultdict(float)
-        step, finish = make_trainer(rank, world_size, cfg, clock)
-        n, g = cfg["warmup"] + cfg["steps"], torch.Generator().manual_seed(1)
-        xs = torch.randn(n, cfg["batch_size"], cfg["width"], generator=g)
-        ys = torch.randint(0, CLASSES, (n, cfg["batch_size"]), generator=g)
-        for i in range(cfg["warmup"]):
-            step(xs[i], ys[i])
-        dist.barrier()
-        clock.clear()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        for i in range(cfg["warmup"], n):
-            step(xs[i], ys[i])
-        elapsed, clock["cpu"] = time.perf_counter() - start, time.process_time() - cpu_start
-        finish()
-        stage = Topology(world_size).stage_of(rank) if world_size > 1 else 0
-        report = {"rank": rank, "stage": stage, "elapsed_s": elapsed, **{f"{k}_s": v for k, v in clock.items()}}
-        reports: list[Any] = [None] * world_size
-        dist.all_gather_object(reports, report)
-        dist.destroy_process_group()
-        if rank == 0:
-            results.put(("ok", reports))
-    except BaseException:  # noqa: BLE001 - reported to the parent, which then kills the other ranks
-        results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
-
-
-def launch(world_size: int, cfg: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
-    """Run ``worker`` in ``world_size`` fresh processes; return the per-rank reports, sorted by rank."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        procs = [ctx.Process(target=worker, args=(r, world_size, cfg, init_file, results)) for r in range(world_size)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                try:
-                    status, value = results.get(timeout=0.5)
-                    break
-                except queue.Empty:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"{world_size} process(es) took longer than {timeout}s") from None
-                    if not any(p.is_alive() for p in procs) and results.empty():
-                        raise RuntimeError("the worker processes died without a report") from None
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-    if status != "ok":
-        raise RuntimeError(value)
-    return value
+def run_rank(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train on this rank: untimed warm-up steps, a barrier, then the timed steps; return the timings."""
+    clock: Clock = defaultdict(float)
+    step, finish = make_trainer(rank, world_size, cfg, clock)
+    n, g = cfg["warmup"] + cfg["steps"], torch.Generator().manual_seed(1)
+    xs = torch.randn(n, cfg["batch_size"], cfg["width"], generator=g)
+    ys = torch.randint(0, CLASSES, (n, cfg["batch_size"]), generator=g)
+    for i in range(cfg["warmup"]):
+        step(xs[i], ys[i])
+    dist.barrier()
+    clock.clear()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for i in range(cfg["warmup"], n):
+        step(xs[i], ys[i])
+    elapsed, clock["cpu"] = time.perf_counter() - start, time.process_time() - cpu_start
+    finish()
+    stage = Topology(world_size).stage_of(rank) if world_size > 1 else 0
+    return {"rank": rank, "stage": stage, "elapsed_s": elapsed, **{f"{k}_s": v for k, v in clock.items()}}
 
 
 def main() -> None:
@@ -208,14 +166,14 @@ def main() -> None:
     if min(args.stages) < 2 or args.warmup < max(args.stages) - 1:
         parser.error("--stages must be >= 2, and --warmup >= max(stages) - 1 so the pipeline is full when timed")
     cfg = {k: getattr(args, k) for k in ("steps", "warmup", "batch_size", "width", "depth", "memory", "pin")}
-    cfg["pin"] = cfg["pin"] and hasattr(os, "sched_setaffinity") and max(args.stages) <= len(os.sched_getaffinity(0))
+    cfg["pin"] = cfg["pin"] and can_pin(max(args.stages))
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"warning: load average {load:.2f} before the start: other work on this machine distorts the figures")
 
     runs = []
     for name, world_size in [("backprop", 1)] + [(f"ddg K={k} {args.memory}", k) for k in args.stages]:
-        ranks = launch(world_size, cfg, args.timeout)
+        ranks = launch(run_rank, world_size, cfg, args.timeout)
         throughput = args.steps * args.batch_size / max(r["elapsed_s"] for r in ranks)
         runs.append({"name": name, "processes": world_size, "samples_per_s": throughput, "ranks": ranks})
     for run in runs:

@@ -262,10 +262,7 @@ class DDGStage:
         weights = item.weights if item.weights is not None else self.parameters
         float_inputs = [x for x in item.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
         leaves = list(weights) + float_inputs
-        if pairs and leaves:
-            grads = torch.autograd.grad([t for t, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
-        else:
-            grads = (None,) * len(leaves)
+        grads = _gradients([t for t, _ in pairs], [g for _, g in pairs], leaves)
         self._accumulate(grads[: len(weights)])
         if item.weights is not None:
             self._spare_copies.append(item.weights)  # its graph is gone: the buffers serve a later batch
@@ -347,7 +344,7 @@ class DDGStage:
         self._activation_bytes = sum(saved.values())
 
     # gradients -------------------------------------------------------------------------------------------
-    def _accumulate(self, grads: tuple[torch.Tensor | None, ...]) -> None:
+    def _accumulate(self, grads: list[torch.Tensor | None]) -> None:
         for i, g in enumerate(grads):
             if g is None:
                 continue
@@ -363,6 +360,23 @@ class DDGStage:
             p.grad = g
         self._grads = [None] * len(self.parameters)
         self._has_grads = False
+
+
+def _gradients(
+    targets: list[torch.Tensor], grad_targets: list[torch.Tensor | None], leaves: list[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """The gradients of ``targets`` (seeded with ``grad_targets``) with respect to ``leaves``; ``None`` for a
+    leaf they do not depend on. Through ``.grad`` fields, which costs markedly less than ``autograd.grad``."""
+    if not targets or not leaves:
+        return [None] * len(leaves)
+    saved = [leaf.grad for leaf in leaves]
+    for leaf in leaves:
+        leaf.grad = None
+    torch.autograd.backward(targets, grad_targets, inputs=leaves)
+    grads = [leaf.grad for leaf in leaves]
+    for leaf, grad in zip(leaves, saved, strict=True):
+        leaf.grad = grad
+    return grads
 
 
 _Slot = tuple[dict, str]  # a module's _parameters or _buffers table, and the attribute name

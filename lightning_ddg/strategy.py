@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,6 +49,7 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _Su
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.utils.data import RandomSampler
 
@@ -238,6 +240,7 @@ class DDGStrategy(ParallelStrategy):
         )
         module.forward = self._pipelined_forward  # instance attribute: shadows the class's forward
         _scope_metrics(module, self._links.replica_group if self._links else None)
+        _quiet_epoch_sync_advice(everything=self.topology.num_replicas == 1)
         for callback in (_LogStageFigures, _ShareLastStageMetrics):
             if not any(isinstance(c, callback) for c in trainer.callbacks):
                 trainer.callbacks.insert(0, callback())  # first, ahead of the monitoring callbacks
@@ -586,6 +589,16 @@ def _scope_metrics(module: nn.Module, group: dist.ProcessGroup | None) -> None:
                 metric.sync_on_compute = metric.dist_sync_on_step = metric._to_sync = False
             else:
                 metric.process_group = group
+
+
+def _quiet_epoch_sync_advice(everything: bool) -> None:
+    """Lightning advises ``sync_dist=True`` for every epoch-level metric once a process group exists. The
+    strategy's own figures never need it, and with one pipeline (no replicas) nothing does: metrics are logged
+    on the last stage only."""
+    names = ".*" if everything else "ddg/"
+    warnings.filterwarnings(
+        "ignore", message=rf"It is recommended to use `self.log\('{names}", category=PossibleUserWarning
+    )
 
 
 def _shuffle_seed() -> int:
