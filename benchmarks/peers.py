@@ -49,6 +49,7 @@ from torch import nn  # noqa: E402
 from lightning_ddg import DDGStage, StageLinks, Topology, split_module  # noqa: E402
 
 CLASSES = 10
+TRACED_STEPS = 8
 Step = Callable[[torch.Tensor, torch.Tensor], None]
 
 
@@ -197,16 +198,28 @@ def ddg(model: nn.Module, rank: int, world_size: int, cfg: dict) -> tuple[Step, 
     links = StageLinks.create(topology, rank, torch.device("cpu"))
     stage = DDGStage(_stage_modules(model, cfg)[k], k, world_size, links, memory=cfg["memory"])
     optimizer, loss_fn = _optimizer(stage.parameters), nn.CrossEntropyLoss()
-    figures: dict[str, Any] = {"stage": k}
+    figures: dict[str, Any] = {"stage": k, "events": []}
+    events = figures["events"]  # (what, batch, start, end) of the first timed steps, for the timeline picture
+
+    def traced(what: str, batch: int, call: Callable[[], Any]) -> Any:
+        if not cfg["warmup"] <= stage.batches_forwarded - (what != "forward") < cfg["warmup"] + TRACED_STEPS:
+            return call()
+        start = time.perf_counter()  # CLOCK_MONOTONIC: comparable across the processes of one machine
+        result = call()
+        events.append((what, batch, start, time.perf_counter()))
+        return result
 
     def update() -> None:
         stage.install_gradients()
         optimizer.step()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        out = stage.forward(x)
-        if stage.backward(loss_fn(out, y) if stage.is_last else None):
-            update()
+        out = traced("forward", stage.batches_forwarded, lambda: stage.forward(x))
+        loss = loss_fn(out, y) if stage.is_last else None
+        if traced("backward", stage.batches_backwarded, lambda: stage.backward(loss)):
+            traced("step", stage.batches_backwarded - 1, update)
+        elif events and events[-1][0] == "backward" and stage.batches_backwarded == events[-1][1]:
+            events.pop()  # warm-up: nothing was backwarded
 
     def finish() -> None:
         figures["snapshot"] = stage.counters.snapshot(0, 0)
@@ -357,7 +370,9 @@ def main() -> None:
     }
     args.out.write_text(json.dumps({"environment": environment, "models": results}, indent=2) + "\n")
     plot(results, args.out.with_suffix(".png"))
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    timeline = args.out.with_name(args.out.stem + "_timeline.png")
+    plot_timeline(results[0], timeline)
+    print(f"\nwrote {args.out}, {args.out.with_suffix('.png')} and {timeline}")
 
 
 def report(result: dict[str, Any]) -> None:
@@ -407,6 +422,35 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.invert_yaxis()
         ax.set_xlabel("speedup over backprop on 1 process")
         ax.set_title(f"{result['model']} (batch {result['batch_size']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_timeline(result: dict[str, Any], path: Path) -> None:
+    """The first steps of DDG (stash) on each stage: forwards, delayed backwards and optimizer steps in time."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    (run,) = [r for r in result["runs"] if r["name"] == "ddg stash"]
+    zero = min(e[2] for r in run["ranks"] for e in r["events"])
+    colors = {"forward": "#4a90d9", "backward": "#e8913a", "step": "#999999"}
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.8 * len(run["ranks"])))
+    for r in run["ranks"]:
+        for what, batch, start, end in r["events"]:
+            left, width = 1e3 * (start - zero), 1e3 * (end - start)
+            ax.barh(r["stage"], width, left=left, color=colors[what], edgecolor="white", linewidth=0.5)
+            if what != "step":
+                ax.text(left + width / 2, r["stage"], str(batch), ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(len(run["ranks"])), [f"stage {k}" for k in range(len(run["ranks"]))])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms (numbers: batch)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    ax.legend(handles, list(colors), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.set_title(f"DDG, {len(run['ranks'])} stages, {result['model']}: {TRACED_STEPS} steps after the warm-up")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
