@@ -345,14 +345,15 @@ class DDGStage:
 
     # gradients -------------------------------------------------------------------------------------------
     def _accumulate(self, grads: list[torch.Tensor | None]) -> None:
-        for i, g in enumerate(grads):
-            if g is None:
-                continue
-            self._has_grads = True
-            if self._grads[i] is None:
-                self._grads[i] = g
-            else:
-                self._grads[i] += g
+        if not self._has_grads:  # the first batch of a window: its gradients are the sums so far
+            self._grads = list(grads)
+        elif all(a is not None for a in self._grads) and all(g is not None for g in grads):
+            torch._foreach_add_(self._grads, grads)  # one fused call, not one per parameter
+        else:
+            for i, g in enumerate(grads):
+                if g is not None:
+                    self._grads[i] = g if self._grads[i] is None else self._grads[i].add_(g)
+        self._has_grads = self._has_grads or any(g is not None for g in grads)
 
     def install_gradients(self) -> None:
         """Move the accumulated gradients into ``p.grad`` of the live parameters and start a new window."""
