@@ -72,3 +72,13 @@ def test_lightning_cli_takes_the_strategy_name(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, f"exit code {result.returncode}\nstderr:\n{result.stderr[-5000:]}"
     assert len(list(tmp_path.rglob("*.ckpt"))) == 1
+
+
+def test_paper_comparison_runs_and_writes_its_table(tmp_path: Path) -> None:
+    script = REPO / "examples" / "compare_bp_ddg.py"
+    options = ["--depth", "8", "--max-epochs", "1", "--seeds", "0", "--stages", "2"]
+    result = _run(str(script), *options, "--log-dir", str(tmp_path / "logs"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, f"exit code {result.returncode}\nstderr:\n{result.stderr[-5000:]}"
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| backprop |" in table and "| ddg K=2 |" in table
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 0
