@@ -5,7 +5,8 @@ Run from the repository root (about 10 minutes on a 2-core machine)::
     python benchmarks/peers.py                       # all models, K=2
     python benchmarks/peers.py --models mlp --steps 100
 
-For each model (a balanced MLP, a CIFAR ResNet, a transformer encoder), on the same batches and batch size:
+For each model (a balanced MLP, the CIFAR ResNet-20 of ``examples/cifar_resnet.py``, a transformer encoder),
+on the same batches and batch size:
 
 - ``backprop``: one process;
 - ``ddp``: K processes of torch's ``DistributedDataParallel`` (what Lightning's ``strategy="ddp"`` runs), each
@@ -31,7 +32,8 @@ import os
 import sys
 
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported, here and (inherited) in the workers
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "examples")]  # harness; cifar_resnet
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -43,6 +45,7 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from cifar_resnet import cifar_resnet  # noqa: E402
 from harness import can_pin, launch, peak_rss_mib  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -59,40 +62,6 @@ def mlp() -> nn.Module:
     for _ in range(8):
         layers += [nn.Linear(512, 512), nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(512, CLASSES))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    """He et al.'s CIFAR ResNet: three groups of ``n`` basic blocks at 16, 32 and 64 channels (depth 6n+2)."""
-
-    def __init__(self, n: int = 3) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        blocks, c_in = [], 16
-        for c_out, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(n):
-                blocks.append(BasicBlock(c_in, c_out, stride if i == 0 else 1))
-                c_in = c_out
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(64, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
 
 class TransformerBlock(nn.Module):
@@ -122,7 +91,7 @@ class TransformerClassifier(nn.Module):
 # name: (builder, one sample's shape, batch size, K=2 split point, timed steps)
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, str, int]] = {
     "mlp": (mlp, (512,), 128, "8", 150),
-    "resnet": (CifarResNet, (3, 32, 32), 32, "blocks.4", 25),
+    "resnet": (lambda: cifar_resnet(20), (3, 32, 32), 32, "layer2.1", 25),
     "transformer": (TransformerClassifier, (64, 32), 32, "blocks.2", 40),
 }
 
