@@ -17,8 +17,9 @@ on the same batches and batch size:
 
 Every process is a CPU worker with one thread, pinned to a core of its own, so K processes use K cores where
 backprop uses one. Each configuration runs in fresh processes: untimed warm-up steps (which also fill the DDG
-pipeline), a barrier, then timed steps; throughput is the timed samples over the slowest rank's time. Peak
-memory is each process's peak resident memory less what it held once the model was built. For DDG the
+pipeline), then timed windows of steps, each started by a barrier; a window lasts as long as its slowest rank,
+and throughput is that of the best window (the one least disturbed by other work; the median is printed
+too). Peak memory is each process's peak resident memory less what it held once the model was built. For DDG the
 stages' own figures split each step into compute, waiting on a neighbour and sending. Also measured: the
 Lightning Trainer with ``strategy="ddg"`` on one device against a plain Lightning run (the cost of the
 strategy when it has nothing to pipeline).
@@ -216,15 +217,25 @@ def run_rank(rank: int, world_size: int, cfg: dict) -> dict[str, Any]:
     base_mib = peak_rss_mib()
     for i in range(cfg["warmup"]):
         step(xs[i], ys[i])
-    dist.barrier()
     if "start_timing" in figures:
         figures.pop("start_timing")()
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for i in range(cfg["warmup"], len(xs)):
-        step(xs[i], ys[i])
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    windows, per_window = [], cfg["steps"] // cfg["windows"]
+    cpu_start = time.process_time()
+    for w in range(cfg["windows"]):  # the ranks start each window together
+        dist.barrier()
+        start = time.perf_counter()
+        for i in range(cfg["warmup"] + w * per_window, cfg["warmup"] + (w + 1) * per_window):
+            step(xs[i], ys[i])
+        windows.append(time.perf_counter() - start)
+    elapsed, cpu = sum(windows), time.process_time() - cpu_start
     finish()
-    report = {"rank": rank, "elapsed_s": elapsed, "cpu_share": cpu / elapsed, "peak_mib": peak_rss_mib() - base_mib}
+    report = {
+        "rank": rank,
+        "windows_s": windows,
+        "elapsed_s": elapsed,
+        "cpu_share": cpu / elapsed,
+        "peak_mib": peak_rss_mib() - base_mib,
+    }
     if "snapshot" in figures:
         before, after = figures.pop("start"), figures.pop("snapshot")
         for name in ("busy", "wait", "send"):
@@ -256,13 +267,17 @@ def lightning_rank(rank: int, world_size: int, cfg: dict) -> dict[str, Any]:
         def configure_optimizers(self):
             return _optimizer(self.parameters())
 
+    per_window = cfg["steps"] // cfg["windows"]
+
     class Clock(L.Callback):
+        marks: list[float] = []
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if batch_idx == cfg["warmup"]:
-                self.start = time.perf_counter()
+            if batch_idx >= cfg["warmup"] and (batch_idx - cfg["warmup"]) % per_window == 0:
+                self.marks.append(time.perf_counter())
 
         def on_train_end(self, trainer, pl_module) -> None:
-            self.elapsed = time.perf_counter() - self.start
+            self.marks.append(time.perf_counter())
 
     clock = Clock()
     data = DataLoader(TensorDataset(xs.flatten(0, 1), ys.flatten()), batch_size=xs.shape[1])
@@ -278,7 +293,8 @@ def lightning_rank(rank: int, world_size: int, cfg: dict) -> dict[str, Any]:
         callbacks=[clock],
     )
     trainer.fit(Module(), data)
-    return {"rank": rank, "elapsed_s": clock.elapsed}
+    windows = [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)][: cfg["windows"]]
+    return {"rank": rank, "windows_s": windows, "elapsed_s": sum(windows)}
 
 
 # --- the run --------------------------------------------------------------------------------------------------
@@ -299,6 +315,7 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: per model)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows; the best one is reported")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per configuration")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peers.json"))
     args = parser.parse_args()
@@ -315,14 +332,19 @@ def main() -> None:
         batch = MODELS[model][2]
         runs = []
         for name, world_size, options in configurations(args.stages, args.microbatches):
-            cfg = {"model": model, "steps": steps, "warmup": args.warmup, "pin": pin} | options
+            cfg = {"model": model, "steps": steps, "warmup": args.warmup, "windows": args.windows, "pin": pin}
+            cfg |= options
             ranks = launch(run_rank, world_size, cfg, args.timeout)
             runs.append({"name": name, "processes": world_size, "ranks": ranks} | options)
         for engine in ("plain lightning", "lightning ddg"):
-            cfg = {"model": model, "steps": steps, "warmup": args.warmup, "pin": pin, "engine": engine}
+            cfg = {"model": model, "steps": steps, "warmup": args.warmup, "windows": args.windows, "pin": pin}
+            cfg["engine"] = engine
             runs.append({"name": engine, "processes": 1, "ranks": launch(lightning_rank, 1, cfg, args.timeout)})
         for run in runs:
-            run["samples_per_s"] = steps * batch / max(r["elapsed_s"] for r in run["ranks"])
+            # a window takes as long as its slowest rank; the best window is the least disturbed by other work
+            windows = [max(w) for w in zip(*(r["windows_s"] for r in run["ranks"]), strict=True)]
+            rates = sorted(steps // args.windows * batch / w for w in windows)
+            run["samples_per_s"], run["median_samples_per_s"] = rates[-1], rates[len(rates) // 2]
             run["speedup"] = run["samples_per_s"] / runs[0]["samples_per_s"]
             run["peak_mib"] = max(r.get("peak_mib", float("nan")) for r in run["ranks"])
         params = sum(p.numel() for p in build(model).parameters())
@@ -350,7 +372,7 @@ def report(result: dict[str, Any]) -> None:
         f"\n{result['model']}: {result['parameters'] / 1e6:.2f}M parameters, batch {result['batch_size']}, "
         f"{result['steps']} timed steps, 1 thread per process"
     )
-    print(f"{'configuration':<18}{'procs':>6}{'samples/s':>11}{'speedup':>9}{'peak MiB':>10}   stage shares")
+    print(f"{'configuration':<18}{'procs':>6}{'samples/s':>11}{'median':>9}{'speedup':>9}{'peak MiB':>10}   shares")
     for run in result["runs"]:
         shares = ""
         if run["name"].startswith("ddg"):
@@ -361,7 +383,8 @@ def report(result: dict[str, Any]) -> None:
         elif run["processes"] > 1 or run["name"] == "backprop":
             shares = "  ".join(f"r{r['rank']} cpu {r['cpu_share']:.0%}" for r in run["ranks"])
         print(
-            f"{run['name']:<18}{run['processes']:>6}{run['samples_per_s']:>11.1f}{run['speedup']:>9.2f}"
+            f"{run['name']:<18}{run['processes']:>6}{run['samples_per_s']:>11.1f}{run['median_samples_per_s']:>9.1f}"
+            f"{run['speedup']:>9.2f}"
             f"{run['peak_mib']:>10.1f}   {shares}"
         )
     pipelines = [r["samples_per_s"] for name, r in runs.items() if name.startswith(("gpipe", "1f1b"))]

@@ -27,6 +27,7 @@ import torch.distributed as dist
 __all__ = ["Channel", "HEADER_SIZE"]
 
 HEADER_SIZE = 256
+_MESSAGES_IN_FLIGHT = 2
 _END = -1
 _DTYPES = [
     torch.float32,
@@ -104,7 +105,8 @@ class Channel:
         self.timeout = timeout
         # headers travel on the host for gloo and on the device for NCCL
         self._header_device = self.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        self._sends: deque[tuple[dist.Work, torch.Tensor]] = deque()
+        # per message sent: its transfers, with their tensors, which must live until the transfer is done
+        self._sends: deque[list[tuple[dist.Work, torch.Tensor]]] = deque()
         self._sent_specs: Specs | None = None  # shapes of the last message sent
         self._expected: Specs | None = None  # shapes of the last message received
         self._posted: tuple[torch.Tensor, list[torch.Tensor], list[dist.Work]] | None = None
@@ -114,7 +116,8 @@ class Channel:
     def send(self, tensors: list[torch.Tensor], note: list[int] | None = None) -> None:
         """Start sending ``tensors``, and ``note`` in the header if it fits; returns at once. The tensors must
         not be modified afterwards."""
-        self._reap()
+        self._retire_old_sends()
+        self._sends.append([])
         specs = _specs(tensors)
         self._isend(_encode(specs, note).to(self._header_device))
         if self._sent_specs is not None and specs != self._sent_specs:
@@ -124,22 +127,26 @@ class Channel:
         self._sent_specs = specs
 
     def _isend(self, tensor: torch.Tensor) -> None:
-        self._sends.append((dist.isend(tensor, self.peer, group=self.group), tensor))
+        self._sends[-1].append((dist.isend(tensor, self.peer, group=self.group), tensor))
 
     def _fill_posted(self, specs: Specs) -> None:
         # the peer has posted receives shaped like the previous message; answer them with placeholders
         for dtype, shape in specs:
             self._isend(torch.empty(shape, dtype=dtype, device=self.device))
 
-    def _reap(self) -> None:
-        while self._sends and self._sends[0][0].is_completed():
-            self._sends.popleft()
+    def _retire_old_sends(self) -> None:
+        # A transfer is known to be done only once waited on (gloo never reports completion otherwise), so keep
+        # the last two messages in flight and wait on older ones: the peer has posted their receives long ago
+        # and they are done, so the wait returns at once and the number of buffers held stays bounded.
+        while len(self._sends) >= _MESSAGES_IN_FLIGHT:
+            for work, _ in self._sends.popleft():
+                work.wait(self.timeout)
 
     def flush(self) -> None:
         """Wait until every message sent so far has been received."""
         while self._sends:
-            work, _ = self._sends.popleft()
-            work.wait(self.timeout)
+            for work, _ in self._sends.popleft():
+                work.wait(self.timeout)
 
     # receiving -----------------------------------------------------------------------------------------
     def prefetch(self) -> None:
@@ -182,6 +189,7 @@ class Channel:
     # shutting down -------------------------------------------------------------------------------------
     def send_end(self) -> None:
         """Tell the peer that no more data follows: this answers the receives it has posted."""
+        self._sends.append([])
         end = torch.zeros(HEADER_SIZE, dtype=torch.int64, device=self._header_device)
         end[0] = _END
         self._isend(end)
