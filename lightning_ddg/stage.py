@@ -334,9 +334,9 @@ class DDGStage:
         saved: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in skip:
-                saved[storage.data_ptr()] = storage.nbytes()
+            # the tensor's own bytes, not its storage's: an input may be a view of a whole dataset
+            if t.untyped_storage().data_ptr() not in skip:
+                saved[t.data_ptr()] = max(saved.get(t.data_ptr(), 0), t.numel() * t.element_size())
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
