@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--log-dir", type=Path, default=Path("lightning_logs/reproduction"))
     parser.add_argument("--out", type=Path, default=Path("docs/reproduction"))
     parser.add_argument("--skip-training", action="store_true", help="only read existing logs and write results")
+    parser.add_argument("--only", nargs="+", default=None, help='train only these runs, e.g. --only backprop "ddg K=2"')
     args = parser.parse_args()
 
     configs = {"backprop": ["--strategy", "backprop"]}
@@ -137,7 +138,7 @@ def main() -> None:
     for name, options in configs.items():
         folder = name.replace(" ", "_").replace("=", "")
         for seed in args.seeds:
-            if not args.skip_training:
+            if not args.skip_training and (args.only is None or name in args.only):
                 run(folder, seed, options, args)
         results[name] = [curves(args.log_dir, folder, seed) for seed in args.seeds]
 
