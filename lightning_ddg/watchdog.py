@@ -53,6 +53,8 @@ __all__ = ["Failure", "Watchdog"]
 # a job that runs several fits in the same processes gets fresh keys for each; every process creates its
 # watchdogs in the same order, so the numbers agree
 _generations = itertools.count()
+# how long a process outlives the failing one, so that a launcher sees the failing one exit alone
+_LINGER_S = 1.0
 # what a store operation raises when the store's server has gone
 _STORE_ERRORS = (RuntimeError, OSError)
 
@@ -276,6 +278,8 @@ class Watchdog:
         last, since = None, time.monotonic()
         while time.monotonic() < deadline:
             if local and not _alive(failure.pid):
+                # a spawning launcher that wakes up to two exited processes reports the one it lists first
+                time.sleep(_LINGER_S)
                 return
             try:
                 if self._store.check([f"released/{failure.rank}"]):
