@@ -31,6 +31,8 @@ from torch import nn
 
 __all__ = ["Partition", "split_module", "balance_to_split_points", "balanced_split_points"]
 
+CUT_KEY = "lightning_ddg_cut"  # in a stage's ``meta``: the name of the module that begins the next stage
+
 
 @dataclass
 class Partition:
@@ -197,6 +199,8 @@ def split_module(
                 "some computation of the stage before it."
             )
         result[mode] = _stage_graphs(gm, cuts, module)
+        for stage, name in zip(result[mode], split_points, strict=False):
+            stage.meta[CUT_KEY] = name  # for errors about the values crossing this cut
     _check_disjoint(result[True])
     return Partition(split_points, result[True], result[False])
 

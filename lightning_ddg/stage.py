@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_ddg.checks import check_finite, crossing_tensors
 from lightning_ddg.stats import Snapshot, StageCounters, decode_snapshots, encode_snapshots
 from lightning_ddg.topology import StageLinks
 
@@ -63,17 +64,6 @@ class _InFlight:
 _ACTIVATION_SAMPLE_EVERY = 100
 
 
-def _flatten(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in output):
-        return list(output)
-    raise TypeError(
-        f"a stage boundary carries a value of type {type(output).__name__}; only tensors can cross stages. "
-        "Choose split points where the values crossing between stages are tensors."
-    )
-
-
 class DDGStage:
     """Forward, delayed backward and gradient accumulation of one pipeline stage.
 
@@ -87,6 +77,8 @@ class DDGStage:
         accumulate_grad_batches: a window of batches whose gradients are summed before a step, aligned to
             batch numbers: the window is complete after the backward of batch ``b`` when ``(b+1) % A == 0``.
         eval_module: the stage traced in eval mode, used by :meth:`evaluate` (defaults to ``module``).
+        check_finite: raise ``FloatingPointError`` when a gradient received from the next stage holds a NaN
+            or an infinity (one check per backward; on a GPU it waits for the gradient).
     """
 
     def __init__(
@@ -98,6 +90,7 @@ class DDGStage:
         memory: MemoryMode = "stash",
         accumulate_grad_batches: int = 1,
         eval_module: nn.Module | None = None,
+        check_finite: bool = False,
     ) -> None:
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory={memory!r} is not one of {MEMORY_MODES}")
@@ -113,6 +106,7 @@ class DDGStage:
         self.links = links or StageLinks()
         self.memory = memory
         self.accumulate_grad_batches = accumulate_grad_batches
+        self.check_finite = check_finite
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self._names = [n for n, _ in named]
         self._weight_slots = _slots(module, "_parameters", [p for _, p in named])
@@ -203,7 +197,7 @@ class DDGStage:
         measure = keep_graph and self.batches_forwarded % _ACTIVATION_SAMPLE_EVERY == 0
         with nullcontext() if keep_graph else torch.no_grad(), self._measured(measure, weights):
             output = self._run(inputs, weights)
-        outputs = _flatten(output) if not self.is_last else None
+        outputs = crossing_tensors(output, self.module, self.stage_index) if not self.is_last else None
         self._inflight.append(
             _InFlight(self.batches_forwarded, inputs, outputs if keep_graph else None, weights, rng, autocast)
         )
@@ -223,7 +217,7 @@ class DDGStage:
         output = self.eval_module(*inputs)
         if self.is_last:
             return output
-        self._send_outputs(_flatten(output))
+        self._send_outputs(crossing_tensors(output, self.eval_module, self.stage_index))
         return None
 
     # backward --------------------------------------------------------------------------------------------
@@ -257,6 +251,8 @@ class DDGStage:
         else:
             assert self.links.grad_in is not None
             grad_targets = self._receive(self.links.grad_in)
+            if self.check_finite:
+                check_finite(grad_targets, *_gradient_blame(self.stage_index, item.batch))
             targets = item.outputs if item.outputs is not None else self._recompute(item)
         pairs = [(t, g) for t, g in zip(targets, grad_targets, strict=False) if t.requires_grad]
         weights = item.weights if item.weights is not None else self.parameters
@@ -298,7 +294,7 @@ class DDGStage:
             measure = item.batch % _ACTIVATION_SAMPLE_EVERY == 0
             with torch.autocast(device_type, dtype=dtype, enabled=enabled), self._measured(measure, item.weights):
                 output = self._run(item.inputs, item.weights, fresh_buffers=True)
-        return _flatten(output)
+        return crossing_tensors(output, self.module, self.stage_index)
 
     def _send_input_gradients(self, inputs: list[Any], grads: dict[int, torch.Tensor | None]) -> None:
         assert self.links.grad_out is not None
@@ -410,6 +406,14 @@ def _swapped(swaps: list[tuple[_Slot, torch.Tensor]]) -> Iterator[None]:
 
 def _batch_size(x: Any) -> int:
     return x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else 0
+
+
+def _gradient_blame(stage_index: int, batch: int) -> tuple[str, str]:
+    return (
+        f"the gradient stage {stage_index} received from stage {stage_index + 1} for batch {batch}",
+        f"Stage {stage_index + 1}'s backward produced it from a finite gradient: Trainer(detect_anomaly=True) names "
+        "the operation; a lower learning rate or gradient clipping (gradient_clip_val) may prevent it.",
+    )
 
 
 def _device_rng_state(inputs: list[Any]) -> torch.Tensor | None:

@@ -45,7 +45,6 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -59,10 +58,19 @@ from lightning_ddg.checkpoint import (
     named_optimizer_state,
     stage_optimizer_state,
 )
+from lightning_ddg.checks import (
+    check_finite,
+    check_options,
+    check_stage_count,
+    check_stages_have_parameters,
+    check_train_loader,
+)
+from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
 from lightning_ddg.stage import MEMORY_MODES, DDGStage, MemoryMode
 from lightning_ddg.stats import Snapshot, StageCounters, interval_figures
 from lightning_ddg.topology import StageLinks, Topology
+from lightning_ddg.watchdog import Watchdog
 
 __all__ = ["DDGStrategy"]
 
@@ -96,6 +104,12 @@ class DDGStrategy(ParallelStrategy):
         timeout: how long any wait for another stage may take before the run fails.
         start_method: ``"popen"`` re-launches the script per process (like ``strategy="ddp"``), ``"spawn"``
             starts processes with multiprocessing (``strategy="ddg_spawn"``, for notebooks).
+        num_stages: the number of pipeline stages; it must equal the number of processes (data-parallel replicas
+            of the pipeline are not supported yet). By default, one stage per process.
+        check_finite: stop with ``FloatingPointError`` when the loss, or a gradient a stage receives, holds a NaN
+            or an infinity. By default on with ``Trainer(detect_anomaly=True)``.
+
+    A failure in any stage ends every process of the job; see "Reliability" in ``docs/usage.md``.
 
     With neither ``split_points`` nor ``balance``, the forward is cut into ``devices`` stages of about equal
     parameter count.
@@ -120,6 +134,8 @@ class DDGStrategy(ParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta = default_pg_timeout,
         start_method: Literal["popen", "spawn"] = "popen",
+        num_stages: int | None = None,
+        check_finite: bool | None = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -128,8 +144,7 @@ class DDGStrategy(ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        if split_points is not None and balance is not None:
-            raise ValueError("give either split_points or balance, not both: they are two ways to name the same cuts")
+        check_options(split_points, balance, num_stages)
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory={memory!r} is not one of {MEMORY_MODES}")
         if start_method not in ("popen", "spawn"):
@@ -137,6 +152,10 @@ class DDGStrategy(ParallelStrategy):
         self.split_points = list(split_points) if split_points is not None else None
         self.balance = list(balance) if balance is not None else None
         self.memory = memory
+        self.num_stages = num_stages
+        self.check_finite = check_finite
+        self._watchdog: Watchdog | None = None
+        self._failed = False
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self._start_method = start_method
@@ -195,10 +214,12 @@ class DDGStrategy(ParallelStrategy):
 
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
+        # here, when the Trainer is built, no process has been started yet: the error is shown once
+        check_stage_count(self.num_nodes * self.num_processes, self.split_points, self.balance, self.num_stages)
         if self._start_method == "popen":
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = DDGScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
-            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+            self._launcher = DDGSpawnLauncher(self, start_method=self._start_method)
 
     def setup_environment(self) -> None:
         super().setup_environment()
@@ -211,6 +232,27 @@ class DDGStrategy(ParallelStrategy):
         self._process_group_backend = backend
         assert self.cluster_environment is not None
         _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+        self._failed = False
+        self._watchdog = self._start_watchdog()
+
+    def _start_watchdog(self) -> Watchdog | None:
+        """Every process watches the others, so that a failure anywhere ends the whole job (``watchdog.py``)."""
+        if self.world_size == 1:
+            return None
+        env = self.cluster_environment
+        assert env is not None
+        store = dist.TCPStore(env.main_address, env.main_port, is_master=False, timeout=timedelta(seconds=30))
+        launched = getattr(self._launcher, "procs", None) if self._start_method == "popen" else None
+        first_child = self.node_rank * self.num_processes + 1
+        self._pause_child_observer(True)  # the watchdog watches the launched processes now
+        return Watchdog(
+            store,
+            self.global_rank,
+            self.world_size,
+            describe=lambda rank: f"stage {self.topology.stage_of(rank)} (rank {rank})",
+            children={first_child + i: proc for i, proc in enumerate(launched or [])},
+            watch_parent=self._start_method == "spawn" or self.local_rank > 0,
+        ).start()
 
     # --- model -------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer) -> None:
@@ -220,6 +262,7 @@ class DDGStrategy(ParallelStrategy):
         self._check_supported(module)
         self.model = self.precision_plugin.convert_module(module)
         self.partition = self._split(module)
+        check_stages_have_parameters(self.partition.train, self.partition.split_points)
         k, num_stages = self.stage_index, self.partition.num_stages
         self._forward_signature = inspect.signature(module.forward)
         self._shuffle_seed = self.broadcast(_shuffle_seed())
@@ -237,6 +280,7 @@ class DDGStrategy(ParallelStrategy):
             memory=self.memory,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             eval_module=self.partition.eval[k],
+            check_finite=self._checks_finite(trainer),
         )
         module.forward = self._pipelined_forward  # instance attribute: shadows the class's forward
         _scope_metrics(module, self._links.replica_group if self._links else None)
@@ -276,11 +320,21 @@ class DDGStrategy(ParallelStrategy):
             split_points = balance_to_split_points(module, self.balance)
         return split_module(module, split_points=split_points, num_stages=num_stages)
 
+    def _pause_child_observer(self, paused: bool) -> None:
+        observer = getattr(self._launcher, "observer", None)
+        if observer is not None:
+            observer.paused = paused
+
+    def _checks_finite(self, trainer: pl.Trainer) -> bool:
+        return self.check_finite if self.check_finite is not None else bool(trainer._detect_anomaly)
+
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
 
     def process_dataloader(self, dataloader: object) -> object:
+        if self.lightning_module is not None and self.lightning_module.trainer.training:
+            check_train_loader(dataloader)
         # A RandomSampler without a generator draws its order from the process's global RNG, which the stages
         # consume differently (dropout on some stages only): give it a generator seeded alike on every stage.
         sampler = getattr(dataloader, "sampler", None)
@@ -347,6 +401,12 @@ class DDGStrategy(ParallelStrategy):
     # --- delayed backward and stepping -------------------------------------------------------------------
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         assert self.stage is not None and self.lightning_module is not None
+        if self.stage.is_last and self.stage.check_finite:
+            check_finite(
+                [closure_loss],
+                f"the loss at step {self.lightning_module.trainer.global_step}",
+                "Lower the learning rate, clip gradients (gradient_clip_val), or look for NaN in the batch.",
+            )
         closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
         if self.stage.backward(closure_loss if self.stage.is_last else None):
             self._update_due = True
@@ -453,7 +513,22 @@ class DDGStrategy(ParallelStrategy):
         dist.all_gather_object(parts, obj)
         return parts
 
+    def on_exception(self, exception: BaseException) -> None:
+        # the other stages would wait forever for this one: the watchdog stops them
+        self._failed = True
+        if self._watchdog is not None:
+            self._watchdog.report(exception)
+
     def teardown(self) -> None:
+        if not self._failed:
+            if self._removed and self.stage is not None:
+                self._finish()  # a fit without a training batch never reached on_train_end
+            if self._links is not None:
+                self._links.destroy()
+            if self._watchdog is not None:
+                self._watchdog.stop()
+                self._pause_child_observer(False)
+        self._links = self._watchdog = None
         if self.lightning_module is not None:
             self.lightning_module.__dict__.pop("forward", None)
         self.stage = None

@@ -102,3 +102,16 @@ class StageLinks:
                 channel.close_recv()
         for channel in senders:
             channel.flush()
+
+    def destroy(self) -> None:
+        """Release this rank's process groups, after :meth:`close`; the links cannot be used afterwards.
+
+        A script that runs several fits creates new groups for each, so the old ones must not pile up.
+        """
+        channels = [c for c in (self.act_in, self.act_out, self.grad_in, self.grad_out) if c is not None]
+        groups = {id(c.group): c.group for c in channels}
+        if self.replica_group is not None:
+            groups[id(self.replica_group)] = self.replica_group
+        for group in groups.values():
+            dist.destroy_process_group(group)
+        self.act_in = self.act_out = self.grad_in = self.grad_out = self.replica_group = None

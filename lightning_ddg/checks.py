@@ -1,0 +1,156 @@
+"""Checks that turn a misuse of the pipeline into an error saying what to do instead.
+
+Plain PyTorch, like the stage runtime. They are cheap: option checks run once when the strategy is built or the
+trainer starts, and the per-step ones look at Python types only, except :func:`check_finite`, which runs only when
+asked for.
+
+Example::
+
+    >>> check_options(split_points="model.layer3", balance=None, num_stages=None)
+    Traceback (most recent call last):
+    ...
+    TypeError: split_points='model.layer3' is a string; give a list of module names, e.g. split_points=['model.layer3']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ddg.partition import CUT_KEY
+
+__all__ = [
+    "check_options",
+    "check_stage_count",
+    "check_stages_have_parameters",
+    "crossing_tensors",
+    "check_finite",
+    "check_train_loader",
+]
+
+
+def check_options(split_points: Any, balance: Any, num_stages: Any) -> None:
+    """Reject option values that cannot name a partition, before any process starts."""
+    if split_points is not None and balance is not None:
+        raise ValueError("give either split_points or balance, not both: they are two ways to name the same cuts")
+    if isinstance(split_points, str):
+        raise TypeError(
+            f"split_points={split_points!r} is a string; give a list of module names, e.g. "
+            f"split_points=[{split_points!r}]"
+        )
+    if split_points is not None:
+        if not all(isinstance(p, str) for p in split_points):
+            raise TypeError(f"split_points={list(split_points)!r}: give module names (strings), e.g. ['model.layer3']")
+        repeated = sorted({p for p in split_points if list(split_points).count(p) > 1})
+        if repeated:
+            raise ValueError(f"split_points name {repeated} more than once: each module can begin only one stage")
+    if balance is not None and (
+        isinstance(balance, (str, int)) or not all(isinstance(b, int) and b >= 1 for b in balance)
+    ):
+        raise ValueError(f"balance={balance!r}: give a list of positive layer counts, one per stage, e.g. [3, 2, 2, 1]")
+    if num_stages is not None:
+        if not isinstance(num_stages, int) or num_stages < 1:
+            raise ValueError(f"num_stages={num_stages!r}: give a positive number of pipeline stages")
+        named = _named_stages(split_points, balance)
+        if named is not None and named != num_stages:
+            option = "split_points" if split_points is not None else "balance"
+            raise ValueError(
+                f"num_stages={num_stages} contradicts {option}, which makes {named} stages: give one of them, "
+                "or make them agree"
+            )
+
+
+def check_stage_count(processes: int, split_points: Any, balance: Any, num_stages: int | None) -> None:
+    """One process runs one stage: the stage count the options imply must be the number of processes."""
+    if num_stages is not None and processes != num_stages:
+        if processes % num_stages == 0:
+            raise ValueError(
+                f"{processes} processes (devices x num_nodes) for num_stages={num_stages} would be "
+                f"{processes // num_stages} data-parallel replicas of the pipeline, which lightning-ddg does not "
+                f"support yet: run one process per stage, devices={num_stages} on one node."
+            )
+        raise ValueError(
+            f"{processes} processes (devices x num_nodes) is not a multiple of num_stages={num_stages}: one process "
+            f"runs one stage, so give devices={num_stages} on one node."
+        )
+    if split_points is not None and len(split_points) + 1 != processes:
+        raise ValueError(
+            f"{len(split_points)} split points make {len(split_points) + 1} stages, but {processes} devices were "
+            f"requested: give devices={len(split_points) + 1} or {processes - 1} split points."
+        )
+    if balance is not None and len(balance) != processes:
+        raise ValueError(
+            f"balance {list(balance)} has {len(balance)} stages but the trainer runs {processes} processes: give "
+            f"devices={len(balance)} or a balance of {processes} entries."
+        )
+
+
+def _named_stages(split_points: Sequence[str] | None, balance: Sequence[int] | None) -> int | None:
+    if split_points is not None:
+        return len(split_points) + 1
+    return len(balance) if balance is not None else None
+
+
+def check_stages_have_parameters(stages: Sequence[nn.Module], split_points: Sequence[str]) -> None:
+    """Every stage steps an optimizer over its own parameters: a stage without any would have none to step."""
+    for k, stage in enumerate(stages):
+        if next(iter(stage.parameters()), None) is None and len(stages) > 1:
+            begins = f"begins at {split_points[k - 1]!r}" if k > 0 else "is the first"
+            raise ValueError(
+                f"stage {k} of {len(stages)} ({begins}) holds no parameters, so its optimizer would have nothing to "
+                "update (configure_optimizers would get an empty parameter list). Choose split points that give "
+                "every stage some parameters, or run fewer stages."
+            )
+
+
+def crossing_tensors(output: Any, module: nn.Module, stage_index: int) -> list[Tensor]:
+    """The tensors stage ``stage_index`` sends to the next stage: ``output`` as a list, or an error that names
+    the cut, the value and its type when the value is not a tensor (at this step)."""
+    values = list(output) if isinstance(output, (tuple, list)) else [output]
+    for position, value in enumerate(values):
+        if isinstance(value, Tensor):
+            continue
+        names = _output_names(module)
+        name = names[position] if position < len(names) else f"value {position}"
+        cut = getattr(module, "meta", {}).get(CUT_KEY)
+        where = f"the cut at {cut!r}" if cut else f"the cut after stage {stage_index}"
+        raise TypeError(
+            f"{name!r} is computed before {where} and used after it, so it crosses from stage {stage_index} to "
+            f"stage {stage_index + 1}; at this step it is of type {type(value).__name__}, but only tensors can cross "
+            "between stages. Choose a split point that this value does not cross, or compute it after the cut."
+        )
+    return values
+
+
+def _output_names(module: nn.Module) -> list[str]:
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return []
+    output = next((n for n in graph.nodes if n.op == "output"), None)
+    values = output.args[0] if output is not None else ()
+    values = values if isinstance(values, (tuple, list)) else (values,)
+    return [getattr(v, "name", repr(v)) for v in values]
+
+
+def check_finite(tensors: Sequence[Any], what: str, advice: str) -> None:
+    """Raise ``FloatingPointError`` if a floating-point tensor among ``tensors`` holds a NaN or an infinity."""
+    for tensor in tensors:
+        if isinstance(tensor, Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FloatingPointError(f"{what} holds NaN or infinite values. {advice}")
+
+
+def check_train_loader(dataloader: object) -> None:
+    """A pipeline with no training batch has nothing to train: say so instead of ending with no update."""
+    try:
+        length = len(dataloader)  # type: ignore[arg-type]
+    except TypeError:
+        return  # an iterable without a length: nothing to check ahead of time
+    if length == 0:
+        raise ValueError(
+            "the training dataloader has no batches (len(train_dataloader) == 0), so there is nothing to train. "
+            "Check the dataset's size, the batch size and drop_last (drop_last=True with fewer samples than "
+            "batch_size gives no batch); limit_train_batches=0 skips training on purpose."
+        )

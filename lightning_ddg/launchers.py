@@ -1,0 +1,112 @@
+"""Lightning's launchers, made to end a DDG job cleanly when a stage fails.
+
+``DDGScriptLauncher`` (``strategy="ddg"``) re-launches the script once per other rank, as Lightning's does. Its
+watch over the launched processes — a launched process that exits with an error takes the job down — pauses
+while the stages' watchdogs run (``watchdog.py``): they end the job more gently, letting the failing process
+finish printing its error.
+
+``DDGSpawnLauncher`` (``strategy="ddg_spawn"``) starts the processes with multiprocessing, and differs from
+Lightning's in two ways:
+
+- Lightning tells the strategy about an exception (``Strategy.on_exception``) only in the launching process. A
+  stage that fails in a started process reports it here, so that its watchdog can stop the other stages.
+- Ctrl-C in the launching process stops the stages: they get SIGINT, and SIGKILL if they have not exited
+  after a grace period. (Lightning would otherwise wait for them to finish training.)
+
+Example::
+
+    launcher = DDGSpawnLauncher(strategy, start_method="spawn")
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+
+__all__ = ["DDGScriptLauncher", "DDGSpawnLauncher"]
+
+INTERRUPT_GRACE_S = 10.0
+
+
+class DDGScriptLauncher(_SubprocessScriptLauncher):
+    """Re-launches the script for every other rank; see the module's documentation."""
+
+    observer: ChildObserver | None = None
+
+    def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            self.observer = ChildObserver(self.procs)
+            self.observer.start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
+
+
+class ChildObserver(threading.Thread):
+    """Ends the job when a launched process exits with an error, unless ``paused`` (while a watchdog runs).
+
+    The launching process may be blocked in a collective with the process that died, so it kills itself too.
+    """
+
+    def __init__(self, children: list[subprocess.Popen], period: float = 1.0) -> None:
+        super().__init__(daemon=True, name="lightning-ddg-child-observer")
+        self.children = children
+        self.period = period
+        self.paused = False
+
+    def run(self) -> None:
+        while True:
+            time.sleep(self.period)
+            if self.paused:
+                continue
+            codes = [child.poll() for child in self.children]
+            if all(code == 0 for code in codes):
+                return
+            failed = [(child, code) for child, code in zip(self.children, codes, strict=True) if code]
+            if failed:
+                child, code = failed[0]
+                print(f"lightning-ddg: process {child.pid} exited with code {code}; stopping the job.", file=sys.stderr)
+                for other in self.children:
+                    if other.poll() is None:
+                        other.kill()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DDGSpawnLauncher(_MultiProcessingLauncher):
+    """Starts one process per stage with multiprocessing; see the module's documentation."""
+
+    def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        except KeyboardInterrupt:
+            _interrupt(self.procs, INTERRUPT_GRACE_S)
+            raise
+
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super()._wrapping_function(*args, **kwargs)
+        except BaseException as error:
+            self._strategy.on_exception(error)
+            raise
+
+
+def _interrupt(processes: list[Any], grace: float) -> None:
+    """SIGINT to every process still running; SIGKILL to those still running ``grace`` seconds later."""
+    for process in processes:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(deadline - time.monotonic(), 0.01))
+        if process.is_alive():
+            process.kill()
+            process.join()

@@ -1,0 +1,107 @@
+"""Several seeded fits in one script, run by tests/test_reliability.py.
+
+    python tests/repeat_job.py --devices 3 --runs 2
+
+Every run seeds with ``seed_everything``, builds a fresh model (with dropout) and Trainer
+(``deterministic=True``) and fits it with ``strategy="ddg"``. Rank 0 prints, after each run, a digest of the
+trained weights and the number of threads and open file descriptors of the process, and at the end the result
+of ``trainer.test`` and ``trainer.validate`` on the last Trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import threading
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_ddg  # noqa: F401 - registers strategy="ddg"
+
+
+class DropoutMLP(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(
+            nn.Linear(8, 16),
+            nn.Tanh(),
+            nn.Dropout(0.2),
+            nn.Linear(16, 16),
+            nn.Tanh(),
+            nn.Dropout(0.2),
+            nn.Linear(16, 16),
+            nn.Tanh(),
+            nn.Linear(16, 16),
+            nn.Tanh(),
+            nn.Linear(16, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def digest(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(40, 8, generator=g), torch.randint(0, 3, (40,), generator=g))
+    trainer = None
+    for run in range(args.runs):
+        L.seed_everything(7, verbose=False)
+        model = DropoutMLP()
+        trainer = L.Trainer(
+            strategy="ddg",
+            devices=args.devices,
+            accelerator="cpu",
+            max_steps=args.steps,
+            deterministic=True,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(model, DataLoader(data, batch_size=4, shuffle=True))
+        if trainer.is_global_zero:
+            fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else -1
+            print(f"run {run} weights {digest(model)} threads {threading.active_count()} fds {fds}", flush=True)
+    assert trainer is not None
+    (tested,) = trainer.test(model, DataLoader(data, batch_size=8), verbose=False)
+    (validated,) = trainer.validate(model, DataLoader(data, batch_size=8), verbose=False)
+    if trainer.is_global_zero:
+        print(f"test_loss {tested['test_loss']:.6f} val_loss {validated['val_loss']:.6f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Reliability, with real jobs run as scripts: a failure anywhere ends every process quickly and shows its error
+once; Ctrl-C stops every stage; seeded runs are bitwise identical; a script can fit and test again after a fit."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FAILING_JOB = REPO / "tests" / "reliability_job.py"
+REPEAT_JOB = REPO / "tests" / "repeat_job.py"
+LIMIT_S = 30  # from a failure until every process of the job has gone
+JOB_TIMEOUT_S = 150
+
+# variables a launcher in this test process may have left behind; a child that saw LOCAL_RANK, say, would take
+# itself for an already launched rank instead of launching the others
+_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE")
+
+
+@dataclass
+class Job:
+    returncode: int
+    output: str  # stdout and stderr, interleaved as written
+    pids: list[int]  # the launching process first
+    failed_at: float | None  # when the failure happened (time.time())
+    gone_at: float  # when the last process of the job had gone
+
+
+def _start(script: Path, *args: str, pid_file: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES and not k.startswith("PL_")}
+    command = [sys.executable, str(script), *args]
+    if script == FAILING_JOB:
+        command += ["--pid-file", str(pid_file)]
+    # a session of its own, so that on timeout the whole process group dies: the script and the ranks it launched
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def _wait(proc: subprocess.Popen, pid_file: Path) -> Job:
+    try:
+        output, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the job ran longer than {JOB_TIMEOUT_S} s:\n{output[-5000:]}")
+    pids = [int(p) for p in pid_file.read_text().split()] if pid_file.exists() else []
+    gone_at = _wait_until_gone(pids, within=LIMIT_S)
+    failed = pid_file.with_name(pid_file.name + ".failed")
+    failed_at = float(failed.read_text()) if failed.exists() else None
+    return Job(proc.returncode, output, pids, failed_at, gone_at)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs; an exited process nobody has reaped (a zombie) does not."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_until_gone(pids: list[int], within: float) -> float:
+    deadline = time.monotonic() + within
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _running(p)]
+        time.sleep(0.1)
+    if alive:
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"processes {alive} of the job were still running {within} s after the launcher exited")
+    return time.time()
+
+
+def run_failing_job(tmp_path: Path, *args: str) -> Job:
+    pid_file = tmp_path / "pids"
+    return _wait(_start(FAILING_JOB, *args, pid_file=pid_file), pid_file)
+
+
+def _assert_failed_once(job: Job, error: str, stage: str | None, devices: int, spawn: bool = False) -> None:
+    report = f"exit code {job.returncode}\n{job.output[-6000:]}"
+    assert job.returncode != 0, report
+    assert error in job.output, report
+    # the failing process printed its traceback, with a note naming its stage; the others one line each
+    assert job.output.count("lightning-ddg: raised on") == 1, report
+    if stage is not None:
+        assert f"raised on {stage};" in job.output, report
+    assert job.output.count("Traceback (most recent call last)") == (2 if spawn else 1), report
+    stopping = job.output.count("; stopping stage")
+    # a spawning launcher terminates the other processes as soon as the failing one has exited: some of them may
+    # not have said why they stop
+    assert stopping == devices - 1 or (spawn and stopping < devices), report
+    if job.failed_at is not None:
+        assert job.gone_at - job.failed_at < LIMIT_S, report
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+@pytest.mark.parametrize(
+    ("args", "error", "stage"),
+    [
+        pytest.param(
+            ("--devices", "3", "--fail", "raise", "--rank", "1"),
+            "ValueError: the user's training_step broke",
+            "stage 1 (rank 1)",
+            id="user-error-in-the-middle-stage",
+        ),
+        pytest.param(
+            ("--devices", "2", "--fail", "shape", "--rank", "0"),
+            "RuntimeError: shape '[5, -1]' is invalid",
+            "stage 1 (rank 0)",
+            id="shape-error-in-the-launching-process",
+        ),
+        pytest.param(
+            ("--devices", "2", "--strategy", "ddg_spawn", "--fail", "oom", "--rank", "1"),
+            "OutOfMemoryError: CUDA out of memory",
+            "stage 0 (rank 1)",
+            id="out-of-memory-ddg_spawn",
+        ),
+        pytest.param(
+            ("--devices", "2", "--fail", "nan-grad", "--rank", "0", "--check-finite"),
+            "FloatingPointError: the gradient stage 0 received from stage 1 for batch 3 holds NaN",
+            "stage 0 (rank 1)",
+            id="nan-gradient-check_finite",
+        ),
+        pytest.param(
+            ("--devices", "2", "--fail", "nan-loss", "--rank", "1", "--detect-anomaly"),
+            "FloatingPointError: the loss at step 3 holds NaN",
+            "stage 1 (rank 0)",
+            id="nan-loss-detect_anomaly",
+        ),
+        pytest.param(
+            ("--devices", "2", "--fail", "empty"),
+            "ValueError: the training dataloader has no batches",
+            None,  # every stage finds it; the first to report is shown
+            id="empty-dataloader-on-every-stage",
+        ),
+    ],
+)
+def test_a_failure_ends_every_process_and_shows_its_error_once(tmp_path: Path, args: tuple, error, stage) -> None:
+    job = run_failing_job(tmp_path, *args)
+    devices = int(args[args.index("--devices") + 1])
+    _assert_failed_once(job, error, stage, devices, spawn="ddg_spawn" in args)
+    if "oom" in args:
+        assert "this stage ran out of memory. DDGStrategy(memory='recompute')" in job.output
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_a_stage_killed_with_sigkill_ends_the_job(tmp_path: Path) -> None:
+    job = run_failing_job(tmp_path, "--devices", "3", "--fail", "kill", "--rank", "1")
+    report = f"exit code {job.returncode}\n{job.output[-6000:]}"
+    assert job.returncode == 1, report
+    assert job.output.count("lightning-ddg: stage 1 (rank 1) was killed by SIGKILL; stopping stage") == 2, report
+    assert job.gone_at - job.failed_at < LIMIT_S, report
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_the_launching_process_killed_with_sigkill_ends_the_job(tmp_path: Path) -> None:
+    # rank 0 holds the job's store: the others lose it, and stop
+    job = run_failing_job(tmp_path, "--devices", "2", "--fail", "kill", "--rank", "0")
+    report = f"exit code {job.returncode}\n{job.output[-6000:]}"
+    assert job.returncode == -signal.SIGKILL, report
+    assert "lightning-ddg: lost the job's store, which stage 1 (rank 0) holds" in job.output, report
+    assert job.gone_at - job.failed_at < LIMIT_S, report
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+@pytest.mark.parametrize("strategy", ["ddg", "ddg_spawn"])
+def test_ctrl_c_in_the_launching_process_stops_every_stage(tmp_path: Path, strategy: str) -> None:
+    pid_file, started = tmp_path / "pids", tmp_path / "started"
+    args = ("--strategy", strategy, "--devices", "2", "--max-steps", "100000", "--step-sleep", "0.02")
+    proc = _start(FAILING_JOB, *args, "--started-file", str(started), pid_file=pid_file)
+    deadline = time.monotonic() + 90
+    while len(list(tmp_path.glob("started.*"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # until both stages are training
+    interrupted_at = time.time()
+    proc.send_signal(signal.SIGINT)
+    job = _wait(proc, pid_file)
+    report = f"exit code {job.returncode}\n{job.output[-6000:]}"
+    assert job.returncode == 1, report
+    assert "Detected KeyboardInterrupt, attempting graceful shutdown" in job.output, report
+    assert job.gone_at - interrupted_at < LIMIT_S, report
+
+
+def _repeat(devices: int, runs: int) -> tuple[list[str], list[tuple[int, int]], str]:
+    """Weight digests and (threads, fds) after each run, and the final test/validate line."""
+    proc = _start(REPEAT_JOB, "--devices", str(devices), "--runs", str(runs), pid_file=Path(os.devnull))
+    try:
+        output, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the job ran longer than {JOB_TIMEOUT_S} s:\n{output[-5000:]}")
+    assert proc.returncode == 0, output[-6000:]
+    runs_found = re.findall(r"^run \d+ weights (\w+) threads (\d+) fds (-?\d+)$", output, re.MULTILINE)
+    assert len(runs_found) == runs, output[-6000:]
+    evaluated = re.findall(r"^test_loss \S+ val_loss \S+$", output, re.MULTILINE)
+    assert len(evaluated) == 1, output[-6000:]
+    return [d for d, _, _ in runs_found], [(int(t), int(f)) for _, t, f in runs_found], evaluated[0]
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+@pytest.mark.parametrize("devices", [1, 3, 4])
+def test_seeded_runs_give_bitwise_identical_weights(devices: int) -> None:
+    if devices == 3:  # two runs in separate processes
+        digests = [_repeat(devices, runs=1)[0][0] for _ in range(2)]
+    else:  # two runs in the same processes, one after the other
+        digests = _repeat(devices, runs=2)[0]
+    assert digests[0] == digests[1]
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_a_script_fits_and_tests_again_after_a_fit() -> None:
+    digests, resources, evaluated = _repeat(devices=2, runs=3)
+    assert len(set(digests)) == 1  # each fit started from the same state, and the third is as good as the first
+    (threads_2, fds_2), (threads_3, fds_3) = resources[1:]
+    # nothing piles up from one fit to the next: no watchdog thread, no process group left behind
+    assert threads_3 == threads_2
+    assert fds_3 <= fds_2 + 2  # a socket may still be closing
+    test_loss, val_loss = (float(v) for v in evaluated.split()[1::2])
+    assert test_loss == pytest.approx(val_loss)  # the same data and weights through test and validate
