@@ -214,7 +214,7 @@ class Watchdog:
                 self._end_job(failure)
 
     def _find_failure(self) -> Failure | None:
-        published = self._published()
+        published = self.published()
         if published is not None:
             return published if published.rank != self.rank else None
         for rank, child in self._children.items():
@@ -243,14 +243,15 @@ class Watchdog:
                 return self._publish(Failure(rank, message))
         return None
 
-    def _published(self) -> Failure | None:
+    def published(self) -> Failure | None:
+        """The failure published for this job, if any."""
         if not self._store.check(["failed"]):
             return None
         return Failure.decode(self._store.get("failed"))
 
     def _published_or_lost(self) -> Failure | None:
         try:
-            return self._published()
+            return self.published()
         except _STORE_ERRORS as err:
             return _store_lost(self.describe, err)
 
