@@ -5,8 +5,9 @@ activations flowing forward and gradients flowing backward never queue behind ea
 opposite transfers on one communicator can deadlock). Every message is a fixed-size header — the dtype and
 shape of each tensor — followed by one transfer per tensor, so batches of any size travel without padding.
 As soon as a message has arrived, the receives of the next one are posted, shaped like it; a sender whose
-shapes changed first answers those receives with placeholders. Sends never block: they complete in the
-background and are reaped later.
+shapes changed first answers those receives with placeholders. Sends complete in the background; a send
+waits only for the peer to have received the message from ``UNREAPED_MESSAGES`` sends earlier, which frees
+its tensors (a pipeline's neighbours are never that far apart).
 
 Example (two processes, gloo)::
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 __all__ = ["Channel", "HEADER_SIZE"]
 
 HEADER_SIZE = 256
+UNREAPED_MESSAGES = 2  # sends of older messages are waited for, which frees their tensors
 _END = -1
 _DTYPES = [
     torch.float32,
@@ -99,7 +101,8 @@ class Channel:
         self.timeout = timeout
         # headers travel on the host for gloo and on the device for NCCL
         self._header_device = self.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        self._sends: deque[tuple[dist.Work, torch.Tensor]] = deque()
+        self._sends: deque[tuple[int, dist.Work, torch.Tensor]] = deque()  # (message number, work, tensor)
+        self._messages_sent = 0
         self._sent_specs: Specs | None = None  # shapes of the last message sent
         self._expected: Specs | None = None  # shapes of the last message received
         self._posted: tuple[torch.Tensor, list[torch.Tensor], list[dist.Work]] | None = None
@@ -115,23 +118,34 @@ class Channel:
         for t in tensors:
             self._isend(t.detach().contiguous())
         self._sent_specs = specs
+        self._messages_sent += 1
 
     def _isend(self, tensor: torch.Tensor) -> None:
-        self._sends.append((dist.isend(tensor, self.peer, group=self.group), tensor))
+        self._sends.append((self._messages_sent, dist.isend(tensor, self.peer, group=self.group), tensor))
 
     def _fill_posted(self, specs: Specs) -> None:
         # the peer has posted receives shaped like the previous message; answer them with placeholders
         for dtype, shape in specs:
             self._isend(torch.empty(shape, dtype=dtype, device=self.device))
 
+    @property
+    def pending_sends(self) -> int:
+        """Sends started and not yet reaped: those of the last ``UNREAPED_MESSAGES + 1`` messages at most."""
+        return len(self._sends)
+
     def _reap(self) -> None:
-        while self._sends and self._sends[0][0].is_completed():
-            self._sends.popleft()
+        # gloo reports a send complete only once it has been waited for: the sends of older messages are waited
+        # for (the peer has received them long ago), or their tensors would be held until the channel closes
+        while self._sends and (
+            self._sends[0][1].is_completed() or self._sends[0][0] < self._messages_sent - UNREAPED_MESSAGES
+        ):
+            _, work, _ = self._sends.popleft()
+            work.wait(self.timeout)
 
     def flush(self) -> None:
         """Wait until every message sent so far has been received."""
         while self._sends:
-            work, _ = self._sends.popleft()
+            _, work, _ = self._sends.popleft()
             work.wait(self.timeout)
 
     # receiving -----------------------------------------------------------------------------------------
