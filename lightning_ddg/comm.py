@@ -24,10 +24,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["Channel", "HEADER_SIZE"]
+__all__ = ["Channel", "HEADER_SIZE", "UNREAPED_MESSAGES"]
 
 HEADER_SIZE = 256
-_MESSAGES_IN_FLIGHT = 2
+UNREAPED_MESSAGES = 1  # messages besides the newest whose sends are not waited on yet
 _END = -1
 _DTYPES = [
     torch.float32,
@@ -138,9 +138,14 @@ class Channel:
         # A transfer is known to be done only once waited on (gloo never reports completion otherwise), so keep
         # the last two messages in flight and wait on older ones: the peer has posted their receives long ago
         # and they are done, so the wait returns at once and the number of buffers held stays bounded.
-        while len(self._sends) >= _MESSAGES_IN_FLIGHT:
+        while len(self._sends) > UNREAPED_MESSAGES:
             for work, _ in self._sends.popleft():
                 work.wait(self.timeout)
+
+    @property
+    def pending_sends(self) -> int:
+        """Transfers started and not waited on yet (each holds its tensor)."""
+        return sum(len(message) for message in self._sends)
 
     def flush(self) -> None:
         """Wait until every message sent so far has been received."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lightning_ddg.comm import Channel
+from lightning_ddg.comm import UNREAPED_MESSAGES, Channel
 from tests.multiprocess import run_processes
 
 
@@ -44,3 +44,24 @@ def test_messages_arrive_intact_in_order_across_sessions() -> None:
         for a, b in zip(got, want, strict=True):
             assert a.dtype == b.dtype
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _stream(rank: int, world_size: int, count: int) -> int:
+    group = dist.new_group([0, 1])
+    channel = Channel(peer=1 - rank, group=group)
+    most_pending = 0
+    for i in range(count):
+        if rank == 0:
+            channel.send([torch.full((64,), float(i))])
+            most_pending = max(most_pending, channel.pending_sends)
+        else:
+            assert channel.recv()[0][0].item() == i
+    channel.send_end() if rank == 0 else channel.close_recv()
+    channel.flush()
+    return most_pending
+
+
+def test_a_long_stream_holds_only_the_last_messages_sends() -> None:
+    # gloo reports a send complete only once waited for: without reaping by age, every tensor sent would be held
+    most_pending, _ = run_processes(_stream, 2, 200, timeout=60)
+    assert most_pending <= 2 * (UNREAPED_MESSAGES + 1)  # a header and one tensor per message
