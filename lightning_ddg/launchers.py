@@ -3,7 +3,7 @@
 ``DDGScriptLauncher`` (``strategy="ddg"``) re-launches the script once per other rank, as Lightning's does. Its
 watch over the launched processes — a launched process that exits with an error takes the job down — pauses
 while the stages' watchdogs run (``watchdog.py``): they end the job more gently, letting the failing process
-finish printing its error.
+finish printing its error. The launched processes serve every later fit of the script, and so does the watch.
 
 ``DDGSpawnLauncher`` (``strategy="ddg_spawn"``) starts the processes with multiprocessing, and differs from
 Lightning's in two ways:
@@ -31,22 +31,34 @@ from typing import Any
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 
-__all__ = ["DDGScriptLauncher", "DDGSpawnLauncher"]
+__all__ = ["DDGScriptLauncher", "DDGSpawnLauncher", "launched_processes", "pause_observer"]
 
 INTERRUPT_GRACE_S = 10.0
+
+_observer: ChildObserver | None = None  # this process's watch over the ranks it launched, if it launched any
+
+
+def launched_processes() -> list[subprocess.Popen]:
+    """The ranks this process launched with ``strategy="ddg"`` (none in a launched rank), in rank order."""
+    return list(_observer.children) if _observer is not None else []
+
+
+def pause_observer(paused: bool) -> None:
+    """Pause the watch over the launched ranks while a watchdog runs, and resume it after."""
+    if _observer is not None:
+        _observer.paused = paused
 
 
 class DDGScriptLauncher(_SubprocessScriptLauncher):
     """Re-launches the script for every other rank; see the module's documentation."""
 
-    observer: ChildObserver | None = None
-
     def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        global _observer
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
             self._call_children_scripts()
-            self.observer = ChildObserver(self.procs)
-            self.observer.start()
+            _observer = ChildObserver(self.procs)
+            _observer.start()
         _set_num_threads_if_needed(num_processes=self.num_processes)
         return function(*args, **kwargs)
 

@@ -65,7 +65,7 @@ from lightning_ddg.checks import (
     check_stages_have_parameters,
     check_train_loader,
 )
-from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher
+from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launched_processes, pause_observer
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
 from lightning_ddg.stage import MEMORY_MODES, DDGStage, MemoryMode
 from lightning_ddg.stats import Snapshot, StageCounters, interval_figures
@@ -242,15 +242,14 @@ class DDGStrategy(ParallelStrategy):
         env = self.cluster_environment
         assert env is not None
         store = dist.TCPStore(env.main_address, env.main_port, is_master=False, timeout=timedelta(seconds=30))
-        launched = getattr(self._launcher, "procs", None) if self._start_method == "popen" else None
         first_child = self.node_rank * self.num_processes + 1
-        self._pause_child_observer(True)  # the watchdog watches the launched processes now
+        pause_observer(True)  # the watchdog watches the launched ranks now
         return Watchdog(
             store,
             self.global_rank,
             self.world_size,
             describe=lambda rank: f"stage {self.topology.stage_of(rank)} (rank {rank})",
-            children={first_child + i: proc for i, proc in enumerate(launched or [])},
+            children={first_child + i: proc for i, proc in enumerate(launched_processes())},
             watch_parent=self._start_method == "spawn" or self.local_rank > 0,
         ).start()
 
@@ -319,11 +318,6 @@ class DDGStrategy(ParallelStrategy):
                 )
             split_points = balance_to_split_points(module, self.balance)
         return split_module(module, split_points=split_points, num_stages=num_stages)
-
-    def _pause_child_observer(self, paused: bool) -> None:
-        observer = getattr(self._launcher, "observer", None)
-        if observer is not None:
-            observer.paused = paused
 
     def _checks_finite(self, trainer: pl.Trainer) -> bool:
         return self.check_finite if self.check_finite is not None else bool(trainer._detect_anomaly)
@@ -527,7 +521,7 @@ class DDGStrategy(ParallelStrategy):
                 self._links.destroy()
             if self._watchdog is not None:
                 self._watchdog.stop()
-                self._pause_child_observer(False)
+                pause_observer(False)
         self._links = self._watchdog = None
         if self.lightning_module is not None:
             self.lightning_module.__dict__.pop("forward", None)

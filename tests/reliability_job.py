@@ -53,9 +53,10 @@ FAILURES = ("none", "raise", "shape", "oom", "kill", "nan-loss", "nan-grad", "em
 
 
 class Job(L.LightningModule):
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, fails: bool) -> None:
         super().__init__()
         self.args = args
+        self.fails = fails  # in this fit
         self.front = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
         self.back = nn.Sequential(PoisonGradient(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
 
@@ -71,7 +72,8 @@ class Job(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        args, failing = self.args, self.global_rank == self.args.rank and self.global_step == self.args.step
+        args = self.args
+        failing = self.fails and self.global_rank == args.rank and self.global_step == args.step
         if failing and args.fail != "none":
             Path(f"{args.pid_file}.failed").write_text(f"{time.time()}\n")  # when the failure happens
         if failing and args.fail == "raise":
@@ -105,6 +107,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=1, help="global rank that fails")
     parser.add_argument("--step", type=int, default=3, help="step at which it fails")
     parser.add_argument("--max-steps", type=int, default=12)
+    parser.add_argument("--fits", type=int, default=1, help="fits in a row; the failure happens in the last")
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--check-finite", action="store_true")
     parser.add_argument("--detect-anomaly", action="store_true")
@@ -118,23 +121,24 @@ def main() -> None:
     torch.manual_seed(0)
     samples = 0 if args.fail == "empty" else 64
     data = TensorDataset(torch.randn(samples, 8), torch.randint(0, 3, (samples,)))
-    strategy = DDGStrategy(
-        split_points=["back"] if args.devices == 2 else None,
-        start_method="spawn" if args.strategy == "ddg_spawn" else "popen",
-        check_finite=True if args.check_finite else None,
-    )
-    trainer = L.Trainer(
-        strategy=strategy,
-        devices=args.devices,
-        accelerator="cpu",
-        max_steps=args.max_steps,
-        detect_anomaly=args.detect_anomaly,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(Job(args), DataLoader(data, batch_size=4))
+    for fit in range(args.fits):
+        strategy = DDGStrategy(
+            split_points=["back"] if args.devices == 2 else None,
+            start_method="spawn" if args.strategy == "ddg_spawn" else "popen",
+            check_finite=True if args.check_finite else None,
+        )
+        trainer = L.Trainer(
+            strategy=strategy,
+            devices=args.devices,
+            accelerator="cpu",
+            max_steps=args.max_steps,
+            detect_anomaly=args.detect_anomaly,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(Job(args, fails=fit == args.fits - 1), DataLoader(data, batch_size=4))
     if trainer.is_global_zero:
         print("job done", flush=True)
 

@@ -107,10 +107,10 @@ def _assert_failed_once(job: Job, error: str, stage: str | None, devices: int, s
     ("args", "error", "stage"),
     [
         pytest.param(
-            ("--devices", "3", "--fail", "raise", "--rank", "1"),
+            ("--devices", "3", "--fail", "raise", "--rank", "1", "--fits", "2"),
             "ValueError: the user's training_step broke",
             "stage 1 (rank 1)",
-            id="user-error-in-the-middle-stage",
+            id="user-error-in-the-middle-stage-in-a-second-fit",
         ),
         pytest.param(
             ("--devices", "2", "--fail", "shape", "--rank", "0"),
