@@ -64,27 +64,27 @@ def check_options(split_points: Any, balance: Any, num_stages: Any) -> None:
 
 
 def check_stage_count(processes: int, split_points: Any, balance: Any, num_stages: int | None) -> None:
-    """One process runs one stage: the stage count the options imply must be the number of processes."""
-    if num_stages is not None and processes != num_stages:
-        if processes % num_stages == 0:
+    """The stage count the options imply must fit the processes: one process per stage, or whole replicas of
+    a pipeline of ``num_stages``."""
+    if num_stages is not None:
+        if processes % num_stages:
             raise ValueError(
-                f"{processes} processes (devices x num_nodes) for num_stages={num_stages} would be "
-                f"{processes // num_stages} data-parallel replicas of the pipeline, which lightning-ddg does not "
-                f"support yet: run one process per stage, devices={num_stages} on one node."
+                f"{processes} processes (devices x num_nodes) cannot run whole replicas of a pipeline of "
+                f"num_stages={num_stages}: set devices x num_nodes to a multiple of {num_stages}, or num_stages to a "
+                f"divisor of {processes}."
             )
-        raise ValueError(
-            f"{processes} processes (devices x num_nodes) is not a multiple of num_stages={num_stages}: one process "
-            f"runs one stage, so give devices={num_stages} on one node."
-        )
+        return  # check_options has compared num_stages with split_points and balance
     if split_points is not None and len(split_points) + 1 != processes:
         raise ValueError(
             f"{len(split_points)} split points make {len(split_points) + 1} stages, but {processes} devices were "
-            f"requested: give devices={len(split_points) + 1} or {processes - 1} split points."
+            f"requested: give devices={len(split_points) + 1}, {processes - 1} split points, or "
+            f"num_stages={len(split_points) + 1} to run replicas of the pipeline."
         )
     if balance is not None and len(balance) != processes:
         raise ValueError(
             f"balance {list(balance)} has {len(balance)} stages but the trainer runs {processes} processes: give "
-            f"devices={len(balance)} or a balance of {processes} entries."
+            f"devices={len(balance)}, a balance of {processes} entries, or num_stages={len(balance)} to run "
+            "replicas of the pipeline."
         )
 
 

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from lightning_ddg.checks import check_finite, crossing_tensors
+from lightning_ddg.replicas import ReplicaAverager, sync_module_states
 from lightning_ddg.stats import Snapshot, StageCounters, decode_snapshots, encode_snapshots
 from lightning_ddg.topology import StageLinks
 
@@ -72,7 +73,10 @@ class DDGStage:
             (for the first stage: the model input) and returns those crossing out (last stage: the output).
         stage_index: ``k``, counted from 0 in forward order.
         num_stages: ``K``.
-        links: channels to the neighbouring stages (``None`` when ``K == 1``).
+        links: channels to the neighbouring stages (``None`` when ``K == 1``). With a ``replica_group``, the
+            replicas of this stage start from replica 0's weights and average their gradients in
+            :meth:`install_gradients` (see :mod:`lightning_ddg.replicas`); constructing the stage is then a
+            collective over that group.
         memory: ``"stash"`` (default), ``"recompute"`` or ``"replay"``.
         accumulate_grad_batches: a window of batches whose gradients are summed before a step, aligned to
             batch numbers: the window is complete after the backward of batch ``b`` when ``(b+1) % A == 0``.
@@ -121,6 +125,10 @@ class DDGStage:
         self.counters = StageCounters()
         self._upstream: list[Snapshot] = []  # the latest snapshots of the stages before this one
         self._activation_bytes = 0  # saved activations of one batch, last measured
+        self._replicas: ReplicaAverager | None = None
+        if self.links.replica_group is not None:
+            sync_module_states(module, self.links.replica_group)
+            self._replicas = ReplicaAverager(self.parameters, self.links.replica_group)
 
     @property
     def is_first(self) -> bool:
@@ -258,7 +266,11 @@ class DDGStage:
         weights = item.weights if item.weights is not None else self.parameters
         float_inputs = [x for x in item.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
         leaves = list(weights) + float_inputs
-        grads = _gradients([t for t, _ in pairs], [g for _, g in pairs], leaves)
+        completes_window = (item.batch + 1) % self.accumulate_grad_batches == 0
+        # the window's last backward starts the replicas' all-reduce of each bucket as soon as it is full
+        replicas = self._replicas if completes_window and pairs and leaves else None
+        with replicas.watch(weights, self._grads) if replicas is not None else nullcontext():
+            grads = _gradients([t for t, _ in pairs], [g for _, g in pairs], leaves)
         self._accumulate(grads[: len(weights)])
         if item.weights is not None:
             self._spare_copies.append(item.weights)  # its graph is gone: the buffers serve a later batch
@@ -268,7 +280,7 @@ class DDGStage:
         self.batches_backwarded += 1
         counters = self.counters
         counters.busy_s += time.perf_counter() - start - (counters.wait_s - waited) - (counters.send_s - sent)
-        return (item.batch + 1) % self.accumulate_grad_batches == 0
+        return completes_window
 
     def _copy_weights(self) -> list[torch.Tensor]:
         """A private copy of the current weights, in buffers left by a batch whose backward is done: after
@@ -352,8 +364,10 @@ class DDGStage:
         self._has_grads = self._has_grads or any(g is not None for g in grads)
 
     def install_gradients(self) -> None:
-        """Move the accumulated gradients into ``p.grad`` of the live parameters and start a new window."""
-        for p, g in zip(self.parameters, self._grads, strict=False):
+        """Move the accumulated gradients, averaged over the replicas if any, into ``p.grad`` of the live
+        parameters and start a new window."""
+        grads = self._grads if self._replicas is None else self._replicas.average(self._grads)
+        for p, g in zip(self.parameters, grads, strict=False):
             p.grad = g
         self._grads = [None] * len(self.parameters)
         self._has_grads = False

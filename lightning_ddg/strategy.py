@@ -49,8 +49,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
-from torch.utils.data import RandomSampler
+from torch.utils.data import DistributedSampler, RandomSampler
 
 from lightning_ddg.checkpoint import (
     group_names,
@@ -92,26 +93,29 @@ class _Removed:
 
 
 class DDGStrategy(ParallelStrategy):
-    """Train a LightningModule split into one pipeline stage per device with DDG.
+    """Train a LightningModule split into pipeline stages with DDG, one stage per device, the pipeline optionally
+    replicated with data parallelism.
 
     Args:
         split_points: fully qualified names of the modules that begin a new stage, in forward order,
-            e.g. ``["model.layer3"]``; there are ``devices`` stages, so ``len(split_points) == devices - 1``.
+            e.g. ``["model.layer3"]``; so ``len(split_points) == num_stages - 1``.
         balance: layer counts per stage for a module whose forward runs one ``nn.Sequential``
             (torchgpipe's convention), e.g. ``[3, 2, 2, 1]``.
+        num_stages: ``S``, the stages of one pipeline. The ``devices × num_nodes`` processes then run
+            ``devices × num_nodes / S`` replicas of the pipeline, each on its own shard of the data, whose
+            stages average their gradients before every step (see ``docs/scale-out.md``). ``None``: one stage
+            per process and no replicas.
         memory: ``"stash"`` (default, exact), ``"recompute"`` (exact, keeps no activations) or ``"replay"``
             (inexact, keeps no weight copies); see ``docs/semantics.md``.
         timeout: how long any wait for another stage may take before the run fails.
         start_method: ``"popen"`` re-launches the script per process (like ``strategy="ddp"``), ``"spawn"``
             starts processes with multiprocessing (``strategy="ddg_spawn"``, for notebooks).
-        num_stages: the number of pipeline stages; it must equal the number of processes (data-parallel replicas
-            of the pipeline are not supported yet). By default, one stage per process.
         check_finite: stop with ``FloatingPointError`` when the loss, or a gradient a stage receives, holds a NaN
             or an infinity. By default on with ``Trainer(detect_anomaly=True)``.
 
     A failure in any stage ends every process of the job; see "Reliability" in ``docs/usage.md``.
 
-    With neither ``split_points`` nor ``balance``, the forward is cut into ``devices`` stages of about equal
+    With neither ``split_points`` nor ``balance``, the forward is cut into ``num_stages`` stages of about equal
     parameter count.
 
     Example::
@@ -125,6 +129,7 @@ class DDGStrategy(ParallelStrategy):
         self,
         split_points: Sequence[str] | None = None,
         balance: Sequence[int] | None = None,
+        num_stages: int | None = None,
         memory: MemoryMode = "stash",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -134,7 +139,6 @@ class DDGStrategy(ParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta = default_pg_timeout,
         start_method: Literal["popen", "spawn"] = "popen",
-        num_stages: int | None = None,
         check_finite: bool | None = None,
     ) -> None:
         super().__init__(
@@ -147,6 +151,8 @@ class DDGStrategy(ParallelStrategy):
         check_options(split_points, balance, num_stages)
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory={memory!r} is not one of {MEMORY_MODES}")
+        if num_stages is not None and num_stages < 1:
+            raise ValueError(f"num_stages={num_stages}: a pipeline has at least one stage")
         if start_method not in ("popen", "spawn"):
             raise ValueError(f"start_method={start_method!r}: use 'popen' (strategy='ddg') or 'spawn' ('ddg_spawn')")
         self.split_points = list(split_points) if split_points is not None else None
@@ -192,7 +198,14 @@ class DDGStrategy(ParallelStrategy):
 
     @property
     def topology(self) -> Topology:
-        return Topology(num_stages=self.num_nodes * self.num_processes)
+        processes = self.num_nodes * self.num_processes
+        stages = self.num_stages or processes
+        return Topology(num_stages=stages, num_replicas=max(processes // stages, 1))
+
+    @property
+    def is_distributed(self) -> bool:
+        # tells Lightning to shard the data over the replicas (distributed_sampler_kwargs) and to sync logged values
+        return self.topology.num_replicas > 1
 
     @property
     def stage_index(self) -> int:
@@ -224,10 +237,7 @@ class DDGStrategy(ParallelStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         reset_seed()
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = self.global_rank
+        self.set_world_ranks()
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         self._process_group_backend = backend
         assert self.cluster_environment is not None
@@ -253,6 +263,14 @@ class DDGStrategy(ParallelStrategy):
             watch_parent=self._start_method == "spawn" or self.local_rank > 0,
         ).start()
 
+    def set_world_ranks(self) -> None:
+        # as DDPStrategy: ranks are numbered node by node (torchrun and SLURM set them themselves), so the
+        # consecutive ranks of a pipeline share a node when a node's devices are a multiple of num_stages
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
     # --- model -------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.lightning_module is not None
@@ -269,7 +287,7 @@ class DDGStrategy(ParallelStrategy):
         self._parameter_order = [name for name, _ in module.named_parameters()]
         self._removed = _keep_only_stage(module, self.partition, k)
         self.model_to_device()
-        if self._links is None and num_stages > 1:
+        if self._links is None and self.world_size > 1:
             self._links = StageLinks.create(self.topology, self.global_rank, self.root_device, self._timeout)
         self.stage = DDGStage(
             self.partition.train[k],
@@ -313,8 +331,9 @@ class DDGStrategy(ParallelStrategy):
         if self.balance is not None:
             if len(self.balance) != num_stages:
                 raise ValueError(
-                    f"balance {self.balance} has {len(self.balance)} stages but the trainer runs {num_stages} "
-                    f"processes: give devices={len(self.balance)} or a balance of {num_stages} entries."
+                    f"balance {self.balance} has {len(self.balance)} stages but the pipeline has {num_stages}: give "
+                    f"devices={len(self.balance)} (or num_stages={len(self.balance)}) or a balance of {num_stages} "
+                    "entries."
                 )
             split_points = balance_to_split_points(module, self.balance)
         return split_module(module, split_points=split_points, num_stages=num_stages)
@@ -332,7 +351,17 @@ class DDGStrategy(ParallelStrategy):
         # A RandomSampler without a generator draws its order from the process's global RNG, which the stages
         # consume differently (dropout on some stages only): give it a generator seeded alike on every stage.
         sampler = getattr(dataloader, "sampler", None)
-        if self.topology.num_stages > 1 and isinstance(sampler, RandomSampler) and sampler.generator is None:
+        topology = self.topology
+        replica = {"num_replicas": topology.num_replicas, "rank": topology.replica_of(self.global_rank)}
+        if isinstance(sampler, DistributedSampler) and {k: getattr(sampler, k) for k in replica} != replica:
+            raise MisconfigurationException(
+                f"a data loader's DistributedSampler shards the data over {sampler.num_replicas} ranks, this one "
+                f"reading shard {sampler.rank}, but the stages of one pipeline must read the same batches: shard over "
+                f"the {topology.num_replicas} pipeline replica(s) with "
+                f"DistributedSampler(..., **trainer.strategy.distributed_sampler_kwargs) = {replica}, or leave the "
+                "sampler to Lightning."
+            )
+        if topology.num_stages > 1 and isinstance(sampler, RandomSampler) and sampler.generator is None:
             sampler.generator = torch.Generator().manual_seed(self._shuffle_seed)
         return dataloader
 
@@ -457,15 +486,13 @@ class DDGStrategy(ParallelStrategy):
         module.__dict__.pop("forward", None)
 
     def _gather_tensors(self) -> dict[str, Tensor]:
-        """Every parameter and buffer of the module, collected from the stages that own them."""
+        """Every parameter and buffer of the module, collected from the stages of replica 0 that own them."""
         module = self.lightning_module
         assert module is not None
         local = {n: t.detach().cpu() for n, t in [*module.named_parameters(), *module.named_buffers()]}
         if self.topology.num_stages == 1:
             return local
-        parts: list[dict[str, Tensor]] = [{} for _ in range(self.world_size)]
-        dist.all_gather_object(parts, local)
-        return {name: t for part in parts for name, t in part.items()}
+        return {name: t for part in self._first_replica_objects(local) for name, t in part.items()}
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The full state dict with the original names (a collective: every rank calls it when saving)."""
@@ -479,7 +506,7 @@ class DDGStrategy(ParallelStrategy):
         it when saving), so that checkpoints resume on any number of stages; see :mod:`lightning_ddg.checkpoint`."""
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
         part = named_optimizer_state(optimizer, self._parameter_names())
-        return merge_optimizer_states(self._all_gather_objects(part), self._parameter_order)
+        return merge_optimizer_states(self._first_replica_objects(part), self._parameter_order)
 
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         module = self.lightning_module
@@ -499,6 +526,19 @@ class DDGStrategy(ParallelStrategy):
     def _parameter_names(self) -> dict[int, str]:
         assert self.lightning_module is not None
         return {id(p): name for name, p in self.lightning_module.named_parameters()}
+
+    def _first_replica_objects(self, obj: Any) -> list[Any]:
+        """``obj`` of each stage of replica 0, on every rank (a collective). With replicas, one broadcast per stage:
+        each rank receives the model once, not once per replica."""
+        topology = self.topology
+        if topology.num_replicas == 1:
+            return self._all_gather_objects(obj)
+        parts = []
+        for stage in range(topology.num_stages):
+            box = [obj]
+            dist.broadcast_object_list(box, src=topology.rank_of(stage, replica=0))
+            parts.append(box[0])
+        return parts
 
     def _all_gather_objects(self, obj: Any) -> list[Any]:
         if self.world_size == 1 or not _distributed_is_initialized():

@@ -1,14 +1,22 @@
 """Which rank runs which stage, and the process groups between them.
 
-Ranks are laid out as ``replicas × stages``. Within a pipeline the *last* stage (the one that computes the
-loss) takes the lowest rank, so global rank 0 holds the loss, the logged metrics and the progress bar,
-exactly where Lightning's loggers and callbacks expect them.
+A job runs ``num_replicas`` copies (*replicas*) of a pipeline of ``num_stages`` stages. Ranks are laid out
+pipeline by pipeline: replica ``r`` takes the consecutive ranks ``r*S … r*S+S-1``, and within a pipeline the
+*last* stage (the one that computes the loss) takes the lowest rank. So global rank 0 holds the loss, the logged
+metrics and the progress bar, exactly where Lightning's loggers and callbacks expect them.
 
-Example::
+Launchers number ranks node by node (``rank = node_rank * devices + local_rank``), so whenever the devices of a
+node are a multiple of ``S`` every pipeline lies within one node: the point-to-point traffic between
+neighbouring stages, every step in both directions, stays on the node's fast links, and only the gradient
+all-reduce between replicas of a stage, once per optimizer step, crosses nodes.
 
-    >>> topo = Topology(num_stages=4)
-    >>> [topo.stage_of(rank) for rank in range(4)]
-    [3, 2, 1, 0]
+Example, 2 stages × 3 replicas::
+
+    >>> topo = Topology(num_stages=2, num_replicas=3)
+    >>> [(topo.stage_of(rank), topo.replica_of(rank)) for rank in range(6)]
+    [(1, 0), (0, 0), (1, 1), (0, 1), (1, 2), (0, 2)]
+    >>> topo.replica_ranks(stage=0)
+    [1, 3, 5]
 """
 
 from __future__ import annotations
@@ -44,6 +52,10 @@ class Topology:
     def rank_of(self, stage: int, replica: int = 0) -> int:
         return replica * self.num_stages + self.num_stages - 1 - stage
 
+    def replica_ranks(self, stage: int) -> list[int]:
+        """The ranks running ``stage``, replica 0 first: the group that averages the stage's gradients."""
+        return [self.rank_of(stage, r) for r in range(self.num_replicas)]
+
 
 @dataclass
 class StageLinks:
@@ -51,6 +63,7 @@ class StageLinks:
 
     ``act_in``/``act_out`` carry activations from the previous / to the next stage, ``grad_in``/``grad_out``
     carry gradients from the next / to the previous stage; the first and last stage lack some of them.
+    ``replica_group`` holds the ranks running this rank's stage in every replica (``None`` with one replica).
     """
 
     act_in: Channel | None = None
@@ -85,7 +98,7 @@ class StageLinks:
                     links.act_in = Channel(low, forward, device, timeout)
                     links.grad_out = Channel(low, backward, device, timeout)
         for s in range(topology.num_stages):
-            ranks = [topology.rank_of(s, r) for r in range(topology.num_replicas)]
+            ranks = topology.replica_ranks(s)
             group = dist.new_group(ranks, timeout=timeout) if topology.num_replicas > 1 else None
             if s == stage:
                 links.replica_group = group

@@ -56,6 +56,26 @@ def test_stage_states_merge_into_the_whole_models_state() -> None:
             torch.testing.assert_close(merged["state"][i][key], value, rtol=0, atol=0)
 
 
+def test_replicas_of_a_stage_count_once() -> None:
+    """With data-parallel replicas every stage's state may arrive more than once; names keep it whole and unique."""
+    _, optimizers, names = _stage_setup()
+    order = [n for n, _ in _model().named_parameters()]
+    parts = [named_optimizer_state(o, n) for o, n in zip(optimizers, names, strict=True)]
+    once = merge_optimizer_states(parts, order)
+    twice = merge_optimizer_states([parts[1], parts[0], parts[1], parts[0]], order)
+    assert twice["param_groups"] == once["param_groups"]
+    assert twice["state"].keys() == once["state"].keys()
+    for i, state in once["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(twice["state"][i][key], value, rtol=0, atol=0)
+    # resuming, the param groups of every rank arrive, the replicas' included
+    params, _, _ = _stage_setup()
+    all_groups = [group_names(o, n) for o, n in zip(optimizers, names, strict=True)]
+    shapes = {n: p.shape for n, p in params[0].items()}
+    split = stage_optimizer_state(once, all_groups[0], all_groups, order, shapes)
+    assert split == stage_optimizer_state(once, all_groups[0], all_groups * 2, order, shapes)
+
+
 def test_whole_models_state_splits_onto_stages() -> None:
     whole = _stepped(dict(_model().named_parameters())).state_dict()
     params, optimizers, names = _stage_setup()

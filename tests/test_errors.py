@@ -43,8 +43,7 @@ def test_contradictory_or_malformed_options(options: dict, error: type, message:
     [
         (dict(split_points=["model.4"]), 3, "1 split points make 2 stages, but 3 devices were requested: give devi"),
         (dict(balance=[3, 2, 2, 2]), 2, r"balance \[3, 2, 2, 2\] has 4 stages but the trainer runs 2 .* devices=4"),
-        (dict(num_stages=2), 4, "would be 2 data-parallel replicas .* not support yet: .* devices=2"),
-        (dict(num_stages=2), 3, "3 processes .* is not a multiple of num_stages=2"),
+        (dict(num_stages=2), 3, "3 processes .* cannot run whole replicas of a pipeline of num_stages=2"),
     ],
 )
 def test_stage_count_that_contradicts_devices_fails_when_the_trainer_is_built(options, devices, message) -> None:
