@@ -22,6 +22,10 @@ Example::
 from __future__ import annotations
 
 import difflib
+import functools
+import operator
+import os
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["Partition", "split_module", "balance_to_split_points", "balanced_split_points"]
+__all__ = ["Partition", "split_module", "balance_to_split_points"]
 
 CUT_KEY = "lightning_ddg_cut"  # in a stage's ``meta``: the name of the module that begins the next stage
 
@@ -69,22 +73,120 @@ class _WholeForward(nn.Module):
         return self._forward(*args, **kwargs)
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with two changes that give the cut points users expect.
+
+    - It enters ``nn.TransformerEncoder`` (a leaf for plain torch.fx) when called without masks, so that stages
+      can begin between its layers; with masks it stays one unit.
+    - Modules named in ``whole`` are kept as single calls. :func:`trace` fills it with the modules whose
+      forward cannot be traced (Python control flow on tensor values, say): they run whole within one stage.
+    """
+
+    def __init__(self, whole: set[str]) -> None:
+        super().__init__()
+        self.whole = whole
+        self.failed: str | None = None  # the innermost module whose forward failed to trace
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.whole:
+            return True
+        if isinstance(m, nn.TransformerEncoder):
+            return False
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        if isinstance(m, nn.TransformerEncoder) and qualname not in self.whole:
+            if not _plain_encoder_call(args, kwargs):
+                return self.create_proxy("call_module", qualname, args, kwargs)
+            forward = functools.partial(_encoder_layers, m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed is None and not self.is_leaf_module(m, qualname):
+                self.failed = qualname
+            raise
+
+
+def _plain_encoder_call(args: tuple, kwargs: dict) -> bool:
+    """An ``nn.TransformerEncoder`` call without masks: then it runs its layers one after the other."""
+    extra = list(args[1:]) + [v for k, v in kwargs.items() if k != "src"]
+    return len(args) + ("src" in kwargs) == 1 and all(v is None or v is False for v in extra)
+
+
+def _encoder_layers(encoder: nn.TransformerEncoder, src=None, **_: object):
+    # what TransformerEncoder.forward computes when no mask is given (the nested-tensor fast path needs a mask)
+    output = src
+    for layer in encoder.layers:
+        output = layer(output, src_mask=None, is_causal=False, src_key_padding_mask=None)
+    return encoder.norm(output) if encoder.norm is not None else output
+
+
+WHOLE_KEY = "lightning_ddg_whole"  # in a traced module's ``meta``: the modules kept whole because untraceable
+
+
 def trace(module: nn.Module, train: bool = True) -> fx.GraphModule:
-    """Symbolically trace ``module.forward`` in train or eval mode, leaving the module's modes as they were."""
+    """Symbolically trace ``module.forward`` in train or eval mode, leaving the module's modes as they were.
+
+    A submodule whose forward cannot be traced is kept whole (one call, no cut inside it); the names of such
+    modules are in ``meta[WHOLE_KEY]`` of the result. Only code in the top module's own forward must trace.
+    """
     modes = {m: m.training for m in module.modules()}
     module.train(train)
+    whole: set[str] = set()
     try:
-        graph = fx.Tracer().trace(module)
-    except Exception as err:  # noqa: BLE001 - any tracing failure gets the same advice
-        raise RuntimeError(
-            f"lightning-ddg could not trace the forward of {type(module).__name__} with torch.fx: {err}\n"
-            "Cutting a model into stages needs a forward without Python control flow on tensor values. Move such "
-            "code out of `forward` (into `training_step`), or run with a single stage (devices=1)."
-        ) from err
+        while True:
+            tracer = _Tracer(whole)
+            try:
+                graph = tracer.trace(module)
+                break
+            except Exception as err:  # noqa: BLE001 - any tracing failure gets the same advice
+                if tracer.failed is not None and tracer.failed not in whole:
+                    whole.add(tracer.failed)
+                    continue
+                raise RuntimeError(
+                    f"lightning-ddg could not trace the forward of {type(module).__name__} with torch.fx: {err}\n"
+                    f"{_user_code(err)}"
+                    "Cutting a model into stages needs a forward without Python control flow on tensor values. Move "
+                    "such code into a submodule (it then runs whole, inside one stage) or into `training_step`, or "
+                    "run with a single stage (devices=1). Stages begin only at modules the trace reaches: "
+                    "split_points can name those."
+                ) from err
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return fx.GraphModule(module, graph)
+    _hoist_item_access(graph)
+    gm = fx.GraphModule(module, graph)
+    gm.meta[WHOLE_KEY] = sorted(whole)
+    return gm
+
+
+def _user_code(err: BaseException) -> str:
+    """'file:line: source' of the innermost frame outside torch, where the untraceable construct is."""
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(torch_dir)]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f"The construct is at {frame.filename}:{frame.lineno}: {(frame.line or '').strip()}\n"
+
+
+def _hoist_item_access(graph: fx.Graph) -> None:
+    """Move ``value[key]`` right after ``value`` when that is all ``value`` is used for, so that the items of a
+    tuple or dict (a module returning several tensors, a dict input), not the container, cross a later cut."""
+    for node in list(graph.nodes):
+        users = list(node.users)
+        if users and all(u.op == "call_function" and u.target is operator.getitem for u in users):
+            # the items count as part of the call that made them, so no cut falls between the two
+            stack = dict(node.meta.get("nn_module_stack") or {})
+            if node.op == "call_module":
+                stack[str(node.target)] = (str(node.target), None)
+            anchor = node
+            for user in users:
+                if all(a is node or not isinstance(a, fx.Node) for a in user.args):
+                    anchor.append(user)
+                    user.meta["nn_module_stack"] = stack
+                    anchor = user
 
 
 def _module_paths(node: fx.Node) -> list[str]:
@@ -131,8 +233,13 @@ def _stage_graphs(gm: fx.GraphModule, cuts: list[int], root: nn.Module) -> list[
         new = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         inputs = placeholders if k == 0 else crossing(bounds[k])
+        mutated = _mutated_in_place(body[bounds[k] : bounds[k + 1]], gm) if k > 0 else set()
         for v in inputs:
             env[v] = new.placeholder(v.name)
+            if v in mutated:
+                # a received value is a leaf of the stage's autograd graph, which may not change in place: the
+                # stage works on a copy, as the rest of the model would have seen the change
+                env[v] = new.call_method("clone", (env[v],))
         for node in body[bounds[k] : bounds[k + 1]]:
             env[node] = new.node_copy(node, env.__getitem__)
         if k == len(bounds) - 2:
@@ -143,6 +250,55 @@ def _stage_graphs(gm: fx.GraphModule, cuts: list[int], root: nn.Module) -> list[
         new.lint()
         stages.append(fx.GraphModule(root, new, class_name=f"Stage{k}"))
     return stages
+
+
+_VIEWS = {
+    "view",
+    "view_as",
+    "reshape",
+    "transpose",
+    "permute",
+    "flatten",
+    "unsqueeze",
+    "squeeze",
+    "expand",
+    "narrow",
+    "select",
+    "t",
+    "unflatten",
+    "chunk",
+    "split",
+    "unbind",
+}
+
+
+def _mutated_in_place(nodes: list[fx.Node], gm: fx.GraphModule) -> set[fx.Node]:
+    """The values that ``nodes`` change in place (``ReLU(inplace=True)``, ``x += y``, ``x.add_(y)``), traced back
+    through views and item access to the value they belong to."""
+    mutated = set()
+    for node in nodes:
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        if node.op == "call_module":
+            in_place = getattr(gm.get_submodule(str(node.target)), "inplace", False) is True
+        elif node.op in ("call_function", "call_method"):
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            in_place = (
+                node.kwargs.get("inplace") is True
+                or (name.endswith("_") and not name.startswith("_") and name != "requires_grad_")
+                or name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "ipow", "iand", "ior", "ixor")
+            )
+        else:
+            continue
+        if in_place:
+            value = node.args[0]
+            while value.op in ("call_method", "call_function") and value.args and isinstance(value.args[0], fx.Node):
+                name = value.target if isinstance(value.target, str) else getattr(value.target, "__name__", "")
+                if name not in _VIEWS and value.target is not operator.getitem:
+                    break
+                value = value.args[0]
+            mutated.add(value)
+    return mutated
 
 
 def _check_disjoint(stages: list[nn.Module]) -> None:
@@ -163,29 +319,28 @@ def split_module(
     split_points: Sequence[str] | None = None,
     num_stages: int | None = None,
 ) -> Partition:
-    """Cut ``module.forward`` into stages.
+    """Cut ``module.forward`` into stages at ``split_points``.
 
     Args:
         module: the module to cut (a ``LightningModule`` works: names are relative to it).
-        split_points: names of the modules that begin a new stage, in forward order.
-        num_stages: with no ``split_points``, cut into this many stages of about equal parameter count.
+        split_points: names of the modules that begin a new stage, in forward order; none for one stage.
+            :func:`lightning_ddg.plan` chooses them.
+        num_stages: if given, the number of stages the split points must make.
     """
-    if split_points is None:
-        if num_stages is None:
-            raise ValueError("give split_points or num_stages")
-        if num_stages == 1:
-            whole = _WholeForward(module, module.forward)
-            return Partition([], [whole], [whole])
-        split_points = balanced_split_points(module, num_stages)
+    if not split_points:
+        if num_stages not in (None, 1):
+            raise ValueError(
+                f"{num_stages} stages need {num_stages - 1} split points; lightning_ddg.plan(module, example_input, "
+                f"num_stages={num_stages}) chooses balanced ones."
+            )
+        whole = _WholeForward(module, module.forward)
+        return Partition([], [whole], [whole])
     split_points = list(split_points)
     if num_stages is not None and len(split_points) != num_stages - 1:
         raise ValueError(
             f"{len(split_points)} split points make {len(split_points) + 1} stages, but {num_stages} devices were "
             f"requested: give devices={len(split_points) + 1} or {num_stages - 1} split points."
         )
-    if not split_points:
-        whole = _WholeForward(module, module.forward)
-        return Partition([], [whole], [whole])
 
     known = [name for name, _ in module.named_modules() if name]
     result = {}
@@ -219,59 +374,6 @@ def _candidate_cuts(body: list[fx.Node]) -> list[tuple[int, str]]:
     return cuts
 
 
-def balanced_split_points(module: nn.Module, num_stages: int) -> list[str]:
-    """Split points that give ``num_stages`` stages of about equal parameter count.
-
-    Cuts are placed at module boundaries at any depth; the split minimises the largest stage.
-    """
-    gm = trace(module, train=True)
-    body = _body(gm.graph)
-    seen: set[int] = set()
-    cost = []
-    for node in body:
-        params: list[torch.Tensor] = []
-        if node.op == "call_module":
-            params = list(gm.get_submodule(str(node.target)).parameters())
-        elif node.op == "get_attr":
-            target = gm.get_parameter(str(node.target)) if _is_parameter(gm, str(node.target)) else None
-            params = [target] if target is not None else []
-        fresh = [p for p in params if id(p) not in seen]
-        seen.update(id(p) for p in fresh)
-        cost.append(sum(p.numel() for p in fresh))
-    candidates = _candidate_cuts(body)
-    if len(candidates) < num_stages - 1:
-        raise ValueError(
-            f"the forward offers {len(candidates) + 1} possible stages, fewer than the {num_stages} requested: "
-            "use fewer devices."
-        )
-    prefix = [0]
-    for c in cost:
-        prefix.append(prefix[-1] + c)
-    positions = [0] + [i for i, _ in candidates] + [len(body)]
-    n = len(positions)
-    inf = float("inf")
-    # best[s][j]: smallest largest-stage cost covering body[:positions[j]] with s stages
-    best = [[inf] * n for _ in range(num_stages + 1)]
-    choice = [[-1] * n for _ in range(num_stages + 1)]
-    best[0][0] = 0
-    for s in range(1, num_stages + 1):
-        for j in range(1, n):
-            for i in range(j):
-                if best[s - 1][i] == inf:
-                    continue
-                value = max(best[s - 1][i], prefix[positions[j]] - prefix[positions[i]])
-                if value < best[s][j]:
-                    best[s][j], choice[s][j] = value, i
-    cuts, j = [], n - 1
-    for s in range(num_stages, 0, -1):
-        i = choice[s][j]
-        if s > 1:
-            cuts.append(i)
-        j = i
-    names = {i: name for i, name in candidates}
-    return [names[positions[i]] for i in sorted(cuts)]
-
-
 def balance_to_split_points(module: nn.Module, balance: Sequence[int]) -> list[str]:
     """Turn torchgpipe-style layer counts of the module's ``nn.Sequential`` trunk into split points."""
     sequentials = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Sequential)]
@@ -298,11 +400,3 @@ def balance_to_split_points(module: nn.Module, balance: Sequence[int]) -> list[s
         offset += count
         points.append(f"{prefix}{offset}")
     return points
-
-
-def _is_parameter(module: nn.Module, target: str) -> bool:
-    try:
-        module.get_parameter(target)
-    except AttributeError:
-        return False
-    return True

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from lightning_ddg.partition import balance_to_split_points, balanced_split_points, split_module
+from lightning_ddg.partition import balance_to_split_points, split_module
+from lightning_ddg.planning import balanced_split_points, plan
 
 
 def _resnet() -> nn.Module:
@@ -40,8 +41,15 @@ RESNET_SPLITS = [
     pytest.param({"split_points": ["layer3"]}, id="top-level-layer3"),
     pytest.param({"split_points": ["layer2.1"]}, id="residual-stage-layer2.1"),
     pytest.param({"split_points": ["layer3.0.bn2"]}, id="inside-residual-block"),
-    pytest.param({"num_stages": 3}, id="balanced-3"),
+    pytest.param({"planned": 3}, id="time-planned-3"),
 ]
+
+
+def _split(model: nn.Module, how: dict):
+    """Cut at the named split points, or where a plan timed on an example batch cuts into ``planned`` stages
+    (the plan must leave the module, its BatchNorm statistics included, as it was)."""
+    points = how["split_points"] if "split_points" in how else plan(model, _images(seed=7), how["planned"]).split_points
+    return split_module(model, points)
 
 
 # --- exactness --------------------------------------------------------------------------------------------
@@ -49,8 +57,8 @@ RESNET_SPLITS = [
 def test_resnet_stages_reproduce_forward_in_train_mode(how: dict) -> None:
     model = _resnet().train()
     unsplit = copy.deepcopy(model)
-    partition = split_module(model, **how)
-    assert partition.num_stages == (len(how["split_points"]) + 1 if "split_points" in how else how["num_stages"])
+    partition = _split(model, how)
+    assert partition.num_stages == (len(how["split_points"]) + 1 if "split_points" in how else how["planned"])
     x = _images()
     expected = unsplit(x)
     actual = _compose(partition.train, x)
@@ -67,7 +75,7 @@ def test_resnet_stages_reproduce_forward_in_eval_mode(how: dict) -> None:
     # make running statistics non-trivial so eval differs from train
     with torch.no_grad():
         model.train()(_images(seed=5))
-    partition = split_module(model, **how)
+    partition = _split(model, how)
     model.eval()
     x = _images()
     with torch.no_grad():
@@ -85,7 +93,7 @@ def test_balanced_default_cuts_resnet_into_three_stages() -> None:
     assert len(points) == 2
     names = dict(model.named_modules())
     assert all(p in names for p in points)
-    partition = split_module(model, num_stages=3)
+    partition = split_module(model, points, num_stages=3)
     assert partition.split_points == points
     assert partition.num_stages == 3
     sizes = [sum(p.numel() for p in s.parameters()) for s in partition.train]
@@ -115,7 +123,7 @@ def test_skip_connection_crosses_a_cut_inside_a_residual_block() -> None:
 def test_stage_parameters_are_the_original_parameters(how: dict) -> None:
     model = _resnet()
     original = dict(model.named_parameters())
-    partition = split_module(model, **how)
+    partition = _split(model, how)
     owner: dict[str, int] = {}
     for k, (train_stage, eval_stage) in enumerate(zip(partition.train, partition.eval, strict=True)):
         params = dict(train_stage.named_parameters())
@@ -213,9 +221,9 @@ def test_split_points_disagreeing_with_num_stages() -> None:
         split_module(_resnet(), split_points=["layer2", "layer3"], num_stages=2)
 
 
-def test_neither_split_points_nor_num_stages() -> None:
-    with pytest.raises(ValueError, match="give split_points or num_stages"):
-        split_module(_resnet())
+def test_several_stages_need_split_points() -> None:
+    with pytest.raises(ValueError, match=r"2 stages need 1 split points; lightning_ddg\.plan"):
+        split_module(_resnet(), num_stages=2)
 
 
 def test_more_stages_than_candidate_cuts() -> None:
@@ -224,7 +232,7 @@ def test_more_stages_than_candidate_cuts() -> None:
     with pytest.raises(ValueError, match="offers 3 possible stages, fewer than the 4 requested"):
         balanced_split_points(tiny, 4)
     with pytest.raises(ValueError, match="fewer than the 4 requested"):
-        split_module(tiny, num_stages=4)
+        plan(tiny, torch.randn(3, 2), 4)
 
 
 @pytest.mark.parametrize("balance", [[1, 1], [2, 2], [1, 0, 2], [4, -1]])
@@ -286,7 +294,7 @@ def test_data_dependent_control_flow_cannot_be_traced() -> None:
     with pytest.raises(RuntimeError, match=message):
         split_module(_DataDependent(), split_points=["b"])
     with pytest.raises(RuntimeError, match=message):
-        split_module(_DataDependent(), num_stages=2)
+        balanced_split_points(_DataDependent(), 2)
 
 
 def test_a_single_stage_needs_no_tracing() -> None:
@@ -318,7 +326,7 @@ def test_balance_to_split_points_on_a_sequential(balance: list[int], expected: l
 def test_balanced_split_points_on_equal_layers(num_stages: int, expected: list[str]) -> None:
     model = _eight_linears()
     assert balanced_split_points(model, num_stages) == expected
-    partition = split_module(model, num_stages=num_stages)
+    partition = split_module(model, balanced_split_points(model, num_stages))
     assert [len(partition.parameter_names(k)) for k in range(num_stages)] == [16 // num_stages] * num_stages
 
 
