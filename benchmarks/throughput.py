@@ -41,7 +41,7 @@ from torch import nn
 
 from lightning_ddg import DDGStage, StageLinks, Topology, split_module
 from lightning_ddg.comm import Channel
-from lightning_ddg.partition import balanced_split_points
+from lightning_ddg.planning import balanced_split_points
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import can_pin, launch  # noqa: E402

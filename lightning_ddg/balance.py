@@ -1,0 +1,178 @@
+"""What each piece of a model costs, and the cuts that make the slowest stage as fast as possible.
+
+A pipeline runs at the speed of its slowest stage, so the stages are chosen to minimise the largest stage cost
+(:func:`solve`). The cost of a *segment* (the run of the forward between two candidate cuts) is measured in one
+of three ways, from most to least faithful:
+
+- ``"time"``: forward + backward of the segment, timed on the device with a real input (torchgpipe's
+  ``balance_by_time``): it sees what parameter counts miss, such as the full-resolution convolutions of a CNN
+  that cost much time for few parameters.
+- ``"flops"``: floating-point operations of forward + backward, counted by ``torch.utils.flop_counter``.
+- ``"params"``: parameter count; needs no input at all.
+
+Plain PyTorch; the segments come from :mod:`lightning_ddg.partition`.
+
+Example::
+
+    >>> solve([4.0, 1.0, 1.0, 2.0], [0, 9, 1], num_stages=2)   # bytes crossing after segments 0, 1, 2
+    [1]
+    >>> solve([1.0, 1.0, 1.0, 1.0], [5, 1, 5], num_stages=2, tolerance=0.6)  # near-ties go to fewer bytes
+    [2]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["BalanceBy", "BALANCE_BY", "solve", "segment_times", "segment_flops", "run_segments"]
+
+BalanceBy = Literal["time", "flops", "params"]
+BALANCE_BY = ("time", "flops", "params")
+
+
+def solve(costs: Sequence[float], cut_bytes: Sequence[float], num_stages: int, tolerance: float = 0.0) -> list[int]:
+    """Group consecutive segments into ``num_stages`` non-empty stages.
+
+    Minimises the cost of the most expensive stage; among the groupings whose most expensive stage is within
+    ``tolerance`` (a fraction) of that minimum, takes one that sends the fewest bytes across its cuts.
+
+    Args:
+        costs: the cost of each segment, in forward order.
+        cut_bytes: ``cut_bytes[i]``: what crosses a cut placed after segment ``i`` (``len(costs) - 1`` entries).
+        num_stages: how many stages; at most ``len(costs)``.
+        tolerance: how much slower than the best a grouping may be and still win on bytes.
+
+    Returns:
+        the segment index each stage after the first begins at, ascending.
+    """
+    m = len(costs)
+    if not 1 <= num_stages <= m:
+        raise ValueError(f"cannot group {m} segments into {num_stages} stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+
+    def span(i: int, j: int) -> float:  # the cost of segments i..j-1 as one stage
+        return prefix[j] - prefix[i]
+
+    inf = float("inf")
+    # slowest[s][j]: the smallest largest-stage cost of segments 0..j-1 in s stages
+    slowest = [[inf] * (m + 1) for _ in range(num_stages + 1)]
+    slowest[0][0] = 0.0
+    for s in range(1, num_stages + 1):
+        for j in range(s, m - (num_stages - s) + 1):
+            slowest[s][j] = min(max(slowest[s - 1][i], span(i, j)) for i in range(s - 1, j))
+    bound = slowest[num_stages][m] * (1 + tolerance) + 1e-12 * max(prefix[-1], 1.0)
+
+    # fewest[s][j]: the fewest bytes across the cuts of segments 0..j-1 in s stages, no stage above the bound
+    fewest = [[inf] * (m + 1) for _ in range(num_stages + 1)]
+    start = [[-1] * (m + 1) for _ in range(num_stages + 1)]
+    fewest[0][0] = 0.0
+    for s in range(1, num_stages + 1):
+        for j in range(s, m - (num_stages - s) + 1):
+            for i in range(s - 1, j):
+                if fewest[s - 1][i] == inf or span(i, j) > bound:
+                    continue
+                value = fewest[s - 1][i] + (float(cut_bytes[i - 1]) if i > 0 else 0.0)
+                if value < fewest[s][j]:
+                    fewest[s][j], start[s][j] = value, i
+    cuts, j = [], m
+    for s in range(num_stages, 0, -1):
+        j = start[s][j]
+        cuts.append(j)
+    return sorted(cuts)[1:]  # the first stage begins at segment 0
+
+
+# --- measuring segments -------------------------------------------------------------------------------------
+def run_segments(segments: Sequence[nn.Module], inputs: Sequence[Any], device: torch.device) -> list[list[Any]]:
+    """The inputs each segment receives when ``inputs`` go through the chain (forward only, no gradients).
+
+    Each segment runs on ``device`` and goes back where it was; the recorded inputs stay on ``device``.
+    """
+    values = [_to(x, device) for x in inputs]
+    recorded = []
+    with torch.no_grad():
+        for segment in segments:
+            recorded.append(values)
+            with _on(segment, device):
+                out = segment(*values)
+            values = list(out) if isinstance(out, tuple) else [out]
+    return recorded
+
+
+def segment_times(
+    segments: Sequence[nn.Module], inputs: Sequence[Sequence[Any]], device: torch.device, repeats: int = 3
+) -> list[float]:
+    """Seconds of forward + backward per segment, the fastest of ``repeats`` runs after one warm-up run."""
+    times = []
+    for segment, args in zip(segments, inputs, strict=True):
+        with _on(segment, device):
+            best = float("inf")
+            for run in range(repeats + 1):
+                _synchronize(device)
+                begin = time.perf_counter()
+                _forward_backward(segment, args)
+                _synchronize(device)
+                if run:  # the first run warms caches and allocators up
+                    best = min(best, time.perf_counter() - begin)
+            times.append(best)
+    return times
+
+
+def segment_flops(segments: Sequence[nn.Module], inputs: Sequence[Sequence[Any]], device: torch.device) -> list[int]:
+    """Floating-point operations of forward + backward per segment."""
+    flops = []
+    for segment, args in zip(segments, inputs, strict=True):
+        with _on(segment, device), FlopCounterMode(display=False) as counter:
+            _forward_backward(segment, args)
+        flops.append(counter.get_total_flops())
+    return flops
+
+
+def _forward_backward(segment: nn.Module, args: Sequence[Any]) -> None:
+    leaves = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in args]
+    out, _ = tree_flatten(segment(*leaves))
+    outputs = [o for o in out if isinstance(o, torch.Tensor) and o.requires_grad]
+    wrt = [p for p in segment.parameters() if p.requires_grad]
+    wrt += [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+    if outputs and wrt:
+        saved = [leaf.grad for leaf in wrt]
+        for leaf in wrt:
+            leaf.grad = None
+        torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs], inputs=wrt)
+        for leaf, grad in zip(wrt, saved, strict=True):
+            leaf.grad = grad
+
+
+class _on:
+    """Run a segment on ``device``: its parameters and buffers move there and back, one segment at a time, so
+    that measuring needs the memory of one segment, not of the whole model."""
+
+    def __init__(self, segment: nn.Module, device: torch.device) -> None:
+        self.segment, self.device = segment, device
+        tensors = list(segment.parameters()) + list(segment.buffers())
+        self.home = tensors[0].device if tensors else device
+
+    def __enter__(self) -> None:
+        if self.home != self.device:
+            self.segment.to(self.device)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.home != self.device:
+            self.segment.to(self.home)
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, x)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

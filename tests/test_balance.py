@@ -1,0 +1,70 @@
+"""The grouping of segments into stages, and the measurements of what segments cost."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_ddg.balance import run_segments, segment_flops, segment_times, solve
+
+
+def _brute_force(costs: list[float], cut_bytes: list[float], num_stages: int, tolerance: float) -> tuple:
+    """The slowest stage and the bytes of the best grouping, by trying every one."""
+    best = None
+    groupings = list(itertools.combinations(range(1, len(costs)), num_stages - 1))
+    slowest = min(_slowest(costs, starts) for starts in groupings)
+    for starts in groupings:
+        if _slowest(costs, starts) <= slowest * (1 + tolerance) + 1e-9:
+            sent = sum(cut_bytes[s - 1] for s in starts)
+            best = sent if best is None else min(best, sent)
+    return slowest, best
+
+
+def _slowest(costs: list[float], starts) -> float:
+    bounds = [0, *starts, len(costs)]
+    return max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.1])
+@pytest.mark.parametrize("seed", range(20))
+def test_solve_finds_the_fastest_slowest_stage_then_the_fewest_bytes(seed: int, tolerance: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    m = int(torch.randint(2, 9, (1,), generator=g))
+    num_stages = int(torch.randint(1, m + 1, (1,), generator=g))
+    costs = torch.randint(0, 10, (m,), generator=g).float().tolist()
+    cut_bytes = torch.randint(0, 5, (m - 1,), generator=g).float().tolist()
+    starts = solve(costs, cut_bytes, num_stages, tolerance)
+    assert len(starts) == num_stages - 1 and starts == sorted(set(starts)) and all(0 < s < m for s in starts)
+    slowest, sent = _brute_force(costs, cut_bytes, num_stages, tolerance)
+    assert _slowest(costs, starts) <= slowest * (1 + tolerance) + 1e-9
+    assert sum(cut_bytes[s - 1] for s in starts) == sent
+
+
+def test_equal_costs_are_broken_by_the_bytes_that_cross() -> None:
+    # a cut after segment 1 or 2 gives the same slowest stage (2.0); after 2 sends less
+    assert solve([1.0, 1.0, 1.0], [3.0, 8.0], 2) == [1]
+    assert solve([1.0, 1.0, 1.0, 1.0], [1.0, 9.0, 1.0], 2, tolerance=0.5) == [1]
+
+
+def test_more_stages_than_segments_is_an_error() -> None:
+    with pytest.raises(ValueError, match="cannot group 2 segments into 3 stages"):
+        solve([1.0, 1.0], [0.0], 3)
+
+
+def test_measurements_of_segments() -> None:
+    torch.manual_seed(0)
+    small, large = nn.Linear(16, 16), nn.Sequential(nn.Linear(16, 512), nn.Tanh(), nn.Linear(512, 16))
+    segments = [small, large]
+    inputs = run_segments(segments, [torch.randn(64, 16)], torch.device("cpu"))
+    assert [x[0].shape for x in inputs] == [(64, 16), (64, 16)]
+    assert torch.allclose(inputs[1][0], small(inputs[0][0]))
+    flops = segment_flops(segments, inputs, torch.device("cpu"))
+    # forward + backward of a linear layer: 2 * batch * in * out multiply-adds forward, twice that backward
+    assert flops[0] == 3 * 2 * 64 * 16 * 16
+    assert flops[1] > 30 * flops[0]
+    times = segment_times(segments, inputs, torch.device("cpu"))
+    assert all(t > 0 for t in times) and times[1] > times[0]
+    assert all(p.grad is None for s in segments for p in s.parameters())
