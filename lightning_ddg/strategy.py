@@ -42,17 +42,18 @@ from lightning.fabric.utilities.distributed import (
 )
 from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler, RandomSampler
 
+from lightning_ddg.balance import BALANCE_BY, BalanceBy
 from lightning_ddg.checkpoint import (
     group_names,
     merge_optimizer_states,
@@ -68,6 +69,7 @@ from lightning_ddg.checks import (
 )
 from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launched_processes, pause_observer
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
+from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
 from lightning_ddg.stage import MEMORY_MODES, DDGStage, MemoryMode
 from lightning_ddg.stats import Snapshot, StageCounters, interval_figures
 from lightning_ddg.topology import StageLinks, Topology
@@ -105,6 +107,12 @@ class DDGStrategy(ParallelStrategy):
             ``devices × num_nodes / S`` replicas of the pipeline, each on its own shard of the data, whose
             stages average their gradients before every step (see ``docs/scale-out.md``). ``None``: one stage
             per process and no replicas.
+        balance_by: with neither ``split_points`` nor ``balance``, the cuts minimise the slowest stage's cost
+            measured by ``"time"`` (forward + backward of each piece of the model timed on the device, with the
+            example input), ``"flops"`` or ``"params"`` (see :func:`lightning_ddg.plan`). By default ``"time"``,
+            and ``"flops"`` under ``Trainer(deterministic=True)``, whose runs must cut alike. The example input
+            is the module's ``example_input_array``, or else the part of the first batch that fits ``forward``
+            (``x`` of a batch ``(x, y)``, the items of a dict batch named like ``forward``'s parameters).
         memory: ``"stash"`` (default, exact), ``"recompute"`` (exact, keeps no activations) or ``"replay"``
             (inexact, keeps no weight copies); see ``docs/semantics.md``.
         timeout: how long any wait for another stage may take before the run fails.
@@ -115,8 +123,8 @@ class DDGStrategy(ParallelStrategy):
 
     A failure in any stage ends every process of the job; see "Reliability" in ``docs/usage.md``.
 
-    With neither ``split_points`` nor ``balance``, the forward is cut into ``num_stages`` stages of about equal
-    parameter count.
+    At the start of every fit the plan of the split is printed as a table (with ``enable_model_summary``) and
+    logged to the loggers' hyperparameters; a warning names a stage that costs more than 1.25× the mean.
 
     Example::
 
@@ -130,6 +138,7 @@ class DDGStrategy(ParallelStrategy):
         split_points: Sequence[str] | None = None,
         balance: Sequence[int] | None = None,
         num_stages: int | None = None,
+        balance_by: BalanceBy | None = None,
         memory: MemoryMode = "stash",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -151,12 +160,15 @@ class DDGStrategy(ParallelStrategy):
         check_options(split_points, balance, num_stages)
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory={memory!r} is not one of {MEMORY_MODES}")
+        if balance_by is not None and balance_by not in BALANCE_BY:
+            raise ValueError(f"balance_by={balance_by!r} is not one of {BALANCE_BY}")
         if num_stages is not None and num_stages < 1:
             raise ValueError(f"num_stages={num_stages}: a pipeline has at least one stage")
         if start_method not in ("popen", "spawn"):
             raise ValueError(f"start_method={start_method!r}: use 'popen' (strategy='ddg') or 'spawn' ('ddg_spawn')")
         self.split_points = list(split_points) if split_points is not None else None
         self.balance = list(balance) if balance is not None else None
+        self.balance_by = balance_by
         self.memory = memory
         self.num_stages = num_stages
         self.check_finite = check_finite
@@ -169,6 +181,7 @@ class DDGStrategy(ParallelStrategy):
         self._links: StageLinks | None = None
         self.stage: DDGStage | None = None
         self.partition: Partition | None = None
+        self.plan: Plan | None = None  # the split of the last setup, with its costs
         self._removed: list[_Removed] = []
         self._state_dict_keys: list[str] = []
         self._parameter_order: list[str] = []
@@ -278,7 +291,7 @@ class DDGStrategy(ParallelStrategy):
         module = self.lightning_module
         self._check_supported(module)
         self.model = self.precision_plugin.convert_module(module)
-        self.partition = self._split(module)
+        self.partition = self._split(trainer, module)
         check_stages_have_parameters(self.partition.train, self.partition.split_points)
         k, num_stages = self.stage_index, self.partition.num_stages
         self._forward_signature = inspect.signature(module.forward)
@@ -325,7 +338,7 @@ class DDGStrategy(ParallelStrategy):
                 "precision='bf16-mixed' (no loss scaling needed) or '32-true'."
             )
 
-    def _split(self, module: pl.LightningModule) -> Partition:
+    def _split(self, trainer: pl.Trainer, module: pl.LightningModule) -> Partition:
         num_stages = self.topology.num_stages
         split_points = self.split_points
         if self.balance is not None:
@@ -336,7 +349,44 @@ class DDGStrategy(ParallelStrategy):
                     "entries."
                 )
             split_points = balance_to_split_points(module, self.balance)
+        self.plan = None
+        if num_stages > 1:
+            # one rank measures and chooses, so that every stage cuts the model at the same places
+            self.plan = self.broadcast(
+                self._make_plan(trainer, module, split_points) if self.global_rank == 0 else None
+            )
+            split_points = self.plan.split_points
+            self._show_plan(trainer, self.plan)
         return split_module(module, split_points=split_points, num_stages=num_stages)
+
+    def _make_plan(self, trainer: pl.Trainer, module: pl.LightningModule, split_points: list[str] | None) -> Plan:
+        example = _example_forward_input(trainer, module)
+        with self.precision_plugin.forward_context():
+            return plan(
+                module,
+                example,
+                None if split_points is not None else self.topology.num_stages,
+                split_points=split_points,
+                balance_by=self.balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time"),
+                device=self.root_device,
+            )
+
+    def _show_plan(self, trainer: pl.Trainer, plan: Plan) -> None:
+        if self.global_rank != 0:
+            return
+        if any(isinstance(c, ModelSummary) for c in trainer.callbacks):
+            last = plan.num_stages - 1
+            rank_zero_info(f"DDG plan: {plan.num_stages} stages, stage k on rank {last} - k of each pipeline\n{plan}")
+        for logger in trainer.loggers:
+            logger.log_hyperparams(plan.to_dict())
+        if plan.imbalance > IMBALANCE_WARNING:
+            slowest = max(plan.stages, key=lambda s: s.cost)
+            rank_zero_warn(
+                f"stage {slowest.index} of the DDG pipeline costs {plan.imbalance:.2f}x the mean stage "
+                f"({plan.balance_by}); the pipeline runs at the speed of its slowest stage. Move its split points "
+                "(split_points=[...]) or leave the cuts to the strategy (balance_by='time').",
+                category=PossibleUserWarning,
+            )
 
     def _checks_finite(self, trainer: pl.Trainer) -> bool:
         return self.check_finite if self.check_finite is not None else bool(trainer._detect_anomaly)
@@ -708,6 +758,55 @@ def _quiet_epoch_sync_advice(everything: bool) -> None:
     warnings.filterwarnings(
         "ignore", message=rf"It is recommended to use `self.log\('{names}", category=PossibleUserWarning
     )
+
+
+_LOOP_OF = {
+    TrainerFn.FITTING: "fit_loop",
+    TrainerFn.VALIDATING: "validate_loop",
+    TrainerFn.TESTING: "test_loop",
+    TrainerFn.PREDICTING: "predict_loop",
+}
+
+
+def _example_forward_input(trainer: pl.Trainer, module: pl.LightningModule) -> tuple | None:
+    """What ``forward`` takes, for measuring the stages: ``example_input_array``, or else the part of this run's
+    first batch that fits ``forward``'s parameters (``x`` of ``(x, y)``, the named items of a dict). ``None``
+    when neither can be had; no user step code runs for it."""
+    signature = inspect.signature(module.forward)
+    example = module.example_input_array
+    if example is not None:
+        if isinstance(example, dict):
+            return tuple(signature.bind(**example).args)
+        return example if isinstance(example, tuple) else (example,)
+    source = getattr(trainer, _LOOP_OF.get(trainer.state.fn, "fit_loop"))._data_source
+    try:
+        with torch.random.fork_rng(devices=[]):  # a shuffling sampler draws its order from the global stream
+            if not source.is_defined():
+                return None
+            loaders = source.dataloader()
+            loader = next(iter(loaders.values())) if isinstance(loaders, dict) else loaders
+            loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+            batch = next(iter(loader))
+    except Exception:  # noqa: BLE001 - no example from the data: the plan falls back to parameter counts
+        return None
+    return _forward_arguments(batch, signature)
+
+
+def _forward_arguments(batch: Any, signature: inspect.Signature) -> tuple | None:
+    positional = [p for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(1 for p in positional if p.default is p.empty)
+    if isinstance(batch, Tensor):
+        return (batch,)
+    if isinstance(batch, dict):
+        args = []
+        for p in positional:
+            if p.name not in batch:
+                break
+            args.append(batch[p.name])
+        return tuple(args) if len(args) >= required and args else None
+    if isinstance(batch, (tuple, list)) and batch and len(batch) >= required:
+        return tuple(batch[: max(required, 1)])  # (x, y): the inputs come first, the targets last
+    return None
 
 
 def _shuffle_seed() -> int:

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_ddg import DDGReference, DDGStrategy, Topology, split_module
-from lightning_ddg.partition import balanced_split_points
+from lightning_ddg.planning import balanced_split_points
 from tests.lightning_models import MLPClassifier, cpu_trainer, dataset, loader, make_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +40,9 @@ def _reference(model: MLPClassifier, epochs: int) -> tuple[dict, dict, dict]:
     """One 2-stage pipeline on the union batches: weights and momentum after the last step (before the drain),
     and weights after the drain."""
     model = copy.deepcopy(model)
-    stages = split_module(model, split_points=balanced_split_points(copy.deepcopy(model), 2)).train
+    stages = split_module(
+        model, split_points=balanced_split_points(copy.deepcopy(model), 2, loader().dataset[:8][0])
+    ).train
     optimizers = [make_optimizer("sgd", s.parameters()) for s in stages]
     schedulers = []
     if model.hparams.step_lr:
@@ -87,7 +89,7 @@ def test_two_stages_times_two_replicas_match_one_pipeline_on_the_union_batch(tmp
     model = _SyncedMetrics()
     before_drain, momentum, after_fit = _reference(model, epochs=2)
     trainer = cpu_trainer(
-        DDGStrategy(num_stages=2, start_method="spawn"),
+        DDGStrategy(num_stages=2, balance_by="params", start_method="spawn"),
         devices=4,
         logger=CSVLogger(tmp_path, name="run"),
         log_every_n_steps=1,

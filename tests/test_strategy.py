@@ -10,7 +10,7 @@ import torch
 
 import lightning_ddg
 from lightning_ddg import DDGReference, DDGStrategy, split_module
-from lightning_ddg.partition import balanced_split_points
+from lightning_ddg.planning import balanced_split_points
 from tests.lightning_models import MLPClassifier, cpu_trainer, loader, make_optimizer
 
 EPOCHS = 2
@@ -94,8 +94,10 @@ def test_epoch_interval_scheduler_matches_reference() -> None:
 
 def test_default_split_and_accumulation_match_reference() -> None:
     model = MLPClassifier(optimizer="sgd")
-    expected = _reference(model, balanced_split_points(copy.deepcopy(model), 3), accumulate=2)
-    _assert_same(_fit_ddg(model, 3, accumulate=2), expected)
+    first_input = next(iter(loader()))[0]  # what training_step passes to forward first
+    points = balanced_split_points(copy.deepcopy(model), 3, first_input)
+    expected = _reference(model, points, accumulate=2)
+    _assert_same(_fit_ddg(model, 3, accumulate=2, balance_by="params"), expected)
 
 
 def test_balance_names_the_same_cuts_as_split_points() -> None:
@@ -360,3 +362,22 @@ def test_float16_loss_scaling_is_refused_with_advice() -> None:
     strategy = DDGStrategy(precision_plugin=MixedPrecision("16-mixed", "cpu", scaler=scaler))
     with pytest.raises(Exception, match="bf16-mixed"):
         strategy._check_supported(MLPClassifier())
+
+
+def test_the_plan_is_shown_logged_and_warns_of_a_slow_stage(tmp_path, capfd) -> None:
+    import yaml
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = MLPClassifier(optimizer="sgd")  # 4 Linear layers; the cut leaves the last one alone on stage 1
+    strategy = DDGStrategy(split_points=["model.8"], balance_by="params", start_method="spawn")
+    _trainer(strategy, 2, max_epochs=1, logger=CSVLogger(tmp_path, name="run"), enable_model_summary=True).fit(
+        model, loader()
+    )
+    hparams = yaml.safe_load((tmp_path / "run" / "version_0" / "hparams.yaml").read_text())
+    assert hparams["ddg/split_points"] == "model.8" and hparams["ddg/balance_by"] == "params"
+    assert hparams["ddg/stage1/parameters"] == 16 * 3 + 3
+    # the example came from the first training batch: 8 rows of 16 float64 activations cross the cut
+    assert hparams["ddg/stage0/bytes_out"] == 8 * 16 * 8
+    printed = "".join(capfd.readouterr())
+    assert "DDG plan: 2 stages" in printed and "model.0 … model.7" in printed
+    assert f"stage 0 of the DDG pipeline costs {hparams['ddg/imbalance']:.2f}x the mean stage (params)" in printed

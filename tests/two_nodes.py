@@ -16,7 +16,7 @@ from tests.lightning_models import MLPClassifier, cpu_trainer, loader
 
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
-    trainer = cpu_trainer(DDGStrategy(num_stages=2), devices=2, num_nodes=2, max_epochs=1)
+    trainer = cpu_trainer(DDGStrategy(num_stages=2, balance_by="params"), devices=2, num_nodes=2, max_epochs=1)
     model = MLPClassifier(optimizer="sgd", seed=trainer.node_rank)
     trainer.fit(model, loader())
     strategy = trainer.strategy
