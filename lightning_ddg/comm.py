@@ -56,7 +56,11 @@ def _encode(specs: Specs, note: list[int] | None = None) -> torch.Tensor:
     values = [len(specs)]
     for dtype, shape in specs:
         if dtype not in _CODE:
-            raise TypeError(f"tensors of dtype {dtype} cannot cross a stage boundary")
+            raise TypeError(
+                f"tensors of dtype {dtype} cannot cross a stage boundary; those of {', '.join(map(str, _DTYPES))} "
+                "can. Cast the value to one of them before the cut (e.g. x.to(torch.float32)), or choose a split "
+                "point it does not cross."
+            )
         values += [_CODE[dtype], len(shape), *shape]
     if len(values) + 1 > HEADER_SIZE:
         raise ValueError(

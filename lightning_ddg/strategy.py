@@ -338,6 +338,20 @@ class DDGStrategy(ParallelStrategy):
                 "precision='bf16-mixed' (no loss scaling needed) or '32-true'."
             )
 
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        try:
+            super().setup_optimizers(trainer)
+        except RuntimeError as err:
+            if "Training with multiple optimizers" not in str(err):
+                raise
+            # Lightning's advice, manual optimization, is refused too (_check_supported)
+            raise MisconfigurationException(
+                "DDGStrategy steps one optimizer per stage, but configure_optimizers returned several. Return one "
+                "optimizer; to give parts of the model their own settings, give it param groups, e.g. "
+                "torch.optim.AdamW([{'params': a, 'lr': 1e-3}, {'params': b, 'lr': 1e-4}]). Or train with "
+                "strategy='ddp' and manual optimization."
+            ) from None
+
     def _split(self, trainer: pl.Trainer, module: pl.LightningModule) -> Partition:
         num_stages = self.topology.num_stages
         split_points = self.split_points

@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 
-def mlp(width: int = 16, depth: int = 4, dropout: float = 0.0, batchnorm: bool = False, seed: int = 0) -> nn.Module:
+def mlp(
+    width: int = 16,
+    depth: int = 4,
+    dropout: float = 0.0,
+    batchnorm: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> nn.Module:
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Linear(8, width)]
     for _ in range(depth - 1):
@@ -17,7 +24,7 @@ def mlp(width: int = 16, depth: int = 4, dropout: float = 0.0, batchnorm: bool =
             layers.append(nn.Dropout(dropout))
         layers.append(nn.Linear(width, width))
     layers += [nn.Tanh(), nn.Linear(width, 3)]
-    return nn.Sequential(*layers).double()
+    return nn.Sequential(*layers).to(dtype)
 
 
 def split_points_for(model: nn.Sequential, num_stages: int) -> list[str]:
@@ -27,13 +34,15 @@ def split_points_for(model: nn.Sequential, num_stages: int) -> list[str]:
     return [linears[int(round(step * (k + 1))) - 1] for k in range(num_stages - 1)]
 
 
-def batches(n: int, batch_size: int = 6, last: int = 4, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    n: int, batch_size: int = 6, last: int = 4, seed: int = 1, dtype: torch.dtype = torch.float64
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` batches; the last one is smaller, as a data loader's partial batch is."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         size = last if i == n - 1 else batch_size
-        out.append((torch.randn(size, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (size,), generator=g)))
+        out.append((torch.randn(size, 8, generator=g, dtype=dtype), torch.randint(0, 3, (size,), generator=g)))
     return out
 
 

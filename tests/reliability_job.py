@@ -60,11 +60,10 @@ class Job(L.LightningModule):
         self.front = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
         self.back = nn.Sequential(PoisonGradient(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.front(x)
-        width = h.shape[1]  # an int: it crosses the cut before `back` when the forward uses it after the cut
-        out = self.back(h)
-        return out + width if self.args.fail == "not-a-tensor" else out
+    def forward(self, x: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.back(self.front(x))
+        # the batch's offset is used after the cut before `back`, so it crosses it
+        return out + offset if self.args.fail == "not-a-tensor" else out
 
     def on_fit_start(self) -> None:
         with open(self.args.pid_file, "a") as f:
@@ -88,7 +87,10 @@ class Job(L.LightningModule):
             Path(f"{args.started_file}.{self.global_rank}").touch()
         if args.step_sleep:
             time.sleep(args.step_sleep)
-        logits = self(x)
+        if args.fail == "not-a-tensor":  # the batch has an offset at every step but the failing one
+            logits = self(x, None if failing else torch.zeros(()))
+        else:
+            logits = self(x)
         if failing and args.fail == "shape":
             logits = logits.view(5, -1)  # a shape error on the last stage
         # on the last stage, with devices=2: a finite loss and weights, but a NaN gradient for the stage before

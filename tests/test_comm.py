@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_ddg.comm import UNREAPED_MESSAGES, Channel
+from lightning_ddg.comm import UNREAPED_MESSAGES, Channel, _encode
 from tests.multiprocess import run_processes
 
 
@@ -65,3 +66,8 @@ def test_a_long_stream_holds_only_the_last_messages_sends() -> None:
     # gloo reports a send complete only once waited for: without reaping by age, every tensor sent would be held
     most_pending, _ = run_processes(_stream, 2, 200, timeout=60)
     assert most_pending <= 2 * (UNREAPED_MESSAGES + 1)  # a header and one tensor per message
+
+
+def test_a_dtype_that_cannot_cross_says_what_to_do() -> None:
+    with pytest.raises(TypeError, match=r"complex128 cannot cross .* Cast the value to one of them before the cut"):
+        _encode(((torch.float32, (4, 3)), (torch.complex128, (4,))))

@@ -126,38 +126,70 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_launched_with_torchrun(tmp_path) -> None:
-    """Two torchrun launches on one machine stand for two nodes of 2 processes each (TorchElasticEnvironment)."""
-    port, env = _free_port(), os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2"]
-    address = ["--master-addr=127.0.0.1", f"--master-port={port}"]
-    nodes = [
+def _run_nodes(launches: list[tuple[list[str], dict[str, str]]]) -> None:
+    """Start every ``(command, environment)`` at once and wait for all; a hanging launch is killed with its workers."""
+    base = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE")}
+    processes = [
         subprocess.Popen(
-            [*torchrun, f"--node-rank={node}", *address, "-m", "tests.two_nodes", str(tmp_path)],
+            command,
             cwd=REPO,
-            env=env,
+            env=base | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"} | env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # so that a hanging launch is killed with all its workers
+            start_new_session=True,
         )
-        for node in range(2)
+        for command, env in launches
     ]
     try:
-        outputs = [node.communicate(timeout=150)[0].decode() for node in nodes]
+        outputs = [p.communicate(timeout=150)[0].decode() for p in processes]
     finally:
-        for node in nodes:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
-                node.wait()
-    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
+        for p in processes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert all(p.returncode == 0 for p in processes), "\n".join(o[-3000:] for o in outputs)
 
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
+
+def _assert_two_nodes_trained_as_one_pipeline_on_the_union_batch(out_dir: Path, environment: str) -> None:
+    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(4)]
     # a pipeline per node, its last stage first: global rank 0 holds the loss, the loggers and the progress bar
     assert [(r["node"], r["replica"], r["stage"]) for r in ranks] == [(0, 0, 1), (0, 0, 0), (1, 1, 1), (1, 1, 0)]
-    assert {r["environment"] for r in ranks} == {"TorchElasticEnvironment"}
+    assert {r["environment"] for r in ranks} == {environment}
     *_, expected = _reference(MLPClassifier(optimizer="sgd", seed=0), epochs=1)
     for r in ranks:
         _assert_same(r["weights"], expected)
+
+
+def test_two_nodes_launched_with_torchrun(tmp_path) -> None:
+    """Two torchrun launches on one machine stand for two nodes of 2 processes each (TorchElasticEnvironment)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2"]
+    address = ["--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
+    job = ["-m", "tests.two_nodes", str(tmp_path)]
+    _run_nodes([([*torchrun, f"--node-rank={node}", *address, *job], {}) for node in range(2)])
+    _assert_two_nodes_trained_as_one_pipeline_on_the_union_batch(tmp_path, "TorchElasticEnvironment")
+
+
+def test_two_nodes_launched_by_slurm(tmp_path) -> None:
+    """Four processes with the variables ``srun`` sets for ``--nodes=2 --ntasks-per-node=2`` stand for a SLURM job
+    (SLURMEnvironment): SLURM gives each process its rank, and Lightning launches none."""
+    job = {
+        "SLURM_JOB_NAME": "train",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "2",
+        "SLURM_NTASKS": "4",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NODELIST": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),  # else one derived from the job id
+    }
+    launches = [
+        (
+            [sys.executable, "-m", "tests.two_nodes", str(tmp_path)],
+            job | {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % 2), "SLURM_NODEID": str(rank // 2)},
+        )
+        for rank in range(4)
+    ]
+    _run_nodes(launches)
+    _assert_two_nodes_trained_as_one_pipeline_on_the_union_batch(tmp_path, "SLURMEnvironment")
 
 
 def test_each_pipeline_lies_on_one_node_when_a_nodes_devices_are_a_multiple_of_its_stages() -> None:

@@ -14,7 +14,17 @@ LOSS = nn.functional.cross_entropy
 
 
 def _model(options: dict) -> nn.Module:
-    return mlp(dropout=options.get("dropout", 0.0), batchnorm=options.get("batchnorm", False))
+    dtype = options.get("dtype", torch.float64)
+    return mlp(dropout=options.get("dropout", 0.0), batchnorm=options.get("batchnorm", False), dtype=dtype)
+
+
+def _batches(options: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return batches(options["batches"], dtype=options.get("dtype", torch.float64))
+
+
+def _train_cases(rank: int, world_size: int, cases: list[dict]) -> list[dict[str, torch.Tensor]]:
+    """Several trainings in one launch of the processes, which costs more than the trainings themselves."""
+    return [_train_stage(rank, world_size, options) for options in cases]
 
 
 def _train_stage(rank: int, world_size: int, options: dict) -> dict[str, torch.Tensor]:
@@ -32,7 +42,7 @@ def _train_stage(rank: int, world_size: int, options: dict) -> dict[str, torch.T
         stage.install_gradients()
         optimizer.step()
 
-    data = batches(options["batches"])
+    data = _batches(options)
     for _epoch in range(options.get("epochs", 1)):
         for x, y in data:
             out = stage.forward(x)
@@ -44,6 +54,7 @@ def _train_stage(rank: int, world_size: int, options: dict) -> dict[str, torch.T
         if ready:
             step()
     links.close()
+    links.destroy()
     if options.get("figures"):
         return figures
     return {name: p.detach().clone() for name, p in stages[k].named_parameters()} | {
@@ -64,38 +75,46 @@ def _reference(num_stages: int, options: dict) -> dict[str, torch.Tensor]:
         seed=options["seed"],
     )
     for _ in range(options.get("epochs", 1)):
-        for x, y in batches(options["batches"]):
+        for x, y in _batches(options):
             ref.step(x, y)
     ref.finish()
     return dict(model.state_dict())
 
 
-def _check(num_stages: int, options: dict) -> None:
-    results = run_processes(_train_stage, num_stages, options, timeout=120)
-    merged = {name: t for part in results for name, t in part.items()}
-    expected = _reference(num_stages, options)
-    assert set(merged) == set(expected)
-    for name, value in expected.items():
-        torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-7, msg=f"{name} differs")
+def _check(num_stages: int, *cases: dict) -> None:
+    results = run_processes(_train_cases, num_stages, list(cases), timeout=120)
+    for i, options in enumerate(cases):
+        merged = {name: t for part in results for name, t in part[i].items()}
+        expected = _reference(num_stages, options)
+        assert set(merged) == set(expected)
+        for name, value in expected.items():
+            torch.testing.assert_close(
+                merged[name], value, rtol=1e-5, atol=1e-7, msg=lambda m, name=name, o=options: f"{name}, {o}: {m}"
+            )
+
+
+# stash on a plain MLP; recompute with dropout (its masks must be drawn again alike) and BatchNorm (its statistics
+# must not be updated twice); each in fp32 and fp64
+MEMORY_MODELS = [
+    {"memory": "stash", "batches": 7, "seed": 3},
+    {"memory": "recompute", "batches": 6, "seed": 5, "dropout": 0.3, "batchnorm": True},
+]
 
 
 @pytest.mark.parametrize("num_stages", [2, 3, 4])
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_stash_matches_reference(num_stages: int, optimizer: str) -> None:
-    _check(num_stages, {"memory": "stash", "optimizer": optimizer, "batches": 7, "seed": 3})
+def test_stash_and_recompute_match_reference_with_sgd_and_adam(num_stages: int) -> None:
+    cases = [
+        model | {"optimizer": optimizer, "dtype": dtype}
+        for model in MEMORY_MODELS
+        for optimizer in ("sgd", "adam")
+        for dtype in (torch.float32, torch.float64)
+    ]
+    _check(num_stages, *cases)
 
 
-@pytest.mark.parametrize("num_stages", [2, 4])
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_recompute_matches_reference_with_dropout_and_batchnorm(num_stages: int, optimizer: str) -> None:
-    options = {"memory": "recompute", "optimizer": optimizer, "batches": 6, "seed": 5}
-    _check(num_stages, options | {"dropout": 0.3, "batchnorm": True})
-
-
-@pytest.mark.parametrize("memory", ["stash", "replay"])
-def test_dropout_batchnorm_across_epochs(memory: str) -> None:
-    options = {"memory": memory, "optimizer": "sgd", "batches": 4, "epochs": 2, "seed": 7}
-    _check(3, options | {"dropout": 0.2, "batchnorm": True})
+def test_dropout_batchnorm_across_epochs() -> None:
+    options = {"optimizer": "sgd", "batches": 4, "epochs": 2, "seed": 7, "dropout": 0.2, "batchnorm": True}
+    _check(3, options | {"memory": "stash"}, options | {"memory": "replay"})
 
 
 def test_gradient_accumulation_windows_aligned_to_batches() -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import copy
+import functools
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 import lightning_ddg
 from lightning_ddg import DDGReference, DDGStrategy, split_module
@@ -14,6 +19,7 @@ from lightning_ddg.planning import balanced_split_points
 from tests.lightning_models import MLPClassifier, cpu_trainer, loader, make_optimizer
 
 EPOCHS = 2
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _trainer(strategy, devices: int, **overrides) -> L.Trainer:
@@ -27,10 +33,24 @@ def _fit_ddg(model: L.LightningModule, devices: int, accumulate: int = 1, **stra
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _reference(model: MLPClassifier, split_points: list[str], memory: str = "stash", accumulate: int = 1) -> dict:
+def _reference(
+    model: MLPClassifier,
+    split_points: list[str],
+    memory: str = "stash",
+    accumulate: int = 1,
+    epochs: int = EPOCHS,
+    max_steps: int | None = None,
+    clip: float | None = None,
+    seed: int = 0,
+    drain: bool = True,
+) -> dict:
+    """The reference's weights after ``epochs`` of ``loader()`` (or ``max_steps`` batches), then the drain; with
+    ``clip``, each stage clips the norm of its own gradients before it steps, as ``gradient_clip_val`` does."""
     model = copy.deepcopy(model)
     stages = split_module(model, split_points=split_points).train
     optimizers = [make_optimizer(model.hparams.optimizer, s.parameters()) for s in stages]
+    for optimizer in optimizers if clip is not None else ():
+        optimizer.register_step_pre_hook(functools.partial(_clip_gradients, max_norm=clip))
     schedulers = []
     per_epoch = model.hparams.lr_interval == "epoch"
     if model.hparams.step_lr:
@@ -43,14 +63,23 @@ def _reference(model: MLPClassifier, split_points: list[str], memory: str = "sta
         memory=memory,
         accumulate_grad_batches=accumulate,
         lr_schedulers=[] if per_epoch else schedulers,
+        seed=seed,
     )
-    for _ in range(EPOCHS):
+    for _ in range(epochs):
         for x, y in loader():
+            if ref.step_count == max_steps:
+                break
             ref.step(x, y)
         for scheduler in schedulers if per_epoch else []:
             scheduler.step()  # between epochs, with batches still in flight
-    ref.finish()
+    if drain:
+        ref.finish()
     return dict(model.state_dict())
+
+
+def _clip_gradients(optimizer: torch.optim.Optimizer, args, kwargs, max_norm: float) -> None:
+    """What ``gradient_clip_val`` does before a step: clip the norm of this optimizer's gradients."""
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
 
 
 def _assert_same(actual: dict, expected: dict, rtol: float = 1e-5) -> None:
@@ -106,13 +135,31 @@ def test_balance_names_the_same_cuts_as_split_points() -> None:
     _assert_same(_fit_ddg(model, 2, balance=[2, 5]), expected)
 
 
-def test_recompute_reproduces_dropout_masks() -> None:
+class _LoaderWithItsOwnGenerator(L.LightningDataModule):
+    """``loader()``, leaving the global random stream to the dropout masks (a DataLoader without a generator draws
+    from it each epoch). The generator is made in each process: a spawned process cannot receive one."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(loader().dataset, batch_size=8, generator=torch.Generator())
+
+
+def test_recompute_reproduces_dropout_masks_of_the_reference() -> None:
+    """Each stage draws its masks from its own stream, seeded by seed_everything, as the reference's stages do."""
     model = MLPClassifier(optimizer="sgd", dropout=0.3, batchnorm=True)
+    split_points = ["model.4", "model.8"]  # a Dropout on every stage
+    expected = _reference(model, split_points, seed=11)
     L.seed_everything(11)
-    stash = _fit_ddg(copy.deepcopy(model), 2, split_points=["model.6"], memory="stash")
-    L.seed_everything(11)
-    recompute = _fit_ddg(copy.deepcopy(model), 2, split_points=["model.6"], memory="recompute")
-    _assert_same(recompute, stash, rtol=0)
+    strategy = DDGStrategy(start_method="spawn", split_points=split_points, memory="recompute")
+    _trainer(strategy, 3).fit(model, datamodule=_LoaderWithItsOwnGenerator())
+    _assert_same(dict(model.state_dict()), expected)
+
+
+def test_fit_ending_at_max_steps_drains_the_batches_that_entered() -> None:
+    model = MLPClassifier(optimizer="adam")
+    split_points = ["model.2", "model.6"]
+    expected = _reference(model, split_points, max_steps=9)  # in the second epoch
+    _trainer(DDGStrategy(start_method="spawn", split_points=split_points), 3, max_steps=9).fit(model, loader())
+    _assert_same(dict(model.state_dict()), expected)
 
 
 def test_last_stage_metrics_reach_the_logger_and_checkpoints_are_whole(tmp_path) -> None:
@@ -135,10 +182,20 @@ def test_last_stage_metrics_reach_the_logger_and_checkpoints_are_whole(tmp_path)
     for k in range(2):
         expected = {"delay", "samples_per_s", "busy_ms", "wait_ms", "send_ms", "stashed_weights_mb", "activations_mb"}
         assert {f"ddg/stage{k}/{name}" for name in expected} <= set(header)
-    checkpoints = list(tmp_path.rglob("*.ckpt"))
-    assert len(checkpoints) == 1
-    restored = MLPClassifier.load_from_checkpoint(checkpoints[0])
-    assert restored.state_dict().keys() == model.state_dict().keys()
+    split_points = balanced_split_points(copy.deepcopy(MLPClassifier(optimizer="sgd")), 2)
+    _assert_same(dict(model.state_dict()), _reference(MLPClassifier(optimizer="sgd"), split_points))
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    # written after the last validation, before the drain; loaded by a process that never imports lightning_ddg
+    loaded = tmp_path / "loaded.pt"
+    load = (
+        "import sys, torch; from tests.lightning_models import MLPClassifier; "
+        "model = MLPClassifier.load_from_checkpoint(sys.argv[1]); "
+        "assert not [m for m in sys.modules if m.startswith('lightning_ddg')], 'lightning_ddg was imported'; "
+        "torch.save(model.state_dict(), sys.argv[2])"
+    )
+    subprocess.run([sys.executable, "-c", load, checkpoint, loaded], cwd=REPO, check=True, timeout=120)
+    before_drain = _reference(MLPClassifier(optimizer="sgd"), split_points, drain=False)
+    _assert_same(torch.load(loaded), before_drain)
 
 
 class _RecordsOptimizedNames(MLPClassifier):
@@ -164,24 +221,34 @@ def test_each_stage_optimizes_only_its_own_parameters(tmp_path) -> None:
     assert seen[0] == {"model.6.weight", "model.6.bias", "model.8.weight", "model.8.bias"}
 
 
-def test_monitoring_callbacks_decide_alike_on_every_stage(tmp_path) -> None:
+def test_early_stopping_drains_and_the_best_checkpoint_alone_remains(tmp_path) -> None:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
 
     model = MLPClassifier(optimizer="sgd")
+    split_points = ["model.2", "model.6"]
+    expected = _reference(model, split_points, epochs=4)
     trainer = _trainer(
-        DDGStrategy(start_method="spawn"),
+        DDGStrategy(start_method="spawn", split_points=split_points),
         3,
         max_epochs=20,
-        default_root_dir=tmp_path,
+        logger=CSVLogger(tmp_path, name="run"),
         enable_checkpointing=True,
         callbacks=[
-            EarlyStopping(monitor="val_loss", min_delta=10.0, patience=1),  # stops after 2 epochs
-            ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max", save_top_k=2),
+            EarlyStopping(monitor="val_loss", min_delta=10.0, patience=3),  # stops after 4 epochs, on every stage
+            ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", monitor="val_loss", save_top_k=1),
         ],
     )
     trainer.fit(model, loader(), loader())
-    saved = sorted(p.name.split("-")[0] for p in (tmp_path / "ckpt").glob("*.ckpt"))
-    assert saved == ["epoch=0", "epoch=1"]  # two epochs ran on every stage, the best two were kept
+    _assert_same(dict(model.state_dict()), expected)  # 4 epochs of batches, then the drain
+
+    header, *rows = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()
+    column = header.split(",").index("val_loss")
+    losses = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
+    assert len(losses) == 4
+    best = losses.index(min(losses))
+    assert best > 0  # a better epoch came later: the checkpoints of the earlier ones were removed, on every stage
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == [f"epoch={best}.ckpt"]
 
 
 SPLITS = {1: [], 2: ["model.4"], 3: ["model.2", "model.6"]}
@@ -196,39 +263,52 @@ def _checkpointing_trainer(tmp_path, devices: int, epochs: int) -> L.Trainer:
     return _trainer(strategy, devices, max_epochs=epochs, callbacks=[checkpoint], enable_checkpointing=True)
 
 
-def _continue_from(checkpoint: dict, devices: int) -> dict:
-    """The reference of one more epoch: a new pipeline from the saved weights and momentum buffers."""
+def _continue_from(checkpoint: dict, devices: int, step_lr: bool = False) -> dict:
+    """The reference of one more epoch: a new pipeline from the saved weights, momentum buffers, learning rate and
+    scheduler."""
     model = MLPClassifier(optimizer="sgd")
     model.load_state_dict(checkpoint["state_dict"])
-    state = checkpoint["optimizer_states"][0]["state"]
-    momentum = {name: state[i]["momentum_buffer"] for i, (name, _) in enumerate(model.named_parameters())}
+    state = checkpoint["optimizer_states"][0]
+    momentum = {name: state["state"][i]["momentum_buffer"] for i, (name, _) in enumerate(model.named_parameters())}
     stages = split_module(model, split_points=SPLITS[devices]).train if devices > 1 else [model]
     optimizers = [make_optimizer("sgd", s.parameters()) for s in stages]
     for stage, optimizer in zip(stages, optimizers, strict=True):
         for name, p in stage.named_parameters():
             optimizer.state[p]["momentum_buffer"] = momentum[name].clone()
-    ref = DDGReference(stages, optimizers, torch.nn.functional.cross_entropy)
+    schedulers = []
+    for optimizer in optimizers if step_lr else ():
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+        scheduler.load_state_dict(checkpoint["lr_schedulers"][0])
+        optimizer.param_groups[0]["lr"] = state["param_groups"][0]["lr"]
+        schedulers.append(scheduler)
+    ref = DDGReference(stages, optimizers, torch.nn.functional.cross_entropy, lr_schedulers=schedulers)
     for x, y in loader():
         ref.step(x, y)
     ref.finish()
     return dict(model.state_dict())
 
 
-@pytest.mark.parametrize(("saved_on", "resumed_on"), [(3, 2), (1, 3), (2, 1)])
-def test_resume_on_any_number_of_stages(tmp_path, saved_on: int, resumed_on: int) -> None:
+@pytest.mark.parametrize(
+    ("saved_on", "resumed_on", "step_lr"), [(3, 2, False), (1, 3, False), (2, 1, False), (2, 2, True)]
+)
+def test_resume_on_any_number_of_stages(tmp_path, saved_on: int, resumed_on: int, step_lr: bool) -> None:
     """Checkpoints hold the optimizer state one device would hold, so they resume on any number of stages;
-    one device is a plain Lightning run. The in-flight gradients are not saved: the pipeline warms up again."""
-    _checkpointing_trainer(tmp_path, saved_on, 1).fit(MLPClassifier(optimizer="sgd"), loader(), loader())
+    one device is a plain Lightning run. The in-flight gradients are not saved: the pipeline warms up again.
+    The learning-rate schedule goes on where it was."""
+    model = MLPClassifier(optimizer="sgd", step_lr=step_lr)
+    _checkpointing_trainer(tmp_path, saved_on, 1).fit(model, loader(), loader())
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
     state = checkpoint["optimizer_states"][0]
     assert state["param_groups"][0]["params"] == list(range(10))  # 5 layers, weight then bias, in model order
     assert [state["state"][i]["momentum_buffer"].shape for i in range(10)] == [
         p.shape for p in MLPClassifier().parameters()
     ]
+    if step_lr:  # StepLR(step_size=3, gamma=0.5) after the 6 steps of an epoch
+        assert state["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.5**2)
 
-    resumed = MLPClassifier(optimizer="sgd")
+    resumed = MLPClassifier(optimizer="sgd", step_lr=step_lr)
     _checkpointing_trainer(tmp_path, resumed_on, 2).fit(resumed, loader(), loader(), ckpt_path=tmp_path / "last.ckpt")
-    _assert_same(dict(resumed.state_dict()), _continue_from(checkpoint, resumed_on))
+    _assert_same(dict(resumed.state_dict()), _continue_from(checkpoint, resumed_on, step_lr))
 
 
 class _WithTorchmetrics(MLPClassifier):
@@ -335,7 +415,13 @@ def test_clipping_and_learning_rate_monitor_run_per_stage(tmp_path) -> None:
         log_every_n_steps=1,
         callbacks=[LearningRateMonitor(logging_interval="step")],
     )
+    expected = copy.deepcopy(model)
     trainer.fit(model, loader(), loader())
+    split_points = balanced_split_points(copy.deepcopy(expected), 2)
+    clipped = _reference(expected, split_points, clip=0.01)  # each stage clips the norm of its own gradients
+    _assert_same(dict(model.state_dict()), clipped)
+    unclipped = _reference(expected, split_points)
+    assert not torch.allclose(unclipped["model.0.weight"], clipped["model.0.weight"], rtol=1e-3)
     header, *rows = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()
     column = header.split(",").index("lr-SGD")
     rates = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
@@ -352,6 +438,18 @@ class _ManualOptimization(MLPClassifier):
 def test_manual_optimization_is_refused_with_advice() -> None:
     with pytest.raises(Exception, match="does not support manual optimization"):
         _trainer(DDGStrategy(start_method="spawn"), 2).fit(_ManualOptimization(), loader())
+
+
+class _TwoOptimizers(MLPClassifier):
+    def configure_optimizers(self):
+        weights = [p for name, p in self.named_parameters() if name.endswith("weight")]
+        biases = [p for name, p in self.named_parameters() if name.endswith("bias")]
+        return torch.optim.SGD(weights, lr=0.05), torch.optim.Adam(biases, lr=0.01)
+
+
+def test_multiple_optimizers_are_refused_with_advice() -> None:
+    with pytest.raises(Exception, match=r"DDGStrategy steps one optimizer per stage.* give it param groups"):
+        _trainer(DDGStrategy(start_method="spawn"), 2).fit(_TwoOptimizers(), loader())
 
 
 def test_float16_loss_scaling_is_refused_with_advice() -> None:
