@@ -29,7 +29,16 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from lightning_ddg.balance import BALANCE_BY, BalanceBy, run_segments, segment_flops, segment_times, solve
-from lightning_ddg.partition import WHOLE_KEY, _body, _candidate_cuts, _cut_index, _module_paths, _stage_graphs, trace
+from lightning_ddg.partition import (
+    WHOLE_KEY,
+    _body,
+    _candidate_cuts,
+    _cut_index,
+    _module_paths,
+    _stage_graphs,
+    split_module,
+    trace,
+)
 
 __all__ = ["Plan", "StagePlan", "plan", "balanced_split_points", "IMBALANCE_WARNING"]
 
@@ -157,20 +166,24 @@ def plan(
             f"the forward offers {len(candidates) + 1} possible stages, fewer than the {wanted} requested: "
             "use fewer devices."
         )
-    positions = [i for i, _ in candidates]
     names = dict(candidates)
+    if split_points is not None:  # a given cut may fall where no candidate is (a module's second call, say)
+        split_module(module, split_points)  # the errors for names that cannot cut, in forward order
+        known = [n for n, _ in module.named_modules() if n]
+        names |= {_cut_index(body, name, known): name for name in split_points}
+    positions = sorted(names)
     segments = _stage_graphs(gm, positions, module)
-    crossing = [list(s.graph.nodes)[: _placeholders(s)] for s in segments[1:]]
 
-    costs, used, note, cut_bytes = _costs(module, gm, segments, positions, args, balance_by, device)
+    costs, used, note, cut_bytes = _costs(module, segments, args, balance_by, device)
     if cut_bytes is None:  # without an input, the number of values crossing stands in for their size
-        cut_bytes = [float(len(c)) for c in crossing]
+        cut_bytes = [float(_placeholders(s)) for s in segments[1:]]
     if split_points is None:
         starts = solve(costs, cut_bytes, wanted, _TIE_TOLERANCE[used])
         split_points = [names[positions[s - 1]] for s in starts]
     else:
         split_points = list(split_points)
-        starts = [_segment_of(name, positions, body, module) for name in split_points]
+        starts = [positions.index(index) + 1 for index, name in names.items() if name in split_points]
+        starts.sort()
     return _describe(gm, body, positions, starts, split_points, costs, cut_bytes, used, note, args)
 
 
@@ -183,21 +196,9 @@ def _placeholders(segment: nn.Module) -> int:
     return sum(1 for n in segment.graph.nodes if n.op == "placeholder")
 
 
-def _segment_of(name: str, positions: list[int], body: list, module: nn.Module) -> int:
-    """The segment a split point begins."""
-    index = _cut_index(body, name, [n for n, _ in module.named_modules() if n])
-    if index not in positions:
-        raise ValueError(
-            f"split point {name!r} does not begin a module call in forward: name a module the forward calls"
-        )
-    return positions.index(index) + 1
-
-
 def _costs(
     module: nn.Module,
-    gm: Any,
     segments: list[nn.Module],
-    positions: list[int],
     args: tuple,
     balance_by: BalanceBy,
     device: torch.device | str | None,
