@@ -117,7 +117,8 @@ class DDGStrategy(ParallelStrategy):
             (inexact, keeps no weight copies); see ``docs/semantics.md``.
         timeout: how long any wait for another stage may take before the run fails.
         start_method: ``"popen"`` re-launches the script per process (like ``strategy="ddp"``), ``"spawn"``
-            starts processes with multiprocessing (``strategy="ddg_spawn"``, for notebooks).
+            starts processes with multiprocessing (``strategy="ddg_spawn"``, for notebooks), ``"forkserver"``
+            forks them from a server that imported lightning_ddg once (fits after the first start at once).
         check_finite: stop with ``FloatingPointError`` when the loss, or a gradient a stage receives, holds a NaN
             or an infinity. By default on with ``Trainer(detect_anomaly=True)``.
 
@@ -147,7 +148,7 @@ class DDGStrategy(ParallelStrategy):
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta = default_pg_timeout,
-        start_method: Literal["popen", "spawn"] = "popen",
+        start_method: Literal["popen", "spawn", "forkserver"] = "popen",
         check_finite: bool | None = None,
     ) -> None:
         super().__init__(
@@ -164,8 +165,10 @@ class DDGStrategy(ParallelStrategy):
             raise ValueError(f"balance_by={balance_by!r} is not one of {BALANCE_BY}")
         if num_stages is not None and num_stages < 1:
             raise ValueError(f"num_stages={num_stages}: a pipeline has at least one stage")
-        if start_method not in ("popen", "spawn"):
-            raise ValueError(f"start_method={start_method!r}: use 'popen' (strategy='ddg') or 'spawn' ('ddg_spawn')")
+        if start_method not in ("popen", "spawn", "forkserver"):
+            raise ValueError(
+                f"start_method={start_method!r}: use 'popen' (strategy='ddg'), 'spawn' ('ddg_spawn') or 'forkserver'"
+            )
         self.split_points = list(split_points) if split_points is not None else None
         self.balance = list(balance) if balance is not None else None
         self.balance_by = balance_by
@@ -273,7 +276,7 @@ class DDGStrategy(ParallelStrategy):
             self.world_size,
             describe=lambda rank: f"stage {self.topology.stage_of(rank)} (rank {rank})",
             children={first_child + i: proc for i, proc in enumerate(launched_processes())},
-            watch_parent=self._start_method == "spawn" or self.local_rank > 0,
+            watch_parent=self._start_method != "popen" or self.local_rank > 0,
         ).start()
 
     def set_world_ranks(self) -> None:

@@ -34,7 +34,9 @@ def run_processes(fn: Callable, world_size: int, *args: Any, timeout: float = 12
 
     Every process is killed after ``timeout`` seconds, so a hanging pipeline fails the test instead of CI.
     """
-    ctx = mp.get_context("spawn")
+    # a fork server imports torch and lightning_ddg once; every process forks from it ready to run
+    mp.set_forkserver_preload(["__main__", "lightning_ddg"])
+    ctx = mp.get_context("forkserver")
     queue = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")

@@ -88,7 +88,7 @@ def test_resnet18_trains_with_a_cut_inside_the_residual_network(split_point: str
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     bn_counters = [name for name, _ in model.named_buffers() if name.endswith("num_batches_tracked")]
     expected = _reference(model, split_point)
-    trainer = cpu_trainer(DDGStrategy(split_points=[split_point], start_method="spawn"), 2, max_epochs=EPOCHS)
+    trainer = cpu_trainer(DDGStrategy(split_points=[split_point], start_method="forkserver"), 2, max_epochs=EPOCHS)
     trainer.fit(model, _loader())
 
     assert trainer.state.finished

@@ -89,7 +89,7 @@ def test_two_stages_times_two_replicas_match_one_pipeline_on_the_union_batch(tmp
     model = _SyncedMetrics()
     before_drain, momentum, after_fit = _reference(model, epochs=2)
     trainer = cpu_trainer(
-        DDGStrategy(num_stages=2, balance_by="params", start_method="spawn"),
+        DDGStrategy(num_stages=2, balance_by="params", start_method="forkserver"),
         devices=4,
         logger=CSVLogger(tmp_path, name="run"),
         log_every_n_steps=1,

@@ -27,7 +27,7 @@ def _trainer(strategy, devices: int, **overrides) -> L.Trainer:
 
 
 def _fit_ddg(model: L.LightningModule, devices: int, accumulate: int = 1, **strategy_options) -> dict:
-    strategy = DDGStrategy(start_method="spawn", **strategy_options)
+    strategy = DDGStrategy(start_method="forkserver", **strategy_options)
     trainer = _trainer(strategy, devices, accumulate_grad_batches=accumulate)
     trainer.fit(model, loader(), loader())
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -149,7 +149,7 @@ def test_recompute_reproduces_dropout_masks_of_the_reference() -> None:
     split_points = ["model.4", "model.8"]  # a Dropout on every stage
     expected = _reference(model, split_points, seed=11)
     L.seed_everything(11)
-    strategy = DDGStrategy(start_method="spawn", split_points=split_points, memory="recompute")
+    strategy = DDGStrategy(start_method="forkserver", split_points=split_points, memory="recompute")
     _trainer(strategy, 3).fit(model, datamodule=_LoaderWithItsOwnGenerator())
     _assert_same(dict(model.state_dict()), expected)
 
@@ -158,7 +158,7 @@ def test_fit_ending_at_max_steps_drains_the_batches_that_entered() -> None:
     model = MLPClassifier(optimizer="adam")
     split_points = ["model.2", "model.6"]
     expected = _reference(model, split_points, max_steps=9)  # in the second epoch
-    _trainer(DDGStrategy(start_method="spawn", split_points=split_points), 3, max_steps=9).fit(model, loader())
+    _trainer(DDGStrategy(start_method="forkserver", split_points=split_points), 3, max_steps=9).fit(model, loader())
     _assert_same(dict(model.state_dict()), expected)
 
 
@@ -167,7 +167,7 @@ def test_last_stage_metrics_reach_the_logger_and_checkpoints_are_whole(tmp_path)
 
     model = MLPClassifier(optimizer="sgd")
     trainer = _trainer(
-        DDGStrategy(start_method="spawn"),
+        DDGStrategy(start_method="forkserver"),
         2,
         logger=CSVLogger(tmp_path, name="run"),
         log_every_n_steps=1,
@@ -229,7 +229,7 @@ def test_early_stopping_drains_and_the_best_checkpoint_alone_remains(tmp_path) -
     split_points = ["model.2", "model.6"]
     expected = _reference(model, split_points, epochs=4)
     trainer = _trainer(
-        DDGStrategy(start_method="spawn", split_points=split_points),
+        DDGStrategy(start_method="forkserver", split_points=split_points),
         3,
         max_epochs=20,
         logger=CSVLogger(tmp_path, name="run"),
@@ -258,7 +258,7 @@ def _checkpointing_trainer(tmp_path, devices: int, epochs: int) -> L.Trainer:
     """A DDG trainer on ``devices`` stages saving ``last.ckpt``; one device is a plain Lightning run."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    strategy = DDGStrategy(start_method="spawn", split_points=SPLITS[devices]) if devices > 1 else "auto"
+    strategy = DDGStrategy(start_method="forkserver", split_points=SPLITS[devices]) if devices > 1 else "auto"
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     return _trainer(strategy, devices, max_epochs=epochs, callbacks=[checkpoint], enable_checkpointing=True)
 
@@ -328,8 +328,8 @@ class _WithTorchmetrics(MLPClassifier):
 
 def test_torchmetrics_and_sync_dist_on_the_last_stage() -> None:
     model = _WithTorchmetrics()
-    _trainer(DDGStrategy(start_method="spawn"), 2, max_epochs=1).fit(model, loader(), loader())
-    (piped,) = _trainer(DDGStrategy(start_method="spawn"), 2).validate(model, loader(), verbose=False)
+    _trainer(DDGStrategy(start_method="forkserver"), 2, max_epochs=1).fit(model, loader(), loader())
+    (piped,) = _trainer(DDGStrategy(start_method="forkserver"), 2).validate(model, loader(), verbose=False)
     # the same weights evaluated in one process give the same values
     (plain,) = _trainer("auto", 1).validate(model, loader(), verbose=False)
     assert piped["val_acc"] == pytest.approx(plain["val_acc"], abs=1e-6)
@@ -344,7 +344,7 @@ def test_bf16_mixed_recompute_reproduces_stash() -> None:
     results = []
     for memory in ("stash", "recompute"):
         model = MLPClassifier(optimizer="adam").float()
-        strategy = DDGStrategy(start_method="spawn", memory=memory, split_points=["model.4"])
+        strategy = DDGStrategy(start_method="forkserver", memory=memory, split_points=["model.4"])
         _trainer(strategy, 2, precision="bf16-mixed").fit(model, data, data)
         results.append(dict(model.state_dict()))
     _assert_same(results[1], results[0], rtol=0)
@@ -367,7 +367,7 @@ def test_every_stage_reads_the_same_shuffled_batches(tmp_path) -> None:
     from torch.utils.data import DataLoader
 
     shuffled = DataLoader(loader().dataset, batch_size=8, shuffle=True)  # no generator of its own
-    _trainer(DDGStrategy(start_method="spawn", split_points=["model.9"]), 2, max_epochs=3).fit(
+    _trainer(DDGStrategy(start_method="forkserver", split_points=["model.9"]), 2, max_epochs=3).fit(
         _RecordsBatches(str(tmp_path)), shuffled
     )
     first, last = ((tmp_path / f"rank{r}.txt").read_text().splitlines() for r in (1, 0))
@@ -389,12 +389,12 @@ class _SavePredictions(L.pytorch.callbacks.BasePredictionWriter):
 
 def test_test_and_predict_run_through_the_pipeline(tmp_path) -> None:
     model = MLPClassifier(optimizer="sgd")
-    (piped,) = _trainer(DDGStrategy(start_method="spawn"), 3).test(model, loader(), verbose=False)
+    (piped,) = _trainer(DDGStrategy(start_method="forkserver"), 3).test(model, loader(), verbose=False)
     (plain,) = _trainer("auto", 1).test(model, loader(), verbose=False)
     assert piped["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-9)
 
     writer = _SavePredictions(tmp_path / "predictions.pt")
-    _trainer(DDGStrategy(start_method="spawn"), 3, callbacks=[writer]).predict(
+    _trainer(DDGStrategy(start_method="forkserver"), 3, callbacks=[writer]).predict(
         model, loader(), return_predictions=False
     )
     predictions = torch.load(tmp_path / "predictions.pt")
@@ -408,7 +408,7 @@ def test_clipping_and_learning_rate_monitor_run_per_stage(tmp_path) -> None:
 
     model = MLPClassifier(optimizer="sgd", step_lr=True)
     trainer = _trainer(
-        DDGStrategy(start_method="spawn"),
+        DDGStrategy(start_method="forkserver"),
         2,
         gradient_clip_val=0.01,
         logger=CSVLogger(tmp_path, name="run"),
@@ -437,7 +437,7 @@ class _ManualOptimization(MLPClassifier):
 
 def test_manual_optimization_is_refused_with_advice() -> None:
     with pytest.raises(Exception, match="does not support manual optimization"):
-        _trainer(DDGStrategy(start_method="spawn"), 2).fit(_ManualOptimization(), loader())
+        _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_ManualOptimization(), loader())
 
 
 class _TwoOptimizers(MLPClassifier):
@@ -449,7 +449,7 @@ class _TwoOptimizers(MLPClassifier):
 
 def test_multiple_optimizers_are_refused_with_advice() -> None:
     with pytest.raises(Exception, match=r"DDGStrategy steps one optimizer per stage.* give it param groups"):
-        _trainer(DDGStrategy(start_method="spawn"), 2).fit(_TwoOptimizers(), loader())
+        _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_TwoOptimizers(), loader())
 
 
 def test_float16_loss_scaling_is_refused_with_advice() -> None:
@@ -467,6 +467,7 @@ def test_the_plan_is_shown_logged_and_warns_of_a_slow_stage(tmp_path, capfd) -> 
     from lightning.pytorch.loggers import CSVLogger
 
     model = MLPClassifier(optimizer="sgd")  # 4 Linear layers; the cut leaves the last one alone on stage 1
+    # spawned, not forked from a server: their output goes to this test's captured stdout and stderr
     strategy = DDGStrategy(split_points=["model.8"], balance_by="params", start_method="spawn")
     _trainer(strategy, 2, max_epochs=1, logger=CSVLogger(tmp_path, name="run"), enable_model_summary=True).fit(
         model, loader()

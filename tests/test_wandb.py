@@ -76,3 +76,13 @@ def test_wandb_offline_run_records_user_and_stage_metrics(tmp_path, monkeypatch)
         # stage 0 holds weight copies for its in-flight batches; the last stage holds none
         assert float(row["ddg/stage0/stashed_weights_mb"]) > 0
         assert float(row["ddg/stage2/stashed_weights_mb"]) == 0
+
+
+def test_wandb_with_processes_forked_from_a_server_is_refused_with_advice(tmp_path) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    logger = WandbLogger(project="lightning-ddg-tests", save_dir=str(tmp_path), offline=True)
+    trainer = cpu_trainer(DDGStrategy(start_method="forkserver"), 2, logger=logger)
+    with pytest.raises(MisconfigurationException, match=r"with WandbLogger, use DDGStrategy\(start_method='spawn'\)"):
+        trainer.fit(MLPClassifier(), loader())
