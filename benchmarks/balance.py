@@ -182,10 +182,12 @@ def plot(runs: list[dict[str, Any]], backprop: float, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
     names = [f"by {run['balance_by']}" for run in runs]
-    for k in range(len(runs[0]["stage_ms"])):
-        left.bar([i + 0.4 * k / len(runs[0]["stage_ms"]) for i in range(len(runs))],
-                 [run["stage_ms"][k] for run in runs], width=0.4 / len(runs[0]["stage_ms"]), label=f"stage {k}")  # fmt: skip
-    left.set_xticks([i + 0.1 for i in range(len(runs))], names)
+    stages = len(runs[0]["stage_ms"])
+    width = 0.8 / stages
+    for k in range(stages):
+        positions = [i + (k - (stages - 1) / 2) * width for i in range(len(runs))]
+        left.bar(positions, [run["stage_ms"][k] for run in runs], width=width, label=f"stage {k}")
+    left.set_xticks(range(len(runs)), names)
     left.set_ylabel("forward + backward (ms)")
     left.set_title("time per stage")
     left.legend()
