@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.jobs import REPO, run_job
+
 EXAMPLE = REPO / "examples" / "digits_cnn.py"
 TIMEOUT_S = 300
 FINAL_LINE = re.compile(r"^final val_acc=(\d+(?:\.\d+)?)$")
 
-# variables a launcher in this test process may have left behind; a child that saw LOCAL_RANK, say, would take
-# itself for an already launched rank instead of launching the others
-_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE")
-
 
 def _run(*command: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES and not k.startswith("PL_")}
-    command = (sys.executable, *command)
-    # a session of its own, so that on timeout the whole process group dies: the script and the ranks it launched
-    proc = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(
-            f"{' '.join(command)} ran longer than {TIMEOUT_S} s\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}"
-        )
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    return run_job(*command, timeout=TIMEOUT_S)
 
 
 @pytest.mark.parametrize(

@@ -7,22 +7,18 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.jobs import REPO, finish_job, start_job
+
 FAILING_JOB = REPO / "tests" / "reliability_job.py"
 REPEAT_JOB = REPO / "tests" / "repeat_job.py"
 LIMIT_S = 30  # from a failure until every process of the job has gone
 JOB_TIMEOUT_S = 150
-
-# variables a launcher in this test process may have left behind; a child that saw LOCAL_RANK, say, would take
-# itself for an already launched rank instead of launching the others
-_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE")
 
 
 @dataclass
@@ -35,23 +31,14 @@ class Job:
 
 
 def _start(script: Path, *args: str, pid_file: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES and not k.startswith("PL_")}
-    command = [sys.executable, str(script), *args]
+    command = [str(script), *args]
     if script == FAILING_JOB:
         command += ["--pid-file", str(pid_file)]
-    # a session of its own, so that on timeout the whole process group dies: the script and the ranks it launched
-    return subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+    return start_job(*command, stderr=subprocess.STDOUT)
 
 
 def _wait(proc: subprocess.Popen, pid_file: Path) -> Job:
-    try:
-        output, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the job ran longer than {JOB_TIMEOUT_S} s:\n{output[-5000:]}")
+    output, _ = finish_job(proc, JOB_TIMEOUT_S)
     pids = [int(p) for p in pid_file.read_text().split()] if pid_file.exists() else []
     gone_at = _wait_until_gone(pids, within=LIMIT_S)
     failed = pid_file.with_name(pid_file.name + ".failed")
