@@ -45,6 +45,7 @@ __all__ = ["Plan", "StagePlan", "plan", "balanced_split_points", "IMBALANCE_WARN
 IMBALANCE_WARNING = 1.25  # the slowest stage's cost over the mean above which a plan is called unbalanced
 _TIE_TOLERANCE = {"time": 0.02, "flops": 0.0, "params": 0.0}  # timings within 2% count as equal
 _UNITS = {"time": "ms", "flops": "GFLOP", "params": "params"}
+_REFINEMENTS = 2  # re-solves of a time split with its stages timed whole
 
 
 @dataclass
@@ -179,12 +180,52 @@ def plan(
         cut_bytes = [float(_placeholders(s)) for s in segments[1:]]
     if split_points is None:
         starts = solve(costs, cut_bytes, wanted, _TIE_TOLERANCE[used])
+        if used == "time" and wanted > 1:
+            where = torch.device(device) if device is not None else _device_of(module)
+            with _untouched(module):
+                starts, costs = _refined(gm, module, positions, starts, costs, cut_bytes, args, where)
         split_points = [names[positions[s - 1]] for s in starts]
     else:
         split_points = list(split_points)
         starts = [positions.index(index) + 1 for index, name in names.items() if name in split_points]
         starts.sort()
     return _describe(gm, body, positions, starts, split_points, costs, cut_bytes, used, note, args)
+
+
+def _refined(
+    gm: Any,
+    module: nn.Module,
+    positions: list[int],
+    starts: list[int],
+    costs: list[float],
+    cut_bytes: list[float],
+    args: tuple,
+    where: torch.device,
+) -> tuple[list[int], list[float]]:
+    """Check a cut chosen from segment timings against its stages timed whole, and move it where those say.
+
+    Segments timed one by one do not add up to the stage they form (each pays for a backward of its own, with
+    cache and allocator effects of its own): scaling each stage's segments to the stage's measured time and
+    solving again moves the cut, until a cut repeats. The cut whose slowest stage measured fastest is kept,
+    with the segment costs scaled so that each of its stages costs what it measured.
+    """
+    measured: dict[tuple[int, ...], tuple[float, list[float]]] = {}
+    for _ in range(1 + _REFINEMENTS):
+        key = tuple(starts)
+        if key in measured:
+            break
+        stages = _stage_graphs(gm, [positions[s - 1] for s in starts], module)
+        times = [1000 * t for t in segment_times(stages, run_segments(stages, args, where), where)]
+        bounds = [0, *starts, len(costs)]
+        scaled = list(costs)
+        for k, stage_time in enumerate(times):
+            total = sum(costs[bounds[k] : bounds[k + 1]])
+            for i in range(bounds[k], bounds[k + 1]):
+                scaled[i] = costs[i] * stage_time / total if total > 0 else stage_time / (bounds[k + 1] - bounds[k])
+        measured[key] = (max(times), scaled)
+        starts = solve(scaled, cut_bytes, len(starts) + 1, _TIE_TOLERANCE["time"])
+    best = min(measured, key=lambda key: measured[key][0])
+    return list(best), measured[best][1]
 
 
 def balanced_split_points(module: nn.Module, num_stages: int, example_input: Any = None) -> list[str]:

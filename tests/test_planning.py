@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -59,6 +60,28 @@ def test_timing_sees_the_cost_that_parameter_counts_miss() -> None:
     assert by_params.split_points[0].startswith("late")  # the convolutions hold 2% of the parameters
     assert by_time.split_points[0].startswith("early")  # they take ~5x the time of the linear layers
     assert by_time.balance_by == "time" and by_time.note is None
+
+
+class _CostlyAtAStart(nn.Module):
+    """Takes ``ms`` milliseconds, and 20 more when its input is a leaf of the autograd graph: as it is in every
+    segment timed alone, but in a stage that runs whole only at the stage's start."""
+
+    def __init__(self, ms: float) -> None:
+        super().__init__()
+        self.ms, self.scale = ms, nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # control flow on x: traced as one module
+        time.sleep((self.ms + 20 if x.is_leaf else self.ms) / 1000)
+        return x * self.scale
+
+
+def test_a_time_split_is_checked_against_its_stages_timed_whole() -> None:
+    # timed one by one the seven layers cost 30 ms each and the last 80, which cuts them 4 | 3 (120 / 140 ms);
+    # timed whole, those stages take 60 / 100 ms, while 5 | 2 takes 70 / 90
+    model = nn.Sequential(*[_CostlyAtAStart(10) for _ in range(6)], _CostlyAtAStart(60))
+    chosen = plan(model, torch.randn(4, 3), 2)
+    assert chosen.split_points == ["5"]
+    assert [round(stage.cost, -1) for stage in chosen.stages] == [70, 90]  # the stages' own measured times
 
 
 def test_a_plan_describes_its_stages() -> None:
