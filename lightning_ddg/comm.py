@@ -7,7 +7,8 @@ shape of each tensor, and an optional *note* of a few integers that rides along 
 transfer per tensor, so batches of any size travel without padding.
 As soon as a message has arrived, the receives of the next one are posted, shaped like it; a sender whose
 shapes changed first answers those receives with placeholders. Sends never block: they complete in the
-background and are reaped later.
+background and are reaped later. A receiver hands the tensors it is done with back (:meth:`Channel.release`)
+and later messages arrive in them, so that in steady state receiving allocates nothing.
 
 Example (two processes, gloo)::
 
@@ -28,6 +29,7 @@ __all__ = ["Channel", "HEADER_SIZE", "UNREAPED_MESSAGES"]
 
 HEADER_SIZE = 256
 UNREAPED_MESSAGES = 1  # messages besides the newest whose sends are not waited on yet
+_MAX_FREE = 8  # released buffers kept per shape
 _END = -1
 _DTYPES = [
     torch.float32,
@@ -114,6 +116,8 @@ class Channel:
         self._sent_specs: Specs | None = None  # shapes of the last message sent
         self._expected: Specs | None = None  # shapes of the last message received
         self._posted: tuple[torch.Tensor, list[torch.Tensor], list[dist.Work]] | None = None
+        self._free: dict[tuple[torch.dtype, tuple[int, ...]], list[torch.Tensor]] = {}  # released, by shape
+        self._free_header: torch.Tensor | None = None
         self.note: list[int] = []  # the note of the last message received
 
     # sending -------------------------------------------------------------------------------------------
@@ -163,11 +167,25 @@ class Channel:
         previous message's (in steady state shapes do not change, so the data moves without a round trip)."""
         if self._posted is not None:
             return
-        header = torch.empty(HEADER_SIZE, dtype=torch.int64, device=self._header_device)
+        header, self._free_header = self._free_header, None
+        if header is None:
+            header = torch.empty(HEADER_SIZE, dtype=torch.int64, device=self._header_device)
         works = [dist.irecv(header, self.peer, group=self.group)]
-        tensors = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in self._expected or ()]
+        tensors = [self._buffer(dtype, shape) for dtype, shape in self._expected or ()]
         works += [dist.irecv(t, self.peer, group=self.group) for t in tensors]
         self._posted = (header, tensors, works)
+
+    def _buffer(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        free = self._free.get((dtype, shape))
+        return free.pop() if free else torch.empty(shape, dtype=dtype, device=self.device)
+
+    def release(self, tensors: list[torch.Tensor]) -> None:
+        """Hand back received tensors that nothing uses any more: later messages arrive in them. A tensor
+        released must not be read or kept afterwards (nor any view of it)."""
+        for t in tensors:
+            free = self._free.setdefault((t.dtype, tuple(t.shape)), [])
+            if len(free) < _MAX_FREE:
+                free.append(t.detach().requires_grad_(False))
 
     def _take_posted(self) -> tuple[Specs | None, list[torch.Tensor], list[dist.Work]]:
         self.prefetch()
@@ -176,6 +194,7 @@ class Channel:
         self._posted = None
         works[0].wait(self.timeout)
         specs, self.note = _decode(header.cpu())
+        self._free_header = header
         return specs, tensors, works[1:]
 
     def recv(self) -> list[torch.Tensor]:
@@ -187,7 +206,8 @@ class Channel:
         if specs != expected:
             for work in works:  # placeholders for the buffers posted with the previous shapes
                 work.wait(self.timeout)
-            tensors = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
+            self.release(tensors)
+            tensors = [self._buffer(dtype, shape) for dtype, shape in specs]
             works = [dist.irecv(t, self.peer, group=self.group) for t in tensors]
         self._expected = specs
         self.prefetch()
@@ -212,5 +232,6 @@ class Channel:
         for work in works:
             work.wait(self.timeout)
         self._expected = None
+        self._free.clear()
         if specs is not None:
             raise RuntimeError(f"rank {self.peer} sent data that this rank never received")

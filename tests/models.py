@@ -27,8 +27,30 @@ def mlp(
     return nn.Sequential(*layers).to(dtype)
 
 
-def split_points_for(model: nn.Sequential, num_stages: int) -> list[str]:
+class PassingThrough(nn.Module):
+    """Received tensors leave stages again: ``h`` skips over every later cut, and the stage of ``b`` also sends
+    on ``v``, a view of the ``h`` it received. Cut at ``SPLIT_POINTS[:K-1]``."""
+
+    SPLIT_POINTS = ["b", "c", "head"]
+
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(24, 3)
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        z = torch.tanh(self.b(h))
+        v = h[:, :8]
+        z = torch.tanh(self.c(z))
+        return self.head(torch.cat([z * h, v], dim=1))
+
+
+def split_points_for(model: nn.Module, num_stages: int) -> list[str]:
     """Cut before evenly spaced Linear layers."""
+    if isinstance(model, PassingThrough):
+        return model.SPLIT_POINTS[: num_stages - 1]
     linears = [str(i) for i, m in enumerate(model) if isinstance(m, nn.Linear)][1:]
     step = len(linears) / num_stages
     return [linears[int(round(step * (k + 1))) - 1] for k in range(num_stages - 1)]

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from lightning_ddg import DDGReference, DDGStage, StageLinks, Topology, split_module
-from tests.models import batches, make_optimizer, mlp, split_points_for
+from lightning_ddg.stage import MEMORY_MODES
+from tests.models import PassingThrough, batches, make_optimizer, mlp, split_points_for
 from tests.multiprocess import run_processes
 
 LOSS = nn.functional.cross_entropy
@@ -15,6 +16,8 @@ LOSS = nn.functional.cross_entropy
 
 def _model(options: dict) -> nn.Module:
     dtype = options.get("dtype", torch.float64)
+    if options.get("model") == "passing through":
+        return PassingThrough(dtype)
     return mlp(dropout=options.get("dropout", 0.0), batchnorm=options.get("batchnorm", False), dtype=dtype)
 
 
@@ -119,6 +122,46 @@ def test_dropout_batchnorm_across_epochs() -> None:
 
 def test_gradient_accumulation_windows_aligned_to_batches() -> None:
     _check(3, {"memory": "stash", "optimizer": "sgd", "batches": 7, "seed": 2, "accumulate": 3})
+
+
+def test_tensors_received_and_sent_on_are_not_reused_too_early() -> None:
+    # received buffers are reused once backwarded, except those that left the stage again
+    _check(
+        4,
+        *(
+            {"memory": m, "optimizer": "adam", "batches": 9, "seed": 4, "model": "passing through"}
+            for m in MEMORY_MODES
+        ),
+    )
+
+
+def _received_storages(rank: int, world_size: int, steps: int) -> tuple[int, list[int]]:
+    """How many distinct buffers this rank's stage received its inputs and gradients in, over ``steps`` steps."""
+    topology = Topology(num_stages=world_size)
+    k = topology.stage_of(rank)
+    links = StageLinks.create(topology, rank, torch.device("cpu"))
+    model = mlp()
+    stage = DDGStage(split_module(model, split_points_for(model, world_size)).train[k], k, world_size, links)
+    # every tensor received stays referenced here, so that no address is freed and handed out again
+    seen: dict[str, list[torch.Tensor]] = {"act_in": [], "grad_in": []}
+    for name in seen:
+        channel = getattr(links, name)
+        if channel is not None:
+            recv = channel.recv
+            channel.recv = lambda recv=recv, name=name: [seen[name].append(t) or t for t in recv()]
+    for x, y in batches(steps, last=6):
+        out = stage.forward(x)
+        stage.backward(LOSS(out, y) if stage.is_last else None)
+    list(stage.drain())
+    links.close()
+    links.destroy()
+    return k, [len({t.untyped_storage().data_ptr() for t in seen[name]}) for name in ("act_in", "grad_in")]
+
+
+def test_receiving_allocates_nothing_in_steady_state() -> None:
+    counts = dict(run_processes(_received_storages, 3, 40, timeout=120))
+    # stage k holds the inputs of d+1 batches and the one posted ahead; a gradient and the one posted ahead
+    assert counts == {0: [0, 2], 1: [3, 2], 2: [2, 0]}
 
 
 def test_last_stage_receives_every_stages_figures() -> None:
