@@ -1,28 +1,37 @@
 """DDG against its peers, side by side: one command, every configuration measured in the same run.
 
-Run from the repository root (about 10 minutes on a 2-core machine)::
+Run from the repository root (about 12 minutes on a 2-core machine)::
 
-    python benchmarks/peers.py                       # all models, K=2
+    python benchmarks/peers.py                       # all models, K=2, CPU processes
     python benchmarks/peers.py --models mlp --steps 100
+    python benchmarks/peers.py --device cuda --stages 4 --models resnet --batch-size 256   # one GPU per stage
 
 For each model (a balanced MLP, the CIFAR ResNet-20 of ``examples/cifar_resnet.py``, a transformer encoder),
 on the same batches and batch size:
 
 - ``backprop``: one process;
+- ``backprop ×K apart``: K processes each running backprop on batches of its own, with no communication at
+  all: the samples/s of all K together is what K processes can do on this machine, the ceiling of every
+  K-process configuration;
 - ``ddp``: K processes of torch's ``DistributedDataParallel`` (what Lightning's ``strategy="ddp"`` runs), each
   on ``1/K`` of the batch, so every step is the same optimization step as backprop's;
 - ``gpipe m=…`` and ``1f1b m=…``: ``torch.distributed.pipelining``'s ``ScheduleGPipe`` and ``Schedule1F1B``
   with ``m`` micro-batches, on the same K stages as DDG;
 - ``ddg stash|recompute|replay``: lightning-ddg's stage runtime on K stages in each memory mode.
 
-Every process is a CPU worker with one thread, pinned to a core of its own, so K processes use K cores where
-backprop uses one. Each configuration runs in fresh processes: untimed warm-up steps (which also fill the DDG
-pipeline), then timed windows of steps, each started by a barrier; a window lasts as long as its slowest rank,
-and throughput is that of the best window (the one least disturbed by other work; the median is printed
-too). Peak memory is each process's peak resident memory less what it held once the model was built. For DDG the
-stages' own figures split each step into compute, waiting on a neighbour and sending. Also measured: the
-Lightning Trainer with ``strategy="ddg"`` on one device against a plain Lightning run (the cost of the
-strategy when it has nothing to pipeline).
+The K stages are those :func:`lightning_ddg.plan` chooses (``--balance-by``, measured time by default),
+for DDG and the pipeline schedules alike. Every process is a CPU worker with one thread, pinned to a core of
+its own, so K processes use K cores where backprop uses one; with ``--device cuda``, rank ``r`` computes on
+GPU ``r`` and the processes talk over NCCL. Each configuration runs in fresh processes: untimed warm-up
+steps (which also fill the DDG pipeline), then timed windows of steps, each started by a barrier; a window
+lasts as long as its slowest rank, and a run's throughput is that of its best window (the one least
+disturbed by other work). Every configuration runs ``--rounds`` times, one round of all of them after
+another, and counts its best run: the speed of a shared machine drifts over minutes, and so a slow spell
+costs one run of a configuration, not its figure. Peak memory is each process's peak memory (resident; on a
+GPU, allocated by torch) less what it held once the model was built. For DDG the stages' own figures split
+each step into compute, waiting on a neighbour and sending. Also measured: the Lightning Trainer with
+``strategy="ddg"`` on one device against a plain Lightning run (the cost of the strategy when it has nothing
+to pipeline), the two alternated in one process in each round.
 
 Results go to ``--out`` (JSON) and a PNG next to it; ``docs/benchmarks.md`` shows them.
 """
@@ -47,10 +56,10 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from cifar_resnet import cifar_resnet  # noqa: E402
-from harness import can_pin, launch, peak_rss_mib  # noqa: E402
+from harness import can_pin, device_of, launch, peak_memory_mib, reset_peak_memory, synchronize  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightning_ddg import DDGStage, StageLinks, Topology, split_module  # noqa: E402
+from lightning_ddg import DDGStage, StageLinks, Topology, plan, split_module  # noqa: E402
 
 CLASSES = 10
 TRACED_STEPS = 8
@@ -89,11 +98,11 @@ class TransformerClassifier(nn.Module):
         return self.head(self.blocks(self.embed(x)).mean(dim=1))
 
 
-# name: (builder, one sample's shape, batch size, K=2 split point, timed steps)
-MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, str, int]] = {
-    "mlp": (mlp, (512,), 128, "8", 100),
-    "resnet": (lambda: cifar_resnet(20), (3, 32, 32), 32, "layer2.0", 20),  # the full-resolution group is slow
-    "transformer": (TransformerClassifier, (64, 32), 32, "blocks.2", 30),
+# name: (builder, one sample's shape, batch size, timed steps per run on a CPU)
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, int]] = {
+    "mlp": (mlp, (512,), 128, 60),
+    "resnet": (lambda: cifar_resnet(20), (3, 32, 32), 32, 12),
+    "transformer": (TransformerClassifier, (64, 32), 32, 18),
 }
 
 
@@ -102,10 +111,11 @@ def build(name: str) -> nn.Module:
     return MODELS[name][0]()
 
 
-def batches(name: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _, shape, batch, _, _ = MODELS[name]
+def batches(name: str, count: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = MODELS[name][1]
     g = torch.Generator().manual_seed(1)
-    return torch.randn(count, batch, *shape, generator=g), torch.randint(0, CLASSES, (count, batch), generator=g)
+    xs, ys = torch.randn(count, batch, *shape, generator=g), torch.randint(0, CLASSES, (count, batch), generator=g)
+    return xs.to(device), ys.to(device)
 
 
 # --- engines: each returns a step(x, y) and a finish() for this rank -----------------------------------------
@@ -125,7 +135,8 @@ def backprop(model: nn.Module, rank: int, world_size: int, cfg: dict) -> tuple[S
 
 
 def ddp(model: nn.Module, rank: int, world_size: int, cfg: dict) -> tuple[Step, Callable, dict]:
-    wrapped = nn.parallel.DistributedDataParallel(model)
+    device = device_of(rank, cfg)
+    wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer, loss_fn = _optimizer(wrapped.parameters()), nn.CrossEntropyLoss()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -137,14 +148,14 @@ def ddp(model: nn.Module, rank: int, world_size: int, cfg: dict) -> tuple[Step, 
 
 
 def _stage_modules(model: nn.Module, cfg: dict) -> list[nn.Module]:
-    return split_module(model, split_points=[MODELS[cfg["model"]][3]]).train
+    return split_module(model, split_points=cfg["split_points"]).train
 
 
 def torch_pipelining(model: nn.Module, rank: int, world_size: int, cfg: dict) -> tuple[Step, Callable, dict]:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     module = _stage_modules(model, cfg)[rank]  # torch's convention: stage k on rank k
-    stage = PipelineStage(module, rank, world_size, torch.device("cpu"))
+    stage = PipelineStage(module, rank, world_size, device_of(rank, cfg))
     schedule_class = ScheduleGPipe if cfg["engine"] == "gpipe" else Schedule1F1B
     schedule = schedule_class(stage, cfg["microbatches"], loss_fn=nn.CrossEntropyLoss())
     optimizer = _optimizer(module.parameters())
@@ -165,7 +176,7 @@ def torch_pipelining(model: nn.Module, rank: int, world_size: int, cfg: dict) ->
 def ddg(model: nn.Module, rank: int, world_size: int, cfg: dict) -> tuple[Step, Callable, dict]:
     topology = Topology(num_stages=world_size)
     k = topology.stage_of(rank)
-    links = StageLinks.create(topology, rank, torch.device("cpu"))
+    links = StageLinks.create(topology, rank, device_of(rank, cfg))
     stage = DDGStage(_stage_modules(model, cfg)[k], k, world_size, links, memory=cfg["memory"])
     optimizer, loss_fn = _optimizer(stage.parameters), nn.CrossEntropyLoss()
     figures: dict[str, Any] = {"stage": k, "events": []}
@@ -211,10 +222,11 @@ ENGINES = {"backprop": backprop, "ddp": ddp, "gpipe": torch_pipelining, "1f1b": 
 
 
 def run_rank(rank: int, world_size: int, cfg: dict) -> dict[str, Any]:
-    model = build(cfg["model"])
-    xs, ys = batches(cfg["model"], cfg["warmup"] + cfg["steps"])
+    device = device_of(rank, cfg)
+    model = build(cfg["model"]).to(device)
+    xs, ys = batches(cfg["model"], cfg["warmup"] + cfg["steps"], cfg["batch_size"], device)
     step, finish, figures = ENGINES[cfg["engine"]](model, rank, world_size, cfg)
-    base_mib = peak_rss_mib()
+    base_mib = reset_peak_memory(device)
     for i in range(cfg["warmup"]):
         step(xs[i], ys[i])
     if "start_timing" in figures:
@@ -226,6 +238,7 @@ def run_rank(rank: int, world_size: int, cfg: dict) -> dict[str, Any]:
         start = time.perf_counter()
         for i in range(cfg["warmup"] + w * per_window, cfg["warmup"] + (w + 1) * per_window):
             step(xs[i], ys[i])
+        synchronize(device)
         windows.append(time.perf_counter() - start)
     elapsed, cpu = sum(windows), time.process_time() - cpu_start
     finish()
@@ -234,7 +247,7 @@ def run_rank(rank: int, world_size: int, cfg: dict) -> dict[str, Any]:
         "windows_s": windows,
         "elapsed_s": elapsed,
         "cpu_share": cpu / elapsed,
-        "peak_mib": peak_rss_mib() - base_mib,
+        "peak_mib": peak_memory_mib(device) - base_mib,
     }
     if "snapshot" in figures:
         before, after = figures.pop("start"), figures.pop("snapshot")
@@ -245,13 +258,16 @@ def run_rank(rank: int, world_size: int, cfg: dict) -> dict[str, Any]:
 
 # --- Lightning with one device --------------------------------------------------------------------------------
 def lightning_rank(rank: int, world_size: int, cfg: dict) -> dict[str, Any]:
-    """Seconds per step of a Lightning fit on one CPU process, plain or with ``strategy=DDGStrategy()``."""
+    """Seconds per window of steps of Lightning fits on one process, plain and with ``strategy=DDGStrategy()``,
+    alternated for ``cfg["rounds"]`` rounds in the same process (so that a slow spell of the machine hits both
+    alike, and the process starts once)."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_ddg import DDGStrategy
 
-    xs, ys = batches(cfg["model"], cfg["warmup"] + cfg["steps"])
+    xs, ys = batches(cfg["model"], cfg["warmup"] + cfg["steps"], cfg["batch_size"], torch.device("cpu"))
+    per_window = cfg["steps"] // cfg["windows"]
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -267,39 +283,51 @@ def lightning_rank(rank: int, world_size: int, cfg: dict) -> dict[str, Any]:
         def configure_optimizers(self):
             return _optimizer(self.parameters())
 
-    per_window = cfg["steps"] // cfg["windows"]
-
     class Clock(L.Callback):
-        marks: list[float] = []
+        def __init__(self) -> None:
+            self.marks: list[float] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if batch_idx >= cfg["warmup"] and (batch_idx - cfg["warmup"]) % per_window == 0:
+                synchronize(pl_module.device)
                 self.marks.append(time.perf_counter())
 
         def on_train_end(self, trainer, pl_module) -> None:
+            synchronize(pl_module.device)
             self.marks.append(time.perf_counter())
 
-    clock = Clock()
-    data = DataLoader(TensorDataset(xs.flatten(0, 1), ys.flatten()), batch_size=xs.shape[1])
-    trainer = L.Trainer(
-        strategy=DDGStrategy() if cfg["engine"] == "lightning ddg" else "auto",
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock],
-    )
-    trainer.fit(Module(), data)
-    windows = [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)][: cfg["windows"]]
-    return {"rank": rank, "windows_s": windows, "elapsed_s": sum(windows)}
+    fits = []
+    for _ in range(cfg["rounds"]):
+        for engine in LIGHTNING:
+            clock = Clock()
+            trainer = L.Trainer(
+                strategy=DDGStrategy() if engine == "lightning ddg" else "auto",
+                accelerator="gpu" if cfg["device"] == "cuda" else "cpu",
+                devices=1,
+                max_epochs=1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=[clock],
+            )
+            trainer.fit(Module(), DataLoader(TensorDataset(xs.flatten(0, 1), ys.flatten()), batch_size=xs.shape[1]))
+            windows = [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)][: cfg["windows"]]
+            fits.append((engine, windows))
+    return {"rank": rank, "fits": fits}
+
+
+LIGHTNING = ("plain lightning", "lightning ddg")
 
 
 # --- the run --------------------------------------------------------------------------------------------------
 def configurations(stages: int, microbatches: list[int]) -> list[tuple[str, int, dict]]:
-    configs = [("backprop", 1, {"engine": "backprop"}), (f"ddp ×{stages}", stages, {"engine": "ddp"})]
+    """Every configuration, in the order they run in each round."""
+    configs = [
+        ("backprop", 1, {"engine": "backprop"}),
+        (f"backprop ×{stages} apart", stages, {"engine": "backprop", "apart": True}),
+        (f"ddp ×{stages}", stages, {"engine": "ddp"}),
+    ]
     for engine in ("gpipe", "1f1b"):
         configs += [(f"{engine} m={m}", stages, {"engine": engine, "microbatches": m}) for m in microbatches]
     configs += [
@@ -312,43 +340,69 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--stages", type=int, default=2, help="K, for DDG, DDP and the pipeline schedules")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per process")
+    parser.add_argument("--balance-by", choices=["time", "flops", "params"], default="time", help="how to cut")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: per model")
     parser.add_argument("--microbatches", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: per model)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
-    parser.add_argument("--windows", type=int, default=5, help="timed windows; the best one is reported")
+    parser.add_argument("--windows", type=int, default=3, help="timed windows per run; the best one counts")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every configuration, one round after another")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per configuration")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peers.json"))
     args = parser.parse_args()
-    if args.stages != 2:
-        parser.error("the models' split points are given for K=2 only")
-    pin = can_pin(args.stages)
+    if args.stages < 2:
+        parser.error("--stages must be at least 2: the peers are pipelines and data parallelism over K processes")
+    if args.device == "cuda" and torch.cuda.device_count() < args.stages:
+        parser.error(
+            f"--device cuda needs one GPU per stage: {args.stages} requested, {torch.cuda.device_count()} seen"
+        )
+    pin = args.device == "cpu" and can_pin(args.stages)
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"warning: load average {load:.2f} before the start: other work on this machine distorts the figures")
+    if args.device == "cpu" and not pin:
+        print(f"warning: fewer cores than the {args.stages} processes: they share cores, and the figures show it")
 
     results: list[dict[str, Any]] = []
     for model in args.models:
-        steps = args.steps or MODELS[model][4]
-        batch = MODELS[model][2]
+        steps = args.steps or MODELS[model][3]
+        batch = args.batch_size or MODELS[model][2]
+        stages = cut(model, args.stages, batch, args.balance_by, args.device)
+        common = {"model": model, "steps": steps, "warmup": args.warmup, "windows": args.windows, "pin": pin}
+        common |= {"batch_size": batch, "device": args.device, "split_points": stages.split_points}
         runs = []
-        for name, world_size, options in configurations(args.stages, args.microbatches):
-            cfg = {"model": model, "steps": steps, "warmup": args.warmup, "windows": args.windows, "pin": pin}
-            cfg |= options
-            ranks = launch(run_rank, world_size, cfg, args.timeout)
-            runs.append({"name": name, "processes": world_size, "ranks": ranks} | options)
-        for engine in ("plain lightning", "lightning ddg"):
-            cfg = {"model": model, "steps": steps, "warmup": args.warmup, "windows": args.windows, "pin": pin}
-            cfg["engine"] = engine
-            runs.append({"name": engine, "processes": 1, "ranks": launch(lightning_rank, 1, cfg, args.timeout)})
+        for _ in range(args.rounds):  # a slow spell of the shared machine then hits one run, not a configuration
+            for name, world_size, options in configurations(args.stages, args.microbatches):
+                ranks = launch(run_rank, world_size, common | options, args.timeout)
+                runs.append({"name": name, "processes": world_size, "ranks": ranks} | options)
+            (fits,) = launch(lightning_rank, 1, common | {"rounds": 1}, args.timeout)
+            for engine, windows in fits["fits"]:
+                runs.append({"name": engine, "processes": 1, "ranks": [{"rank": 0, "windows_s": windows}]})
         for run in runs:
             # a window takes as long as its slowest rank; the best window is the least disturbed by other work
             windows = [max(w) for w in zip(*(r["windows_s"] for r in run["ranks"]), strict=True)]
-            rates = sorted(steps // args.windows * batch / w for w in windows)
+            samples = steps // args.windows * batch * (run["processes"] if run.get("apart") else 1)
+            rates = sorted(samples / w for w in windows)
             run["samples_per_s"], run["median_samples_per_s"] = rates[-1], rates[len(rates) // 2]
-            run["speedup"] = run["samples_per_s"] / runs[0]["samples_per_s"]
             run["peak_mib"] = max(r.get("peak_mib", float("nan")) for r in run["ranks"])
+        runs = best_of_repeats(runs)
+        for run in runs:
+            run["speedup"] = run["samples_per_s"] / runs[0]["samples_per_s"]
         params = sum(p.numel() for p in build(model).parameters())
-        results.append({"model": model, "parameters": params, "batch_size": batch, "steps": steps, "runs": runs})
+        results.append(
+            {
+                "model": model,
+                "parameters": params,
+                "batch_size": batch,
+                "steps": steps,
+                "stages": args.stages,
+                "split_points": stages.split_points,
+                "stage_cost_shares": [s.cost_share for s in stages.stages],
+                "balanced_by": stages.balance_by,
+                "runs": runs,
+            }
+        )
         report(results[-1])
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -356,6 +410,7 @@ def main() -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
         "load_average_before": load,
         "pinned": pin,
     }
@@ -367,13 +422,32 @@ def main() -> None:
     print(f"\nwrote {args.out} (.md, .png) and {timeline}")
 
 
+def cut(model: str, stages: int, batch: int, balance_by: str, device: str):
+    """The stages every pipelined configuration of ``model`` runs, as :func:`lightning_ddg.plan` chooses them."""
+    example = batches(model, 1, batch, torch.device(device))[0][0]
+    chosen = plan(build(model).to(device), example, stages, balance_by=balance_by, device=device)
+    print(f"\n{model}: cut by {chosen.balance_by}{f' ({chosen.note})' if chosen.note else ''}\n{chosen}")
+    return chosen
+
+
+def best_of_repeats(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One run per configuration name: the fastest of its repeats, with every repeat's samples/s kept."""
+    best: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        kept = best.setdefault(run["name"], run | {"repeats": []})
+        kept["repeats"].append(run["samples_per_s"])
+        if run["samples_per_s"] > kept["samples_per_s"]:
+            best[run["name"]] = run | {"repeats": kept["repeats"]}
+    return list(best.values())
+
+
 def report(result: dict[str, Any]) -> None:
     runs = {run["name"]: run for run in result["runs"]}
     print(
         f"\n{result['model']}: {result['parameters'] / 1e6:.2f}M parameters, batch {result['batch_size']}, "
         f"{result['steps']} timed steps, 1 thread per process"
     )
-    print(f"{'configuration':<18}{'procs':>6}{'samples/s':>11}{'median':>9}{'speedup':>9}{'peak MiB':>10}   shares")
+    print(f"{'configuration':<20}{'procs':>6}{'samples/s':>11}{'rounds':>16}{'speedup':>9}{'peak MiB':>10}   shares")
     for run in result["runs"]:
         shares = ""
         if run["name"].startswith("ddg"):
@@ -384,17 +458,26 @@ def report(result: dict[str, Any]) -> None:
         elif run["processes"] > 1 or run["name"] == "backprop":
             shares = "  ".join(f"r{r['rank']} cpu {r['cpu_share']:.0%}" for r in run["ranks"])
         print(
-            f"{run['name']:<18}{run['processes']:>6}{run['samples_per_s']:>11.1f}{run['median_samples_per_s']:>9.1f}"
+            f"{run['name']:<20}{run['processes']:>6}{run['samples_per_s']:>11.1f}{_rounds(run):>16}"
             f"{run['speedup']:>9.2f}"
             f"{run['peak_mib']:>10.1f}   {shares}"
         )
     pipelines = [r["samples_per_s"] for name, r in runs.items() if name.startswith(("gpipe", "1f1b"))]
     stash, recompute = runs["ddg stash"], runs["ddg recompute"]
+    apart = next(r for name, r in runs.items() if name.endswith("apart"))
     print(f"ddg stash / backprop:            {stash['speedup']:.2f}")
+    print(
+        f"ceiling (backprop apart):        {apart['speedup']:.2f}; "
+        f"ddg stash reaches {stash['speedup'] / apart['speedup']:.0%} of it"
+    )
     print(f"ddg stash / best GPipe or 1F1B:  {stash['samples_per_s'] / max(pipelines):.2f}")
     print(f"ddg recompute time / stash time: {stash['samples_per_s'] / recompute['samples_per_s']:.2f}")
     lightning = runs["lightning ddg"]["samples_per_s"] / runs["plain lightning"]["samples_per_s"]
     print(f"Lightning, one device, strategy='ddg' / plain: {lightning:.3f}")
+
+
+def _rounds(run: dict[str, Any]) -> str:
+    return " / ".join(f"{rate:.0f}" for rate in run["repeats"])
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -402,8 +485,12 @@ def markdown(result: dict[str, Any]) -> str:
     runs = {run["name"]: run for run in result["runs"]}
     lines = [
         f"### {result['model']} ({result['parameters'] / 1e6:.2f}M parameters, batch {result['batch_size']})\n",
-        "| configuration | processes | samples/s | speedup | peak memory (MiB) | stage compute / wait / send |",
-        "|---|---|---|---|---|---|",
+        f"{result['stages']} stages, cut at {', '.join(f'`{p}`' for p in result['split_points'])} (balanced by "
+        f"{result['balanced_by']}: {' / '.join(f'{share:.0%}' for share in result['stage_cost_shares'])} of the "
+        "cost), for DDG and the pipeline schedules alike.\n",
+        "| configuration | processes | samples/s | each round | speedup | peak memory (MiB) "
+        "| stage compute / wait / send |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run in result["runs"]:
         shares = ""
@@ -412,15 +499,19 @@ def markdown(result: dict[str, Any]) -> str:
             shares = ", ".join(f"{r['busy_share']:.0%} / {r['wait_share']:.0%} / {r['send_share']:.0%}" for r in ranks)
         peak = "" if run["peak_mib"] != run["peak_mib"] else f"{run['peak_mib']:.0f}"
         lines.append(
-            f"| {run['name']} | {run['processes']} | {run['samples_per_s']:.0f} | {run['speedup']:.2f} | {peak} "
+            f"| {run['name']} | {run['processes']} | {run['samples_per_s']:.0f} | {_rounds(run)} "
+            f"| {run['speedup']:.2f} | {peak} "
             f"| {shares} |"
         )
     pipelines = max(r["samples_per_s"] for name, r in runs.items() if name.startswith(("gpipe", "1f1b")))
     stash = runs["ddg stash"]
+    apart = next(r for name, r in runs.items() if name.endswith("apart"))
     lines += [
         "",
         f"- DDG (stash) over backprop: **{stash['speedup']:.2f}×**; over the best of GPipe and 1F1B: "
         f"**{stash['samples_per_s'] / pipelines:.2f}×**",
+        f"- {apart['processes']} processes with nothing to share reach {apart['speedup']:.2f}× on this machine: DDG "
+        f"gets {stash['speedup'] / apart['speedup']:.0%} of that ceiling",
         f"- stash+recompute takes **{stash['samples_per_s'] / runs['ddg recompute']['samples_per_s']:.2f}×** the "
         f"time of stash; activations held at most: stash {max(r['activations_mib'] for r in stash['ranks']):.1f}"
         f" MiB, recompute {max(r['activations_mib'] for r in runs['ddg recompute']['ranks']):.1f} MiB (per stage)",
