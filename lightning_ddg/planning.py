@@ -46,6 +46,7 @@ IMBALANCE_WARNING = 1.25  # the slowest stage's cost over the mean above which a
 _TIE_TOLERANCE = {"time": 0.02, "flops": 0.0, "params": 0.0}  # timings within 2% count as equal
 _UNITS = {"time": "ms", "flops": "GFLOP", "params": "params"}
 _REFINEMENTS = 2  # re-solves of a time split with its stages timed whole
+_WHOLE_STAGE_REPEATS = 5  # a stage timed whole counts its fastest run: cuts compared on these differ by a few %
 
 
 @dataclass
@@ -215,7 +216,8 @@ def _refined(
         if key in measured:
             break
         stages = _stage_graphs(gm, [positions[s - 1] for s in starts], module)
-        times = [1000 * t for t in segment_times(stages, run_segments(stages, args, where), where)]
+        inputs = run_segments(stages, args, where)
+        times = [1000 * t for t in segment_times(stages, inputs, where, repeats=_WHOLE_STAGE_REPEATS)]
         bounds = [0, *starts, len(costs)]
         scaled = list(costs)
         for k, stage_time in enumerate(times):

@@ -118,6 +118,7 @@ class DDGStage:
         self._weight_slots = _slots(module, "_parameters", [p for _, p in named])
         self._buffer_slots = _slots(module, "_buffers", list(module.buffers()))
         self.parameters = [p for _, p in named]
+        self._weight_bytes = sum(p.numel() * p.element_size() for p in self.parameters)  # of one weight copy
         self._inflight: deque[_InFlight] = deque()
         self._spare_copies: list[list[torch.Tensor]] = []
         self._grads: list[torch.Tensor | None] = [None] * len(self.parameters)
@@ -334,7 +335,7 @@ class DDGStage:
         Weight copies are counted as held now; activations as the most the in-flight graphs hold at once (the
         saved tensors of one batch, measured every so often, times the graphs kept).
         """
-        weights = sum(w.numel() * w.element_size() for item in self._inflight for w in item.weights or ())
+        weights = self._weight_bytes * sum(item.weights is not None for item in self._inflight)
         if self.memory == "stash" or self.delay == 0:
             activations = self._activation_bytes * (self.delay + 1)
         else:  # the inputs kept for recomputation, and one recomputed graph at a time
