@@ -111,9 +111,12 @@ def _worker(rank: int, world_size: int, fn: Callable, cfg: dict, init_file: str,
         results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
 
 
-def _context() -> Any:
+def _context(cfg: dict) -> Any:
     # Fresh processes, forked from a server that imported torch and the benchmark once: a configuration
     # starts in well under a second instead of the ~10 s a spawned interpreter takes to import everything.
+    # Not for GPUs: importing may touch the CUDA driver, which a forked process can then not use.
+    if cfg.get("device") == "cuda":
+        return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", "torch", "lightning_ddg"])
     return ctx
@@ -121,7 +124,7 @@ def _context() -> Any:
 
 def launch(fn: Callable[[int, int, dict], Any], world_size: int, cfg: dict, timeout: float = 600) -> list[Any]:
     """Run ``fn`` in ``world_size`` fresh processes; return the per-rank results, sorted by rank."""
-    ctx = _context()
+    ctx = _context(cfg)
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
