@@ -76,6 +76,14 @@ def _encode(specs: Specs, note: list[int] | None = None) -> torch.Tensor:
     return torch.tensor(values + [0] * (HEADER_SIZE - len(values)), dtype=torch.int64)
 
 
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _held_only_by(t: torch.Tensor) -> bool:
+    """Whether no tensor but ``t`` holds its data (the count includes the storage object asked here)."""
+    return _storage_use_count is not None and _storage_use_count(t.untyped_storage()._cdata) <= 2
+
+
 def _decode(header: torch.Tensor) -> tuple[Specs | None, list[int]]:
     values = header.tolist()
     count, pos, specs = values[0], 1, []
@@ -180,12 +188,13 @@ class Channel:
         return free.pop() if free else torch.empty(shape, dtype=dtype, device=self.device)
 
     def release(self, tensors: list[torch.Tensor]) -> None:
-        """Hand back received tensors that nothing uses any more: later messages arrive in them. A tensor
-        released must not be read or kept afterwards (nor any view of it)."""
+        """Hand back received tensors the caller is done with: later messages arrive in them. A tensor whose
+        data another tensor still shares (a view of it kept, or being sent on; a gradient made of it) is left
+        alone; the caller must neither use a released tensor again nor have handed the object itself on."""
         for t in tensors:
             free = self._free.setdefault((t.dtype, tuple(t.shape)), [])
-            if len(free) < _MAX_FREE:
-                free.append(t.detach().requires_grad_(False))
+            if len(free) < _MAX_FREE and _held_only_by(t):
+                free.append(t.requires_grad_(False))  # a received tensor is a leaf of any graph it was in
 
     def _take_posted(self) -> tuple[Specs | None, list[torch.Tensor], list[dist.Work]]:
         self.prefetch()

@@ -59,7 +59,7 @@ class _InFlight:
     weights: list[torch.Tensor] | None  # private weight copy, None when the live weights are exact
     rng: tuple[torch.Tensor, torch.Tensor | None] | None
     autocast: tuple[str, torch.dtype, bool] | None
-    releasable: list[torch.Tensor]  # received inputs to hand back to the channel once backwarded
+    returned: list[torch.Tensor]  # received inputs the last stage returned as they are: the caller may keep them
 
 
 # the saved activations of one batch are measured on every this-many-th batch, so that the cost of measuring
@@ -209,13 +209,9 @@ class DDGStage:
         with nullcontext() if keep_graph else torch.no_grad(), self._measured(measure, weights):
             output = self._run(inputs, weights)
         outputs = crossing_tensors(output, self.module, self.stage_index) if not self.is_last else None
-        # a received tensor that leaves the stage again (passed through, or a view of it returned) is not reused
-        leaving = _storages(outputs if outputs is not None else output)
-        releasable = [] if self.is_first else [x for x in inputs if _storage(x) not in leaving]
+        returned = [] if self.is_first or not self.is_last else _among(inputs, output)
         self._inflight.append(
-            _InFlight(
-                self.batches_forwarded, inputs, outputs if keep_graph else None, weights, rng, autocast, releasable
-            )
+            _InFlight(self.batches_forwarded, inputs, outputs if keep_graph else None, weights, rng, autocast, returned)
         )
         self.batches_forwarded += 1
         if outputs is not None:
@@ -285,10 +281,11 @@ class DDGStage:
         if not self.is_first:
             input_grads = dict(zip(map(id, float_inputs), grads[len(weights) :], strict=False))
             self._send_input_gradients(item.inputs, input_grads)
-            self.links.act_in.release(item.releasable)  # type: ignore[union-attr]
-        if not self.is_last:  # the received gradients, unless one became a gradient itself
-            kept = _storages(grads)
-            self.links.grad_in.release([g for g in grad_targets if _storage(g) not in kept])  # type: ignore[union-attr]
+            # the channel reuses only tensors whose data nothing else holds; a tensor object handed back to the
+            # caller as it is would not show in that count
+            self.links.act_in.release([x for x in item.inputs if not any(x is r for r in item.returned)])  # type: ignore[union-attr]
+        if not self.is_last:
+            self.links.grad_in.release(grad_targets)  # type: ignore[union-attr]
         self.batches_backwarded += 1
         counters = self.counters
         counters.busy_s += time.perf_counter() - start - (counters.wait_s - waited) - (counters.send_s - sent)
@@ -430,13 +427,10 @@ def _swapped(swaps: list[tuple[_Slot, torch.Tensor]]) -> Iterator[None]:
             table[attr] = tensor
 
 
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-def _storages(values: Any) -> set[int]:
-    """Where the tensors among ``values`` (any nesting of lists, tuples and dicts) keep their data."""
-    return {_storage(t) for t in tree_flatten(values)[0] if isinstance(t, torch.Tensor)}
+def _among(tensors: list[Any], values: Any) -> list[Any]:
+    """Those of ``tensors`` that are themselves among ``values`` (any nesting of lists, tuples and dicts)."""
+    ids = {id(v) for v in tree_flatten(values)[0]}
+    return [t for t in tensors if id(t) in ids]
 
 
 def _batch_size(x: Any) -> int:

@@ -164,6 +164,39 @@ def test_receiving_allocates_nothing_in_steady_state() -> None:
     assert counts == {0: [0, 2], 1: [3, 2], 2: [2, 0]}
 
 
+class _ReturnsItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(16, 3).double()
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(h), h
+
+
+def _kept_outputs(rank: int, world_size: int) -> bool:
+    """The last stage returns the tensor it received as it is; the caller keeps it over later steps."""
+    topology = Topology(num_stages=world_size)
+    k = topology.stage_of(rank)
+    links = StageLinks.create(topology, rank, torch.device("cpu"))
+    torch.manual_seed(0)
+    module = nn.Linear(8, 16).double() if k == 0 else _ReturnsItsInput()
+    stage = DDGStage(module, k, world_size, links)
+    kept = []
+    for x, y in batches(12, last=6):
+        out = stage.forward(x)
+        if stage.is_last:
+            kept.append((out[1], out[1].detach().clone()))
+        stage.backward(LOSS(out[0], y) if stage.is_last else None)
+    list(stage.drain())
+    links.close()
+    links.destroy()
+    return all(torch.equal(tensor, value) for tensor, value in kept)
+
+
+def test_a_received_tensor_the_last_stage_returns_is_not_reused() -> None:
+    assert run_processes(_kept_outputs, 2, timeout=120) == [True, True]
+
+
 def test_last_stage_receives_every_stages_figures() -> None:
     options = {"memory": "stash", "optimizer": "sgd", "batches": 5, "seed": 1, "figures": True}
     snapshots = run_processes(_train_stage, 3, options, timeout=120)
