@@ -176,13 +176,13 @@ def plan(
     positions = sorted(names)
     segments = _stage_graphs(gm, positions, module)
 
-    costs, used, note, cut_bytes = _costs(module, segments, args, balance_by, device)
+    where = torch.device(device) if device is not None else _device_of(module)
+    costs, used, note, cut_bytes = _costs(module, segments, args, balance_by, where)
     if cut_bytes is None:  # without an input, the number of values crossing stands in for their size
         cut_bytes = [float(_placeholders(s)) for s in segments[1:]]
     if split_points is None:
         starts = solve(costs, cut_bytes, wanted, _TIE_TOLERANCE[used])
         if used == "time" and wanted > 1:
-            where = torch.device(device) if device is not None else _device_of(module)
             with _untouched(module):
                 starts, costs = _refined(gm, module, positions, starts, costs, cut_bytes, args, where)
         split_points = [names[positions[s - 1]] for s in starts]
@@ -244,7 +244,7 @@ def _costs(
     segments: list[nn.Module],
     args: tuple,
     balance_by: BalanceBy,
-    device: torch.device | str | None,
+    where: torch.device,
 ) -> tuple[list[float], BalanceBy, str | None, list[float] | None]:
     """Segment costs by ``balance_by``, falling back to FLOPs and then parameters where that fails; with an
     input, also the bytes crossing each candidate cut."""
@@ -252,7 +252,6 @@ def _costs(
     if not args:
         note = None if balance_by == "params" else f"balanced by params: no example input to measure {balance_by}"
         return [float(p) for p in params], "params", note, None
-    where = torch.device(device) if device is not None else _device_of(module)
     note = None
     with _untouched(module):
         try:
