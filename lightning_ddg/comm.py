@@ -25,7 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["Channel", "HEADER_SIZE", "UNREAPED_MESSAGES"]
+__all__ = ["Channel", "HEADER_SIZE", "PipelineStopped", "UNREAPED_MESSAGES"]
 
 HEADER_SIZE = 256
 UNREAPED_MESSAGES = 1  # messages besides the newest whose sends are not waited on yet
@@ -48,6 +48,14 @@ _CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
 
 
 Specs = tuple[tuple[torch.dtype, tuple[int, ...]], ...]
+
+
+class PipelineStopped(Exception):
+    """The peer ended the channel because the job was asked to stop (a scheduler's SIGTERM, say): ``signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"the pipeline was stopped by signal {signum}")
+        self.signum = signum
 
 
 def _specs(tensors: list[torch.Tensor]) -> Specs:
@@ -88,7 +96,7 @@ def _decode(header: torch.Tensor) -> tuple[Specs | None, list[int]]:
     values = header.tolist()
     count, pos, specs = values[0], 1, []
     if count == _END:
-        return None, []
+        return None, values[1:2]  # the signal that stopped the job, 0 for a plain end
     for _ in range(count):
         dtype, ndim = _DTYPES[values[pos]], values[pos + 1]
         specs.append((dtype, tuple(values[pos + 2 : pos + 2 + ndim])))
@@ -211,6 +219,8 @@ class Channel:
         expected = self._expected
         specs, tensors, works = self._take_posted()
         if specs is None:
+            if self.note and self.note[0]:
+                raise PipelineStopped(self.note[0])
             raise RuntimeError(f"rank {self.peer} closed the channel while this rank still expected data")
         if specs != expected:
             for work in works:  # placeholders for the buffers posted with the previous shapes
@@ -225,11 +235,12 @@ class Channel:
         return tensors
 
     # shutting down -------------------------------------------------------------------------------------
-    def send_end(self) -> None:
-        """Tell the peer that no more data follows: this answers the receives it has posted."""
+    def send_end(self, signum: int = 0) -> None:
+        """Tell the peer that no more data follows: this answers the receives it has posted. With ``signum``, the
+        job is stopping because of that signal, and the peer's :meth:`recv` raises :class:`PipelineStopped`."""
         self._sends.append([])
         end = torch.zeros(HEADER_SIZE, dtype=torch.int64, device=self._header_device)
-        end[0] = _END
+        end[0], end[1] = _END, signum
         self._isend(end)
         if self._sent_specs is not None:
             self._fill_posted(self._sent_specs)

@@ -12,6 +12,9 @@ Lightning's in two ways:
   stage that fails in a started process reports it here, so that its watchdog can stop the other stages.
 - Ctrl-C in the launching process stops the stages: they get SIGINT, and SIGKILL if they have not exited
   after a grace period. (Lightning would otherwise wait for them to finish training.)
+- When the stages stopped together because the job was asked to (a SIGTERM; they exit with ``128 + signal``),
+  the launching process ends the same way, without a traceback, and saves no checkpoint of its own: it trained
+  nothing, and the stages have saved theirs.
 
 Example::
 
@@ -33,7 +36,10 @@ from lightning.fabric.strategies.launchers.multiprocessing import _disable_modul
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import _GlobalStateSnapshot
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from torch.multiprocessing.spawn import ProcessExitedException
+
+from lightning_ddg._compat import interrupt_here
 
 __all__ = ["DDGScriptLauncher", "DDGSpawnLauncher", "launched_processes", "pause_observer"]
 
@@ -124,6 +130,11 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
         except KeyboardInterrupt:
             _interrupt(self.procs, INTERRUPT_GRACE_S)
             raise
+        except ProcessExitedException as exited:
+            if not 128 < exited.exit_code < 128 + signal.NSIG:
+                raise
+            self._strategy.stopped_elsewhere(exited.exit_code - 128)
+            raise SIGTERMException(exited.exit_code) from None
 
     def __getstate__(self) -> dict[str, Any]:
         # pickled as each process starts, once the launch has set the rendezvous port
@@ -139,6 +150,11 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
             args = _disable_module_memory_sharing(args)
         try:
             super()._wrapping_function(process_idx, trainer, function, args, *rest)
+        except SIGTERMException as stop:
+            # the stages stopped together: Lightning runs on_exception callbacks only in the launching process, but
+            # the trained state is here, and saving it (a checkpoint callback) needs every stage
+            interrupt_here(trainer, stop)
+            raise
         except BaseException as error:
             self._strategy.on_exception(error)
             raise

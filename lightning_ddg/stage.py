@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from lightning_ddg.checks import check_finite, crossing_tensors
+from lightning_ddg.comm import PipelineStopped
 from lightning_ddg.replicas import ReplicaAverager, sync_module_states
 from lightning_ddg.stats import Snapshot, StageCounters, decode_snapshots, encode_snapshots
 from lightning_ddg.topology import StageLinks
@@ -194,7 +195,12 @@ class DDGStage:
         if self.is_first:
             inputs = list(args)
         else:
-            inputs = [t.requires_grad_() if t.is_floating_point() else t for t in self._receive_inputs()]
+            try:
+                received = self._receive_inputs()
+            except PipelineStopped as stopped:
+                self.stop(stopped.signum)
+                raise
+            inputs = [t.requires_grad_() if t.is_floating_point() else t for t in received]
         counters = self.counters
         counters.steps += 1
         counters.samples += _batch_size(inputs[0] if inputs else None)
@@ -220,6 +226,13 @@ class DDGStage:
             self.links.grad_in.prefetch()
         counters.busy_s += time.perf_counter() - start - (counters.wait_s - waited) - (counters.send_s - sent)
         return output if self.is_last else None
+
+    def stop(self, signum: int) -> None:
+        """End the pipeline before this step's forward because the job was asked to stop (by signal ``signum``):
+        the next stage's :meth:`forward` then raises :class:`~lightning_ddg.comm.PipelineStopped` after passing
+        the stop on, so that every stage stops after the same step. Nothing is drained."""
+        if self.links.act_out is not None:
+            self.links.act_out.send_end(signum)
 
     @torch.no_grad()
     def evaluate(self, *args: Any) -> Any:

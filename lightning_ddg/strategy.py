@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -46,13 +48,18 @@ from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler, RandomSampler
 
+from lightning_ddg._compat import (
+    replace_per_step_sigterm_broadcast,
+    replace_signal_handlers,
+    restore_signal_handlers,
+)
 from lightning_ddg.balance import BALANCE_BY, BalanceBy
 from lightning_ddg.checkpoint import (
     group_names,
@@ -67,6 +74,7 @@ from lightning_ddg.checks import (
     check_stages_have_parameters,
     check_train_loader,
 )
+from lightning_ddg.comm import PipelineStopped
 from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launched_processes, pause_observer
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
@@ -193,6 +201,9 @@ class DDGStrategy(ParallelStrategy):
         self._forward_calls = 0
         self._update_due = False
         self._shuffle_seed = 0
+        self._stop_signal: int | None = None  # a signal asking the job to stop, received by this process
+        self._stopped_by: int | None = None  # the signal the pipeline stopped for
+        self._requeue: Callable[[int, Any], None] | None = None  # Lightning's SLURM save-and-requeue
 
     # --- layout ------------------------------------------------------------------------------------------
     @property
@@ -316,6 +327,10 @@ class DDGStrategy(ParallelStrategy):
             check_finite=self._checks_finite(trainer),
         )
         module.forward = self._pipelined_forward  # instance attribute: shadows the class's forward
+        if self.world_size > 1:
+            self._stop_signal = self._stopped_by = None
+            replace_per_step_sigterm_broadcast(trainer, self._stop_if_requested)
+            self._requeue = replace_signal_handlers(trainer, self._on_stop_signal)
         _scope_metrics(module, self._links.replica_group if self._links else None)
         _quiet_epoch_sync_advice(everything=self.topology.num_replicas == 1)
         for callback in (_LogStageFigures, _ShareLastStageMetrics):
@@ -459,6 +474,8 @@ class DDGStrategy(ParallelStrategy):
                 output = self.lightning_module.training_step(*args, **kwargs)
         except _StageDone:
             output = None
+        except PipelineStopped as stopped:
+            raise self._stopping(stopped.signum) from None
         finally:
             self._in_training_step = False
         if self._forward_calls == 0:
@@ -487,6 +504,61 @@ class DDGStrategy(ParallelStrategy):
 
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         return self._eval_step("predict_step", self.precision_plugin.predict_step_context, *args, **kwargs)
+
+    # --- stopping when asked ------------------------------------------------------------------------------
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        """The handler Lightning registers for SIGTERM (and, under SLURM with auto-requeue, its requeue signal).
+
+        It only takes note: the watchdog carries the request to every process, and the first stage ends the
+        pipeline before its next training batch (:meth:`_stop_if_requested`), so that all stages stop after the
+        same step with nothing but the pipeline's own messages. A run that is not fitting has no such step and
+        stops at once.
+        """
+        self._stop_signal = self._stop_signal or signum
+        if self._watchdog is not None:
+            self._watchdog.request_stop(signum)
+        module = self.lightning_module
+        if module is not None and module.trainer.state.fn != TrainerFn.FITTING:
+            raise SIGTERMException(128 + signum)
+
+    def _stop_if_requested(self) -> None:
+        """Before every training batch, where Lightning would broadcast rank 0's SIGTERM flag to every rank: the
+        first stage, whose forward every other stage waits for, checks whether the job was asked to stop. If so
+        it ends the pipeline here; each later stage raises when the end reaches it, after the same step."""
+        assert self.stage is not None
+        if not self.stage.is_first:
+            return
+        signum = self._stop_signal or (self._watchdog.stop_requested if self._watchdog is not None else None) or 0
+        group = self._links.replica_group if self._links is not None else None
+        if group is not None:
+            # the first stages of the replicas stop at the same step: replica 0's decides, in a broadcast within
+            # the group that averages their gradients every step anyway
+            flag = torch.tensor([signum], device=self.root_device)
+            dist.broadcast(flag, src=self.topology.rank_of(0, replica=0), group=group)
+            signum = int(flag.item())
+        if signum:
+            self.stage.stop(signum)
+            raise self._stopping(signum)
+
+    def stopped_elsewhere(self, signum: int) -> None:
+        """In a launching process that runs no stage: the stages stopped for ``signum`` and saved what callbacks
+        save; this process's copy of the module never trained, so it saves nothing over theirs."""
+        self._stopped_by = signum
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if self._stopped_by is not None and self.partition is None:
+            return  # see stopped_elsewhere
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def _stopping(self, signum: int) -> SIGTERMException:
+        """The exception that ends this stage's fit; ``on_exception`` callbacks then run on every stage alike."""
+        self._stopped_by = signum
+        if self.global_rank == 0:
+            name = signal.Signals(signum).name
+            step = self.lightning_module.trainer.global_step if self.lightning_module is not None else "?"
+            then = "saving the requeue checkpoint" if signum != signal.SIGTERM else "exiting"
+            print(f"lightning-ddg: stopped by {name} after step {step} on every stage; {then}.", file=sys.stderr)
+        return SIGTERMException(128 + signum)
 
     # --- delayed backward and stepping -------------------------------------------------------------------
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
@@ -615,6 +687,11 @@ class DDGStrategy(ParallelStrategy):
         return parts
 
     def on_exception(self, exception: BaseException) -> None:
+        if self._stopped_by is not None and isinstance(exception, SIGTERMException):
+            # every stage stopped after the same step: they save the requeue checkpoint together
+            if self._stopped_by != signal.SIGTERM and self._requeue is not None:
+                self._requeue(self._stopped_by, None)
+            return
         # the other stages would wait forever for this one: the watchdog stops them
         self._failed = True
         if self._watchdog is not None:
@@ -622,16 +699,21 @@ class DDGStrategy(ParallelStrategy):
 
     def teardown(self) -> None:
         if not self._failed:
-            if self._removed and self.stage is not None:
+            # a stopped pipeline leaves messages in flight: its channels are left to the process's exit
+            if self._removed and self.stage is not None and self._stopped_by is None:
                 self._finish()  # a fit without a training batch never reached on_train_end
-            if self._links is not None:
+            if self._links is not None and self._stopped_by is None:
                 self._links.destroy()
+            if self._stopped_by is not None and self.partition is not None:
+                dist.barrier()  # every stage has run its on_exception callbacks before any exits
             if self._watchdog is not None:
                 self._watchdog.stop()
                 pause_observer(False)
         self._links = self._watchdog = None
         if self.lightning_module is not None:
             self.lightning_module.__dict__.pop("forward", None)
+            if self.lightning_module._trainer is not None:
+                restore_signal_handlers(self.lightning_module.trainer)
         self.stage = None
         super().teardown()
 

@@ -10,6 +10,9 @@ every ``interval`` seconds:
   killed with SIGKILL, or by the out-of-memory killer), for the store going away (its server lives in global
   rank 0), for the process that launched this one going away and, in a launching process, for a launched
   process that exited with an error;
+- it carries a *stop request* (:meth:`Watchdog.request_stop`: a scheduler's SIGTERM reached this process) to the
+  store, and picks up one made anywhere in the job as :attr:`Watchdog.stop_requested`, so that the stage that
+  decides where the pipeline stops learns of it within a beat or two, whichever process got the signal;
 - when it sees one, it ends this process: one line on stderr that names the stage that failed, exit code 1. It
   ends the process from its own thread with ``os._exit``, because the main thread may be blocked in a receive.
 
@@ -124,6 +127,8 @@ class Watchdog:
         self._beats: dict[int, tuple[int, float]] = {}  # rank -> (last count seen, when it last changed)
         self._rank0_done = False
         self._reported = False
+        self._stop_to_publish: int | None = None
+        self.stop_requested: int | None = None  # the signal that asked the job to stop, seen anywhere in it
         self._main_ended_at: float | None = None
         self._stopping = threading.Event()
         self._ending = threading.Lock()
@@ -148,6 +153,11 @@ class Watchdog:
     @property
     def running(self) -> bool:
         return self._thread.is_alive()
+
+    def request_stop(self, signum: int) -> None:
+        """Ask the whole job to stop (safe to call from a signal handler: the watchdog's thread publishes it)."""
+        self._stop_to_publish = signum
+        self.stop_requested = self.stop_requested or signum
 
     # --- the failing process ------------------------------------------------------------------------------
     def report(self, error: BaseException) -> None:
@@ -205,6 +215,7 @@ class Watchdog:
                 self._store.add(f"beat/{self.rank}", 1)
                 if self._reported:
                     continue
+                self._exchange_stop_request()
                 failure = self._find_failure()
             except _STORE_ERRORS as err:
                 if self._stopping.is_set() or self._reported or self._rank0_done:
@@ -212,6 +223,13 @@ class Watchdog:
                 failure = _store_lost(self.describe, err)
             if failure is not None:
                 self._end_job(failure)
+
+    def _exchange_stop_request(self) -> None:
+        if self._stop_to_publish is not None:
+            self._store.compare_set("stop", "", str(self._stop_to_publish))
+            self._stop_to_publish = None
+        if self.stop_requested is None and self._store.check(["stop"]):
+            self.stop_requested = int(self._store.get("stop"))
 
     def _find_failure(self) -> Failure | None:
         published = self.published()
