@@ -56,6 +56,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from cifar_resnet import cifar_resnet  # noqa: E402
+from fit_path import fit_rates  # noqa: E402
 from harness import can_pin, device_of, launch, peak_memory_mib, reset_peak_memory, synchronize  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -377,7 +378,13 @@ def main() -> None:
             (fits,) = launch(lightning_rank, 1, common, args.timeout)
             for engine, windows in fits["fits"]:
                 runs.append({"name": engine, "processes": 1, "ranks": [{"rank": 0, "windows_s": windows}]})
+            for name, rate in fit_rates(common, args.stages, args.timeout).items():
+                processes = 1 if name == "fit backprop" else args.stages
+                runs.append({"name": name, "processes": processes, "ranks": [], "fit_samples_per_s": rate})
         for run in runs:
+            if "fit_samples_per_s" in run:  # timed inside Trainer.fit (fit_path.py)
+                run["samples_per_s"], run["peak_mib"] = run["fit_samples_per_s"], float("nan")
+                continue
             # a window takes as long as its slowest rank; the best window is the least disturbed by other work
             windows = [max(w) for w in zip(*(r["windows_s"] for r in run["ranks"]), strict=True)]
             samples = steps // args.windows * batch * (run["processes"] if run.get("apart") else 1)
@@ -468,12 +475,21 @@ def report(result: dict[str, Any]) -> None:
     print(f"ddg stash / best GPipe or 1F1B:  {ratios['ddg_over_best_pipeline']:.2f}")
     print(f"ddg recompute time / stash time: {ratios['recompute_time_over_stash']:.2f}")
     print(f"Lightning, one device, strategy='ddg' / plain: {ratios['lightning_ddg_over_plain']:.3f}")
+    print(
+        f"Trainer.fit, strategy='ddg': {ratios['fit_ddg_over_fit_backprop']:.2f}x Trainer.fit backprop, "
+        f"{ratios['fit_ddg_over_fit_ddp']:.2f}x strategy='ddp', "
+        f"{ratios['fit_ddg_over_runtime_ddg']:.2f}x the runtime's ddg stash"
+    )
 
 
 def target_ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
     """The ratios the performance targets are stated in."""
     by_name = {run["name"]: run for run in runs}
     stash = by_name["ddg stash"]
+
+    def fit(prefix: str) -> float:  # the Trainer.fit rows, named with their process count
+        return next(r["samples_per_s"] for name, r in by_name.items() if name.startswith(prefix))
+
     pipelines = max(r["samples_per_s"] for name, r in by_name.items() if name.startswith(("gpipe", "1f1b")))
     return {
         "ddg_over_backprop": stash["speedup"],
@@ -482,6 +498,9 @@ def target_ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
         "recompute_time_over_stash": stash["samples_per_s"] / by_name["ddg recompute"]["samples_per_s"],
         "lightning_ddg_over_plain": by_name["lightning ddg"]["samples_per_s"]
         / by_name["plain lightning"]["samples_per_s"],
+        "fit_ddg_over_fit_backprop": fit("fit ddg") / fit("fit backprop"),
+        "fit_ddg_over_fit_ddp": fit("fit ddg") / fit("fit ddp"),
+        "fit_ddg_over_runtime_ddg": fit("fit ddg") / stash["samples_per_s"],
     }
 
 
@@ -523,6 +542,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"held at most: stash {max(r['activations_mib'] for r in runs['ddg stash']['ranks']):.1f} MiB, "
         f"recompute {max(r['activations_mib'] for r in runs['ddg recompute']['ranks']):.1f} MiB (per stage)",
         f'- Lightning on one device, `strategy="ddg"` over a plain run: **{ratios["lightning_ddg_over_plain"]:.3f}**',
+        '- Through `Trainer.fit` (the `fit` rows): `strategy="ddg"` runs '
+        f"**{ratios['fit_ddg_over_fit_backprop']:.2f}×** backprop, **{ratios['fit_ddg_over_fit_ddp']:.2f}×** "
+        f'`strategy="ddp"` on as many processes, and **{ratios["fit_ddg_over_runtime_ddg"]:.2f}×** the stage '
+        "runtime alone (`ddg stash`)",
         "",
     ]
     return "\n".join(lines) + "\n"
@@ -540,7 +563,10 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.5), squeeze=False)
     for ax, result in zip(axes[0], results, strict=True):
         runs = [r for r in result["runs"] if "lightning" not in r["name"]]
-        colors = ["#888" if not r["name"].startswith("ddg") else "#2a7" for r in runs]
+        colors = [
+            "#2a7" if r["name"].startswith("ddg") else "#17a" if r["name"].startswith("fit ddg") else "#888"
+            for r in runs
+        ]
         ax.barh([r["name"] for r in runs], [r["speedup"] for r in runs], color=colors)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.invert_yaxis()

@@ -1,0 +1,108 @@
+"""The product path: samples/s of ``Trainer.fit`` on a model of ``benchmarks/peers.py``, as a user runs it.
+
+Three fits, each in fresh processes that Lightning starts itself (``strategy="ddp"`` and ``"ddg"`` re-launch the
+script), one thread per process, the same global batch:
+
+- ``fit backprop``: ``Trainer(devices=1)``;
+- ``fit ddp ×K``: ``Trainer(strategy="ddp", devices=K)``, each process on ``batch / K`` samples;
+- ``fit ddg ×K``: ``Trainer(strategy=DDGStrategy(split_points=...), devices=K)``, cut where the runtime rows are.
+
+The clock runs on global rank 0 from the end of the warm-up steps to the end of the last step.
+``benchmarks/peers.py`` calls :func:`fit_rates` in every round, next to the runtime configurations;
+``python benchmarks/fit_path.py ENGINE CONFIG_JSON OUT_JSON`` runs one fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+os.environ["OMP_NUM_THREADS"] = "1"
+
+ENGINES = ("fit backprop", "fit ddp", "fit ddg")
+
+
+def fit_rates(cfg: dict[str, Any], stages: int, timeout: float) -> dict[str, float]:
+    """Samples/s of each fit of ``ENGINES`` for the peers' configuration ``cfg``, by row name."""
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine in ENGINES:
+            out = os.path.join(tmp, "rate.json")
+            command = [sys.executable, os.path.abspath(__file__), engine, json.dumps(cfg | {"stages": stages}), out]
+            run = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+            if run.returncode != 0 or not os.path.exists(out):
+                raise RuntimeError(f"{engine} failed:\n{run.stderr[-3000:]}")
+            name = engine if engine == "fit backprop" else f"{engine} ×{stages}"
+            rates[name] = json.load(open(out))["samples_per_s"]
+            os.remove(out)
+    return rates
+
+
+def _fit(engine: str, cfg: dict[str, Any], out: str) -> None:
+    sys.path[:0] = [os.path.dirname(os.path.abspath(__file__))]
+    import lightning as L
+    import torch
+    from peers import _optimizer, batches, build
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_ddg import DDGStrategy
+
+    torch.set_num_threads(1)
+    warmup, steps, batch, stages = cfg["warmup"], cfg["steps"], cfg["batch_size"], cfg["stages"]
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = build(cfg["model"])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return _optimizer(self.parameters())
+
+    class Clock(L.Callback):
+        def __init__(self) -> None:
+            self.start = self.end = 0.0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == warmup - 1:
+                self.start = time.perf_counter()
+            self.end = time.perf_counter()
+
+    xs, ys = batches(cfg["model"], warmup + steps, batch, torch.device("cpu"))
+    data = TensorDataset(xs.flatten(0, 1), ys.flatten())
+    per_process = batch // stages if engine == "fit ddp" else batch
+    strategy: Any = {"fit backprop": "auto", "fit ddp": "ddp", "fit ddg": None}[engine]
+    if engine == "fit ddg":
+        strategy = DDGStrategy(split_points=[f"model.{p}" for p in cfg["split_points"]])  # names under Module
+    clock = Clock()
+    trainer = L.Trainer(
+        strategy=strategy,
+        devices=1 if engine == "fit backprop" else stages,
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+    )
+    trainer.fit(Module(), DataLoader(data, batch_size=per_process))
+    if trainer.global_rank == 0:
+        with open(out, "w") as f:
+            json.dump({"samples_per_s": steps * batch / (clock.end - clock.start)}, f)
+
+
+if __name__ == "__main__":
+    _fit(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])
