@@ -71,13 +71,18 @@ def main() -> None:
     parser.add_argument("--signal", default="SIGTERM")
     parser.add_argument("--rank", type=int, default=-1)
     parser.add_argument("--step", type=int, default=4)
+    parser.add_argument("--num-stages", type=int, default=None, help="fewer than --devices: replicas")
     args = parser.parse_args()
     if "LOCAL_RANK" not in os.environ and "SLURM_PROCID" not in os.environ:  # the launching process
         (Path(args.out) / "launcher").write_text(f"{os.getpid()}\n")
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(4096, 8), torch.randint(0, 3, (4096,)))
     trainer = L.Trainer(
-        strategy=DDGStrategy(balance_by="params", start_method="spawn" if args.strategy == "ddg_spawn" else "popen"),
+        strategy=DDGStrategy(
+            num_stages=args.num_stages,
+            balance_by="params",
+            start_method="spawn" if args.strategy == "ddg_spawn" else "popen",
+        ),
         devices=args.devices,
         accelerator="cpu",
         max_epochs=1,

@@ -66,6 +66,17 @@ def test_sigterm_to_any_stage_stops_every_stage_after_the_same_step(tmp_path: Pa
 
 
 @pytest.mark.timeout(TIMEOUT_S + 60)
+def test_sigterm_to_one_replica_stops_every_replica_after_the_same_step(tmp_path: Path) -> None:
+    # 2 stages x 2 replicas: rank 3 runs the first stage of replica 1
+    args = (str(STOP_JOB), str(tmp_path), "--devices", "4", "--num-stages", "2", "--rank", "3")
+    proc = start_job(*args, stderr=subprocess.STDOUT)
+    output, _ = finish_job(proc, TIMEOUT_S)
+    pids = [int(p) for name in ("launcher", "pids") for p in (tmp_path / name).read_text().split()]
+    _wait_until_gone(pids, within=LIMIT_S)
+    _check_checkpoint(tmp_path / "on_exception.ckpt", _check_stopped_alike(tmp_path, output, proc.returncode, 4))
+
+
+@pytest.mark.timeout(TIMEOUT_S + 60)
 def test_sigterm_to_the_launcher_stops_every_stage(tmp_path: Path) -> None:
     proc = start_job(str(STOP_JOB), str(tmp_path), "--devices", "2", stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 90
