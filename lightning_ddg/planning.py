@@ -174,7 +174,7 @@ def plan(
         known = [n for n, _ in module.named_modules() if n]
         names |= {_cut_index(body, name, known): name for name in split_points}
     positions = sorted(names)
-    segments = _stage_graphs(gm, positions, module)
+    segments = _stage_graphs(gm, positions)
 
     where = torch.device(device) if device is not None else _device_of(module)
     costs, used, note, cut_bytes = _costs(module, segments, args, balance_by, where)
@@ -215,7 +215,7 @@ def _refined(
         key = tuple(starts)
         if key in measured:
             break
-        stages = _stage_graphs(gm, [positions[s - 1] for s in starts], module)
+        stages = _stage_graphs(gm, [positions[s - 1] for s in starts])
         inputs = run_segments(stages, args, where)
         times = [1000 * t for t in segment_times(stages, inputs, where, repeats=_WHOLE_STAGE_REPEATS)]
         bounds = [0, *starts, len(costs)]
