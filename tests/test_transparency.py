@@ -1,17 +1,19 @@
 """A module that holds no cut behaves under the pipeline as in the unsplit model (after torchgpipe's
 ``test_transparency.py``): its forward runs at every step with its Python state, randomness, side effects,
-exceptions and hooks."""
+exceptions and hooks; the plan never picks a cut that then fails; planning leaves the module as it was."""
 
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from lightning_ddg import plan, split_module
-from tests.transparency_models import Counting, Holder, LayerDrop, Raising
+from lightning_ddg.opening import frozen_python
+from tests.transparency_models import Counting, Holder, LayerDrop, Raising, TinyViT
 
 
 def _compose(stages: list[nn.Module], *inputs):
@@ -92,6 +94,140 @@ def test_forward_hooks_fire_on_the_stage_that_holds_the_module() -> None:
     fired.clear()
     second(h)
     assert fired == []
+
+
+# --- opening a module with care ---------------------------------------------------------------------------
+def test_python_that_tracing_would_freeze_is_found_with_its_line() -> None:
+    found = frozen_python(Counting(), "net.1")
+    assert [f.what for f in found] == ["assigns self.calls"]
+    assert found[0].where.endswith("self.calls += 1") and "transparency_models.py:" in found[0].where
+    assert [f.what for f in frozen_python(LayerDrop(), "x")] == ["draws Python or NumPy random numbers (random.random)"]
+    assert frozen_python(Raising(), "x") == [] and frozen_python(nn.Linear(2, 2), "x") == []
+    hooked = nn.Sequential(nn.Linear(2, 2))
+    hooked.register_forward_hook(lambda m, args, out: None)
+    assert [f.what.split(",")[0] for f in frozen_python(hooked, "x")] == ["has a forward hook"]
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x)))
+
+
+class _CountingBlock(_Block):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.second(torch.tanh(self.first(x)))
+
+
+def _blocks(counting: bool = True) -> nn.Sequential:
+    """Five equal blocks; block 2 counts its calls."""
+    return nn.Sequential(*[_CountingBlock() if i == 2 and counting else _Block() for i in range(5)])
+
+
+def test_the_planner_prefers_a_cut_that_opens_no_module_with_python_state() -> None:
+    balanced = plan(_blocks(counting=False), torch.randn(2, 4), 2, balance_by="params")
+    assert balanced.split_points == ["2.second"] and balanced.opened_modules == ["2"]  # 100 parameters a stage
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = plan(_blocks(), torch.randn(2, 4), 2, balance_by="params")
+    assert p.split_points in (["2"], ["3"]) and p.opened_modules == []  # 80 against 120: within the tolerance
+
+
+def test_a_cut_that_must_open_such_a_module_is_warned_about() -> None:
+    model = _blocks()
+    line = r"test_transparency\.py:\d+: self\.calls \+= 1 \(assigns self\.calls\)"
+    advice = r"name '2' or a module after it in split_points"
+    with pytest.warns(UserWarning, match=rf"(?s)cut at '2.second' opens '2'.*{line}.*{advice}"):
+        p = plan(model, torch.randn(2, 4), split_points=["2.second"])
+    assert p.opened_modules == ["2"] and "opened for the cuts (traced, not called): 2" in str(p)
+    assert model[2].calls == 0
+
+
+class _GradModeBranch(nn.Module):
+    """Branches in Python on the grad mode: a trace takes the branch of the mode it runs in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(x))
+        if not torch.is_grad_enabled():
+            h = -h
+        return self.second(h)
+
+
+def test_a_split_that_does_not_reproduce_the_forward_is_warned_about() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), _GradModeBranch(), nn.Linear(4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan(model, torch.randn(2, 4), split_points=["1"])  # the module is called, as written
+    with pytest.warns(UserWarning, match=r"split at \['1.second'\], the model does not reproduce its own forward"):
+        plan(model, torch.randn(2, 4), split_points=["1.second"])  # traced with gradients on, checked without
+
+
+# --- planning leaves the module as it was -----------------------------------------------------------------
+def test_planning_leaves_python_attributes_and_generators_as_they_were() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), Holder(Counting()), Counting(), LayerDrop(), nn.Linear(4, 4))
+    model[1].inner.history = []
+    state = random.getstate()
+    p = plan(model, torch.randn(2, 4), 3)
+    split_module(model, p.split_points)
+    assert model[1].inner.calls == 0 and model[2].calls == 0 and model[1].inner.history == []
+    assert random.getstate() == state
+    assert not any(name.startswith("_tensor_constant") for name in vars(model))
+
+
+# --- every cut that reaches training has run --------------------------------------------------------------
+class _ShapeAcross(nn.Module):
+    """A row count read between ``b`` and ``c`` is used after ``c``: no cut at ``c`` can work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(8, 8), nn.Linear(8, 64), nn.Linear(64, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(self.a(x))
+        rows = h.shape[0]
+        h = self.c(h)
+        return self.d(h.reshape(rows, -1))
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["with-input", "without-input"])
+def test_the_planner_never_chooses_a_cut_that_a_python_value_would_cross(example: bool) -> None:
+    model, x = _ShapeAcross(), torch.randn(3, 8)
+    p = plan(model, x if example else None, 2, balance_by="params")  # by parameters 'c' would be best
+    assert p.split_points in (["b"], ["d"])
+    assert torch.equal(_compose(split_module(model, p.split_points).train, x), model(x))
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["with-input", "without-input"])
+def test_a_given_cut_that_a_python_value_would_cross_is_refused_when_planned(example: bool) -> None:
+    kind = "of type int" if example else "not a tensor"
+    message = rf"'getitem' is computed before the cut at 'c' .* from stage 0 to stage 1; it is {kind}.*only tensors"
+    with pytest.raises(TypeError, match=message):
+        plan(_ShapeAcross(), torch.randn(3, 8) if example else None, split_points=["c"])
+
+
+def test_a_vit_reading_shapes_in_attention_plans_cuts_that_run() -> None:
+    model, x = TinyViT(), torch.randn(2, 3, 16, 16)
+    for num_stages in (2, 3, 4, 6):
+        p = plan(model, x, num_stages, balance_by="flops")
+        assert not any(point.endswith("attn.qkv") for point in p.split_points)
+        stages = split_module(model, p.split_points).train
+        torch.testing.assert_close(_compose(stages, x), model(x), rtol=0, atol=0)
+    with pytest.raises(
+        TypeError, match=r"'getitem_\d+' is computed before the cut at 'blocks.1.attn.qkv'.*of type int"
+    ):
+        plan(model, x, split_points=["blocks.1.attn.qkv"])
 
 
 # --- structures returned by called modules ----------------------------------------------------------------
