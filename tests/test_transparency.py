@@ -4,6 +4,7 @@ exceptions and hooks; the plan never picks a cut that then fails; planning leave
 
 from __future__ import annotations
 
+import copy
 import random
 import warnings
 
@@ -11,9 +12,19 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ddg import plan, split_module
+from lightning_ddg import DDGReference, DDGStrategy, plan, split_module
 from lightning_ddg.opening import frozen_python
-from tests.transparency_models import Counting, Holder, LayerDrop, Raising, TinyViT
+from tests.lightning_models import cpu_trainer, loader
+from tests.transparency_models import (
+    Counting,
+    Holder,
+    LayerDrop,
+    Raising,
+    SeededLayerDrop,
+    StatefulNet,
+    TinyViT,
+)
+from tests.zoo_job import Classifier
 
 
 def _compose(stages: list[nn.Module], *inputs):
@@ -102,6 +113,7 @@ def test_python_that_tracing_would_freeze_is_found_with_its_line() -> None:
     assert [f.what for f in found] == ["assigns self.calls"]
     assert found[0].where.endswith("self.calls += 1") and "transparency_models.py:" in found[0].where
     assert [f.what for f in frozen_python(LayerDrop(), "x")] == ["draws Python or NumPy random numbers (random.random)"]
+    assert [f.what for f in frozen_python(SeededLayerDrop(4, 0), "x")] == ["draws random numbers from self.rng"]
     assert frozen_python(Raising(), "x") == [] and frozen_python(nn.Linear(2, 2), "x") == []
     hooked = nn.Sequential(nn.Linear(2, 2))
     hooked.register_forward_hook(lambda m, args, out: None)
@@ -262,3 +274,44 @@ def test_an_opened_module_reads_what_its_called_children_return() -> None:
         torch.testing.assert_close(_compose(partition.train, x), model(x), rtol=0, atol=0)
     # a graph cannot hold the object passed to 'other': it is traced into as well; 'child' is called
     assert split_module(model, ["1.after"]).opened == ["1", "1.other"]
+
+
+# --- the pipeline against the reference run on the unsplit modules ----------------------------------------
+def _reference_on_unsplit_modules(model: StatefulNet, num_stages: int, epochs: int = 2) -> dict:
+    model = copy.deepcopy(model)
+    net = model.net
+    bounds = [0, *[int(p.split(".")[1]) for p in StatefulNet.SPLIT_POINTS.get(num_stages, [])], len(net)]
+    stages = [net[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]  # the blocks themselves, untraced
+    optimizers = [torch.optim.SGD(s.parameters(), lr=0.05, momentum=0.9) for s in stages]
+    ref = DDGReference(stages, optimizers, nn.functional.cross_entropy)
+    for _ in range(epochs):
+        for x, y in loader():
+            ref.step(x, y)
+    ref.finish()
+    return dict(model.state_dict())
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 3])
+def test_blocks_with_python_state_match_the_reference_on_the_unsplit_modules(num_stages: int) -> None:
+    model = StatefulNet()
+    expected = _reference_on_unsplit_modules(model, num_stages)
+    points = StatefulNet.SPLIT_POINTS.get(num_stages)
+    strategy = DDGStrategy(start_method="forkserver", split_points=points)
+    cpu_trainer(strategy, num_stages, max_epochs=2).fit(model, loader())
+    actual = dict(model.state_dict())
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_vit_reading_shapes_in_attention_trains_with_no_options() -> None:
+    torch.manual_seed(0)
+    model = Classifier(TinyViT())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+    )
+    trainer = cpu_trainer(DDGStrategy(start_method="forkserver"), 2, max_steps=3)
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=2))  # planned by time, on rank 0
+    assert all(not torch.equal(before[n], p) and torch.isfinite(p).all() for n, p in model.named_parameters())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -37,6 +38,20 @@ class LayerDrop(nn.Module):
         return x + self.fc(x)
 
 
+class SeededLayerDrop(nn.Module):
+    """LayerDrop drawing from a generator of its own, so that every process draws the same sequence."""
+
+    def __init__(self, width: int, seed: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.rng = random.Random(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.rng.random() < 0.5:
+            return x
+        return x + torch.tanh(self.fc(x))
+
+
 class Raising(nn.Module):
     """Raises when its Python flag says so."""
 
@@ -61,6 +76,30 @@ class Holder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(torch.tanh(self.inner(torch.tanh(x))))
+
+
+class StatefulNet(L.LightningModule):
+    """Blocks that keep Python state: call counters and layer drops with generators of their own."""
+
+    SPLIT_POINTS = {2: ["net.4"], 3: ["net.3", "net.6"]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Linear(8, 16), Counting(16), nn.Tanh(), SeededLayerDrop(16, seed=1), nn.Linear(16, 16), nn.Tanh(),
+            SeededLayerDrop(16, seed=2), Counting(16), nn.Linear(16, 3),
+        ).double()  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
 class Attention(nn.Module):
