@@ -37,6 +37,7 @@ import contextlib
 import copy
 import difflib
 import functools
+import inspect
 import operator
 import os
 import random
@@ -479,7 +480,9 @@ def _stage_graphs(gm: fx.GraphModule, cuts: list[int], root: nn.Module | None = 
         inputs = placeholders if k == 0 else crossing(bounds[k])
         mutated = _mutated_in_place(body[bounds[k] : bounds[k + 1]], gm) if k > 0 else set()
         for v in inputs:
-            env[v] = new.placeholder(v.name)
+            # the first stage takes the forward's arguments, with their defaults
+            default = v.args[0] if k == 0 and v.args else inspect.Signature.empty
+            env[v] = new.placeholder(v.name, default_value=default)
             if v in mutated:
                 # a received value is a leaf of the stage's autograd graph, which may not change in place: the
                 # stage works on a copy, as the rest of the model would have seen the change

@@ -229,6 +229,30 @@ def test_a_given_cut_that_a_python_value_would_cross_is_refused_when_planned(exa
         plan(_ShapeAcross(), torch.randn(3, 8) if example else None, split_points=["c"])
 
 
+class _MaskOrNone(nn.Module):
+    """Takes an optional mask, as timm's and Hugging Face's models do, and uses it in every block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.tanh(block(nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=mask)))
+        return self.head(x.mean(dim=1))
+
+
+def test_the_first_stage_takes_the_forward_defaults_and_a_defaulted_none_never_crosses() -> None:
+    model, x = _MaskOrNone(), torch.randn(3, 5, 8)
+    p = plan(model, x, 2, balance_by="params")  # the example gives x only: mask is None
+    assert p.note is None  # the example input ran
+    assert p.split_points == ["blocks.3"]  # after the last use of the mask: the first cut it allows
+    assert torch.equal(_compose(split_module(model, p.split_points).train, x), model(x))
+    with pytest.raises(TypeError, match=r"'mask' is computed before the cut at 'blocks.2' .* of type NoneType"):
+        plan(model, x, split_points=["blocks.2"])
+
+
 def test_a_vit_reading_shapes_in_attention_plans_cuts_that_run() -> None:
     model, x = TinyViT(), torch.randn(2, 3, 16, 16)
     for num_stages in (2, 3, 4, 6):
