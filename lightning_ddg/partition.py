@@ -3,12 +3,24 @@
 The forward is traced symbolically with :mod:`torch.fx`; a *cut* is the name of a module that begins a new
 stage (the ``SplitPoint.BEGINNING`` convention of ``torch.distributed.pipelining``). Every value defined
 before a cut and used after it crosses the cut, so skip connections are carried through intermediate
-stages. Stage modules are ``GraphModule`` s built on the original module: they call the original leaf
-modules and hold the original ``Parameter`` objects under their original names.
+stages. Stage modules are ``GraphModule`` s built on the original module: they hold the original modules and
+``Parameter`` objects under their original names.
+
+Only the modules on the path to a cut are *opened*: the module being split and the ancestors of each split
+point (:func:`lightning_ddg.opening.opened_by`). Their ``forward`` is traced into the stage graphs, so the Python
+in it runs once, at trace time. Every other module is *called*: its own ``forward`` runs at every step, with its
+Python state, Python-level randomness, side effects, exceptions and hooks, as in the unsplit model. A cut at the
+start of a module's first child is a cut before the module, which then stays closed.
+
+Candidate cuts come from a trace that opens every module (:func:`trace`, as the planner uses it), and so does
+what a module call returns: an opened module that reads a tuple, a dict or ``None`` from a called child sees the
+same structure as in that trace.
 
 Tracing happens once per mode (train and eval), because a traced graph bakes in Python branches on
-``self.training`` (``F.dropout(x, training=self.training)`` in a custom block, say). Both graphs share
-every parameter and buffer; leaf modules such as ``BatchNorm`` keep following ``train()``/``eval()``.
+``self.training`` (``F.dropout(x, training=self.training)`` in an opened block, say). Both graphs share
+every parameter and buffer; called modules such as ``BatchNorm`` keep following ``train()``/``eval()``. Tracing
+runs on a copy of the module that shares its tensors, so it leaves the module's Python attributes, and Python's,
+NumPy's and PyTorch's random number generators, as they were.
 
 Example::
 
@@ -21,17 +33,26 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import difflib
 import functools
+import inspect
 import operator
 import os
+import random
+import sys
 import traceback
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
+
+from lightning_ddg.opening import opened_by
 
 __all__ = ["Partition", "split_module", "balance_to_split_points"]
 
@@ -43,12 +64,14 @@ class Partition:
     """The stages of one module, traced in train and in eval mode.
 
     ``train[k]`` and ``eval[k]`` are stage ``k``'s module for each mode; ``split_points[k-1]`` names the
-    module that begins stage ``k``.
+    module that begins stage ``k``; ``opened`` names the modules traced into the stages for the cuts (the module
+    being split is always traced); every other module runs as a module.
     """
 
     split_points: list[str]
     train: list[nn.Module]
     eval: list[nn.Module]
+    opened: list[str] = field(default_factory=list)
 
     @property
     def num_stages(self) -> int:
@@ -74,38 +97,123 @@ class _WholeForward(nn.Module):
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with two changes that give the cut points users expect.
+    """torch.fx's tracer, with the changes that give the cut points users expect and keep called modules intact.
 
-    - It enters ``nn.TransformerEncoder`` (a leaf for plain torch.fx) when called without masks, so that stages
-      can begin between its layers; with masks it stays one unit.
+    - With ``opened=None`` it enters every module but PyTorch's own layers, and enters ``nn.TransformerEncoder``
+      (a leaf for plain torch.fx) when called without masks, so that stages can begin between its layers; with
+      masks it stays one unit. It records what each entered module's call returns (``structures``).
+    - With a set ``opened`` it enters only those modules; every other module becomes one ``call_module`` node,
+      which calls the real module at run time. Where the full trace saw such a module return a tuple, a dict or
+      constants, the node's result is taken apart into the same structure.
     - Modules named in ``whole`` are kept as single calls. :func:`trace` fills it with the modules whose
       forward cannot be traced (Python control flow on tensor values, say): they run whole within one stage.
     """
 
-    def __init__(self, whole: set[str]) -> None:
+    def __init__(
+        self,
+        whole: set[str],
+        opened: set[str] | None = None,
+        structures: dict[str, list[Any]] | None = None,
+        closed: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         self.whole = whole
+        self.closed = set(closed)
+        self.opened = opened
+        self.structures: dict[str, list[Any]] = {} if structures is None else structures
+        self.entered: set[str] = set()  # called modules that had to be traced: their arguments cannot be recorded
+        self.calls: dict[str, int] = {}
         self.failed: str | None = None  # the innermost module whose forward failed to trace
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.whole:
+        if qualname in self.whole or qualname in self.closed:
             return True
+        if self.opened is not None:
+            return qualname not in self.opened and qualname not in self.entered
         if isinstance(m, nn.TransformerEncoder):
             return False
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         qualname = self.path_of_module(m)
-        if isinstance(m, nn.TransformerEncoder) and qualname not in self.whole:
+        if self.opened is not None and self.is_leaf_module(m, qualname) and not _recordable((args, kwargs)):
+            self.entered.add(qualname)  # a node cannot hold such arguments: the call is traced into instead
+        leaf = self.is_leaf_module(m, qualname)
+        if isinstance(m, nn.TransformerEncoder) and not leaf:
             if not _plain_encoder_call(args, kwargs):
                 return self.create_proxy("call_module", qualname, args, kwargs)
             forward = functools.partial(_encoder_layers, m)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
         except Exception:
-            if self.failed is None and not self.is_leaf_module(m, qualname):
+            if self.failed is None and not leaf:
                 self.failed = qualname
             raise
+        if self.opened is None:
+            if not leaf:
+                self.structures.setdefault(qualname, []).append(_structure(out))
+        elif leaf and qualname not in self.whole:
+            recorded = self.structures.get(qualname) or [None]
+            call = self.calls.get(qualname, 0)
+            self.calls[qualname] = call + 1
+            out = _take_apart(out, recorded[min(call, len(recorded) - 1)])
+        return out
+
+
+_PROXY = object()  # in a recorded structure: a value computed at run time
+_CONSTANTS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device)
+
+
+def _structure(out: Any) -> tuple[Any, list[tuple[Any, Any]]] | None:
+    """What a module call returned in the full trace: its pytree spec and, per leaf, its key path and either
+    ``_PROXY`` or the constant itself. None for a single traced value, or a structure that cannot be rebuilt."""
+    if isinstance(out, fx.Proxy):
+        return None
+    leaves, spec = pytree.tree_flatten_with_path(out)
+    recorded = []
+    for path, leaf in leaves:
+        if isinstance(leaf, fx.Proxy):
+            recorded.append((path, _PROXY))
+        elif isinstance(leaf, _CONSTANTS):
+            recorded.append((path, leaf))
+        else:
+            return None  # an object that may hold traced values: leave the call's result whole
+    return spec, recorded
+
+
+def _take_apart(proxy: Any, structure: tuple[Any, list[tuple[Any, Any]]] | None) -> Any:
+    """The result of a ``call_module`` node, in the structure the module returned in the full trace."""
+    if structure is None or not isinstance(proxy, fx.Proxy):
+        return proxy
+    spec, recorded = structure
+    values = []
+    for path, leaf in recorded:
+        if leaf is not _PROXY:
+            values.append(leaf)
+            continue
+        value = proxy
+        for key in path:
+            if isinstance(key, pytree.SequenceKey):
+                value = value[key.idx]
+            elif isinstance(key, pytree.MappingKey):
+                value = value[key.key]
+            elif isinstance(key, pytree.GetAttrKey):
+                value = getattr(value, key.name)
+            else:
+                return proxy
+        values.append(value)
+    return pytree.tree_unflatten(values, spec)
+
+
+def _recordable(value: Any) -> bool:
+    """Whether a ``call_module`` node can hold ``value`` as an argument."""
+    if isinstance(value, (fx.Proxy, nn.Module, slice, range, type(None), type(Ellipsis), *fx.node.base_types)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_recordable(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _recordable(v) for k, v in value.items())
+    return False
 
 
 def _plain_encoder_call(args: tuple, kwargs: dict) -> bool:
@@ -123,48 +231,175 @@ def _encoder_layers(encoder: nn.TransformerEncoder, src=None, **_: object):
 
 
 WHOLE_KEY = "lightning_ddg_whole"  # in a traced module's ``meta``: the modules kept whole because untraceable
+STRUCTURES_KEY = "lightning_ddg_structures"  # in a full trace's ``meta``: what each entered module returned
+ENTERED_KEY = "lightning_ddg_entered"  # in a selective trace's ``meta``: modules traced into though not opened
 
 
-def trace(module: nn.Module, train: bool = True) -> fx.GraphModule:
-    """Symbolically trace ``module.forward`` in train or eval mode, leaving the module's modes as they were.
+def trace(
+    module: nn.Module,
+    train: bool = True,
+    opened: Sequence[str] | None = None,
+    structures: dict[str, list[Any]] | None = None,
+    closed: Sequence[str] = (),
+) -> fx.GraphModule:
+    """Symbolically trace ``module.forward`` in train or eval mode.
 
-    A submodule whose forward cannot be traced is kept whole (one call, no cut inside it); the names of such
+    With ``opened=None`` every module but PyTorch's own layers is traced into, and ``meta[STRUCTURES_KEY]`` of
+    the result records what each returned; otherwise only the modules named in ``opened`` are, and every other
+    module is called (give the full trace's ``structures`` so that their results keep their structure). A
+    submodule whose forward cannot be traced is kept whole (one call, no cut inside it); the names of such
     modules are in ``meta[WHOLE_KEY]`` of the result. Only code in the top module's own forward must trace.
+
+    The trace runs on a copy of ``module`` that shares its tensors (:func:`_shadow`): the module's modes,
+    Python attributes and the random number generators are left as they were. The full trace is built on that
+    copy, without the hooks users registered, so that measuring its pieces fires none of them; a selective trace
+    is built on the module's own modules, hooks included.
     """
-    modes = {m: m.training for m in module.modules()}
-    module.train(train)
     whole: set[str] = set()
-    try:
-        while True:
-            tracer = _Tracer(whole)
-            try:
-                graph = tracer.trace(module)
-                break
-            except Exception as err:  # noqa: BLE001 - any tracing failure gets the same advice
-                if tracer.failed is not None and tracer.failed not in whole:
-                    whole.add(tracer.failed)
-                    continue
-                raise RuntimeError(
-                    f"lightning-ddg could not trace the forward of {type(module).__name__} with torch.fx: {err}\n"
-                    f"{_user_code(err)}"
-                    "Cutting a model into stages needs a forward without Python control flow on tensor values. Move "
-                    "such code into a submodule (it then runs whole, inside one stage) or into `training_step`, or "
-                    "run with a single stage (devices=1). Stages begin only at modules the trace reaches: "
-                    "split_points can name those."
-                ) from err
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    _hoist_item_access(graph)
-    gm = fx.GraphModule(module, graph)
+    recorded: dict[str, list[Any]] = {}
+    with _shadow(module, user_hooks=opened is not None) as traced, _generators_kept():
+        modes = {m: m.training for m in traced.modules()}
+        traced.train(train)
+        try:
+            while True:
+                tracer = _Tracer(whole, None if opened is None else set(opened), structures, closed)
+                try:
+                    graph = tracer.trace(traced)
+                    break
+                except Exception as err:  # noqa: BLE001 - any tracing failure gets the same advice
+                    if tracer.failed is not None and tracer.failed not in whole:
+                        whole.add(tracer.failed)
+                        continue
+                    raise RuntimeError(
+                        f"lightning-ddg could not trace the forward of {type(module).__name__} with torch.fx: {err}\n"
+                        f"{_user_code(err)}"
+                        "Cutting a model into stages needs a forward without Python control flow on tensor values. "
+                        "Move such code into a submodule (it then runs whole, inside one stage) or into "
+                        "`training_step`, or run with a single stage (devices=1). Stages begin only at modules the "
+                        "trace reaches: split_points can name those."
+                    ) from err
+            recorded = tracer.structures
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        _hoist_item_access(graph)
+        roots = (traced, module) if opened is None else (module, traced)
+        gm = fx.GraphModule(_attributes(graph, *roots), graph)
     gm.meta[WHOLE_KEY] = sorted(whole)
+    if opened is None:
+        gm.meta[STRUCTURES_KEY] = recorded
+    else:
+        gm.meta[ENTERED_KEY] = sorted(tracer.entered)
     return gm
+
+
+def trace_for_cuts(module: nn.Module, split_points: Sequence[str], train: bool = True) -> fx.GraphModule:
+    """The full trace (:func:`trace`), in which every split point names a module call.
+
+    A module whose forward computes nothing in the trace (a layer drop that took its skip branch at trace time)
+    leaves no node to cut before: such split points are traced as single calls, since a cut before a module
+    does not open it.
+    """
+    gm = trace(module, train=train)
+    body = _body(gm.graph)
+    missing = [name for name in split_points if _find_cut(body, name) is None]
+    if missing and not any(other.startswith(name + ".") for name in missing for other in split_points):
+        gm = trace(module, train=train, closed=missing)
+    return gm
+
+
+def _attributes(graph: fx.Graph, *roots: nn.Module) -> dict[str, Any]:
+    """The modules, parameters and buffers the graph names, from the first of ``roots`` that has them (constants
+    that the trace made, ``_tensor_constant0``, are only on the traced copy)."""
+    found = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            target = str(node.target)
+            for root in roots:
+                try:
+                    found[target] = functools.reduce(getattr, target.split("."), root)
+                    break
+                except AttributeError:
+                    continue
+    return found
+
+
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+@contextlib.contextmanager
+def _shadow(module: nn.Module, user_hooks: bool = True) -> Iterator[nn.Module]:
+    """A copy of ``module`` to run its Python on, sharing its tensors (parameters, buffers, tensor attributes) and
+    its hooks; with ``user_hooks=False``, without the hooks that are not PyTorch's own (``weight_norm``, pruning).
+    Where the module cannot be copied, the module itself, its Python attributes restored afterwards (rebound;
+    changes inside mutable attributes stay)."""
+    memo: dict[int, Any] = {}
+    for m in module.modules():
+        for name, value in vars(m).items():
+            if isinstance(value, torch.Tensor):
+                memo[id(value)] = value
+            elif name in ("_parameters", "_buffers"):
+                memo.update((id(t), t) for t in value.values() if t is not None)
+            elif name.endswith("hooks") and isinstance(value, dict):
+                memo.update((id(h), h) for h in value.values())
+    try:
+        copied = copy.deepcopy(module, memo)
+    except Exception:  # noqa: BLE001 - an attribute that cannot be copied (a lock, a file): work on the module
+        copied = None
+    if copied is not None:
+        if not user_hooks:
+            _drop_user_hooks(copied)
+        yield copied
+        return
+    saved = [(m, dict(vars(m))) for m in module.modules()]
+    try:
+        if not user_hooks:
+            for m in module.modules():  # fresh tables, so that the restored attributes hold the hooks again
+                for table in _HOOK_TABLES:
+                    setattr(m, table, type(getattr(m, table))(getattr(m, table)))
+            _drop_user_hooks(module)
+        yield module
+    finally:
+        for m, attributes in saved:
+            vars(m).clear()
+            vars(m).update(attributes)
+
+
+def _drop_user_hooks(module: nn.Module) -> None:
+    for m in module.modules():
+        for table in _HOOK_TABLES:
+            hooks = getattr(m, table)
+            for key in [k for k, hook in hooks.items() if not _from_torch(hook)]:
+                del hooks[key]
+
+
+def _from_torch(hook: Any) -> bool:
+    code = getattr(getattr(hook, "__func__", hook), "__code__", None)
+    if code is not None:
+        return code.co_filename.startswith(_TORCH_DIR)
+    return (type(hook).__module__ or "").startswith("torch.")  # a callable object, as weight_norm's
+
+
+@contextlib.contextmanager
+def _generators_kept() -> Iterator[None]:
+    """Leave the states of Python's, NumPy's and PyTorch's (CPU) random number generators as they were."""
+    state = random.getstate()
+    numpy = sys.modules.get("numpy")
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    torch_state = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(state)
+        if numpy is not None:
+            numpy.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
 
 
 def _user_code(err: BaseException) -> str:
     """'file:line: source' of the innermost frame outside torch, where the untraceable construct is."""
-    torch_dir = os.path.dirname(torch.__file__)
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(torch_dir)]
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
     if not frames:
         return ""
     frame = frames[-1]
@@ -201,11 +436,18 @@ def _body(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op not in ("placeholder", "output")]
 
 
-def _cut_index(body: list[fx.Node], name: str, known: Sequence[str]) -> int:
+def _find_cut(body: list[fx.Node], name: str) -> int | None:
     for i, node in enumerate(body):
         paths = _module_paths(node)
         if name in paths or (node.op == "get_attr" and str(node.target).startswith(name + ".")):
             return i
+    return None
+
+
+def _cut_index(body: list[fx.Node], name: str, known: Sequence[str]) -> int:
+    index = _find_cut(body, name)
+    if index is not None:
+        return index
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     hint = f" Did you mean one of {close}?" if close else ""
     raise ValueError(
@@ -214,7 +456,10 @@ def _cut_index(body: list[fx.Node], name: str, known: Sequence[str]) -> int:
     )
 
 
-def _stage_graphs(gm: fx.GraphModule, cuts: list[int], root: nn.Module) -> list[fx.GraphModule]:
+def _stage_graphs(gm: fx.GraphModule, cuts: list[int], root: nn.Module | None = None) -> list[fx.GraphModule]:
+    """The stages of ``gm`` cut before ``body[i]`` for each ``i`` in ``cuts``, built on ``root`` (``gm`` itself by
+    default, which holds the traced module's own modules and tensors)."""
+    root = gm if root is None else root
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     output = next(n for n in graph.nodes if n.op == "output")
@@ -235,7 +480,9 @@ def _stage_graphs(gm: fx.GraphModule, cuts: list[int], root: nn.Module) -> list[
         inputs = placeholders if k == 0 else crossing(bounds[k])
         mutated = _mutated_in_place(body[bounds[k] : bounds[k + 1]], gm) if k > 0 else set()
         for v in inputs:
-            env[v] = new.placeholder(v.name)
+            # the first stage takes the forward's arguments, with their defaults
+            default = v.args[0] if k == 0 and v.args else inspect.Signature.empty
+            env[v] = new.placeholder(v.name, default_value=default)
             if v in mutated:
                 # a received value is a leaf of the stage's autograd graph, which may not change in place: the
                 # stage works on a copy, as the rest of the model would have seen the change
@@ -343,21 +590,34 @@ def split_module(
         )
 
     known = [name for name, _ in module.named_modules() if name]
-    result = {}
+    result, opened = {}, set()
     for mode in (True, False):
-        gm = trace(module, train=mode)
-        body = _body(gm.graph)
+        full = trace_for_cuts(module, split_points, train=mode)
+        body = _body(full.graph)
         cuts = [_cut_index(body, name, known) for name in split_points]
         if any(b <= a for a, b in zip([-1, *cuts], cuts, strict=False)) or cuts[0] == 0:
             raise ValueError(
                 f"split points {split_points} must name modules in the order forward calls them, each after "
                 "some computation of the stage before it."
             )
-        result[mode] = _stage_graphs(gm, cuts, module)
+        # a cut names the outermost module that begins there, which it does not open
+        begins = [_outermost_at(body, i) or name for i, name in zip(cuts, split_points, strict=True)]
+        opening = {m for name in begins for m in opened_by(name)}
+        gm = trace(module, train=mode, opened=opening, structures=full.meta[STRUCTURES_KEY])
+        opened |= (opening - {""}) | set(gm.meta[ENTERED_KEY])
+        body = _body(gm.graph)
+        result[mode] = _stage_graphs(gm, [_cut_index(body, name, known) for name in begins], gm)
         for stage, name in zip(result[mode], split_points, strict=False):
             stage.meta[CUT_KEY] = name  # for errors about the values crossing this cut
     _check_disjoint(result[True])
-    return Partition(split_points, result[True], result[False])
+    return Partition(split_points, result[True], result[False], sorted(opened))
+
+
+def _outermost_at(body: list[fx.Node], i: int) -> str | None:
+    """The outermost module whose call begins at ``body[i]``."""
+    previous = set(_module_paths(body[i - 1])) if i > 0 else set()
+    entered = [path for path in _module_paths(body[i]) if path not in previous]
+    return entered[0] if entered else None
 
 
 def _candidate_cuts(body: list[fx.Node]) -> list[tuple[int, str]]:

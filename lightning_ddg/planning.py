@@ -2,8 +2,11 @@
 
 :func:`plan` traces the forward (:mod:`lightning_ddg.partition`), measures what each run between two candidate
 cuts costs (:mod:`lightning_ddg.balance`), and picks the cuts that make the slowest stage as fast as possible,
-with fewer bytes crossing the cuts breaking ties. It trains nothing and leaves the module as it was: the same
-weights, BatchNorm statistics and random number generator state. :class:`DDGStrategy` plans every fit this way
+with fewer bytes crossing the cuts breaking ties. It never picks a cut that a value other than a tensor would
+cross, and prefers cuts that open no module whose Python a trace would freeze (:mod:`lightning_ddg.opening`),
+warning where it cannot. Before it returns, it runs the split model once on the example input and compares it
+with the unsplit forward. It trains nothing and leaves the module as it was: the same weights, BatchNorm
+statistics, Python attributes and random number generator states. :class:`DDGStrategy` plans every fit this way
 and prints the plan; call it yourself to inspect a split before training.
 
 Example::
@@ -20,6 +23,9 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import random
+import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,21 +34,36 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from lightning_ddg.balance import BALANCE_BY, BalanceBy, run_segments, segment_flops, segment_times, solve
+from lightning_ddg.balance import (
+    BALANCE_BY,
+    BalanceBy,
+    _on,
+    _to,
+    run_segments,
+    segment_flops,
+    segment_times,
+    solve,
+)
+from lightning_ddg.checks import crossing_tensors
+from lightning_ddg.opening import Frozen, frozen_python, opened_by
 from lightning_ddg.partition import (
     WHOLE_KEY,
     _body,
     _candidate_cuts,
     _cut_index,
     _module_paths,
+    _outermost_at,
+    _shadow,
     _stage_graphs,
     split_module,
     trace,
+    trace_for_cuts,
 )
 
-__all__ = ["Plan", "StagePlan", "plan", "balanced_split_points", "IMBALANCE_WARNING"]
+__all__ = ["Plan", "StagePlan", "plan", "balanced_split_points", "IMBALANCE_WARNING", "AS_WRITTEN_TOLERANCE"]
 
 IMBALANCE_WARNING = 1.25  # the slowest stage's cost over the mean above which a plan is called unbalanced
+AS_WRITTEN_TOLERANCE = IMBALANCE_WARNING - 1  # how much slower a slowest stage may be to leave modules as written
 _TIE_TOLERANCE = {"time": 0.02, "flops": 0.0, "params": 0.0}  # timings within 2% count as equal
 _UNITS = {"time": "ms", "flops": "GFLOP", "params": "params"}
 _REFINEMENTS = 2  # re-solves of a time split with its stages timed whole
@@ -77,6 +98,7 @@ class Plan:
     balance_by: BalanceBy
     note: str | None = None  # why the cost measure asked for was not used
     whole_modules: list[str] = field(default_factory=list)  # kept whole: their forward could not be traced
+    opened_modules: list[str] = field(default_factory=list)  # traced into for the cuts; every other one is called
 
     @property
     def num_stages(self) -> int:
@@ -95,6 +117,7 @@ class Plan:
             "ddg/split_points": ", ".join(self.split_points),
             "ddg/balance_by": self.balance_by,
             "ddg/imbalance": round(self.imbalance, 3),
+            "ddg/opened": ", ".join(self.opened_modules),
         }
         for s in self.stages:
             out[f"ddg/stage{s.index}/modules"] = _span(s.modules)
@@ -127,6 +150,8 @@ class Plan:
         lines.append(f"slowest stage: {self.imbalance:.2f}x the mean")
         if self.note:
             lines.append(self.note)
+        if self.opened_modules:
+            lines.append(f"opened for the cuts (traced, not called): {', '.join(self.opened_modules)}")
         if self.whole_modules:
             lines.append(f"kept whole (forward not traceable): {', '.join(self.whole_modules)}")
         return "\n".join(lines)
@@ -159,7 +184,7 @@ def plan(
     if (num_stages is None) == (split_points is None):
         raise ValueError("give either num_stages (to choose a split) or split_points (to describe one)")
     args = () if example_input is None else example_input if isinstance(example_input, tuple) else (example_input,)
-    gm = trace(module, train=True)
+    gm = trace(module, train=True) if split_points is None else trace_for_cuts(module, split_points, train=True)
     body = _body(gm.graph)
     candidates = _candidate_cuts(body)
     wanted = num_stages if num_stages is not None else len(split_points) + 1  # type: ignore[arg-type]
@@ -169,19 +194,43 @@ def plan(
             "use fewer devices."
         )
     names = dict(candidates)
+    given: dict[int, str] = {}
     if split_points is not None:  # a given cut may fall where no candidate is (a module's second call, say)
         split_module(module, split_points)  # the errors for names that cannot cut, in forward order
         known = [n for n, _ in module.named_modules() if n]
-        names |= {_cut_index(body, name, known): name for name in split_points}
+        given = {_cut_index(body, name, known): name for name in split_points}
+        names |= given
     positions = sorted(names)
-    segments = _stage_graphs(gm, positions, module)
-
     where = torch.device(device) if device is not None else _device_of(module)
+
+    # a cut that a value other than a tensor would cross cannot run: never chosen, refused when given
+    crossing, example_runs = _non_tensors_crossing(gm, positions, module, args, where)
+    for index, name in given.items():
+        if index in crossing:
+            value, kind = crossing[index]
+            k = list(split_points).index(name)  # type: ignore[arg-type]
+            raise TypeError(
+                f"{value!r} is computed before the cut at {name!r} and used after it, so it would cross from stage "
+                f"{k} to stage {k + 1}; it is {kind}, but only tensors can cross between stages. Choose a split "
+                "point that this value does not cross, or compute it after the cut."
+            )
+    if not given:
+        positions = [index for index in positions if index not in crossing]
+        if len(positions) < wanted - 1:
+            raise ValueError(
+                f"the forward offers {len(positions) + 1} possible stages with only tensors crossing between them, "
+                f"fewer than the {wanted} requested: use fewer devices."
+            )
+    begins = {index: _outermost_at(body, index) or names[index] for index in positions}
+    frozen = _FrozenOpened(module)
+
+    segments = _stage_graphs(gm, positions)
     costs, used, note, cut_bytes = _costs(module, segments, args, balance_by, where)
     if cut_bytes is None:  # without an input, the number of values crossing stands in for their size
         cut_bytes = [float(_placeholders(s)) for s in segments[1:]]
     if split_points is None:
-        starts = solve(costs, cut_bytes, wanted, _TIE_TOLERANCE[used])
+        as_written = [not frozen.opened_by(begins[index]) for index in positions]
+        positions, costs, cut_bytes, starts = _as_written(positions, costs, cut_bytes, wanted, used, as_written)
         if used == "time" and wanted > 1:
             with _untouched(module):
                 starts, costs = _refined(gm, module, positions, starts, costs, cut_bytes, args, where)
@@ -190,7 +239,237 @@ def plan(
         split_points = list(split_points)
         starts = [positions.index(index) + 1 for index, name in names.items() if name in split_points]
         starts.sort()
-    return _describe(gm, body, positions, starts, split_points, costs, cut_bytes, used, note, args)
+    opened = sorted({m for s in starts for m in opened_by(begins[positions[s - 1]])} - {""})
+    found = frozen.opened_by("") + [f for m in opened for f in frozen.of(m)]
+    if found:
+        warnings.warn(_frozen_warning(found, split_points, begins, positions, starts), stacklevel=2)
+    if example_runs:
+        _check_split(module, split_points, args, where, found)
+    return _describe(gm, body, positions, starts, split_points, costs, cut_bytes, used, note, args, opened)
+
+
+class _FrozenOpened:
+    """The Python that opening each module would freeze (:func:`lightning_ddg.opening.frozen_python`), looked
+    up once per module."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.found: dict[str, list[Frozen]] = {}
+
+    def of(self, name: str) -> list[Frozen]:
+        if name not in self.found:
+            self.found[name] = frozen_python(self.module.get_submodule(name), name)
+        return self.found[name]
+
+    def opened_by(self, split_point: str) -> list[Frozen]:
+        """What a cut at ``split_point`` freezes; for '' what the module being split freezes in any case."""
+        if not split_point:
+            return self.of("")
+        return [f for m in opened_by(split_point) if m for f in self.of(m)]
+
+
+def _frozen_warning(
+    found: list[Frozen], split_points: list[str], begins: dict[int, str], positions: list[int], starts: list[int]
+) -> str:
+    lines = []
+    for module in dict.fromkeys(f.module for f in found):
+        code = "; ".join(str(f) for f in found if f.module == module)
+        if not module:
+            lines.append(
+                f"The forward of the module being split is traced into the stages, so this Python in it runs once, "
+                f"at trace time, not at every step: {code}. Move it into a submodule (which runs as written) or into "
+                "training_step."
+            )
+            continue
+        cuts = [p for p, s in zip(split_points, starts, strict=True) if module in opened_by(begins[positions[s - 1]])]
+        lines.append(
+            f"The cut at {cuts[0]!r} opens {module!r}: its forward is traced into the stage, so this Python in it runs "
+            f"once, at trace time, not at every step: {code}. To run {module!r} as written, cut before it or after "
+            f"it: name {module!r} or a module after it in split_points (DDGStrategy(split_points=[...]))."
+        )
+    return "\n".join(lines)
+
+
+def _as_written(
+    positions: list[int],
+    costs: list[float],
+    cut_bytes: list[float],
+    wanted: int,
+    used: BalanceBy,
+    as_written: list[bool],
+) -> tuple[list[int], list[float], list[float], list[int]]:
+    """The best cut (:func:`solve`), or the best among the cuts that open no module whose Python a trace would
+    freeze (``as_written``) if its slowest stage is within ``AS_WRITTEN_TOLERANCE`` of the best: the positions
+    left to choose from, their segment costs and cut bytes, and the chosen starts."""
+    starts = solve(costs, cut_bytes, wanted, _TIE_TOLERANCE[used])
+    keep = [j for j, fine in enumerate(as_written) if fine]
+    if all(as_written) or len(keep) < wanted - 1:
+        return positions, costs, cut_bytes, starts
+    kept_costs, kept_bytes = _merged(costs, cut_bytes, keep)
+    kept_starts = solve(kept_costs, kept_bytes, wanted, _TIE_TOLERANCE[used])
+    if _slowest(kept_costs, kept_starts) > _slowest(costs, starts) * (1 + AS_WRITTEN_TOLERANCE):
+        return positions, costs, cut_bytes, starts
+    return [positions[j] for j in keep], kept_costs, kept_bytes, kept_starts
+
+
+def _merged(costs: list[float], cut_bytes: list[float], keep: list[int]) -> tuple[list[float], list[float]]:
+    """Segment costs and the bytes crossing each cut when only the cuts ``keep`` (indices into ``cut_bytes``) stay."""
+    bounds = [0, *[j + 1 for j in keep], len(costs)]
+    return [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)], [cut_bytes[j] for j in keep]
+
+
+def _slowest(costs: list[float], starts: list[int]) -> float:
+    bounds = [0, *starts, len(costs)]
+    return max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
+
+
+def _non_tensors_crossing(
+    gm: Any, positions: list[int], module: nn.Module, args: tuple, where: torch.device
+) -> tuple[dict[int, tuple[str, str]], bool]:
+    """For each cut in ``positions`` that a value other than a tensor would cross: that value's name and what
+    it is; and whether the example input ran. Found by running the example input through the pieces between the
+    cuts; without one, or where it fails, by what computed each value (``x.shape``, ``x.size(0)``, arithmetic on
+    those)."""
+    segments = _stage_graphs(gm, positions)
+    crossing: dict[int, tuple[str, str]] = {}
+    inputs = None
+    if args:
+        with _untouched(module):
+            try:
+                inputs = run_segments(segments, args, where)
+            except Exception:  # noqa: BLE001 - the costs fall back to parameter counts and say why
+                inputs = None
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for j, segment in enumerate(segments[1:]):
+        names = [n.name for n in segment.graph.nodes if n.op == "placeholder"]
+        if inputs is not None:
+            values = zip(names, inputs[j + 1], strict=False)
+            found = [(n, f"of type {type(v).__name__}") for n, v in values if not isinstance(v, torch.Tensor)]
+        else:
+            kind = "not a tensor (a shape, a size or a number computed from one)"
+            found = [(n, kind) for n in names if _not_tensor(nodes[n])]
+        if found:
+            crossing[positions[j]] = found[0]
+    return crossing, inputs is not None
+
+
+_SHAPE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+_SHAPE_METHODS = {"size", "dim", "numel", "nelement", "item", "tolist", "stride", "element_size", "get_device"}
+
+
+def _not_tensor(node: Any, seen: dict | None = None) -> bool:
+    """Whether ``node`` surely computes a value other than a tensor: a shape, size or number read from a
+    tensor, an item of one, or arithmetic on such values only."""
+    seen = {} if seen is None else seen
+    if node in seen:
+        return seen[node]
+    seen[node] = False
+    if node.op == "call_method":
+        result = node.target in _SHAPE_METHODS
+    elif node.op == "call_function" and node.target is getattr:
+        result = len(node.args) > 1 and node.args[1] in _SHAPE_ATTRIBUTES
+    elif node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator", "math"):
+        inputs = [a for a in node.all_input_nodes]
+        result = bool(inputs) and all(_not_tensor(a, seen) for a in inputs)
+    else:
+        result = False
+    seen[node] = result
+    return result
+
+
+def _check_split(
+    module: nn.Module, split_points: list[str], args: tuple, where: torch.device, found: list[Frozen]
+) -> None:
+    """Run the split model once on the example input, in train mode, and compare it with the unsplit forward.
+
+    Both run on copies of the module that share its tensors, from the same random number generator states,
+    and leave the module as it was. A value other than a tensor that would cross a cut stops with the error
+    the stage would raise at its first step; an output that differs is warned about.
+    """
+    with _untouched(module), _same_generators() as restart:
+        expected = None
+        with _shadow(module, user_hooks=False) as unsplit:
+            unsplit.train()
+            restart()
+            try:
+                with torch.no_grad(), _on(unsplit, where):
+                    expected = _to(unsplit(*_to(args, where)), torch.device("cpu"))
+            except torch.OutOfMemoryError:
+                expected = None  # the whole model does not fit where the stages are measured
+        with _shadow(module, user_hooks=False) as copied:
+            copied.train()
+            stages = split_module(copied, split_points).train
+            restart()
+            values: list[Any] = list(_to(args, where))
+            with torch.no_grad():
+                for k, stage in enumerate(stages):
+                    with _on(stage, where):
+                        output = stage(*values)
+                    if k < len(stages) - 1:
+                        values = crossing_tensors(output, stage, k)
+            actual = _to(output, torch.device("cpu"))
+    if expected is None:
+        return
+    difference = _difference(actual, expected)
+    if difference is not None:
+        hint = (
+            f" These modules are traced for the cuts and hold Python that runs once: {'; '.join(map(str, found))}."
+            if found
+            else ""
+        )
+        warnings.warn(
+            f"split at {split_points}, the model does not reproduce its own forward on the example input: "
+            f"{difference}.{hint} Choose other split_points, or leave the cut to the planner.",
+            stacklevel=3,
+        )
+
+
+def _difference(actual: Any, expected: Any) -> str | None:
+    """How two forward outputs differ beyond rounding, or None."""
+    actual_leaves, actual_spec = tree_flatten(actual)
+    expected_leaves, expected_spec = tree_flatten(expected)
+    if actual_spec != expected_spec:
+        return f"it returns {actual_spec} instead of {expected_spec}"
+    for i, (a, e) in enumerate(zip(actual_leaves, expected_leaves, strict=True)):
+        if isinstance(e, torch.Tensor) and isinstance(a, torch.Tensor):
+            if a.shape != e.shape:
+                return f"output {i} has shape {tuple(a.shape)} instead of {tuple(e.shape)}"
+            if not e.is_floating_point() and not e.is_complex():
+                if not torch.equal(a, e):
+                    return f"output {i} differs"
+                continue
+            a64, e64 = a.detach().double(), e.detach().double()
+            scale = float(e64.abs().nan_to_num(0, 0, 0).max()) if e64.numel() else 0.0
+            if not torch.allclose(a64, e64, rtol=1e-3, atol=1e-5 * max(scale, 1.0), equal_nan=True):
+                gap = float((a64 - e64).abs().nan_to_num(float("inf")).max())
+                return f"output {i} differs by up to {gap:.3g} (its largest value is {scale:.3g})"
+        elif type(a) is not type(e) or a != e:
+            return f"output {i} is {a!r} instead of {e!r}"
+    return None
+
+
+@contextlib.contextmanager
+def _same_generators() -> Iterator[Any]:
+    """Yields a function that puts PyTorch's, Python's and NumPy's random number generators back to the states
+    they had on entry; on exit they are back there too."""
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    numpy = sys.modules.get("numpy")
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda_states = torch.cuda.get_rng_state_all() if cuda else None
+
+    def restart() -> None:
+        torch.set_rng_state(torch_state)
+        random.setstate(python_state)
+        if numpy is not None:
+            numpy.random.set_state(numpy_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+    try:
+        yield restart
+    finally:
+        restart()
 
 
 def _refined(
@@ -215,7 +494,7 @@ def _refined(
         key = tuple(starts)
         if key in measured:
             break
-        stages = _stage_graphs(gm, [positions[s - 1] for s in starts], module)
+        stages = _stage_graphs(gm, [positions[s - 1] for s in starts])
         inputs = run_segments(stages, args, where)
         times = [1000 * t for t in segment_times(stages, inputs, where, repeats=_WHOLE_STAGE_REPEATS)]
         bounds = [0, *starts, len(costs)]
@@ -283,6 +562,7 @@ def _describe(
     balance_by: BalanceBy,
     note: str | None,
     args: tuple,
+    opened: list[str],
 ) -> Plan:
     bounds = [0, *starts, len(costs)]
     node_bounds = [0, *positions, len(body)]
@@ -307,7 +587,7 @@ def _describe(
                 bytes_out=sent,
             )
         )
-    return Plan(split_points, stages, balance_by, note, list(gm.meta.get(WHOLE_KEY, [])))
+    return Plan(split_points, stages, balance_by, note, list(gm.meta.get(WHOLE_KEY, [])), opened)
 
 
 def _segment_parameters(segments: list[nn.Module]) -> list[int]:
@@ -365,16 +645,20 @@ def _device_of(module: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def _untouched(module: nn.Module) -> Iterator[None]:
-    """Leave the buffers (BatchNorm statistics) and the RNG state as they were."""
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    """Leave the buffers (BatchNorm statistics, the very tensor objects) and the states of PyTorch's, Python's
+    and NumPy's random number generators as they were."""
+    buffers = [
+        (m, name, b, b.detach().clone()) for m in module.modules() for name, b in m._buffers.items() if b is not None
+    ]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), _same_generators():
         try:
             yield
         finally:
             with torch.no_grad():
-                for b, saved in buffers:
+                for m, name, b, saved in buffers:
                     b.copy_(saved)
+                    m._buffers[name] = b  # moving a piece to the device and back replaces its buffers
 
 
 def _span(modules: list[str]) -> str:

@@ -20,7 +20,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_ddg  # noqa: F401 - registers strategy="ddg"
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cifar_resnet import cifar_resnet  # noqa: E402
+
+from tests.transparency_models import TinyViT  # noqa: E402
 
 STEPS = 2
 
@@ -110,6 +113,7 @@ ZOO = {
     "cifar_resnet110": (lambda: cifar_resnet(110), (3, 8, 8)),
     "vgg": (vgg, IMAGES),
     "transformer": (TransformerClassifier, (6, 8)),
+    "vit": (TinyViT, IMAGES),  # timm's layout: the attention blocks read B, N, C = x.shape
     "mlp": (mlp, (8,)),
     "residual_span": (ResidualSpan, (8,)),
 }
