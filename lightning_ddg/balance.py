@@ -102,7 +102,9 @@ def run_segments(segments: Sequence[nn.Module], inputs: Sequence[Any], device: t
         for segment in segments:
             recorded.append(values)
             with _on(segment, device):
-                out = segment(*values)
+                # ``forward``, not the call: torch.fx prints the traceback of a failing graph call to stderr, and a
+                # failing example here is the caller's to report (planning falls back or refuses the cut)
+                out = segment.forward(*values)
             values = list(out) if isinstance(out, tuple) else [out]
     return recorded
 
