@@ -47,8 +47,7 @@ def _fit(engine: str, cfg: dict[str, Any], out: str) -> None:
     sys.path[:0] = [os.path.dirname(os.path.abspath(__file__))]
     import lightning as L
     import torch
-    from peers import _optimizer, batches, build
-    from torch import nn
+    from peers import batches, lightning_module
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_ddg import DDGStrategy
@@ -56,20 +55,7 @@ def _fit(engine: str, cfg: dict[str, Any], out: str) -> None:
     torch.set_num_threads(1)
     warmup, steps, batch, stages = cfg["warmup"], cfg["steps"], cfg["batch_size"], cfg["stages"]
 
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = build(cfg["model"])
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.model(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self(x), y)
-
-        def configure_optimizers(self):
-            return _optimizer(self.parameters())
+    Module = lightning_module(cfg["model"])
 
     class Clock(L.Callback):
         def __init__(self) -> None:

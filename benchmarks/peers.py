@@ -257,6 +257,27 @@ def run_rank(rank: int, world_size: int, cfg: dict) -> dict[str, Any]:
     return report | figures
 
 
+def lightning_module(model: str) -> type:
+    """A plain LightningModule class around one of the models (imports Lightning only when called)."""
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = build(model)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return _optimizer(self.parameters())
+
+    return Module
+
+
 # --- Lightning with one device --------------------------------------------------------------------------------
 def lightning_rank(rank: int, world_size: int, cfg: dict) -> dict[str, Any]:
     """Seconds per window of steps of a Lightning fit on one process, plain and then with
@@ -269,19 +290,7 @@ def lightning_rank(rank: int, world_size: int, cfg: dict) -> dict[str, Any]:
     xs, ys = batches(cfg["model"], cfg["warmup"] + cfg["steps"], cfg["batch_size"], torch.device("cpu"))
     per_window = cfg["steps"] // cfg["windows"]
 
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = build(cfg["model"])
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.model(x)
-
-        def training_step(self, batch, batch_idx):
-            return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return _optimizer(self.parameters())
+    Module = lightning_module(cfg["model"])
 
     class Clock(L.Callback):
         def __init__(self) -> None:
