@@ -13,6 +13,9 @@ Lightning's in two ways:
 - Ctrl-C in the launching process stops the stages: they get SIGINT, and SIGKILL if they have not exited
   after a grace period. (Lightning would otherwise wait for them to finish training.)
 
+Both watch the job over its whole life (``lifeline.py``): a launched process ends when the launching process has
+gone, whatever it is doing, and a SIGTERM to the launching process outside training stops the job at once.
+
 Example::
 
     launcher = DDGSpawnLauncher(strategy, start_method="spawn")
@@ -20,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import signal
@@ -35,9 +39,13 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _Su
 from lightning.pytorch.strategies.launchers.multiprocessing import _GlobalStateSnapshot
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_ddg.lifeline import LAUNCHER_PID, SignalWatch, stop_processes, watch_launcher
+
 __all__ = ["DDGScriptLauncher", "DDGSpawnLauncher", "launched_processes", "pause_observer"]
 
 INTERRUPT_GRACE_S = 10.0
+# how long a launching process that ends waits for the ranks it launched, which run the same script to its end
+EXIT_GRACE_S = 10.0
 
 _observer: ChildObserver | None = None  # this process's watch over the ranks it launched, if it launched any
 
@@ -60,11 +68,22 @@ class DDGScriptLauncher(_SubprocessScriptLauncher):
         global _observer
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
-            self._call_children_scripts()
+            os.environ[LAUNCHER_PID] = str(os.getpid())  # the launched ranks watch this process
+            try:
+                self._call_children_scripts()
+            finally:
+                del os.environ[LAUNCHER_PID]
             _observer = ChildObserver(self.procs)
             _observer.start()
+            atexit.register(_wait_for, _observer, EXIT_GRACE_S)
         _set_num_threads_if_needed(num_processes=self.num_processes)
-        return function(*args, **kwargs)
+        if _observer is None:
+            return function(*args, **kwargs)
+        with SignalWatch(stop=lambda: stop_processes(launched_processes())):
+            _observer.failed = True  # until the fit returns: the ranks are not waited for at exit
+            result = function(*args, **kwargs)
+            _observer.failed = False
+            return result
 
 
 class ChildObserver(threading.Thread):
@@ -78,6 +97,7 @@ class ChildObserver(threading.Thread):
         self.children = children
         self.period = period
         self.paused = False
+        self.failed = False  # the last fit raised: at exit, the launched ranks are not waited for
 
     def run(self) -> None:
         while True:
@@ -120,7 +140,8 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
             multiprocessing.set_forkserver_preload(["__main__", "lightning_ddg"])
             self._global_states = _GlobalStateSnapshot.capture()
         try:
-            return super().launch(function, *args, trainer=trainer, **kwargs)
+            with SignalWatch(stop=lambda: stop_processes(getattr(self, "procs", []))):
+                return super().launch(function, *args, trainer=trainer, **kwargs)
         except KeyboardInterrupt:
             _interrupt(self.procs, INTERRUPT_GRACE_S)
             raise
@@ -130,6 +151,7 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
         return self.__dict__ | {"_environment": dict(os.environ)}
 
     def _wrapping_function(self, process_idx: int, trainer: Any, function: Any, args: Any, *rest: Any) -> None:
+        watch_launcher(None, f"rank {process_idx}")  # first: this process ends with the launching one
         if self._global_states is not None:
             os.environ.clear()
             os.environ.update(self._environment)
@@ -142,6 +164,19 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
         except BaseException as error:
             self._strategy.on_exception(error)
             raise
+
+
+def _wait_for(observer: ChildObserver, grace: float) -> None:
+    """At the launching process's exit after fits that went well: give the launched ranks, which end the same
+    script, the time to end."""
+    if observer.failed:
+        return  # they end by themselves once this process has gone (lifeline.py)
+    deadline = time.monotonic() + grace
+    for process in observer.children:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            pass  # they end by themselves once this process has gone (lifeline.py)
 
 
 def _interrupt(processes: list[Any], grace: float) -> None:
