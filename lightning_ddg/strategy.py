@@ -70,6 +70,7 @@ from lightning_ddg.checks import (
 from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launched_processes, pause_observer
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
+from lightning_ddg.rendezvous import rendezvous
 from lightning_ddg.stage import MEMORY_MODES, DDGStage, MemoryMode
 from lightning_ddg.stats import Snapshot, StageCounters, interval_figures
 from lightning_ddg.topology import StageLinks, Topology
@@ -116,6 +117,8 @@ class DDGStrategy(ParallelStrategy):
         memory: ``"stash"`` (default, exact), ``"recompute"`` (exact, keeps no activations) or ``"replay"``
             (inexact, keeps no weight copies); see ``docs/semantics.md``.
         timeout: how long any wait for another stage may take before the run fails.
+        rendezvous_timeout: how long the processes may take to meet when a run starts (each one imports, then
+            waits for the others); the error names those that did not arrive.
         start_method: ``"popen"`` re-launches the script per process (like ``strategy="ddp"``), ``"spawn"``
             starts processes with multiprocessing (``strategy="ddg_spawn"``, for notebooks), ``"forkserver"``
             forks them from a server that imported lightning_ddg once (fits after the first start at once).
@@ -148,6 +151,7 @@ class DDGStrategy(ParallelStrategy):
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta = default_pg_timeout,
+        rendezvous_timeout: timedelta = timedelta(minutes=3),
         start_method: Literal["popen", "spawn", "forkserver"] = "popen",
         check_finite: bool | None = None,
     ) -> None:
@@ -179,6 +183,7 @@ class DDGStrategy(ParallelStrategy):
         self._failed = False
         self._process_group_backend = process_group_backend
         self._timeout = timeout
+        self._rendezvous_timeout = rendezvous_timeout
         self._start_method = start_method
         self._num_nodes = 1
         self._links: StageLinks | None = None
@@ -257,9 +262,37 @@ class DDGStrategy(ParallelStrategy):
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         self._process_group_backend = backend
         assert self.cluster_environment is not None
-        _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+        self._init_process_group(backend)
         self._failed = False
         self._watchdog = self._start_watchdog()
+
+    def _init_process_group(self, backend: str) -> None:
+        """The process group, after a rendezvous with a timeout of its own (``rendezvous.py``)."""
+        env = self.cluster_environment
+        assert env is not None
+        if _distributed_is_initialized() or self.world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE"):
+            # one process, a later fit, or torchrun's agent serving the store: Lightning's way
+            _init_dist_connection(env, backend, timeout=self._timeout)
+            return
+        first_child = self.node_rank * self.num_processes + 1
+        children = {first_child + i: proc for i, proc in enumerate(launched_processes())}
+        store = rendezvous(
+            env.main_address,
+            env.main_port,
+            self.global_rank,
+            self.world_size,
+            timeout=self._rendezvous_timeout.total_seconds(),
+            describe=self._describe,
+            store_timeout=self._timeout,
+            exit_codes=lambda: {rank: proc.poll() for rank, proc in children.items()},
+        )
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = env.main_address, str(env.main_port)
+        dist.init_process_group(
+            backend, store=store, rank=self.global_rank, world_size=self.world_size, timeout=self._timeout
+        )
+
+    def _describe(self, rank: int) -> str:
+        return f"stage {self.topology.stage_of(rank)} (rank {rank})"
 
     def _start_watchdog(self) -> Watchdog | None:
         """Every process watches the others, so that a failure anywhere ends the whole job (``watchdog.py``)."""
@@ -274,7 +307,7 @@ class DDGStrategy(ParallelStrategy):
             store,
             self.global_rank,
             self.world_size,
-            describe=lambda rank: f"stage {self.topology.stage_of(rank)} (rank {rank})",
+            describe=self._describe,
             children={first_child + i: proc for i, proc in enumerate(launched_processes())},
             watch_parent=self._start_method != "popen" or self.local_rank > 0,
         ).start()
