@@ -60,6 +60,7 @@ from lightning_ddg.checkpoint import (
     named_optimizer_state,
     stage_optimizer_state,
 )
+from lightning_ddg.checkpoint_io import atomic
 from lightning_ddg.checks import (
     check_finite,
     check_options,
@@ -593,6 +594,12 @@ class DDGStrategy(ParallelStrategy):
         if self.topology.num_stages == 1:
             return local
         return {name: t for part in self._first_replica_objects(local) for name, t in part.items()}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        # written under a temporary name and renamed: a job stopped while it saves leaves the last complete file
+        if self.is_global_zero:
+            self.checkpoint_io = atomic(self.checkpoint_io)
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The full state dict with the original names (a collective: every rank calls it when saving)."""
