@@ -64,6 +64,7 @@ from lightning_ddg.checkpoint_io import atomic
 from lightning_ddg.checks import (
     check_finite,
     check_options,
+    check_same_lengths,
     check_stage_count,
     check_stages_have_parameters,
     check_train_loader,
@@ -447,8 +448,14 @@ class DDGStrategy(ParallelStrategy):
         self.model.to(self.root_device)
 
     def process_dataloader(self, dataloader: object) -> object:
-        if self.lightning_module is not None and self.lightning_module.trainer.training:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and trainer.training:
             check_train_loader(dataloader)
+        if self.world_size > 1 and _distributed_is_initialized():
+            # a stage that reads fewer batches than the others would leave them waiting for the missing ones
+            stage = trainer.state.stage.dataloader_prefix if trainer is not None and trainer.state.stage else None
+            what = {"train": "training", "val": "validation"}.get(stage, stage or "a")
+            check_same_lengths(self._all_gather_objects(_length(dataloader)), f"{what} dataloader", self._describe)
         # A RandomSampler without a generator draws its order from the process's global RNG, which the stages
         # consume differently (dropout on some stages only): give it a generator seeded alike on every stage.
         sampler = getattr(dataloader, "sampler", None)
@@ -864,6 +871,13 @@ def _forward_arguments(batch: Any, signature: inspect.Signature) -> tuple | None
     if isinstance(batch, (tuple, list)) and batch and len(batch) >= required:
         return tuple(batch[: max(required, 1)])  # (x, y): the inputs come first, the targets last
     return None
+
+
+def _length(dataloader: object) -> int | None:
+    try:
+        return len(dataloader)  # type: ignore[arg-type]
+    except TypeError:
+        return None  # an iterable without a length
 
 
 def _shuffle_seed() -> int:
