@@ -210,7 +210,7 @@ def _set_parent_death_signal(signum: int) -> None:
         pass
 
 
-def stop_processes(processes: list, grace: float = 5.0) -> None:
+def stop_processes(processes: list, grace: float = 10.0) -> None:
     """SIGTERM to each process still running, SIGKILL to those still running ``grace`` seconds later.
 
     ``processes`` are ``subprocess.Popen`` or ``multiprocessing.Process`` objects.
