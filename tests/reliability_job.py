@@ -96,11 +96,6 @@ class HoldingStrategy(DDGStrategy):
             hold(self.args.pid_file, "rendezvous")
         super().setup_environment()
 
-    def teardown(self) -> None:
-        if self.args.slow_teardown and self.global_rank == self.args.rank:
-            time.sleep(self.args.slow_teardown)  # the other stages finish first
-        super().teardown()
-
 
 class Hold(Callback):
     """Holds the chosen rank in the chosen phase of a fit."""
@@ -218,7 +213,6 @@ def main() -> None:
     parser.add_argument("--hold", default="", choices=("", *HOLDS))
     parser.add_argument("--checkpoint-dir", default="")
     parser.add_argument("--rendezvous-timeout", type=float, default=180.0)
-    parser.add_argument("--slow-teardown", type=float, default=0.0, help="seconds --rank waits before teardown")
     args = parser.parse_args()
     if "LOCAL_RANK" not in os.environ:  # the launching process, before it starts the others
         with open(args.pid_file, "a") as f:

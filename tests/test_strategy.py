@@ -6,6 +6,7 @@ import copy
 import functools
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -179,6 +180,20 @@ def test_fewer_steps_than_stages_with_an_empty_validation_loader(limits: dict) -
     trainer = _trainer(DDGStrategy(start_method="forkserver", split_points=split_points), 3, **limits)
     trainer.fit(model, loader(), loader(n=0))  # the empty validation loader is skipped
     _assert_same(dict(model.state_dict()), expected)
+
+
+class _LateTeardown(DDGStrategy):
+    """Rank 1 tears down 2 s after the others: rank 0, whose process serves the job's store, ends first."""
+
+    def teardown(self) -> None:
+        if self.global_rank == 1:
+            time.sleep(2)
+        super().teardown()
+
+
+def test_a_stage_that_tears_down_last_ends_the_fit_well() -> None:
+    strategy = _LateTeardown(start_method="forkserver", split_points=["model.4"])
+    _trainer(strategy, 2, max_steps=2).fit(MLPClassifier(), loader())  # no stage takes rank 0's end for a failure
 
 
 def test_last_stage_metrics_reach_the_logger_and_checkpoints_are_whole(tmp_path) -> None:
