@@ -3,6 +3,11 @@
 Importing the package registers the strategy names ``"ddg"`` and ``"ddg_spawn"`` with Lightning.
 """
 
+# first, before torch and Lightning are imported: a rank re-launched by strategy="ddg" ends with its launcher
+from lightning_ddg.lifeline import watch_launcher_from_environment
+
+watch_launcher_from_environment()
+
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_ddg.partition import Partition, split_module

@@ -29,6 +29,7 @@ __all__ = [
     "crossing_tensors",
     "check_finite",
     "check_train_loader",
+    "check_same_lengths",
 ]
 
 
@@ -154,3 +155,18 @@ def check_train_loader(dataloader: object) -> None:
             "Check the dataset's size, the batch size and drop_last (drop_last=True with fewer samples than "
             "batch_size gives no batch); limit_train_batches=0 skips training on purpose."
         )
+
+
+def check_same_lengths(lengths: Sequence[int | None], what: str, describe: Any) -> None:
+    """Every process of a pipeline must read as many batches: a stage with fewer would leave the others waiting for
+    a batch that never comes. ``lengths`` are the data loader's lengths on each global rank (``None``: no length)."""
+    known = {rank: n for rank, n in enumerate(lengths) if n is not None}
+    if len(set(known.values())) <= 1:
+        return
+    counts = ", ".join(f"{n} on {describe(rank)}" for rank, n in known.items())
+    raise ValueError(
+        f"the {what} has a different number of batches in the job's processes ({counts}), but every stage of a "
+        "pipeline must read the same batches in the same order. A dataset that each process reads from a file that "
+        "changed in between, or a sampler that depends on the rank, gives this: read the data once (e.g. in "
+        "prepare_data, to a file that no longer changes) and leave the sampler to the strategy."
+    )

@@ -16,6 +16,9 @@ Lightning's in two ways:
   the launching process ends the same way, without a traceback, and saves no checkpoint of its own: it trained
   nothing, and the stages have saved theirs.
 
+Both watch the job over its whole life (``lifeline.py``): a launched process ends when the launching process has
+gone, whatever it is doing, and a SIGTERM to the launching process outside training stops the job at once.
+
 Example::
 
     launcher = DDGSpawnLauncher(strategy, start_method="spawn")
@@ -23,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import signal
@@ -40,10 +44,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from torch.multiprocessing.spawn import ProcessExitedException
 
 from lightning_ddg._compat import interrupt_here
+from lightning_ddg.lifeline import LAUNCHER_PID, SignalWatch, stop_processes, watch_launcher
 
 __all__ = ["DDGScriptLauncher", "DDGSpawnLauncher", "launched_processes", "pause_observer"]
 
 INTERRUPT_GRACE_S = 10.0
+# how long a launching process that ends waits for the ranks it launched, which run the same script to its end
+EXIT_GRACE_S = 10.0
 
 _observer: ChildObserver | None = None  # this process's watch over the ranks it launched, if it launched any
 
@@ -66,11 +73,22 @@ class DDGScriptLauncher(_SubprocessScriptLauncher):
         global _observer
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
-            self._call_children_scripts()
+            os.environ[LAUNCHER_PID] = str(os.getpid())  # the launched ranks watch this process
+            try:
+                self._call_children_scripts()
+            finally:
+                del os.environ[LAUNCHER_PID]
             _observer = ChildObserver(self.procs)
             _observer.start()
+            atexit.register(_wait_for, _observer, EXIT_GRACE_S)
         _set_num_threads_if_needed(num_processes=self.num_processes)
-        return function(*args, **kwargs)
+        if _observer is None:
+            return function(*args, **kwargs)
+        with SignalWatch(stop=lambda: stop_processes(launched_processes())):
+            _observer.failed = True  # until the fit returns: the ranks are not waited for at exit
+            result = function(*args, **kwargs)
+            _observer.failed = False
+            return result
 
 
 class ChildObserver(threading.Thread):
@@ -84,6 +102,7 @@ class ChildObserver(threading.Thread):
         self.children = children
         self.period = period
         self.paused = False
+        self.failed = False  # the last fit raised: at exit, the launched ranks are not waited for
 
     def run(self) -> None:
         while True:
@@ -126,7 +145,8 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
             multiprocessing.set_forkserver_preload(["__main__", "lightning_ddg"])
             self._global_states = _GlobalStateSnapshot.capture()
         try:
-            return super().launch(function, *args, trainer=trainer, **kwargs)
+            with SignalWatch(stop=lambda: stop_processes(getattr(self, "procs", []))):
+                return super().launch(function, *args, trainer=trainer, **kwargs)
         except KeyboardInterrupt:
             _interrupt(self.procs, INTERRUPT_GRACE_S)
             raise
@@ -141,6 +161,7 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
         return self.__dict__ | {"_environment": dict(os.environ)}
 
     def _wrapping_function(self, process_idx: int, trainer: Any, function: Any, args: Any, *rest: Any) -> None:
+        watch_launcher(None, f"rank {process_idx}")  # first: this process ends with the launching one
         if self._global_states is not None:
             os.environ.clear()
             os.environ.update(self._environment)
@@ -158,6 +179,19 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
         except BaseException as error:
             self._strategy.on_exception(error)
             raise
+
+
+def _wait_for(observer: ChildObserver, grace: float) -> None:
+    """At the launching process's exit after fits that went well: give the launched ranks, which end the same
+    script, the time to end."""
+    if observer.failed:
+        return  # they end by themselves once this process has gone (lifeline.py)
+    deadline = time.monotonic() + grace
+    for process in observer.children:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            pass  # they end by themselves once this process has gone (lifeline.py)
 
 
 def _interrupt(processes: list[Any], grace: float) -> None:

@@ -67,9 +67,11 @@ from lightning_ddg.checkpoint import (
     named_optimizer_state,
     stage_optimizer_state,
 )
+from lightning_ddg.checkpoint_io import atomic
 from lightning_ddg.checks import (
     check_finite,
     check_options,
+    check_same_lengths,
     check_stage_count,
     check_stages_have_parameters,
     check_train_loader,
@@ -78,6 +80,7 @@ from lightning_ddg.comm import PipelineStopped
 from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launched_processes, pause_observer
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
+from lightning_ddg.rendezvous import rendezvous
 from lightning_ddg.stage import MEMORY_MODES, DDGStage, MemoryMode
 from lightning_ddg.stats import Snapshot, StageCounters, interval_figures
 from lightning_ddg.topology import StageLinks, Topology
@@ -124,6 +127,8 @@ class DDGStrategy(ParallelStrategy):
         memory: ``"stash"`` (default, exact), ``"recompute"`` (exact, keeps no activations) or ``"replay"``
             (inexact, keeps no weight copies); see ``docs/semantics.md``.
         timeout: how long any wait for another stage may take before the run fails.
+        rendezvous_timeout: how long the processes may take to meet when a run starts (each one imports, then
+            waits for the others); the error names those that did not arrive.
         start_method: ``"popen"`` re-launches the script per process (like ``strategy="ddp"``), ``"spawn"``
             starts processes with multiprocessing (``strategy="ddg_spawn"``, for notebooks), ``"forkserver"``
             forks them from a server that imported lightning_ddg once (fits after the first start at once).
@@ -156,6 +161,7 @@ class DDGStrategy(ParallelStrategy):
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta = default_pg_timeout,
+        rendezvous_timeout: timedelta = timedelta(minutes=3),
         start_method: Literal["popen", "spawn", "forkserver"] = "popen",
         check_finite: bool | None = None,
     ) -> None:
@@ -187,6 +193,7 @@ class DDGStrategy(ParallelStrategy):
         self._failed = False
         self._process_group_backend = process_group_backend
         self._timeout = timeout
+        self._rendezvous_timeout = rendezvous_timeout
         self._start_method = start_method
         self._num_nodes = 1
         self._links: StageLinks | None = None
@@ -268,9 +275,37 @@ class DDGStrategy(ParallelStrategy):
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         self._process_group_backend = backend
         assert self.cluster_environment is not None
-        _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+        self._init_process_group(backend)
         self._failed = False
         self._watchdog = self._start_watchdog()
+
+    def _init_process_group(self, backend: str) -> None:
+        """The process group, after a rendezvous with a timeout of its own (``rendezvous.py``)."""
+        env = self.cluster_environment
+        assert env is not None
+        if _distributed_is_initialized() or self.world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE"):
+            # one process, a later fit, or torchrun's agent serving the store: Lightning's way
+            _init_dist_connection(env, backend, timeout=self._timeout)
+            return
+        first_child = self.node_rank * self.num_processes + 1
+        children = {first_child + i: proc for i, proc in enumerate(launched_processes())}
+        store = rendezvous(
+            env.main_address,
+            env.main_port,
+            self.global_rank,
+            self.world_size,
+            timeout=self._rendezvous_timeout.total_seconds(),
+            describe=self._describe,
+            store_timeout=self._timeout,
+            exit_codes=lambda: {rank: proc.poll() for rank, proc in children.items()},
+        )
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = env.main_address, str(env.main_port)
+        dist.init_process_group(
+            backend, store=store, rank=self.global_rank, world_size=self.world_size, timeout=self._timeout
+        )
+
+    def _describe(self, rank: int) -> str:
+        return f"stage {self.topology.stage_of(rank)} (rank {rank})"
 
     def _start_watchdog(self) -> Watchdog | None:
         """Every process watches the others, so that a failure anywhere ends the whole job (``watchdog.py``)."""
@@ -285,7 +320,7 @@ class DDGStrategy(ParallelStrategy):
             store,
             self.global_rank,
             self.world_size,
-            describe=lambda rank: f"stage {self.topology.stage_of(rank)} (rank {rank})",
+            describe=self._describe,
             children={first_child + i: proc for i, proc in enumerate(launched_processes())},
             watch_parent=self._start_method != "popen" or self.local_rank > 0,
         ).start()
@@ -428,8 +463,14 @@ class DDGStrategy(ParallelStrategy):
         self.model.to(self.root_device)
 
     def process_dataloader(self, dataloader: object) -> object:
-        if self.lightning_module is not None and self.lightning_module.trainer.training:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and trainer.training:
             check_train_loader(dataloader)
+        if self.world_size > 1 and _distributed_is_initialized():
+            # a stage that reads fewer batches than the others would leave them waiting for the missing ones
+            stage = trainer.state.stage.dataloader_prefix if trainer is not None and trainer.state.stage else None
+            what = {"train": "training", "val": "validation"}.get(stage, stage or "a")
+            check_same_lengths(self._all_gather_objects(_length(dataloader)), f"{what} dataloader", self._describe)
         # A RandomSampler without a generator draws its order from the process's global RNG, which the stages
         # consume differently (dropout on some stages only): give it a generator seeded alike on every stage.
         sampler = getattr(dataloader, "sampler", None)
@@ -545,11 +586,6 @@ class DDGStrategy(ParallelStrategy):
         save; this process's copy of the module never trained, so it saves nothing over theirs."""
         self._stopped_by = signum
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        if self._stopped_by is not None and self.partition is None:
-            return  # see stopped_elsewhere
-        super().save_checkpoint(checkpoint, filepath, storage_options)
-
     def _stopping(self, signum: int) -> SIGTERMException:
         """The exception that ends this stage's fit; ``on_exception`` callbacks then run on every stage alike."""
         self._stopped_by = signum
@@ -632,6 +668,14 @@ class DDGStrategy(ParallelStrategy):
         if self.topology.num_stages == 1:
             return local
         return {name: t for part in self._first_replica_objects(local) for name, t in part.items()}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        if self._stopped_by is not None and self.partition is None:
+            return  # see stopped_elsewhere
+        # written under a temporary name and renamed: a job stopped while it saves leaves the last complete file
+        if self.is_global_zero:
+            self.checkpoint_io = atomic(self.checkpoint_io)
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The full state dict with the original names (a collective: every rank calls it when saving)."""
@@ -906,6 +950,13 @@ def _forward_arguments(batch: Any, signature: inspect.Signature) -> tuple | None
     if isinstance(batch, (tuple, list)) and batch and len(batch) >= required:
         return tuple(batch[: max(required, 1)])  # (x, y): the inputs come first, the targets last
     return None
+
+
+def _length(dataloader: object) -> int | None:
+    try:
+        return len(dataloader)  # type: ignore[arg-type]
+    except TypeError:
+        return None  # an iterable without a length
 
 
 def _shuffle_seed() -> int:

@@ -144,11 +144,21 @@ class Watchdog:
         """End of a run that went well: say so, so that peers do not take the silence for a death, and stop."""
         try:
             self._store.set(f"done/{self.rank}", "1")
+            if self.rank == 0:
+                self._wait_for_peers_to_stop()
         except _STORE_ERRORS:
             pass  # the store has gone with rank 0, which has finished too
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self.interval + 10)
+
+    def _wait_for_peers_to_stop(self) -> None:
+        """The store lives in rank 0's process: it stays until every peer has stopped watching (``exit_grace`` at
+        most), so that a peer still finishing its run does not take the store's end for rank 0's death."""
+        peers = [f"done/{rank}" for rank in range(1, self.world_size)]
+        deadline = time.monotonic() + self.exit_grace
+        while peers and not self._store.check(peers) and time.monotonic() < deadline:
+            time.sleep(self.interval / 10)
 
     @property
     def running(self) -> bool:

@@ -5,22 +5,53 @@
 Every process appends its pid to ``--pid-file`` (the launching process first), so that the test can check that
 none survives; the failing process writes the time of its failure to ``<pid-file>.failed``. The last line printed
 by rank 0 after a run that went well is ``job done``.
+
+With ``--hold PHASE --rank R``, global rank R stops when it reaches PHASE (one of ``HOLDS``), writes its pid and
+the phase to ``<pid-file>.at`` and waits there, so that a test can stop the job in that phase; a launched rank
+held in ``imports`` waits a few seconds before it imports lightning_ddg, as slow imports would.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import signal
+import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
-import lightning as L
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+HOLDS = ("imports", "rendezvous", "planning", "first-steps", "validation", "save", "drain", "teardown")
 
-from lightning_ddg import DDGStrategy
+
+def hold(pid_file: str, phase: str, seconds: float = 60.0) -> None:
+    """Say that this process has reached ``phase``, then wait there."""
+    marker = Path(f"{pid_file}.at")
+    marker.with_suffix(".tmp").write_text(f"{os.getpid()} {phase}\n")
+    marker.with_suffix(".tmp").rename(marker)
+    time.sleep(seconds)
+
+
+def _hold_in_imports() -> None:
+    """A launched rank asked to hold in ``imports`` does so before it imports torch, Lightning or lightning_ddg."""
+    argv = sys.argv
+    if "LOCAL_RANK" in os.environ and "--hold" in argv and argv[argv.index("--hold") + 1] == "imports":
+        rank = argv[argv.index("--rank") + 1] if "--rank" in argv else "1"
+        if os.environ["LOCAL_RANK"] == rank:
+            hold(argv[argv.index("--pid-file") + 1], "imports", seconds=2.0)
+
+
+_hold_in_imports()
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.fabric.plugins import TorchCheckpointIO  # noqa: E402
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from lightning_ddg import DDGStrategy  # noqa: E402
 
 
 class _PoisonGradient(torch.autograd.Function):
@@ -49,7 +80,67 @@ class PoisonGradient(nn.Module):
         return poison_gradient(x)
 
 
-FAILURES = ("none", "raise", "shape", "oom", "kill", "nan-loss", "nan-grad", "empty", "not-a-tensor")
+FAILURES = ("none", "raise", "shape", "oom", "kill", "nan-loss", "nan-grad", "empty", "not-a-tensor", "uneven")
+
+
+class HoldingStrategy(DDGStrategy):
+    """Holds the chosen rank before the rendezvous."""
+
+    def __init__(self, args: argparse.Namespace, **options) -> None:
+        super().__init__(**options)
+        self.args = args
+
+    def setup_environment(self) -> None:
+        # global ranks are set from here on: before, the local rank is the global one (one node)
+        if self.args.hold == "rendezvous" and int(os.environ.get("LOCAL_RANK", "0")) == self.args.rank:
+            hold(self.args.pid_file, "rendezvous")
+        super().setup_environment()
+
+
+class Hold(Callback):
+    """Holds the chosen rank in the chosen phase of a fit."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+
+    def _at(self, trainer: L.Trainer, phase: str) -> None:
+        if self.args.hold == phase and trainer.global_rank == self.args.rank:
+            hold(self.args.pid_file, phase)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self._at(trainer, "planning")  # the split is planned next
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self._at(trainer, "first-steps")
+
+    def on_validation_batch_start(self, trainer, *args) -> None:
+        self._at(trainer, "validation")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._at(trainer, "drain")  # the strategy drains the pipeline next
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self._at(trainer, "teardown")  # after the strategy's teardown
+
+
+class HoldingCheckpointIO(TorchCheckpointIO):
+    """Writes the second ``last`` checkpoint half-way, then holds, as a save stopped in its middle would."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.args = args
+        self.lasts = 0
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        self.lasts += "last" in Path(path).name
+        if self.args.hold != "save" or self.lasts < 2 or "last" not in Path(path).name:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        with open(path, "wb") as f:
+            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            f.flush()
+            hold(self.args.pid_file, "save")
 
 
 class Job(L.LightningModule):
@@ -97,13 +188,17 @@ class Job(L.LightningModule):
         _PoisonGradient.active = failing and args.fail == "nan-grad"
         return nn.functional.cross_entropy(logits, y)
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", default="ddg", choices=["ddg", "ddg_spawn"])
+    parser.add_argument("--strategy", default="ddg", choices=["ddg", "ddg_spawn", "forkserver"])
     parser.add_argument("--devices", type=int, default=3)
     parser.add_argument("--fail", default="none", choices=FAILURES)
     parser.add_argument("--rank", type=int, default=1, help="global rank that fails")
@@ -115,6 +210,9 @@ def main() -> None:
     parser.add_argument("--detect-anomaly", action="store_true")
     parser.add_argument("--pid-file", required=True)
     parser.add_argument("--started-file", default="")
+    parser.add_argument("--hold", default="", choices=("", *HOLDS))
+    parser.add_argument("--checkpoint-dir", default="")
+    parser.add_argument("--rendezvous-timeout", type=float, default=180.0)
     args = parser.parse_args()
     if "LOCAL_RANK" not in os.environ:  # the launching process, before it starts the others
         with open(args.pid_file, "a") as f:
@@ -122,13 +220,21 @@ def main() -> None:
 
     torch.manual_seed(0)
     samples = 0 if args.fail == "empty" else 64
+    if args.fail == "uneven" and os.environ.get("LOCAL_RANK", "0") == str(args.rank):
+        samples = 60  # as if this process read a file that had changed
     data = TensorDataset(torch.randn(samples, 8), torch.randint(0, 3, (samples,)))
     for fit in range(args.fits):
-        strategy = DDGStrategy(
+        strategy = HoldingStrategy(
+            args,
             split_points=["back"] if args.devices == 2 else None,
-            start_method="spawn" if args.strategy == "ddg_spawn" else "popen",
+            start_method={"ddg": "popen", "ddg_spawn": "spawn"}.get(args.strategy, args.strategy),
             check_finite=True if args.check_finite else None,
+            checkpoint_io=HoldingCheckpointIO(args),
+            rendezvous_timeout=timedelta(seconds=args.rendezvous_timeout),
         )
+        callbacks = [Hold(args)]
+        if args.checkpoint_dir:
+            callbacks.append(ModelCheckpoint(dirpath=args.checkpoint_dir, save_last=True, every_n_train_steps=2))
         trainer = L.Trainer(
             strategy=strategy,
             devices=args.devices,
@@ -136,11 +242,15 @@ def main() -> None:
             max_steps=args.max_steps,
             detect_anomaly=args.detect_anomaly,
             logger=False,
-            enable_checkpointing=False,
+            enable_checkpointing=bool(args.checkpoint_dir),
+            callbacks=callbacks,
             enable_progress_bar=False,
             enable_model_summary=False,
+            num_sanity_val_steps=0,
+            val_check_interval=4 if args.hold == "validation" else None,
         )
-        trainer.fit(Job(args, fails=fit == args.fits - 1), DataLoader(data, batch_size=4))
+        validation = DataLoader(data, batch_size=4) if args.hold == "validation" else None
+        trainer.fit(Job(args, fails=fit == args.fits - 1), DataLoader(data, batch_size=4), validation)
     if trainer.is_global_zero:
         print("job done", flush=True)
 

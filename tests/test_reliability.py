@@ -136,6 +136,13 @@ def _assert_failed_once(job: Job, error: str, stage: str | None, devices: int, s
             None,  # every stage finds it; the first to report is shown
             id="empty-dataloader-on-every-stage",
         ),
+        pytest.param(
+            ("--devices", "2", "--fail", "uneven", "--rank", "1", "--max-steps", "40"),  # across an epoch's end
+            "ValueError: the training dataloader has a different number of batches in the job's processes (16 on "
+            "stage 1 (rank 0), 15 on stage 0 (rank 1))",
+            None,  # every stage finds it; the first to report is shown
+            id="dataloaders-of-different-lengths",
+        ),
     ],
 )
 def test_a_failure_ends_every_process_and_shows_its_error_once(tmp_path: Path, args: tuple, error, stage) -> None:
@@ -220,3 +227,128 @@ def test_a_script_fits_and_tests_again_after_a_fit() -> None:
     assert fds_3 <= fds_2 + 2  # a socket may still be closing
     test_loss, val_loss = (float(v) for v in evaluated.split()[1::2])
     assert test_loss == pytest.approx(val_loss)  # the same data and weights through test and validate
+
+
+# --- stopped in any phase of its life --------------------------------------------------------------------------
+def _job_processes(group: int) -> list[int]:
+    """The processes of a job started in a session of its own: its process group, zombies aside."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == group:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@dataclass
+class Stopped:
+    returncode: int
+    output: str
+    seconds: float  # from the signal until every process of the job had gone
+
+
+def _stop_at(tmp_path: Path, phase: str, rank: int, signum: int | None, target: str, *args: str) -> Stopped:
+    """Run a 2-stage job, hold global rank ``rank`` when it reaches ``phase``, then send ``signum`` (if any) to the
+    launching process (``target="launcher"``) or to the held process (``"stage"``)."""
+    pid_file = tmp_path / "pids"
+    proc = _start(FAILING_JOB, "--devices", "2", "--hold", phase, "--rank", str(rank), *args, pid_file=pid_file)
+    marker = pid_file.with_name("pids.at")
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not marker.exists():
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the job never reached {phase}:\n{proc.communicate()[0][-5000:]}")
+    held, reached = marker.read_text().split()
+    assert reached == phase
+    if signum is not None:
+        os.kill(proc.pid if target == "launcher" else int(held), signum)
+    signalled = time.monotonic()
+    output, _ = finish_job(proc, LIMIT_S)  # its output closes when the last process holding it has gone
+    _assert_all_gone(proc.pid, signalled + LIMIT_S, output)
+    return Stopped(proc.returncode, output, time.monotonic() - signalled)
+
+
+def _assert_all_gone(group: int, deadline: float, output: str) -> None:
+    while _job_processes(group) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _job_processes(group)
+    if left:
+        os.killpg(group, signal.SIGKILL)
+        pytest.fail(
+            f"processes {left} of the job were still running {LIMIT_S} s after it was stopped:\n{output[-5000:]}"
+        )
+
+
+SIGTERM_LINE = "lightning-ddg: SIGTERM received; stopping the job."
+LAUNCHER_GONE_LINE = "lightning-ddg: the launching process ("
+
+
+def _case(strategy: str, phase: str, rank: int, signum: signal.Signals, target: str, says: str, slow: bool = False):
+    return pytest.param(
+        strategy,
+        phase,
+        rank,
+        signum,
+        target,
+        says,
+        id=f"{strategy}-{phase}-{signum.name}-{target}",
+        marks=[pytest.mark.slow] if slow else [],
+    )
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+@pytest.mark.parametrize(
+    ("strategy", "phase", "rank", "signum", "target", "says"),
+    [
+        # the launching process (rank 0) is stopped while the other rank waits for it at the rendezvous
+        _case("ddg", "rendezvous", 0, signal.SIGTERM, "launcher", SIGTERM_LINE),
+        # the launching process is killed while the other rank still imports
+        _case("ddg", "imports", 1, signal.SIGKILL, "launcher", LAUNCHER_GONE_LINE),
+        _case("ddg_spawn", "planning", 0, signal.SIGTERM, "launcher", SIGTERM_LINE),
+        _case("forkserver", "drain", 0, signal.SIGKILL, "launcher", LAUNCHER_GONE_LINE),
+        # more of the matrix, kept out of the default run for time
+        _case("ddg", "teardown", 0, signal.SIGTERM, "launcher", SIGTERM_LINE, slow=True),
+        _case("forkserver", "drain", 0, signal.SIGKILL, "stage", "SIGKILL", slow=True),
+        _case("ddg", "rendezvous", 0, signal.SIGINT, "launcher", "Detected KeyboardInterrupt", slow=True),
+        _case("ddg", "planning", 1, signal.SIGKILL, "stage", "stage 0 (rank 1) was killed by SIGKILL", slow=True),
+        # the launcher waits for the held stage inside a collective, where no signal handler runs
+        _case("ddg", "drain", 1, signal.SIGTERM, "launcher", "the main thread has not moved for 10 s", slow=True),
+        _case("ddg_spawn", "rendezvous", 1, signal.SIGKILL, "launcher", LAUNCHER_GONE_LINE, slow=True),
+        _case("ddg_spawn", "first-steps", 1, signal.SIGKILL, "launcher", LAUNCHER_GONE_LINE, slow=True),
+        _case("forkserver", "validation", 1, signal.SIGINT, "launcher", "Detected KeyboardInterrupt", slow=True),
+        _case("forkserver", "teardown", 0, signal.SIGTERM, "launcher", SIGTERM_LINE, slow=True),
+    ],
+)
+def test_a_job_stopped_in_any_phase_leaves_no_process(tmp_path, strategy, phase, rank, signum, target, says) -> None:
+    stopped = _stop_at(tmp_path, phase, rank, signum, target, "--strategy", strategy)
+    report = f"exit code {stopped.returncode}\n{stopped.output[-6000:]}"
+    assert stopped.returncode != 0, report
+    assert says in stopped.output, report
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_a_job_killed_while_it_saves_keeps_the_last_complete_checkpoint(tmp_path: Path) -> None:
+    import torch
+
+    checkpoints = tmp_path / "checkpoints"
+    args = ("--checkpoint-dir", str(checkpoints), "--max-steps", "8")
+    stopped = _stop_at(tmp_path, "save", 0, signal.SIGKILL, "launcher", *args)
+    report = f"exit code {stopped.returncode}\n{stopped.output[-6000:]}"
+    assert stopped.returncode == -signal.SIGKILL, report
+    # the second save of last.ckpt (step 4) was cut short: the first one (step 2) is still there, whole
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 2, report
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_a_rank_that_does_not_arrive_is_named_when_the_rendezvous_times_out(tmp_path: Path) -> None:
+    # rank 1 holds before the rendezvous (or is still importing when rank 0 gives up): both end
+    job = run_failing_job(
+        tmp_path, "--devices", "2", "--hold", "rendezvous", "--rank", "1", "--rendezvous-timeout", "3"
+    )
+    report = f"exit code {job.returncode}\n{job.output[-6000:]}"
+    assert job.returncode != 0, report
+    assert "RendezvousTimeout: stage 0 (rank 1) did not arrive at the rendezvous within 3 s" in job.output, report

@@ -77,8 +77,10 @@ def test_sigterm_to_one_replica_stops_every_replica_after_the_same_step(tmp_path
 
 
 @pytest.mark.timeout(TIMEOUT_S + 60)
-def test_sigterm_to_the_launcher_stops_every_stage(tmp_path: Path) -> None:
-    proc = start_job(str(STOP_JOB), str(tmp_path), "--devices", "2", stderr=subprocess.STDOUT)
+@pytest.mark.parametrize("strategy", ["ddg", "ddg_spawn"])
+def test_sigterm_to_the_launcher_stops_every_stage(tmp_path: Path, strategy: str) -> None:
+    args = (str(STOP_JOB), str(tmp_path), "--devices", "2", "--strategy", strategy)
+    proc = start_job(*args, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 90
     while len(list(tmp_path.glob("started.*"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

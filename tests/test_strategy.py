@@ -6,6 +6,7 @@ import copy
 import functools
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -43,6 +44,7 @@ def _reference(
     clip: float | None = None,
     seed: int = 0,
     drain: bool = True,
+    batches_per_epoch: int | None = None,
 ) -> dict:
     """The reference's weights after ``epochs`` of ``loader()`` (or ``max_steps`` batches), then the drain; with
     ``clip``, each stage clips the norm of its own gradients before it steps, as ``gradient_clip_val`` does."""
@@ -66,8 +68,8 @@ def _reference(
         seed=seed,
     )
     for _ in range(epochs):
-        for x, y in loader():
-            if ref.step_count == max_steps:
+        for batch, (x, y) in enumerate(loader()):
+            if ref.step_count == max_steps or batch == batches_per_epoch:
                 break
             ref.step(x, y)
         for scheduler in schedulers if per_epoch else []:
@@ -160,6 +162,38 @@ def test_fit_ending_at_max_steps_drains_the_batches_that_entered() -> None:
     expected = _reference(model, split_points, max_steps=9)  # in the second epoch
     _trainer(DDGStrategy(start_method="forkserver", split_points=split_points), 3, max_steps=9).fit(model, loader())
     _assert_same(dict(model.state_dict()), expected)
+
+
+@pytest.mark.parametrize(
+    "limits", [dict(max_steps=2), dict(limit_train_batches=1)], ids=["max_steps=2", "limit_train_batches=1"]
+)
+def test_fewer_steps_than_stages_with_an_empty_validation_loader(limits: dict) -> None:
+    # two steps through three stages: no batch reaches stage 0's backward before the drain, which applies them all
+    model = MLPClassifier(optimizer="sgd")
+    split_points = ["model.2", "model.6"]
+    expected = _reference(
+        model,
+        split_points,
+        max_steps=limits.get("max_steps"),
+        batches_per_epoch=1 if "limit_train_batches" in limits else None,
+    )
+    trainer = _trainer(DDGStrategy(start_method="forkserver", split_points=split_points), 3, **limits)
+    trainer.fit(model, loader(), loader(n=0))  # the empty validation loader is skipped
+    _assert_same(dict(model.state_dict()), expected)
+
+
+class _LateTeardown(DDGStrategy):
+    """Rank 1 tears down 2 s after the others: rank 0, whose process serves the job's store, ends first."""
+
+    def teardown(self) -> None:
+        if self.global_rank == 1:
+            time.sleep(2)
+        super().teardown()
+
+
+def test_a_stage_that_tears_down_last_ends_the_fit_well() -> None:
+    strategy = _LateTeardown(start_method="forkserver", split_points=["model.4"])
+    _trainer(strategy, 2, max_steps=2).fit(MLPClassifier(), loader())  # no stage takes rank 0's end for a failure
 
 
 def test_last_stage_metrics_reach_the_logger_and_checkpoints_are_whole(tmp_path) -> None:

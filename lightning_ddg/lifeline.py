@@ -1,0 +1,239 @@
+"""Every process of a job is watched from its first moment to its last.
+
+The watchdog (``watchdog.py``) watches a job's processes once their process group exists. Before that — while a
+launched rank imports torch, waits for the others at the rendezvous, plans its split — and after it, between
+fits and while a script ends, two smaller watches keep a job from leaving a process behind:
+
+- :func:`watch_launcher`: a process started by a launcher ends when the launcher ends, whatever it is doing. A
+  daemon thread notices that the launching process has gone (the process's parent changed, for a rank that
+  ``strategy="ddg"`` re-launched; the parent's sentinel closed, for one started by multiprocessing), prints one
+  line that names the rank, and exits with code 1. A rank re-launched by ``strategy="ddg"`` starts its watch
+  when it imports ``lightning_ddg``, before torch or Lightning are imported; one started with multiprocessing,
+  as it enters the strategy's code.
+- :class:`SignalWatch`: in the launching process, a SIGTERM that arrives while no one else handles it (before
+  Lightning installs its handlers for training, and after it removes them) stops the job at once: one line,
+  the launched processes are stopped, exit code 143. Python runs signal handlers in the main thread only, and
+  not while it waits inside C++ (a rendezvous, a receive): the signal reaches a thread of its own through
+  ``signal.set_wakeup_fd``, and that thread ends the process. A SIGTERM that another handler takes (Lightning's,
+  during training) is left to it, unless the main thread shows no sign of life for ``STUCK_S`` seconds after it
+  — blocked in a wait no handler can interrupt —: then the job is stopped the same way.
+
+Only the standard library is used here, so that the watch can start before the heavy imports.
+
+Example::
+
+    watch_launcher(launcher_pid, "rank 1")  # in a launched process: exits when the launcher has gone
+    with SignalWatch(stop=lambda: [p.kill() for p in children]):  # in the launching process
+        run_the_job()
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+__all__ = ["LAUNCHER_PID", "SignalWatch", "watch_launcher", "watch_launcher_from_environment"]
+
+# set by the "ddg" launcher for the ranks it re-launches, and taken out of the environment by them (so that their
+# own children, data loader workers say, do not take themselves for ranks)
+LAUNCHER_PID = "LIGHTNING_DDG_LAUNCHER_PID"
+POLL_S = 0.2
+STUCK_S = 10.0  # after a SIGTERM another handler takes, how long the main thread may stay in one place
+
+_watching = False
+
+
+def watch_launcher_from_environment() -> None:
+    """In a rank re-launched by ``strategy="ddg"`` (the environment names its launcher), start its watch."""
+    launcher = os.environ.pop(LAUNCHER_PID, None)
+    if launcher and launcher.isdigit() and int(launcher) != os.getpid():
+        watch_launcher(int(launcher), f"rank {os.environ.get('LOCAL_RANK', '?')}")
+
+
+def watch_launcher(launcher_pid: int | None, name: str) -> None:
+    """End this process, with one line on stderr, when the process that launched it has gone.
+
+    ``launcher_pid`` is the launching process, this process's parent; ``None`` in a process started by
+    multiprocessing, whose parent's sentinel tells when it has gone. One watch per process: later calls do nothing.
+    """
+    global _watching
+    if _watching:
+        return
+    parent = multiprocessing.parent_process() if launcher_pid is None else None
+    if launcher_pid is None and parent is None:
+        return  # not a launched process
+    _watching = True
+    pid = launcher_pid if launcher_pid is not None else parent.pid  # type: ignore[union-attr]
+
+    def gone() -> bool:
+        if parent is not None:
+            parent.join(POLL_S)  # returns when the parent's end of the pipe closes, or after POLL_S
+            return not parent.is_alive()
+        time.sleep(POLL_S)
+        return os.getppid() != launcher_pid  # re-parented: the launcher has exited
+
+    def run() -> None:
+        while not gone():
+            pass
+        print(f"lightning-ddg: the launching process ({pid}) has exited; stopping {name}.", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    if parent is not None:
+        # torch.multiprocessing asks the kernel for a SIGINT when the parent dies, which raises KeyboardInterrupt
+        # in whatever the main thread runs (if it runs Python at all): this watch says why and ends the process
+        _set_parent_death_signal(0)
+    if launcher_pid is not None and os.getppid() != launcher_pid:
+        run()  # the launcher ended before this process got this far
+    threading.Thread(target=run, name="lightning-ddg-launcher-watch", daemon=True).start()
+
+
+class SignalWatch:
+    """In the launching process, a SIGTERM that no other handler takes ends the job at once (see the module).
+
+    Args:
+        stop: called before this process exits, to stop the processes it launched.
+
+    Nothing is installed where it could take something from the program: outside the main thread, when a SIGTERM
+    handler is already installed, or when another wakeup fd is set (an event loop's, say).
+    """
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+        self._installed = False
+        self._ending = threading.Lock()
+        self._read_fd = self._write_fd = -1
+        self._thread: threading.Thread | None = None
+        self._checking = False
+
+    def __enter__(self) -> SignalWatch:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+            return self
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+        previous = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        if previous != -1:
+            signal.set_wakeup_fd(previous)
+            self._close()
+            return self
+        signal.signal(signal.SIGTERM, self._handler)
+        self._installed = True
+        self._thread = threading.Thread(target=self._run, name="lightning-ddg-signal-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: TracebackType | None) -> None:
+        if not self._installed:
+            return
+        if self._owns_sigterm():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        self._installed = False
+        os.write(self._write_fd, b"\0")  # wakes the thread, which then leaves
+        assert self._thread is not None
+        self._thread.join(timeout=5)
+        self._close()
+
+    def _close(self) -> None:
+        for fd in (self._read_fd, self._write_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._read_fd = self._write_fd = -1
+
+    def _owns_sigterm(self) -> bool:
+        return signal.getsignal(signal.SIGTERM) == self._handler  # a bound method: equal, not the same object
+
+    def _handler(self, signum: int, frame: object) -> None:
+        # runs in the main thread when it runs Python; chained behind a later handler (Lightning's, during
+        # training), it leaves the signal to that one
+        if self._owns_sigterm():
+            self._end(signum)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                received = os.read(self._read_fd, 64)
+            except OSError:
+                return
+            if not received or b"\0" in received:
+                return
+            if signal.SIGTERM not in received:
+                continue
+            if self._owns_sigterm():
+                self._end(signal.SIGTERM)
+            elif not self._checking:
+                self._checking = True
+                threading.Thread(target=self._end_if_stuck, name="lightning-ddg-stuck-watch", daemon=True).start()
+
+    def _end_if_stuck(self) -> None:
+        """After a SIGTERM another handler took: end the job if the main thread stays in one place too long."""
+        main = threading.main_thread()
+        last, since = None, time.monotonic()
+        while main.is_alive() and self._installed:
+            frame = sys._current_frames().get(main.ident or -1)
+            where = (id(frame), frame.f_lasti) if frame is not None else None
+            now = time.monotonic()
+            if where != last:
+                last, since = where, now
+            elif now - since > STUCK_S:
+                place = f" (in {frame.f_code.co_name}, {frame.f_code.co_filename}:{frame.f_lineno})" if frame else ""
+                self._end(signal.SIGTERM, f"; the main thread has not moved for {STUCK_S:.0f} s{place}")
+            time.sleep(POLL_S)
+
+    def _end(self, signum: int, why: str = "") -> None:
+        if not self._ending.acquire(blocking=False):
+            return
+        name = signal.Signals(signum).name
+        print(f"lightning-ddg: {name} received{why}; stopping the job.", file=sys.stderr, flush=True)
+        try:
+            self._stop()
+        finally:
+            os._exit(128 + signum)
+
+
+def _set_parent_death_signal(signum: int) -> None:
+    """``prctl(PR_SET_PDEATHSIG, signum)`` on Linux; nothing elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signum, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def stop_processes(processes: list, grace: float = 10.0) -> None:
+    """SIGTERM to each process still running, SIGKILL to those still running ``grace`` seconds later.
+
+    ``processes`` are ``subprocess.Popen`` or ``multiprocessing.Process`` objects.
+    """
+    running = [p for p in processes if _running(p)]
+    for process in running:
+        try:
+            os.kill(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while running and time.monotonic() < deadline:
+        time.sleep(0.05)
+        running = [p for p in running if _running(p)]
+    for process in running:
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _running(process: object) -> bool:
+    poll = getattr(process, "poll", None)
+    if poll is not None:
+        return poll() is None
+    return process.is_alive()  # type: ignore[attr-defined]
