@@ -112,6 +112,8 @@ class Channel:
         group: a process group holding exactly this rank and ``peer``, used by nothing else.
         device: where received tensors are placed (the stage's device).
         timeout: how long a receive waits before raising, so that a dead peer cannot hang this rank.
+        unreaped: messages besides the newest whose sends are not waited on yet: how far the sender may run
+            ahead of the receiver before a send waits.
     """
 
     def __init__(
@@ -120,8 +122,10 @@ class Channel:
         group: dist.ProcessGroup,
         device: torch.device | str = "cpu",
         timeout: timedelta = timedelta(minutes=30),
+        unreaped: int = UNREAPED_MESSAGES,
     ) -> None:
         self.peer = peer
+        self.unreaped = unreaped
         self.group = group
         self.device = torch.device(device)
         self.timeout = timeout
@@ -162,7 +166,7 @@ class Channel:
         # A transfer is known to be done only once waited on (gloo never reports completion otherwise), so keep
         # the last two messages in flight and wait on older ones: the peer has posted their receives long ago
         # and they are done, so the wait returns at once and the number of buffers held stays bounded.
-        while len(self._sends) > UNREAPED_MESSAGES:
+        while len(self._sends) > self.unreaped:
             for work, _ in self._sends.popleft():
                 work.wait(self.timeout)
 

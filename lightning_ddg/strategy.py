@@ -61,6 +61,7 @@ from lightning_ddg._compat import (
     restore_signal_handlers,
 )
 from lightning_ddg.balance import BALANCE_BY, BalanceBy
+from lightning_ddg.batches import ReceivedBatches, SentBatches
 from lightning_ddg.checkpoint import (
     group_names,
     merge_optimizer_states,
@@ -134,6 +135,9 @@ class DDGStrategy(ParallelStrategy):
             forks them from a server that imported lightning_ddg once (fits after the first start at once).
         check_finite: stop with ``FloatingPointError`` when the loss, or a gradient a stage receives, holds a NaN
             or an infinity. By default on with ``Trainer(detect_anomaly=True)``.
+        load_once: only the first stage iterates the data loaders and sends each batch on (whole to the last
+            stage, zero tensors of its shapes to those between); ``False``: every process iterates them, for code
+            before ``self(x)`` in a step that needs the real values on every stage.
 
     A failure in any stage ends every process of the job; see "Reliability" in ``docs/usage.md``.
 
@@ -164,6 +168,7 @@ class DDGStrategy(ParallelStrategy):
         rendezvous_timeout: timedelta = timedelta(minutes=3),
         start_method: Literal["popen", "spawn", "forkserver"] = "popen",
         check_finite: bool | None = None,
+        load_once: bool = True,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -189,6 +194,7 @@ class DDGStrategy(ParallelStrategy):
         self.memory = memory
         self.num_stages = num_stages
         self.check_finite = check_finite
+        self.load_once = load_once
         self._watchdog: Watchdog | None = None
         self._failed = False
         self._process_group_backend = process_group_backend
@@ -486,7 +492,20 @@ class DDGStrategy(ParallelStrategy):
             )
         if topology.num_stages > 1 and isinstance(sampler, RandomSampler) and sampler.generator is None:
             sampler.generator = torch.Generator().manual_seed(self._shuffle_seed)
-        return dataloader
+        return self._load_once(dataloader)
+
+    def _load_once(self, dataloader: object) -> object:
+        """Only the first stage iterates the loader; it carries each batch to the later stages (``batches.py``)."""
+        links = self._links
+        if links is None or self.topology.num_stages == 1 or not self.load_once:
+            return dataloader
+        module = self.lightning_module
+        if module is not None and module.trainer.state.fn == TrainerFn.PREDICTING:
+            return dataloader  # prediction writers read the batch indices off the loader's own sampler
+        if links.batch_out:
+            return SentBatches(dataloader, links.batch_out)
+        assert links.batch_in is not None
+        return ReceivedBatches(dataloader, links.batch_in, full=self.stage_index == self.topology.num_stages - 1)
 
     # --- the pipelined forward ---------------------------------------------------------------------------
     def _pipelined_forward(self, *args: Any, **kwargs: Any) -> Any:

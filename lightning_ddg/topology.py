@@ -64,6 +64,9 @@ class StageLinks:
     ``act_in``/``act_out`` carry activations from the previous / to the next stage, ``grad_in``/``grad_out``
     carry gradients from the next / to the previous stage; the first and last stage lack some of them.
     ``replica_group`` holds the ranks running this rank's stage in every replica (``None`` with one replica).
+    ``batch_out`` (first stage) carries each batch to every later stage, whole to the last one (``True``) and as
+    its layout to the others; ``batch_in`` receives it there (see :mod:`lightning_ddg.batches`). They always use
+    gloo: batches come from the host's data loader.
     """
 
     act_in: Channel | None = None
@@ -71,7 +74,8 @@ class StageLinks:
     grad_in: Channel | None = None
     grad_out: Channel | None = None
     replica_group: dist.ProcessGroup | None = None
-    _all: list[Channel] = field(default_factory=list, repr=False)
+    batch_out: list[tuple[Channel, bool]] = field(default_factory=list)
+    batch_in: Channel | None = None
 
     @classmethod
     def create(
@@ -84,6 +88,7 @@ class StageLinks:
         """Create every group of the job (a collective: all ranks call it) and keep this rank's channels."""
         links = cls()
         stage, replica = topology.stage_of(rank), topology.replica_of(rank)
+        last = topology.num_stages - 1
         for r in range(topology.num_replicas):
             for s in range(topology.num_stages - 1):
                 low, high = topology.rank_of(s, r), topology.rank_of(s + 1, r)
@@ -102,15 +107,27 @@ class StageLinks:
             group = dist.new_group(ranks, timeout=timeout) if topology.num_replicas > 1 else None
             if s == stage:
                 links.replica_group = group
+        # the first stage runs ahead of stage s by up to K-1-s steps, plus the loader's one batch fetched ahead
+        ahead = topology.num_stages + 1
+        for r in range(topology.num_replicas):
+            first = topology.rank_of(0, r)
+            for s in range(1, topology.num_stages):
+                group = dist.new_group([first, topology.rank_of(s, r)], timeout=timeout, backend="gloo")
+                if r != replica:
+                    continue
+                if stage == 0:
+                    links.batch_out.append((Channel(topology.rank_of(s, r), group, "cpu", timeout, ahead), s == last))
+                if s == stage:
+                    links.batch_in = Channel(first, group, "cpu", timeout, ahead)
         return links
 
     def close(self) -> None:
         """End every channel so that no receive is left posted; a collective between neighbours."""
         # every rank posts its end markers before it waits, so no two ranks wait on each other
-        senders = [c for c in (self.act_out, self.grad_out) if c is not None]
+        senders = [c for c in (self.act_out, self.grad_out) if c is not None] + [c for c, _ in self.batch_out]
         for channel in senders:
             channel.send_end()
-        for channel in (self.act_in, self.grad_in):
+        for channel in (self.act_in, self.grad_in, self.batch_in):
             if channel is not None:
                 channel.close_recv()
         for channel in senders:
@@ -121,10 +138,12 @@ class StageLinks:
 
         A script that runs several fits creates new groups for each, so the old ones must not pile up.
         """
-        channels = [c for c in (self.act_in, self.act_out, self.grad_in, self.grad_out) if c is not None]
+        channels = [c for c in (self.act_in, self.act_out, self.grad_in, self.grad_out, self.batch_in) if c is not None]
+        channels += [c for c, _ in self.batch_out]
         groups = {id(c.group): c.group for c in channels}
         if self.replica_group is not None:
             groups[id(self.replica_group)] = self.replica_group
         for group in groups.values():
             dist.destroy_process_group(group)
-        self.act_in = self.act_out = self.grad_in = self.grad_out = self.replica_group = None
+        self.act_in = self.act_out = self.grad_in = self.grad_out = self.replica_group = self.batch_in = None
+        self.batch_out = []

@@ -1,0 +1,119 @@
+"""Each batch is loaded once per pipeline, by its first stage, and carried to the stages that run code on it.
+
+Every stage's process runs the user's ``training_step``, but only the first stage feeds the batch into the model and
+only the last computes the loss from it. So the first stage iterates the real data loader (its workers, decoding,
+augmentation) and sends each batch, as it is fetched, to the last stage; the stages in between receive only its
+layout and are handed zero tensors of the same shapes and dtypes (their ``self(x)`` ignores its arguments: their
+input comes from the previous stage). The other stages never iterate the loader: K-1 processes no longer load and
+augment every batch, and the last stage computes the loss on the very batch the first stage fed in, also when the
+loader's workers draw random numbers.
+
+The wrappers keep the loader's length and delegate every other attribute to it, so Lightning counts, limits and
+shards batches as before. The stream of batches follows the loop's own fetches, which are the same on every
+stage; the end of an iteration travels as a message of its own, so loaders without a length work too.
+
+Example (``channels`` from :class:`~lightning_ddg.topology.StageLinks`)::
+
+    loader = SentBatches(loader, links.batch_out)                     # on the first stage
+    loader = ReceivedBatches(loader, links.batch_in, full=is_last)    # on every other stage
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from lightning_ddg.comm import Channel
+
+__all__ = ["ReceivedBatches", "SentBatches"]
+
+_END = "end"
+
+
+class _Wrapped:
+    """A data loader's stand-in: its length and attributes, another way to iterate."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)  # a TypeError without a length, as the loader itself
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+class SentBatches(_Wrapped):
+    """The first stage's loader: every batch it yields is also sent on ``channels`` as ``(channel, full)`` pairs:
+    the whole batch where ``full``, its layout alone elsewhere."""
+
+    def __init__(self, loader: Any, channels: list[tuple[Channel, bool]]) -> None:
+        super().__init__(loader)
+        self.channels = channels
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            leaves, spec = tree_flatten(batch)
+            where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+            tensors = [leaves[i] for i in where]
+            others = [None if i in where else leaf for i, leaf in enumerate(leaves)]
+            layout = _encode((spec, others, where, _specs(tensors)))
+            for channel, full in self.channels:
+                # a copy: the training step may change the batch in place while it is being sent
+                channel.send([layout, *(t.detach().clone() for t in tensors)] if full else [layout])
+            yield batch
+        end = _encode(_END)
+        for channel, _ in self.channels:
+            channel.send([end])
+
+
+class ReceivedBatches(_Wrapped):
+    """Another stage's loader: yields the batches the first stage sends, whole (``full``) or as zero tensors of
+    their shapes. The wrapped loader is never iterated."""
+
+    def __init__(self, loader: Any, channel: Channel, full: bool) -> None:
+        super().__init__(loader)
+        self.channel = channel
+        self.full = full
+        self._zeros: dict[tuple[torch.dtype, tuple[int, ...]], torch.Tensor] = {}
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            layout, *tensors = self.channel.recv()
+            decoded = _decode(layout)
+            if decoded == _END:
+                return
+            spec, leaves, where, specs = decoded
+            if not self.full:
+                tensors = [self._zero(dtype, shape) for dtype, shape in specs]
+            for i, tensor in zip(where, tensors, strict=True):
+                leaves[i] = tensor
+            yield tree_unflatten(leaves, spec)
+
+    def _zero(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        if (dtype, shape) not in self._zeros:
+            self._zeros[(dtype, shape)] = torch.zeros(shape, dtype=dtype)
+        return self._zeros[(dtype, shape)]
+
+
+def _specs(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    return [(t.dtype, tuple(t.shape)) for t in tensors]
+
+
+def _encode(value: Any) -> torch.Tensor:
+    """``value`` pickled into a byte tensor, padded to a power of two so that the message shape rarely changes."""
+    data = pickle.dumps(value)
+    size = max(256, 1 << (len(data) + 8).bit_length())
+    padded = len(data).to_bytes(8, "little") + data + bytes(size - len(data) - 8)
+    return torch.frombuffer(bytearray(padded), dtype=torch.uint8)
+
+
+def _decode(tensor: torch.Tensor) -> Any:
+    raw = tensor.numpy().tobytes()
+    return pickle.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
