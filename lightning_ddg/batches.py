@@ -21,13 +21,13 @@ Example (``channels`` from :class:`~lightning_ddg.topology.StageLinks`)::
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_ddg.comm import Channel
+from lightning_ddg.comm import Channel, PipelineStopped
 
 __all__ = ["ReceivedBatches", "SentBatches"]
 
@@ -75,17 +75,31 @@ class SentBatches(_Wrapped):
 
 class ReceivedBatches(_Wrapped):
     """Another stage's loader: yields the batches the first stage sends, whole (``full``) or as zero tensors of
-    their shapes. The wrapped loader is never iterated."""
+    their shapes. The wrapped loader is never iterated. When the first stage stops the pipeline
+    (:meth:`DDGStage.stop <lightning_ddg.stage.DDGStage.stop>`), the next batch raises what ``on_stop(signum)``
+    returns, or :class:`~lightning_ddg.comm.PipelineStopped`."""
 
-    def __init__(self, loader: Any, channel: Channel, full: bool) -> None:
+    def __init__(
+        self,
+        loader: Any,
+        channel: Channel,
+        full: bool,
+        on_stop: Callable[[int], BaseException] | None = None,
+    ) -> None:
         super().__init__(loader)
         self.channel = channel
         self.full = full
+        self.on_stop = on_stop
         self._zeros: dict[tuple[torch.dtype, tuple[int, ...]], torch.Tensor] = {}
 
     def __iter__(self) -> Iterator[Any]:
         while True:
-            layout, *tensors = self.channel.recv()
+            try:
+                layout, *tensors = self.channel.recv()
+            except PipelineStopped as stopped:
+                if self.on_stop is None:
+                    raise
+                raise self.on_stop(stopped.signum) from None
             decoded = _decode(layout)
             if decoded == _END:
                 return

@@ -230,9 +230,11 @@ class DDGStage:
     def stop(self, signum: int) -> None:
         """End the pipeline before this step's forward because the job was asked to stop (by signal ``signum``):
         the next stage's :meth:`forward` then raises :class:`~lightning_ddg.comm.PipelineStopped` after passing
-        the stop on, so that every stage stops after the same step. Nothing is drained."""
-        if self.links.act_out is not None:
-            self.links.act_out.send_end(signum)
+        the stop on, and so does the next batch each later stage receives from the first (``batches.py``), so
+        that every stage stops after the same step. Nothing is drained."""
+        for channel in [self.links.act_out, *(channel for channel, _ in self.links.batch_out)]:
+            if channel is not None:
+                channel.send_end(signum)
 
     @torch.no_grad()
     def evaluate(self, *args: Any) -> Any:

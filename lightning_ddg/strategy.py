@@ -505,7 +505,8 @@ class DDGStrategy(ParallelStrategy):
         if links.batch_out:
             return SentBatches(dataloader, links.batch_out)
         assert links.batch_in is not None
-        return ReceivedBatches(dataloader, links.batch_in, full=self.stage_index == self.topology.num_stages - 1)
+        last = self.stage_index == self.topology.num_stages - 1
+        return ReceivedBatches(dataloader, links.batch_in, full=last, on_stop=self._stopping)
 
     # --- the pipelined forward ---------------------------------------------------------------------------
     def _pipelined_forward(self, *args: Any, **kwargs: Any) -> Any:
