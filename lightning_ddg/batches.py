@@ -48,6 +48,10 @@ class _Wrapped:
             raise AttributeError(name)
         return getattr(self.loader, name)
 
+    def release(self) -> None:
+        """Drop the channels at the end of a run: Lightning's loops keep the loader, and a channel kept would keep
+        its process group's connections open after the group is destroyed."""
+
 
 class SentBatches(_Wrapped):
     """The first stage's loader: every batch it yields is also sent on ``channels`` as ``(channel, full)`` pairs:
@@ -71,6 +75,9 @@ class SentBatches(_Wrapped):
         end = _encode(_END)
         for channel, _ in self.channels:
             channel.send([end])
+
+    def release(self) -> None:
+        self.channels = []
 
 
 class ReceivedBatches(_Wrapped):
@@ -109,6 +116,9 @@ class ReceivedBatches(_Wrapped):
             for i, tensor in zip(where, tensors, strict=True):
                 leaves[i] = tensor
             yield tree_unflatten(leaves, spec)
+
+    def release(self) -> None:
+        self.channel = None  # type: ignore[assignment]
 
     def _zero(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         if (dtype, shape) not in self._zeros:

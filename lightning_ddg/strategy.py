@@ -217,6 +217,7 @@ class DDGStrategy(ParallelStrategy):
         self._stop_signal: int | None = None  # a signal asking the job to stop, received by this process
         self._stopped_by: int | None = None  # the signal the pipeline stopped for
         self._requeue: Callable[[int, Any], None] | None = None  # Lightning's SLURM save-and-requeue
+        self._batch_loaders: list[SentBatches | ReceivedBatches] = []  # this run's loaders, reading over links
 
     # --- layout ------------------------------------------------------------------------------------------
     @property
@@ -503,10 +504,13 @@ class DDGStrategy(ParallelStrategy):
         if module is not None and module.trainer.state.fn == TrainerFn.PREDICTING:
             return dataloader  # prediction writers read the batch indices off the loader's own sampler
         if links.batch_out:
-            return SentBatches(dataloader, links.batch_out)
-        assert links.batch_in is not None
-        last = self.stage_index == self.topology.num_stages - 1
-        return ReceivedBatches(dataloader, links.batch_in, full=last, on_stop=self._stopping)
+            wrapped: SentBatches | ReceivedBatches = SentBatches(dataloader, links.batch_out)
+        else:
+            assert links.batch_in is not None
+            last = self.stage_index == self.topology.num_stages - 1
+            wrapped = ReceivedBatches(dataloader, links.batch_in, full=last, on_stop=self._stopping)
+        self._batch_loaders.append(wrapped)
+        return wrapped
 
     # --- the pipelined forward ---------------------------------------------------------------------------
     def _pipelined_forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -774,6 +778,9 @@ class DDGStrategy(ParallelStrategy):
                 self._watchdog.stop()
                 pause_observer(False)
         self._links = self._watchdog = None
+        for loader in self._batch_loaders:
+            loader.release()
+        self._batch_loaders = []
         if self.lightning_module is not None:
             self.lightning_module.__dict__.pop("forward", None)
             if self.lightning_module._trainer is not None:
