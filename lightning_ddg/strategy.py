@@ -577,9 +577,12 @@ class DDGStrategy(ParallelStrategy):
         It only takes note: the watchdog carries the request to every process, and the first stage ends the
         pipeline before its next training batch (:meth:`_stop_if_requested`), so that all stages stop after the
         same step with nothing but the pipeline's own messages. A run that is not fitting has no such step and
-        stops at once.
+        stops at once, and so does a process that gets a second signal (a stop that does not come through).
         """
-        self._stop_signal = self._stop_signal or signum
+        if self._stop_signal is not None:
+            print(f"lightning-ddg: {signal.Signals(signum).name} again; exiting now.", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self._stop_signal = signum
         if self._watchdog is not None:
             self._watchdog.request_stop(signum)
         module = self.lightning_module
