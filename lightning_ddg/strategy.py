@@ -27,7 +27,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -81,6 +80,7 @@ from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launche
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
 from lightning_ddg.rendezvous import rendezvous
+from lightning_ddg.shard import Removed, keep_only_stage, put_back
 from lightning_ddg.stage import MEMORY_MODES, DDGStage, MemoryMode
 from lightning_ddg.stats import Snapshot, StageCounters, interval_figures
 from lightning_ddg.topology import StageLinks, Topology
@@ -91,18 +91,6 @@ __all__ = ["DDGStrategy"]
 
 class _StageDone(Exception):
     """Raised by the pipelined forward on stages that hold no loss, to end the user's step there."""
-
-
-@dataclass
-class _Removed:
-    """A parameter or buffer of another stage, taken out of this rank's copy of the module."""
-
-    module: nn.Module
-    attr: str
-    name: str
-    is_parameter: bool
-    requires_grad: bool
-    persistent: bool
 
 
 class DDGStrategy(ParallelStrategy):
@@ -200,7 +188,7 @@ class DDGStrategy(ParallelStrategy):
         self.stage: DDGStage | None = None
         self.partition: Partition | None = None
         self.plan: Plan | None = None  # the split of the last setup, with its costs
-        self._removed: list[_Removed] = []
+        self._removed: list[Removed] = []
         self._state_dict_keys: list[str] = []
         self._parameter_order: list[str] = []
         self._forward_signature: inspect.Signature | None = None
@@ -347,7 +335,7 @@ class DDGStrategy(ParallelStrategy):
         self._shuffle_seed = self.broadcast(_shuffle_seed())
         self._state_dict_keys = list(module.state_dict())
         self._parameter_order = [name for name, _ in module.named_parameters()]
-        self._removed = _keep_only_stage(module, self.partition, k)
+        self._removed = keep_only_stage(module, self.partition, k)
         self.model_to_device()
         if self._links is None and self.world_size > 1:
             self._links = StageLinks.create(self.topology, self.global_rank, self.root_device, self._timeout)
@@ -650,13 +638,7 @@ class DDGStrategy(ParallelStrategy):
         assert module is not None
         if self._links is not None:
             self._links.close()
-        full = self._gather_tensors()
-        for removed in self._removed:
-            value = full[removed.name].to(self.root_device)
-            if removed.is_parameter:
-                removed.module.register_parameter(removed.attr, nn.Parameter(value, removed.requires_grad))
-            else:
-                removed.module.register_buffer(removed.attr, value, persistent=removed.persistent)
+        put_back(self._removed, self._gather_tensors(), self.root_device)
         self._removed = []
         module.__dict__.pop("forward", None)
 
@@ -967,33 +949,3 @@ def _shuffle_seed() -> int:
 
 def _no_closure() -> None:
     return None
-
-
-def _keep_only_stage(module: nn.Module, partition: Partition, stage: int) -> list[_Removed]:
-    """Remove from ``module`` the parameters and buffers of other stages; return what was removed.
-
-    Tensors no stage uses (a loss module's weights, an unused head) stay with the last stage, which runs the
-    rest of ``training_step``.
-    """
-    owned = {id(t) for t in [*partition.train[stage].parameters(), *partition.train[stage].buffers()]}
-    used = {id(t) for s in partition.train for t in [*s.parameters(), *s.buffers()]}
-    last = stage == partition.num_stages - 1
-    names = {id(t): n for n, t in [*module.named_parameters(), *module.named_buffers()]}
-    removed = []
-    for mod in module.modules():
-        for table, is_param in ((mod._parameters, True), (mod._buffers, False)):
-            for attr, tensor in list(table.items()):
-                if tensor is None or id(tensor) in owned or (last and id(tensor) not in used):
-                    continue
-                removed.append(
-                    _Removed(
-                        mod,
-                        attr,
-                        names[id(tensor)],
-                        is_param,
-                        tensor.requires_grad,
-                        attr not in mod._non_persistent_buffers_set,
-                    )
-                )
-                del table[attr]
-    return removed
