@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from lightning_ddg.partition import Partition
 
-__all__ = ["Removed", "keep_only_stage", "put_back", "OtherStage"]
+__all__ = ["Removed", "keep_only_stage", "put_back", "OtherStage", "kept_tensors", "on_meta", "materialize"]
 
 
 @dataclass
@@ -78,16 +79,24 @@ def _give_back_heap() -> None:
         pass  # not glibc
 
 
-def _take_out(module: nn.Module, partition: Partition, stage: int) -> list[Removed]:
+def kept_tensors(module: nn.Module, partition: Partition, stage: int) -> set[int]:
+    """The ``id`` s of the parameters and buffers of ``module`` that the process of ``stage`` keeps: its stage's,
+    and on the last stage those no stage uses (a loss module's weights, an unused head)."""
     owned = {id(t) for t in [*partition.train[stage].parameters(), *partition.train[stage].buffers()]}
+    if stage < partition.num_stages - 1:
+        return owned
     used = {id(t) for s in partition.train for t in [*s.parameters(), *s.buffers()]}
-    last = stage == partition.num_stages - 1
+    return owned | {id(t) for t in [*module.parameters(), *module.buffers()] if id(t) not in used}
+
+
+def _take_out(module: nn.Module, partition: Partition, stage: int) -> list[Removed]:
+    kept = kept_tensors(module, partition, stage)
     names = {id(t): n for n, t in [*module.named_parameters(), *module.named_buffers()]}
     removed = []
     for mod in module.modules():
         for table, is_param in ((mod._parameters, True), (mod._buffers, False)):
             for attr, tensor in list(table.items()):
-                if tensor is None or id(tensor) in owned or (last and id(tensor) not in used):
+                if tensor is None or id(tensor) in kept:
                     continue
                 removed.append(
                     Removed(
@@ -112,3 +121,70 @@ def put_back(removed: list[Removed], full: dict[str, Tensor], device: torch.devi
             r.module.register_parameter(r.attr, nn.Parameter(value, r.requires_grad))
         else:
             r.module.register_buffer(r.attr, value, persistent=r.persistent)
+
+
+def on_meta(module: nn.Module) -> bool:
+    """Whether ``module`` holds a parameter or buffer on the meta device (built without its data)."""
+    return any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+
+
+def materialize(
+    module: nn.Module,
+    kept: set[int],
+    device: torch.device,
+    rng_states: dict[str, Tensor] | None = None,
+    holders: Sequence[nn.Module] = (),
+) -> None:
+    """Give the meta-device tensors of ``module`` whose ``id`` is in ``kept`` real storage on ``device``, initialised
+    as building the whole model would: module by module in the order of ``module.modules()``, each with its own
+    ``reset_parameters()``, from the random number generator states ``rng_states`` (``"cpu"``, and ``"cuda"`` for a
+    GPU ``device``) that the build began with. The modules of other stages are initialised too, one at a time on
+    temporary tensors that are freed at once, so that every stage draws from the same random stream as one whole
+    build: memory holds the kept tensors and one other module at most. The generators are left as the whole build
+    would have left them.
+
+    ``holders`` (traced stage modules) have their references to the kept meta tensors replaced as well.
+
+    Raises ``ValueError`` when a meta tensor's module has no ``reset_parameters`` (its values would be unknown).
+    """
+    pending = [m for m in module.modules() if _meta_tensors(m)]
+    missing = [type(m).__name__ for m in pending if not callable(getattr(m, "reset_parameters", None))]
+    if missing:
+        names = [n for n, m in module.named_modules() if m in set(pending) and type(m).__name__ in missing]
+        raise ValueError(
+            f"the modules {names} were built on the meta device (in configure_model) but have no reset_parameters() "
+            "to initialise their tensors on the stage that holds them: give them a reset_parameters() method, or "
+            "build them in __init__"
+        )
+    if rng_states is not None:
+        torch.set_rng_state(rng_states["cpu"])
+        if "cuda" in rng_states and device.type == "cuda":
+            torch.cuda.set_rng_state(rng_states["cuda"], device)
+    replaced: dict[int, Tensor] = {}
+    for m in pending:
+        before = _meta_tensors(m)
+        for table, attr, old in before:
+            empty = torch.empty_like(old, device=device)
+            table[attr] = nn.Parameter(empty, old.requires_grad) if isinstance(old, nn.Parameter) else empty
+        with torch.no_grad():
+            m.reset_parameters()
+        for table, attr, old in before:
+            if id(old) in kept:
+                replaced[id(old)] = table[attr]
+            else:
+                table[attr] = old  # another stage's: back to meta, the values drawn are dropped
+    for holder in holders:
+        for m in holder.modules():
+            for table in (m._parameters, m._buffers):
+                for attr, t in table.items():
+                    if t is not None and id(t) in replaced:
+                        table[attr] = replaced[id(t)]
+
+
+def _meta_tensors(module: nn.Module) -> list[tuple[dict, str, Tensor]]:
+    return [
+        (table, attr, t)
+        for table in (module._parameters, module._buffers)
+        for attr, t in table.items()
+        if t is not None and t.is_meta
+    ]

@@ -26,7 +26,8 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -80,7 +81,7 @@ from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launche
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
 from lightning_ddg.rendezvous import rendezvous
-from lightning_ddg.shard import Removed, keep_only_stage, put_back
+from lightning_ddg.shard import Removed, keep_only_stage, kept_tensors, materialize, on_meta, put_back
 from lightning_ddg.stage import MEMORY_MODES, DDGStage, MemoryMode
 from lightning_ddg.stats import Snapshot, StageCounters, interval_figures
 from lightning_ddg.topology import StageLinks, Topology
@@ -199,6 +200,7 @@ class DDGStrategy(ParallelStrategy):
         self._stop_signal: int | None = None  # a signal asking the job to stop, received by this process
         self._stopped_by: int | None = None  # the signal the pipeline stopped for
         self._requeue: Callable[[int, Any], None] | None = None  # Lightning's SLURM save-and-requeue
+        self._init_rng_states: dict[str, Tensor] | None = None  # when configure_model began building on meta
 
     # --- layout ------------------------------------------------------------------------------------------
     @property
@@ -335,6 +337,10 @@ class DDGStrategy(ParallelStrategy):
         self._shuffle_seed = self.broadcast(_shuffle_seed())
         self._state_dict_keys = list(module.state_dict())
         self._parameter_order = [name for name, _ in module.named_parameters()]
+        if on_meta(module):  # built in configure_model: this process gives its own stage real tensors
+            holders = (self.partition.train[k], self.partition.eval[k])
+            kept = kept_tensors(module, self.partition, k)
+            materialize(module, kept, self.root_device, self._init_rng_states, holders)
         self._removed = keep_only_stage(module, self.partition, k)
         self.model_to_device()
         if self._links is None and self.world_size > 1:
@@ -364,6 +370,20 @@ class DDGStrategy(ParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        """``configure_model`` builds the layers on the meta device, without their data; each stage process then
+        gives real tensors to its own stage only (:func:`lightning_ddg.shard.materialize`), with the initial values
+        a whole build from the same random state would give them."""
+        with torch.device("meta"):
+            yield
+        # taken after the build: initialising meta tensors draws no random numbers, so these are the states the
+        # layers' initialisation would have begun with, a torch.manual_seed in configure_model included
+        states = {"cpu": torch.get_rng_state()}
+        if self.root_device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.root_device)
+        self._init_rng_states = states
 
     def _check_supported(self, module: pl.LightningModule) -> None:
         if not module.automatic_optimization:
@@ -423,7 +443,7 @@ class DDGStrategy(ParallelStrategy):
                 None if split_points is not None else self.topology.num_stages,
                 split_points=split_points,
                 balance_by=self.balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time"),
-                device=self.root_device,
+                device=torch.device("meta") if on_meta(module) else self.root_device,
             )
 
     def _show_plan(self, trainer: pl.Trainer, plan: Plan) -> None:

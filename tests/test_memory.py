@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from lightning_ddg import DDGStrategy
+from lightning_ddg import DDGStrategy, plan, split_module
+from lightning_ddg.shard import keep_only_stage, kept_tensors, materialize
 from tests.lightning_models import MLPClassifier, cpu_trainer, loader
 
 _REFS: dict[str, StorageWeakRef] = {}
@@ -54,3 +55,87 @@ def test_a_stage_process_keeps_no_tensor_of_another_stage(tmp_path) -> None:
     seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(3)]
     assert all(s["own"] for s in seen)
     assert [s["others_alive"] for s in seen] == [[], [], []], "stage processes keep tensors of other stages alive"
+
+
+def _layers() -> nn.Sequential:
+    """Built in float64 (cast after the build, the values drawn would differ from those drawn in float64)."""
+    torch.manual_seed(0)
+    f64 = {"dtype": torch.float64}
+    return nn.Sequential(
+        nn.Linear(8, 16, **f64),
+        nn.Tanh(),
+        nn.BatchNorm1d(16, **f64),
+        nn.Linear(16, 16, **f64),
+        nn.Tanh(),
+        nn.Linear(16, 16, **f64),
+        nn.Tanh(),
+        nn.Linear(16, 3, **f64),
+    )
+
+
+class _Layers(MLPClassifier):
+    """The model built in ``__init__``, or in ``configure_model`` (then on the meta device under DDG); it writes
+    what each process holds when training begins, and the weights after fit."""
+
+    def __init__(self, in_configure_model: bool, out_dir: str) -> None:
+        super().__init__(optimizer="sgd")
+        self.model = None if in_configure_model else _layers()
+        self.out_dir = out_dir
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = _layers()
+
+    def on_train_start(self) -> None:
+        tensors = [*self.parameters(), *self.buffers()]
+        held = {"meta": sum(t.is_meta for t in tensors), "elements": sum(t.numel() for t in tensors)}
+        held["balance_by"] = self.trainer.strategy.plan.balance_by  # on the meta device: FLOPs, never time
+        with open(f"{self.out_dir}/rank{self.global_rank}.json", "w") as f:
+            json.dump(held, f)
+
+    def on_fit_end(self) -> None:
+        if self.global_rank == 0:
+            torch.save(self.state_dict(), f"{self.out_dir}/weights.pt")
+
+
+def test_materializing_one_stage_gives_the_values_of_a_whole_build() -> None:
+    whole = _layers()
+    after_whole = torch.rand(3)
+    with torch.device("meta"):
+        model = _layers()
+    partition = split_module(model, ["3"])
+    states = {"cpu": torch.get_rng_state()}
+    materialize(model, kept_tensors(model, partition, 1), torch.device("cpu"), states, partition.train[1:])
+    keep_only_stage(model, partition, 1)
+    assert torch.equal(torch.rand(3), after_whole)  # the random stream goes on as after the whole build
+    state = model.state_dict()
+    assert sorted(state) == sorted(k for k in whole.state_dict() if not k.startswith(("0.", "2.")))
+    for name, value in state.items():
+        assert torch.equal(value, whole.state_dict()[name]), name
+    assert partition.train[1](torch.randn(4, 16, dtype=torch.float64)).shape == (4, 3)
+
+
+def test_a_model_on_the_meta_device_is_planned_by_flops() -> None:
+    with torch.device("meta"):
+        model = _layers()
+    found = plan(model, torch.randn(4, 8, dtype=torch.float64), 2, device=torch.device("meta"))
+    assert found.balance_by == "flops" and "meta device" in (found.note or "")
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_a_model_built_in_configure_model_trains_as_one_built_in_init(tmp_path) -> None:
+    weights, held = [], []
+    for in_configure_model in (False, True):
+        out = tmp_path / str(in_configure_model)
+        out.mkdir()
+        strategy = DDGStrategy(start_method="forkserver", split_points=["model.3", "model.5"])
+        cpu_trainer(strategy, 3, max_epochs=1).fit(_Layers(in_configure_model, str(out)), loader())
+        weights.append(torch.load(out / "weights.pt"))
+        held.append([json.loads((out / f"rank{r}.json").read_text()) for r in range(3)])
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    # each process holds its own stage only, and nothing on the meta device
+    assert [h["elements"] for h in held[0]] == [h["elements"] for h in held[1]]
+    assert [h["meta"] for h in held[1]] == [0, 0, 0]
+    assert [h["balance_by"] for h in held[1]] == ["flops"] * 3  # planned without materialising the model
