@@ -201,6 +201,8 @@ class DDGStrategy(ParallelStrategy):
         self._stopped_by: int | None = None  # the signal the pipeline stopped for
         self._requeue: Callable[[int, Any], None] | None = None  # Lightning's SLURM save-and-requeue
         self._init_rng_states: dict[str, Tensor] | None = None  # when configure_model began building on meta
+        self._keep_stage_after_fit = False  # a model built on the meta device stays cut after fit
+        self._finished = True  # no stage is running
 
     # --- layout ------------------------------------------------------------------------------------------
     @property
@@ -337,7 +339,9 @@ class DDGStrategy(ParallelStrategy):
         self._shuffle_seed = self.broadcast(_shuffle_seed())
         self._state_dict_keys = list(module.state_dict())
         self._parameter_order = [name for name, _ in module.named_parameters()]
-        if on_meta(module):  # built in configure_model: this process gives its own stage real tensors
+        self._keep_stage_after_fit = on_meta(module)
+        self._finished = False
+        if self._keep_stage_after_fit:  # built in configure_model: this process gives its own stage real tensors
             holders = (self.partition.train[k], self.partition.eval[k])
             kept = kept_tensors(module, self.partition, k)
             materialize(module, kept, self.root_device, self._init_rng_states, holders)
@@ -653,14 +657,42 @@ class DDGStrategy(ParallelStrategy):
         self._finish()
 
     def _finish(self) -> None:
-        """Close the channels and put the full module back together on every rank."""
+        """Close the channels and put the full module back together on every rank, unless the model was built in
+        ``configure_model`` (it may not fit one process): then each rank keeps its stage, and
+        :meth:`full_state_dict` collects the whole state on one rank on request."""
         module = self.lightning_module
         assert module is not None
         if self._links is not None:
             self._links.close()
-        put_back(self._removed, self._gather_tensors(), self.root_device)
-        self._removed = []
+        if not self._keep_stage_after_fit:
+            put_back(self._removed, self._gather_tensors(), self.root_device)
+            self._removed = []
+        self._finished = True
         module.__dict__.pop("forward", None)
+
+    def full_state_dict(self, rank: int = 0) -> dict[str, Tensor] | None:
+        """The whole model's state dict, with its original names, on global rank ``rank`` (``None`` on the others):
+        each stage of the first replica sends its own tensors there. A collective: every rank calls it, e.g. after
+        fit of a model built in ``configure_model``, whose ranks each keep only their stage::
+
+            state = trainer.strategy.full_state_dict()
+            if trainer.is_global_zero:
+                torch.save(state, "model.pt")
+        """
+        module = self.lightning_module
+        assert module is not None
+        local = {n: t.detach().cpu() for n, t in module.state_dict(keep_vars=True).items()}
+        if self.world_size == 1 or not _distributed_is_initialized():
+            return local
+        if self.topology.replica_of(self.global_rank) != 0:
+            local = {}
+        parts: list[Any] = [None] * self.world_size if self.global_rank == rank else []
+        dist.gather_object(local, parts if self.global_rank == rank else None, dst=rank)
+        if self.global_rank != rank:
+            return None
+        full = {name: t for part in parts for name, t in part.items()}
+        order = self._state_dict_keys or list(full)
+        return {name: full[name] for name in order if name in full}
 
     def _gather_tensors(self) -> dict[str, Tensor]:
         """Every parameter and buffer of the module, collected from the stages of replica 0 that own them."""
@@ -746,7 +778,7 @@ class DDGStrategy(ParallelStrategy):
     def teardown(self) -> None:
         if not self._failed:
             # a stopped pipeline leaves messages in flight: its channels are left to the process's exit
-            if self._removed and self.stage is not None and self._stopped_by is None:
+            if not self._finished and self.stage is not None and self._stopped_by is None:
                 self._finish()  # a fit without a training batch never reached on_train_end
             if self._links is not None and self._stopped_by is None:
                 self._links.destroy()

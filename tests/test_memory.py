@@ -94,8 +94,11 @@ class _Layers(MLPClassifier):
             json.dump(held, f)
 
     def on_fit_end(self) -> None:
+        with open(f"{self.out_dir}/rank{self.global_rank}_after_fit.json", "w") as f:
+            json.dump(sorted(self.state_dict()), f)
+        state = self.trainer.strategy.full_state_dict()
         if self.global_rank == 0:
-            torch.save(self.state_dict(), f"{self.out_dir}/weights.pt")
+            torch.save(state, f"{self.out_dir}/weights.pt")
 
 
 def test_materializing_one_stage_gives_the_values_of_a_whole_build() -> None:
@@ -139,3 +142,10 @@ def test_a_model_built_in_configure_model_trains_as_one_built_in_init(tmp_path) 
     assert [h["elements"] for h in held[0]] == [h["elements"] for h in held[1]]
     assert [h["meta"] for h in held[1]] == [0, 0, 0]
     assert [h["balance_by"] for h in held[1]] == ["flops"] * 3  # planned without materialising the model
+    # after fit, the module built in __init__ is whole on every rank; the one built in configure_model stays cut
+    after_fit = [
+        [json.loads((tmp_path / run / f"rank{r}_after_fit.json").read_text()) for r in range(3)]
+        for run in ("False", "True")
+    ]
+    assert after_fit[0] == [sorted(weights[0])] * 3
+    assert sorted(sum(after_fit[1], [])) == sorted(weights[0]) and all(after_fit[1])
