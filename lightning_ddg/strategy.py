@@ -28,13 +28,14 @@ import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, TorchCheckpointIO
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
@@ -67,7 +68,7 @@ from lightning_ddg.checkpoint import (
     named_optimizer_state,
     stage_optimizer_state,
 )
-from lightning_ddg.checkpoint_io import atomic
+from lightning_ddg.checkpoint_io import AtomicCheckpointIO, atomic, save_streamed
 from lightning_ddg.checks import (
     check_finite,
     check_options,
@@ -200,6 +201,8 @@ class DDGStrategy(ParallelStrategy):
         self._stop_signal: int | None = None  # a signal asking the job to stop, received by this process
         self._stopped_by: int | None = None  # the signal the pipeline stopped for
         self._requeue: Callable[[int, Any], None] | None = None  # Lightning's SLURM save-and-requeue
+        self._streamed: list[tuple[tuple[Any, ...], int]] = []  # placeholders of the checkpoint being saved, owners
+        self._optimizers_saved = 0
         self._init_rng_states: dict[str, Tensor] | None = None  # when configure_model began building on meta
         self._keep_stage_after_fit = False  # a model built on the meta device stays cut after fit
         self._finished = True  # no stage is running
@@ -704,26 +707,136 @@ class DDGStrategy(ParallelStrategy):
         return {name: t for part in self._first_replica_objects(local) for name, t in part.items()}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Every rank calls it. The tensors of other stages in ``checkpoint`` are placeholders
+        (:meth:`lightning_module_state_dict`, :meth:`optimizer_state`): their owners send them to rank 0 one at a
+        time, and rank 0 streams them into the one ordinary checkpoint file (:func:`save_streamed`), so that no
+        process ever holds the whole model. Written under a temporary name and renamed: a job stopped while it saves
+        leaves the last complete file."""
         if self._stopped_by is not None and self.partition is None:
             return  # see stopped_elsewhere
-        # written under a temporary name and renamed: a job stopped while it saves leaves the last complete file
-        if self.is_global_zero:
-            self.checkpoint_io = atomic(self.checkpoint_io)
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        streamed, self._streamed = self._streamed, []
+        if not self.is_global_zero:
+            for key_path, owner in streamed:
+                if owner == self.global_rank:
+                    dist.send(_as_bytes(_at(checkpoint, key_path).detach().cpu()), dst=0)
+            return
+        self.checkpoint_io = atomic(self.checkpoint_io)
+
+        def receive(i: int, buffer: Tensor) -> None:
+            dist.recv(buffer, src=streamed[i][1])
+
+        base = self.checkpoint_io.checkpoint_io if isinstance(self.checkpoint_io, AtomicCheckpointIO) else None
+        if streamed and type(base) is TorchCheckpointIO and "://" not in str(filepath):
+            save_streamed(checkpoint, filepath, [key_path for key_path, _ in streamed], receive)
+            return
+        for i, (key_path, _) in enumerate(streamed):  # another checkpoint IO: it gets the whole checkpoint
+            target = _at(checkpoint, key_path)
+            buffer = torch.empty(target.numel() * target.element_size(), dtype=torch.uint8)
+            receive(i, buffer)
+            _as_bytes(target).copy_(buffer)
+        self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # each process reads the checkpoint into its own stage, once it is cut (and materialised, for a model built
+        # on the meta device): it reads only its stage's tensors, never the whole model
+        return True
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """The checkpoint, its tensors mapped from the file (``mmap=True``) where it is an ordinary local file, so
+        that a process reads from disk only the tensors of its own stage."""
+        io = self.checkpoint_io
+        base = io.checkpoint_io if isinstance(io, AtomicCheckpointIO) else io
+        if type(base) is not TorchCheckpointIO or "://" in str(checkpoint_path):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if not os.path.isfile(checkpoint_path):
+            raise FileNotFoundError(f"Checkpoint file not found: {checkpoint_path}")
+        return torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=weights_only)
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        """Load this stage's parameters and buffers from the whole model's state dict."""
+        module = self.lightning_module
+        assert module is not None
+        if not self._removed:  # the whole module: its own load_state_dict, hooks and all
+            return super().load_model_state_dict(checkpoint, strict=strict)
+        state = checkpoint["state_dict"]
+        own = module.state_dict(keep_vars=True)
+        missing = [name for name in own if name not in state]
+        if strict and missing:
+            raise RuntimeError(f"the checkpoint's state_dict lacks {missing}: it was saved from another model")
+        # copied tensor by tensor: the module's own load_state_dict would visit the emptied modules of other stages
+        with torch.no_grad():
+            for name, tensor in own.items():
+                if name not in state:
+                    continue
+                if state[name].shape != tensor.shape:
+                    raise RuntimeError(
+                        f"{name} has shape {tuple(state[name].shape)} in the checkpoint, {tuple(tensor.shape)} in the "
+                        "model: it was saved from another model"
+                    )
+                tensor.copy_(state[name])
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The full state dict with the original names (a collective: every rank calls it when saving)."""
+        """The full state dict with the original names (a collective: every rank calls it when saving). Only this
+        stage's tensors are real; those of other stages are placeholders of their shape and dtype, which
+        :meth:`save_checkpoint` fills from their owners as it writes the file."""
         if not self._removed:
             return super().lightning_module_state_dict()
-        full = self._gather_tensors()
-        return {name: full[name] for name in self._state_dict_keys if name in full}
+        module = self.lightning_module
+        assert module is not None
+        local = {n: t.detach().cpu() for n, t in module.state_dict(keep_vars=True).items()}
+        specs = self._first_replica_objects({n: _TensorSpec.of(t) for n, t in local.items()})
+        owners = self._stage_owners()
+        self._streamed, self._optimizers_saved = [], 0
+        state = {}
+        for j, part in enumerate(specs):
+            for name, spec in part.items():
+                state[name] = local[name] if owners[j] == self.global_rank else self._placeholder(spec)
+                if owners[j] != 0:
+                    self._streamed.append((("state_dict", name), owners[j]))
+        return {name: state[name] for name in self._state_dict_keys if name in state}
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """The optimizer state of the whole model, as one device would hold it (a collective: every rank calls
-        it when saving), so that checkpoints resume on any number of stages; see :mod:`lightning_ddg.checkpoint`."""
+        it when saving), so that checkpoints resume on any number of stages; see :mod:`lightning_ddg.checkpoint`.
+        As in :meth:`lightning_module_state_dict`, other stages' tensors are placeholders until saved."""
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
         part = named_optimizer_state(optimizer, self._parameter_names())
-        return merge_optimizer_states(self._first_replica_objects(part), self._parameter_order)
+        if not self._removed:
+            return merge_optimizer_states(self._first_replica_objects(part), self._parameter_order)
+        described = {**part, "state": {n: _described(s) for n, s in part["state"].items()}}
+        parts = self._first_replica_objects(described)
+        owners = self._stage_owners()
+        owner_of: dict[int, int] = {}
+        for j, other in enumerate(parts):
+            if owners[j] == self.global_rank:
+                parts[j] = part
+            else:
+                other["state"] = {n: self._placeholders(s) for n, s in other["state"].items()}
+            owner_of |= {id(s): owners[j] for s in parts[j]["state"].values()}
+        merged = merge_optimizer_states(parts, self._parameter_order)
+        saved = self._optimizers_saved
+        self._optimizers_saved += 1
+        for index, entry in merged["state"].items():
+            if owner_of[id(entry)] != 0:
+                for key, value in entry.items():
+                    if isinstance(value, Tensor):
+                        self._streamed.append((("optimizer_states", saved, "state", index, key), owner_of[id(entry)]))
+        return merged
+
+    def _stage_owners(self) -> list[int]:
+        """The global rank each part of :meth:`_first_replica_objects` comes from."""
+        topology = self.topology
+        if topology.num_replicas == 1:
+            return list(range(self.world_size))
+        return [topology.rank_of(stage, replica=0) for stage in range(topology.num_stages)]
+
+    def _placeholder(self, spec: _TensorSpec) -> Tensor:
+        # on rank 0, which writes the file, memory that is never written: the system backs it with none of its own
+        return torch.empty(spec.shape, dtype=spec.dtype, device="cpu" if self.global_rank == 0 else "meta")
+
+    def _placeholders(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {k: self._placeholder(v) if isinstance(v, _TensorSpec) else v for k, v in state.items()}
 
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         module = self.lightning_module
@@ -1001,3 +1114,30 @@ def _shuffle_seed() -> int:
 
 def _no_closure() -> None:
     return None
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    """The shape and dtype of a tensor another process holds."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @staticmethod
+    def of(tensor: Tensor) -> _TensorSpec:
+        return _TensorSpec(tuple(tensor.shape), tensor.dtype)
+
+
+def _described(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: _TensorSpec.of(v) if isinstance(v, Tensor) else v for k, v in state.items()}
+
+
+def _at(obj: Any, key_path: tuple[Any, ...]) -> Any:
+    for key in key_path:
+        obj = obj[key]
+    return obj
+
+
+def _as_bytes(tensor: Tensor) -> Tensor:
+    """The tensor's data as a flat ``uint8`` tensor (a view where it is contiguous)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8)

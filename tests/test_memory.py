@@ -10,6 +10,7 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from lightning_ddg import DDGStrategy, plan, split_module
+from lightning_ddg.checkpoint_io import save_streamed
 from lightning_ddg.shard import keep_only_stage, kept_tensors, materialize
 from tests.lightning_models import MLPClassifier, cpu_trainer, loader
 
@@ -149,3 +150,38 @@ def test_a_model_built_in_configure_model_trains_as_one_built_in_init(tmp_path) 
     ]
     assert after_fit[0] == [sorted(weights[0])] * 3
     assert sorted(sum(after_fit[1], [])) == sorted(weights[0]) and all(after_fit[1])
+
+
+def test_a_model_built_in_configure_model_resumes_from_a_checkpoint(tmp_path) -> None:
+    def fit(in_configure_model: bool, name: str, max_steps: int, ckpt_path=None) -> dict:
+        out = tmp_path / name
+        out.mkdir()
+        strategy = DDGStrategy(start_method="forkserver", split_points=["model.5"])
+        trainer = cpu_trainer(
+            strategy, 2, max_steps=max_steps, max_epochs=-1, enable_checkpointing=True, default_root_dir=out
+        )
+        trainer.fit(_Layers(in_configure_model, str(out)), loader(), ckpt_path=ckpt_path)
+        return torch.load(out / "weights.pt")
+
+    fit(True, "first", max_steps=4)
+    (checkpoint,) = (tmp_path / "first").rglob("*.ckpt")
+    resumed = [fit(built, f"resumed_{built}", max_steps=8, ckpt_path=checkpoint) for built in (False, True)]
+    for name in resumed[0]:
+        assert torch.equal(resumed[0][name], resumed[1][name]), name
+
+
+def test_a_streamed_checkpoint_is_an_ordinary_file(tmp_path) -> None:
+    mine, theirs = torch.randn(3, 4), torch.arange(5000, dtype=torch.float64)
+    checkpoint = {"state_dict": {"a": mine, "b": torch.empty(5000, dtype=torch.float64)}, "step": 7}
+    checkpoint["optimizer_states"] = [{"state": {0: {"step": torch.empty(())}}}]
+    sources = [theirs, torch.tensor(3.0)]
+
+    def receive(i: int, buffer: torch.Tensor) -> None:
+        buffer.copy_(sources[i].reshape(-1).view(torch.uint8))
+
+    path = tmp_path / "last.ckpt"
+    save_streamed(checkpoint, path, [("state_dict", "b"), ("optimizer_states", 0, "state", 0, "step")], receive)
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["state_dict"]["a"], mine) and torch.equal(loaded["state_dict"]["b"], theirs)
+    assert loaded["optimizer_states"][0]["state"][0]["step"] == 3.0 and loaded["step"] == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
