@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import json
+from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -12,6 +14,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from lightning_ddg import DDGStrategy, plan, split_module
 from lightning_ddg.checkpoint_io import save_streamed
 from lightning_ddg.shard import keep_only_stage, kept_tensors, materialize
+from tests.jobs import run_job
 from tests.lightning_models import MLPClassifier, cpu_trainer, loader
 
 _REFS: dict[str, StorageWeakRef] = {}
@@ -185,3 +188,22 @@ def test_a_streamed_checkpoint_is_an_ordinary_file(tmp_path) -> None:
     assert torch.equal(loaded["state_dict"]["a"], mine) and torch.equal(loaded["state_dict"]["b"], theirs)
     assert loaded["optimizer_states"][0]["state"][0]["step"] == 3.0 and loaded["step"] == 7
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.timeout(300)
+def test_the_memory_benchmark_reports_every_stage_within_its_formula(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    command = ["benchmarks/memory.py", "--width", "1024", "--steps", "4", "--stages", "2", "--memory", "stash"]
+    result = run_job(*command, "--out", str(out), timeout=280)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["build"], r["stage"]) for r in rows) == [("configure_model", 0), ("configure_model", 1)] + [
+        ("init", 0),
+        ("init", 1),
+    ]
+    phases = ["setup_peak_mib", "train_peak_mib", "save_peak_mib", "resume_peak_mib", "end_peak_mib"]
+    for row in rows:
+        if row["build"] == "configure_model":
+            largest = max(row[phase] for phase in phases) - row["imports_mib"]
+            assert largest <= row["formula_mib"]["total"] + 512, row
+    assert out.with_suffix(".png").exists()
