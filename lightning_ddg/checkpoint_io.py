@@ -15,14 +15,18 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "atomic"]
+__all__ = ["AtomicCheckpointIO", "atomic", "save_streamed"]
 
 
 class AtomicCheckpointIO(CheckpointIO):
@@ -84,3 +88,84 @@ def _sync(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def save_streamed(
+    checkpoint: dict[str, Any],
+    path: Any,
+    streamed: list[tuple[Any, ...]],
+    receive: Callable[[int, torch.Tensor], None],
+) -> None:
+    """Write ``checkpoint`` as ``torch.save`` does, one ordinary file, without ever holding the tensors that other
+    processes own: ``streamed`` lists where they sit in ``checkpoint`` (key paths, e.g. ``("state_dict", name)``),
+    as placeholders of the right shape and dtype whose memory was never written (``torch.empty``: the system backs
+    it with no memory of its own until written). The file is written with the placeholders' zeros, then each
+    streamed tensor's bytes are written in place, one at a time: ``receive(i, buffer)`` fills ``buffer`` (a flat
+    ``uint8`` tensor of the tensor's size) with item ``i``'s bytes. Written under a temporary name and renamed, as
+    :class:`AtomicCheckpointIO` does.
+
+    Example::
+
+        checkpoint = {"state_dict": {"a": mine, "b": torch.empty(shape_of_b)}}   # b belongs to another process
+        save_streamed(checkpoint, "last.ckpt", [("state_dict", "b")], lambda i, buf: dist.recv(buf, src=1))
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    crc = torch.serialization.get_crc32_options()
+    mmap_flags = torch.serialization.get_default_mmap_options()
+    try:
+        torch.serialization.set_crc32_options(False)  # the bytes are written after the checksum would be
+        try:
+            torch.save(checkpoint, temporary)
+        finally:
+            torch.serialization.set_crc32_options(crc)
+        torch.serialization.set_default_mmap_options(mmap.MAP_SHARED)  # writes to the loaded tensors reach the file
+        try:
+            written = torch.load(temporary, map_location="cpu", mmap=True, weights_only=False)
+        finally:
+            torch.serialization.set_default_mmap_options(mmap_flags)
+        buffers: dict[int, torch.Tensor] = {}
+        for i, key_path in enumerate(streamed):
+            target = _at(written, key_path)
+            size = target.numel() * target.element_size()
+            buffer = buffers.get(size)
+            if buffer is None:
+                buffers.clear()  # one buffer at a time: the largest tensor bounds the memory used
+                buffer = buffers[size] = torch.empty(size, dtype=torch.uint8)
+            receive(i, buffer)
+            target.reshape(-1).view(torch.uint8).copy_(buffer)
+            _drop_pages(target, size)
+        del written
+        _sync(temporary)
+        os.replace(temporary, path)
+        _sync(path.parent)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _at(obj: Any, key_path: tuple[Any, ...]) -> torch.Tensor:
+    for key in key_path:
+        obj = obj[key]
+    return obj
+
+
+_PAGE = mmap.PAGESIZE
+
+
+def _drop_pages(tensor: torch.Tensor, size: int) -> None:
+    """Unmap the written pages of a file mapping from this process (they stay in the page cache and reach the
+    file): a checkpoint larger than the memory would otherwise count whole in the writer's resident memory."""
+    if size < _PAGE:
+        return
+    start = tensor.data_ptr()
+    first = (start + _PAGE - 1) // _PAGE * _PAGE  # whole pages only: neighbours may still be written
+    last = (start + size) // _PAGE * _PAGE
+    if last > first:
+        try:
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+        except (OSError, AttributeError):
+            pass

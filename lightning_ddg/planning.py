@@ -177,7 +177,8 @@ def plan(
         split_points: describe this split instead of choosing one.
         balance_by: ``"time"`` (forward + backward timed on ``device``), ``"flops"`` or ``"params"``. Where time
             cannot be measured the plan falls back to FLOPs, then to parameter counts, and says so in ``note``.
-        device: where to time the stages; by default where the module's parameters are.
+        device: where to time the stages; by default where the module's parameters are. On the meta device (a
+            model built without its weights) time cannot be measured: ``"time"`` balances by FLOPs instead.
     """
     if balance_by not in BALANCE_BY:
         raise ValueError(f"balance_by={balance_by!r} is not one of {BALANCE_BY}")
@@ -202,6 +203,10 @@ def plan(
         names |= given
     positions = sorted(names)
     where = torch.device(device) if device is not None else _device_of(module)
+    on_meta = where.type == "meta"  # a model built without data: its pieces run on shapes alone
+    timed_on_meta = on_meta and balance_by == "time"
+    if timed_on_meta:
+        balance_by = "flops"
 
     # a cut that a value other than a tensor would cross cannot run: never chosen, refused when given
     crossing, example_runs = _non_tensors_crossing(gm, positions, module, args, where)
@@ -226,6 +231,8 @@ def plan(
 
     segments = _stage_graphs(gm, positions)
     costs, used, note, cut_bytes = _costs(module, segments, args, balance_by, where)
+    if timed_on_meta and note is None and used == "flops":
+        note = "balanced by flops: the model is on the meta device, where time cannot be measured"
     if cut_bytes is None:  # without an input, the number of values crossing stands in for their size
         cut_bytes = [float(_placeholders(s)) for s in segments[1:]]
     if split_points is None:
@@ -243,7 +250,7 @@ def plan(
     found = frozen.opened_by("") + [f for m in opened for f in frozen.of(m)]
     if found:
         warnings.warn(_frozen_warning(found, split_points, begins, positions, starts), stacklevel=2)
-    if example_runs:
+    if example_runs and not on_meta:  # meta tensors hold no values to compare
         _check_split(module, split_points, args, where, found)
     return _describe(gm, body, positions, starts, split_points, costs, cut_bytes, used, note, args, opened)
 

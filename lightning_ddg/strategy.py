@@ -26,7 +26,8 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -34,7 +35,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, TorchCheckpointIO
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
@@ -68,7 +69,7 @@ from lightning_ddg.checkpoint import (
     named_optimizer_state,
     stage_optimizer_state,
 )
-from lightning_ddg.checkpoint_io import atomic
+from lightning_ddg.checkpoint_io import AtomicCheckpointIO, atomic, save_streamed
 from lightning_ddg.checks import (
     check_finite,
     check_options,
@@ -82,6 +83,7 @@ from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launche
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
 from lightning_ddg.rendezvous import rendezvous
+from lightning_ddg.shard import Removed, keep_only_stage, kept_tensors, materialize, on_meta, put_back
 from lightning_ddg.stage import MEMORY_MODES, DDGStage, MemoryMode
 from lightning_ddg.stats import Snapshot, StageCounters, interval_figures
 from lightning_ddg.topology import StageLinks, Topology
@@ -92,18 +94,6 @@ __all__ = ["DDGStrategy"]
 
 class _StageDone(Exception):
     """Raised by the pipelined forward on stages that hold no loss, to end the user's step there."""
-
-
-@dataclass
-class _Removed:
-    """A parameter or buffer of another stage, taken out of this rank's copy of the module."""
-
-    module: nn.Module
-    attr: str
-    name: str
-    is_parameter: bool
-    requires_grad: bool
-    persistent: bool
 
 
 class DDGStrategy(ParallelStrategy):
@@ -206,7 +196,7 @@ class DDGStrategy(ParallelStrategy):
         self.stage: DDGStage | None = None
         self.partition: Partition | None = None
         self.plan: Plan | None = None  # the split of the last setup, with its costs
-        self._removed: list[_Removed] = []
+        self._removed: list[Removed] = []
         self._state_dict_keys: list[str] = []
         self._parameter_order: list[str] = []
         self._forward_signature: inspect.Signature | None = None
@@ -218,6 +208,11 @@ class DDGStrategy(ParallelStrategy):
         self._stopped_by: int | None = None  # the signal the pipeline stopped for
         self._requeue: Callable[[int, Any], None] | None = None  # Lightning's SLURM save-and-requeue
         self._batch_loaders: list[SentBatches | ReceivedBatches] = []  # this run's loaders, reading over links
+        self._streamed: list[tuple[tuple[Any, ...], int]] = []  # placeholders of the checkpoint being saved, owners
+        self._optimizers_saved = 0
+        self._init_rng_states: dict[str, Tensor] | None = None  # when configure_model began building on meta
+        self._keep_stage_after_fit = False  # a model built on the meta device stays cut after fit
+        self._finished = True  # no stage is running
 
     # --- layout ------------------------------------------------------------------------------------------
     @property
@@ -354,7 +349,13 @@ class DDGStrategy(ParallelStrategy):
         self._shuffle_seed = self.broadcast(_shuffle_seed())
         self._state_dict_keys = list(module.state_dict())
         self._parameter_order = [name for name, _ in module.named_parameters()]
-        self._removed = _keep_only_stage(module, self.partition, k)
+        self._keep_stage_after_fit = on_meta(module)
+        self._finished = False
+        if self._keep_stage_after_fit:  # built in configure_model: this process gives its own stage real tensors
+            holders = (self.partition.train[k], self.partition.eval[k])
+            kept = kept_tensors(module, self.partition, k)
+            materialize(module, kept, self.root_device, self._init_rng_states, holders)
+        self._removed = keep_only_stage(module, self.partition, k)
         self.model_to_device()
         if self._links is None and self.world_size > 1:
             self._links = StageLinks.create(self.topology, self.global_rank, self.root_device, self._timeout)
@@ -383,6 +384,20 @@ class DDGStrategy(ParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        """``configure_model`` builds the layers on the meta device, without their data; each stage process then
+        gives real tensors to its own stage only (:func:`lightning_ddg.shard.materialize`), with the initial values
+        a whole build from the same random state would give them."""
+        with torch.device("meta"):
+            yield
+        # taken after the build: initialising meta tensors draws no random numbers, so these are the states the
+        # layers' initialisation would have begun with, a torch.manual_seed in configure_model included
+        states = {"cpu": torch.get_rng_state()}
+        if self.root_device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.root_device)
+        self._init_rng_states = states
 
     def _check_supported(self, module: pl.LightningModule) -> None:
         if not module.automatic_optimization:
@@ -442,7 +457,7 @@ class DDGStrategy(ParallelStrategy):
                 None if split_points is not None else self.topology.num_stages,
                 split_points=split_points,
                 balance_by=self.balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time"),
-                device=self.root_device,
+                device=torch.device("meta") if on_meta(module) else self.root_device,
             )
 
     def _show_plan(self, trainer: pl.Trainer, plan: Plan) -> None:
@@ -672,20 +687,42 @@ class DDGStrategy(ParallelStrategy):
         self._finish()
 
     def _finish(self) -> None:
-        """Close the channels and put the full module back together on every rank."""
+        """Close the channels and put the full module back together on every rank, unless the model was built in
+        ``configure_model`` (it may not fit one process): then each rank keeps its stage, and
+        :meth:`full_state_dict` collects the whole state on one rank on request."""
         module = self.lightning_module
         assert module is not None
         if self._links is not None:
             self._links.close()
-        full = self._gather_tensors()
-        for removed in self._removed:
-            value = full[removed.name].to(self.root_device)
-            if removed.is_parameter:
-                removed.module.register_parameter(removed.attr, nn.Parameter(value, removed.requires_grad))
-            else:
-                removed.module.register_buffer(removed.attr, value, persistent=removed.persistent)
-        self._removed = []
+        if not self._keep_stage_after_fit:
+            put_back(self._removed, self._gather_tensors(), self.root_device)
+            self._removed = []
+        self._finished = True
         module.__dict__.pop("forward", None)
+
+    def full_state_dict(self, rank: int = 0) -> dict[str, Tensor] | None:
+        """The whole model's state dict, with its original names, on global rank ``rank`` (``None`` on the others):
+        each stage of the first replica sends its own tensors there. A collective: every rank calls it, e.g. after
+        fit of a model built in ``configure_model``, whose ranks each keep only their stage::
+
+            state = trainer.strategy.full_state_dict()
+            if trainer.is_global_zero:
+                torch.save(state, "model.pt")
+        """
+        module = self.lightning_module
+        assert module is not None
+        local = {n: t.detach().cpu() for n, t in module.state_dict(keep_vars=True).items()}
+        if self.world_size == 1 or not _distributed_is_initialized():
+            return local
+        if self.topology.replica_of(self.global_rank) != 0:
+            local = {}
+        parts: list[Any] = [None] * self.world_size if self.global_rank == rank else []
+        dist.gather_object(local, parts if self.global_rank == rank else None, dst=rank)
+        if self.global_rank != rank:
+            return None
+        full = {name: t for part in parts for name, t in part.items()}
+        order = self._state_dict_keys or list(full)
+        return {name: full[name] for name in order if name in full}
 
     def _gather_tensors(self) -> dict[str, Tensor]:
         """Every parameter and buffer of the module, collected from the stages of replica 0 that own them."""
@@ -697,26 +734,136 @@ class DDGStrategy(ParallelStrategy):
         return {name: t for part in self._first_replica_objects(local) for name, t in part.items()}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Every rank calls it. The tensors of other stages in ``checkpoint`` are placeholders
+        (:meth:`lightning_module_state_dict`, :meth:`optimizer_state`): their owners send them to rank 0 one at a
+        time, and rank 0 streams them into the one ordinary checkpoint file (:func:`save_streamed`), so that no
+        process ever holds the whole model. Written under a temporary name and renamed: a job stopped while it saves
+        leaves the last complete file."""
         if self._stopped_by is not None and self.partition is None:
             return  # see stopped_elsewhere
-        # written under a temporary name and renamed: a job stopped while it saves leaves the last complete file
-        if self.is_global_zero:
-            self.checkpoint_io = atomic(self.checkpoint_io)
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        streamed, self._streamed = self._streamed, []
+        if not self.is_global_zero:
+            for key_path, owner in streamed:
+                if owner == self.global_rank:
+                    dist.send(_as_bytes(_at(checkpoint, key_path).detach().cpu()), dst=0)
+            return
+        self.checkpoint_io = atomic(self.checkpoint_io)
+
+        def receive(i: int, buffer: Tensor) -> None:
+            dist.recv(buffer, src=streamed[i][1])
+
+        base = self.checkpoint_io.checkpoint_io if isinstance(self.checkpoint_io, AtomicCheckpointIO) else None
+        if streamed and type(base) is TorchCheckpointIO and "://" not in str(filepath):
+            save_streamed(checkpoint, filepath, [key_path for key_path, _ in streamed], receive)
+            return
+        for i, (key_path, _) in enumerate(streamed):  # another checkpoint IO: it gets the whole checkpoint
+            target = _at(checkpoint, key_path)
+            buffer = torch.empty(target.numel() * target.element_size(), dtype=torch.uint8)
+            receive(i, buffer)
+            _as_bytes(target).copy_(buffer)
+        self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # each process reads the checkpoint into its own stage, once it is cut (and materialised, for a model built
+        # on the meta device): it reads only its stage's tensors, never the whole model
+        return True
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """The checkpoint, its tensors mapped from the file (``mmap=True``) where it is an ordinary local file, so
+        that a process reads from disk only the tensors of its own stage."""
+        io = self.checkpoint_io
+        base = io.checkpoint_io if isinstance(io, AtomicCheckpointIO) else io
+        if type(base) is not TorchCheckpointIO or "://" in str(checkpoint_path):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if not os.path.isfile(checkpoint_path):
+            raise FileNotFoundError(f"Checkpoint file not found: {checkpoint_path}")
+        return torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=weights_only)
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        """Load this stage's parameters and buffers from the whole model's state dict."""
+        module = self.lightning_module
+        assert module is not None
+        if not self._removed:  # the whole module: its own load_state_dict, hooks and all
+            return super().load_model_state_dict(checkpoint, strict=strict)
+        state = checkpoint["state_dict"]
+        own = module.state_dict(keep_vars=True)
+        missing = [name for name in own if name not in state]
+        if strict and missing:
+            raise RuntimeError(f"the checkpoint's state_dict lacks {missing}: it was saved from another model")
+        # copied tensor by tensor: the module's own load_state_dict would visit the emptied modules of other stages
+        with torch.no_grad():
+            for name, tensor in own.items():
+                if name not in state:
+                    continue
+                if state[name].shape != tensor.shape:
+                    raise RuntimeError(
+                        f"{name} has shape {tuple(state[name].shape)} in the checkpoint, {tuple(tensor.shape)} in the "
+                        "model: it was saved from another model"
+                    )
+                tensor.copy_(state[name])
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The full state dict with the original names (a collective: every rank calls it when saving)."""
+        """The full state dict with the original names (a collective: every rank calls it when saving). Only this
+        stage's tensors are real; those of other stages are placeholders of their shape and dtype, which
+        :meth:`save_checkpoint` fills from their owners as it writes the file."""
         if not self._removed:
             return super().lightning_module_state_dict()
-        full = self._gather_tensors()
-        return {name: full[name] for name in self._state_dict_keys if name in full}
+        module = self.lightning_module
+        assert module is not None
+        local = {n: t.detach().cpu() for n, t in module.state_dict(keep_vars=True).items()}
+        specs = self._first_replica_objects({n: _TensorSpec.of(t) for n, t in local.items()})
+        owners = self._stage_owners()
+        self._streamed, self._optimizers_saved = [], 0
+        state = {}
+        for j, part in enumerate(specs):
+            for name, spec in part.items():
+                state[name] = local[name] if owners[j] == self.global_rank else self._placeholder(spec)
+                if owners[j] != 0:
+                    self._streamed.append((("state_dict", name), owners[j]))
+        return {name: state[name] for name in self._state_dict_keys if name in state}
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """The optimizer state of the whole model, as one device would hold it (a collective: every rank calls
-        it when saving), so that checkpoints resume on any number of stages; see :mod:`lightning_ddg.checkpoint`."""
+        it when saving), so that checkpoints resume on any number of stages; see :mod:`lightning_ddg.checkpoint`.
+        As in :meth:`lightning_module_state_dict`, other stages' tensors are placeholders until saved."""
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
         part = named_optimizer_state(optimizer, self._parameter_names())
-        return merge_optimizer_states(self._first_replica_objects(part), self._parameter_order)
+        if not self._removed:
+            return merge_optimizer_states(self._first_replica_objects(part), self._parameter_order)
+        described = {**part, "state": {n: _described(s) for n, s in part["state"].items()}}
+        parts = self._first_replica_objects(described)
+        owners = self._stage_owners()
+        owner_of: dict[int, int] = {}
+        for j, other in enumerate(parts):
+            if owners[j] == self.global_rank:
+                parts[j] = part
+            else:
+                other["state"] = {n: self._placeholders(s) for n, s in other["state"].items()}
+            owner_of |= {id(s): owners[j] for s in parts[j]["state"].values()}
+        merged = merge_optimizer_states(parts, self._parameter_order)
+        saved = self._optimizers_saved
+        self._optimizers_saved += 1
+        for index, entry in merged["state"].items():
+            if owner_of[id(entry)] != 0:
+                for key, value in entry.items():
+                    if isinstance(value, Tensor):
+                        self._streamed.append((("optimizer_states", saved, "state", index, key), owner_of[id(entry)]))
+        return merged
+
+    def _stage_owners(self) -> list[int]:
+        """The global rank each part of :meth:`_first_replica_objects` comes from."""
+        topology = self.topology
+        if topology.num_replicas == 1:
+            return list(range(self.world_size))
+        return [topology.rank_of(stage, replica=0) for stage in range(topology.num_stages)]
+
+    def _placeholder(self, spec: _TensorSpec) -> Tensor:
+        # on rank 0, which writes the file, memory that is never written: the system backs it with none of its own
+        return torch.empty(spec.shape, dtype=spec.dtype, device="cpu" if self.global_rank == 0 else "meta")
+
+    def _placeholders(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {k: self._placeholder(v) if isinstance(v, _TensorSpec) else v for k, v in state.items()}
 
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         module = self.lightning_module
@@ -771,7 +918,7 @@ class DDGStrategy(ParallelStrategy):
     def teardown(self) -> None:
         if not self._failed:
             # a stopped pipeline leaves messages in flight: its channels are left to the process's exit
-            if self._removed and self.stage is not None and self._stopped_by is None:
+            if not self._finished and self.stage is not None and self._stopped_by is None:
                 self._finish()  # a fit without a training batch never reached on_train_end
             if self._links is not None and self._stopped_by is None:
                 self._links.destroy()
@@ -999,31 +1146,28 @@ def _no_closure() -> None:
     return None
 
 
-def _keep_only_stage(module: nn.Module, partition: Partition, stage: int) -> list[_Removed]:
-    """Remove from ``module`` the parameters and buffers of other stages; return what was removed.
+@dataclass(frozen=True)
+class _TensorSpec:
+    """The shape and dtype of a tensor another process holds."""
 
-    Tensors no stage uses (a loss module's weights, an unused head) stay with the last stage, which runs the
-    rest of ``training_step``.
-    """
-    owned = {id(t) for t in [*partition.train[stage].parameters(), *partition.train[stage].buffers()]}
-    used = {id(t) for s in partition.train for t in [*s.parameters(), *s.buffers()]}
-    last = stage == partition.num_stages - 1
-    names = {id(t): n for n, t in [*module.named_parameters(), *module.named_buffers()]}
-    removed = []
-    for mod in module.modules():
-        for table, is_param in ((mod._parameters, True), (mod._buffers, False)):
-            for attr, tensor in list(table.items()):
-                if tensor is None or id(tensor) in owned or (last and id(tensor) not in used):
-                    continue
-                removed.append(
-                    _Removed(
-                        mod,
-                        attr,
-                        names[id(tensor)],
-                        is_param,
-                        tensor.requires_grad,
-                        attr not in mod._non_persistent_buffers_set,
-                    )
-                )
-                del table[attr]
-    return removed
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @staticmethod
+    def of(tensor: Tensor) -> _TensorSpec:
+        return _TensorSpec(tuple(tensor.shape), tensor.dtype)
+
+
+def _described(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: _TensorSpec.of(v) if isinstance(v, Tensor) else v for k, v in state.items()}
+
+
+def _at(obj: Any, key_path: tuple[Any, ...]) -> Any:
+    for key in key_path:
+        obj = obj[key]
+    return obj
+
+
+def _as_bytes(tensor: Tensor) -> Tensor:
+    """The tensor's data as a flat ``uint8`` tensor (a view where it is contiguous)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8)

@@ -1,0 +1,209 @@
+"""A stage process keeps alive the tensors of its own stage and nothing more."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from lightning_ddg import DDGStrategy, plan, split_module
+from lightning_ddg.checkpoint_io import save_streamed
+from lightning_ddg.shard import keep_only_stage, kept_tensors, materialize
+from tests.jobs import run_job
+from tests.lightning_models import MLPClassifier, cpu_trainer, loader
+
+_REFS: dict[str, StorageWeakRef] = {}
+
+
+class _StorageProbe(MLPClassifier):
+    """Records a weak reference to the storage of every parameter and buffer before the strategy cuts the model,
+    and, in the steady state of training, which of them are still alive in this process.
+
+    ``shift`` is read by the LightningModule's own forward (a ``get_attr`` in the first stage's graph), ``scale``
+    by the last stage's; BatchNorm adds buffers to every stage."""
+
+    def __init__(self, out_dir: str) -> None:
+        super().__init__(optimizer="sgd", batchnorm=True)
+        self.out_dir = out_dir
+        self.shift = nn.Parameter(torch.zeros(8, dtype=torch.float64))
+        self.scale = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x + self.shift) * self.scale
+
+    def setup(self, stage: str) -> None:
+        _REFS.clear()  # kept out of the module, which the strategy copies to trace it
+        _REFS.update(
+            {n: StorageWeakRef(t.untyped_storage()) for n, t in [*self.named_parameters(), *self.named_buffers()]}
+        )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if batch_idx != 3:
+            return
+        gc.collect()
+        own = {n for n, _ in [*self.named_parameters(), *self.named_buffers()]}
+        alive = sorted(n for n, ref in _REFS.items() if n not in own and not ref.expired())
+        with open(f"{self.out_dir}/rank{self.global_rank}.json", "w") as f:
+            json.dump({"own": sorted(own), "others_alive": alive}, f)
+
+
+def test_a_stage_process_keeps_no_tensor_of_another_stage(tmp_path) -> None:
+    model = _StorageProbe(str(tmp_path))
+    trainer = cpu_trainer(DDGStrategy(start_method="forkserver", split_points=["model.4", "model.8"]), 3, max_steps=6)
+    trainer.fit(model, loader())
+    seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(3)]
+    assert all(s["own"] for s in seen)
+    assert [s["others_alive"] for s in seen] == [[], [], []], "stage processes keep tensors of other stages alive"
+
+
+def _layers() -> nn.Sequential:
+    """Built in float64 (cast after the build, the values drawn would differ from those drawn in float64)."""
+    torch.manual_seed(0)
+    f64 = {"dtype": torch.float64}
+    return nn.Sequential(
+        nn.Linear(8, 16, **f64),
+        nn.Tanh(),
+        nn.BatchNorm1d(16, **f64),
+        nn.Linear(16, 16, **f64),
+        nn.Tanh(),
+        nn.Linear(16, 16, **f64),
+        nn.Tanh(),
+        nn.Linear(16, 3, **f64),
+    )
+
+
+class _Layers(MLPClassifier):
+    """The model built in ``__init__``, or in ``configure_model`` (then on the meta device under DDG); it writes
+    what each process holds when training begins, and the weights after fit."""
+
+    def __init__(self, in_configure_model: bool, out_dir: str) -> None:
+        super().__init__(optimizer="sgd")
+        self.model = None if in_configure_model else _layers()
+        self.out_dir = out_dir
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = _layers()
+
+    def on_train_start(self) -> None:
+        tensors = [*self.parameters(), *self.buffers()]
+        held = {"meta": sum(t.is_meta for t in tensors), "elements": sum(t.numel() for t in tensors)}
+        held["balance_by"] = self.trainer.strategy.plan.balance_by  # on the meta device: FLOPs, never time
+        with open(f"{self.out_dir}/rank{self.global_rank}.json", "w") as f:
+            json.dump(held, f)
+
+    def on_fit_end(self) -> None:
+        with open(f"{self.out_dir}/rank{self.global_rank}_after_fit.json", "w") as f:
+            json.dump(sorted(self.state_dict()), f)
+        state = self.trainer.strategy.full_state_dict()
+        if self.global_rank == 0:
+            torch.save(state, f"{self.out_dir}/weights.pt")
+
+
+def test_materializing_one_stage_gives_the_values_of_a_whole_build() -> None:
+    whole = _layers()
+    after_whole = torch.rand(3)
+    with torch.device("meta"):
+        model = _layers()
+    partition = split_module(model, ["3"])
+    states = {"cpu": torch.get_rng_state()}
+    materialize(model, kept_tensors(model, partition, 1), torch.device("cpu"), states, partition.train[1:])
+    keep_only_stage(model, partition, 1)
+    assert torch.equal(torch.rand(3), after_whole)  # the random stream goes on as after the whole build
+    state = model.state_dict()
+    assert sorted(state) == sorted(k for k in whole.state_dict() if not k.startswith(("0.", "2.")))
+    for name, value in state.items():
+        assert torch.equal(value, whole.state_dict()[name]), name
+    assert partition.train[1](torch.randn(4, 16, dtype=torch.float64)).shape == (4, 3)
+
+
+def test_a_model_on_the_meta_device_is_planned_by_flops() -> None:
+    with torch.device("meta"):
+        model = _layers()
+    found = plan(model, torch.randn(4, 8, dtype=torch.float64), 2, device=torch.device("meta"))
+    assert found.balance_by == "flops" and "meta device" in (found.note or "")
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_a_model_built_in_configure_model_trains_as_one_built_in_init(tmp_path) -> None:
+    weights, held = [], []
+    for in_configure_model in (False, True):
+        out = tmp_path / str(in_configure_model)
+        out.mkdir()
+        strategy = DDGStrategy(start_method="forkserver", split_points=["model.3", "model.5"])
+        cpu_trainer(strategy, 3, max_epochs=1).fit(_Layers(in_configure_model, str(out)), loader())
+        weights.append(torch.load(out / "weights.pt"))
+        held.append([json.loads((out / f"rank{r}.json").read_text()) for r in range(3)])
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    # each process holds its own stage only, and nothing on the meta device
+    assert [h["elements"] for h in held[0]] == [h["elements"] for h in held[1]]
+    assert [h["meta"] for h in held[1]] == [0, 0, 0]
+    assert [h["balance_by"] for h in held[1]] == ["flops"] * 3  # planned without materialising the model
+    # after fit, the module built in __init__ is whole on every rank; the one built in configure_model stays cut
+    after_fit = [
+        [json.loads((tmp_path / run / f"rank{r}_after_fit.json").read_text()) for r in range(3)]
+        for run in ("False", "True")
+    ]
+    assert after_fit[0] == [sorted(weights[0])] * 3
+    assert sorted(sum(after_fit[1], [])) == sorted(weights[0]) and all(after_fit[1])
+
+
+def test_a_model_built_in_configure_model_resumes_from_a_checkpoint(tmp_path) -> None:
+    def fit(in_configure_model: bool, name: str, max_steps: int, ckpt_path=None) -> dict:
+        out = tmp_path / name
+        out.mkdir()
+        strategy = DDGStrategy(start_method="forkserver", split_points=["model.5"])
+        trainer = cpu_trainer(
+            strategy, 2, max_steps=max_steps, max_epochs=-1, enable_checkpointing=True, default_root_dir=out
+        )
+        trainer.fit(_Layers(in_configure_model, str(out)), loader(), ckpt_path=ckpt_path)
+        return torch.load(out / "weights.pt")
+
+    fit(True, "first", max_steps=4)
+    (checkpoint,) = (tmp_path / "first").rglob("*.ckpt")
+    resumed = [fit(built, f"resumed_{built}", max_steps=8, ckpt_path=checkpoint) for built in (False, True)]
+    for name in resumed[0]:
+        assert torch.equal(resumed[0][name], resumed[1][name]), name
+
+
+def test_a_streamed_checkpoint_is_an_ordinary_file(tmp_path) -> None:
+    mine, theirs = torch.randn(3, 4), torch.arange(5000, dtype=torch.float64)
+    checkpoint = {"state_dict": {"a": mine, "b": torch.empty(5000, dtype=torch.float64)}, "step": 7}
+    checkpoint["optimizer_states"] = [{"state": {0: {"step": torch.empty(())}}}]
+    sources = [theirs, torch.tensor(3.0)]
+
+    def receive(i: int, buffer: torch.Tensor) -> None:
+        buffer.copy_(sources[i].reshape(-1).view(torch.uint8))
+
+    path = tmp_path / "last.ckpt"
+    save_streamed(checkpoint, path, [("state_dict", "b"), ("optimizer_states", 0, "state", 0, "step")], receive)
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["state_dict"]["a"], mine) and torch.equal(loaded["state_dict"]["b"], theirs)
+    assert loaded["optimizer_states"][0]["state"][0]["step"] == 3.0 and loaded["step"] == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.timeout(300)
+def test_the_memory_benchmark_reports_every_stage_within_its_formula(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    command = ["benchmarks/memory.py", "--width", "1024", "--steps", "4", "--stages", "2", "--memory", "stash"]
+    result = run_job(*command, "--out", str(out), timeout=280)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["build"], r["stage"]) for r in rows) == [("configure_model", 0), ("configure_model", 1)] + [
+        ("init", 0),
+        ("init", 1),
+    ]
+    phases = ["setup_peak_mib", "train_peak_mib", "save_peak_mib", "resume_peak_mib", "end_peak_mib"]
+    for row in rows:
+        if row["build"] == "configure_model":
+            largest = max(row[phase] for phase in phases) - row["imports_mib"]
+            assert largest <= row["formula_mib"]["total"] + 512, row
+    assert out.with_suffix(".png").exists()
