@@ -15,10 +15,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +40,8 @@ class AtomicCheckpointIO(CheckpointIO):
         if "://" in str(path):
             self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with _replacing(path) as temporary:
             self.checkpoint_io.save_checkpoint(checkpoint, temporary, storage_options=storage_options)
-            _sync(temporary)
-            os.replace(temporary, path)
-            _sync(path.parent)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self.checkpoint_io.load_checkpoint(path, *args, **kwargs)
@@ -109,14 +99,9 @@ def save_streamed(
         checkpoint = {"state_dict": {"a": mine, "b": torch.empty(shape_of_b)}}   # b belongs to another process
         save_streamed(checkpoint, "last.ckpt", [("state_dict", "b")], lambda i, buf: dist.recv(buf, src=1))
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     crc = torch.serialization.get_crc32_options()
     mmap_flags = torch.serialization.get_default_mmap_options()
-    try:
+    with _replacing(path) as temporary:
         torch.serialization.set_crc32_options(False)  # the bytes are written after the checksum would be
         try:
             torch.save(checkpoint, temporary)
@@ -139,6 +124,19 @@ def save_streamed(
             target.reshape(-1).view(torch.uint8).copy_(buffer)
             _drop_pages(target, size)
         del written
+
+
+@contextlib.contextmanager
+def _replacing(path: Any) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to: once written it is flushed to disk and renamed over ``path`` in
+    one step; on failure it is removed. Temporary files an earlier, stopped save left for ``path`` go first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield temporary
         _sync(temporary)
         os.replace(temporary, path)
         _sync(path.parent)

@@ -148,7 +148,7 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
             with SignalWatch(stop=lambda: stop_processes(getattr(self, "procs", []))):
                 return super().launch(function, *args, trainer=trainer, **kwargs)
         except KeyboardInterrupt:
-            _interrupt(self.procs, INTERRUPT_GRACE_S)
+            stop_processes(self.procs, INTERRUPT_GRACE_S, signal.SIGINT)
             raise
         except ProcessExitedException as exited:
             if not 128 < exited.exit_code < 128 + signal.NSIG:
@@ -192,16 +192,3 @@ def _wait_for(observer: ChildObserver, grace: float) -> None:
             process.wait(timeout=max(deadline - time.monotonic(), 0.01))
         except subprocess.TimeoutExpired:
             pass  # they end by themselves once this process has gone (lifeline.py)
-
-
-def _interrupt(processes: list[Any], grace: float) -> None:
-    """SIGINT to every process still running; SIGKILL to those still running ``grace`` seconds later."""
-    for process in processes:
-        if process.is_alive():
-            os.kill(process.pid, signal.SIGINT)
-    deadline = time.monotonic() + grace
-    for process in processes:
-        process.join(max(deadline - time.monotonic(), 0.01))
-        if process.is_alive():
-            process.kill()
-            process.join()

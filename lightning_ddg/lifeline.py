@@ -210,15 +210,15 @@ def _set_parent_death_signal(signum: int) -> None:
         pass
 
 
-def stop_processes(processes: list, grace: float = 10.0) -> None:
-    """SIGTERM to each process still running, SIGKILL to those still running ``grace`` seconds later.
+def stop_processes(processes: list, grace: float = 10.0, signum: int = signal.SIGTERM) -> None:
+    """``signum`` to each process still running, SIGKILL to those still running ``grace`` seconds later.
 
     ``processes`` are ``subprocess.Popen`` or ``multiprocessing.Process`` objects.
     """
     running = [p for p in processes if _running(p)]
     for process in running:
         try:
-            os.kill(process.pid, signal.SIGTERM)
+            os.kill(process.pid, signum)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace
