@@ -133,6 +133,7 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
     """
 
     _global_states: _GlobalStateSnapshot | None = None
+    _started: Any = None
     _environment: dict[str, str] = {}
 
     def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
@@ -144,17 +145,34 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
                 )
             multiprocessing.set_forkserver_preload(["__main__", "lightning_ddg"])
             self._global_states = _GlobalStateSnapshot.capture()
+        # which processes have started to run the stage's code: pickled with this launcher, in shared memory
+        self._started = multiprocessing.get_context(self._start_method).RawArray("b", self._strategy.num_processes)
         try:
             with SignalWatch(stop=lambda: stop_processes(getattr(self, "procs", []))):
                 return super().launch(function, *args, trainer=trainer, **kwargs)
         except KeyboardInterrupt:
-            stop_processes(self.procs, INTERRUPT_GRACE_S, signal.SIGINT)
+            self._interrupt(getattr(self, "procs", []))
             raise
         except ProcessExitedException as exited:
+            if exited.exit_code < 0:  # killed by a signal: it printed nothing, and its traceback would say nothing
+                print(
+                    f"lightning-ddg: rank {exited.error_index} (process {exited.error_pid}) was killed by "
+                    f"{exited.signal_name}; stopping the job.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                raise SystemExit(1) from None
             if not 128 < exited.exit_code < 128 + signal.NSIG:
                 raise
             self._strategy.stopped_elsewhere(exited.exit_code - 128)
             raise SIGTERMException(exited.exit_code) from None
+
+    def _interrupt(self, processes: list) -> None:
+        """Ctrl-C: SIGINT to the stages, which stop as Lightning stops a run; a process still starting (importing
+        the script) is killed instead, as it has nothing to stop and would print a traceback from its imports."""
+        starting = [p for i, p in enumerate(processes) if not self._started[i]]
+        stop_processes(starting, 0.0, signal.SIGKILL)
+        stop_processes([p for p in processes if p not in starting], INTERRUPT_GRACE_S, signal.SIGINT)
 
     def __getstate__(self) -> dict[str, Any]:
         # pickled as each process starts, once the launch has set the rendezvous port
@@ -162,6 +180,7 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
 
     def _wrapping_function(self, process_idx: int, trainer: Any, function: Any, args: Any, *rest: Any) -> None:
         watch_launcher(None, f"rank {process_idx}")  # first: this process ends with the launching one
+        self._started[process_idx] = 1
         if self._global_states is not None:
             os.environ.clear()
             os.environ.update(self._environment)

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lightning_ddg.lifeline import claim_end, launcher_gone
+
 __all__ = ["Failure", "Watchdog"]
 
 # a job that runs several fits in the same processes gets fresh keys for each; every process creates its
@@ -290,8 +292,11 @@ class Watchdog:
     # --- ending ---------------------------------------------------------------------------------------------
     def _end_job(self, failure: Failure) -> None:
         """End this process because of ``failure`` elsewhere; whichever thread comes first does it."""
+        if failure.rank < 0 and launcher_gone():
+            threading.Event().wait()  # the launcher's watch ends this process, with the job's one line about it
         with self._ending:
             self._wait_for_exit(failure)
+            claim_end()
             line = f"lightning-ddg: {failure.message}; stopping {self.describe(self.rank)}."
             print(line, file=sys.stderr, flush=True)
             self._stop_children()
