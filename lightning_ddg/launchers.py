@@ -11,7 +11,10 @@ Lightning's in two ways:
 - Lightning tells the strategy about an exception (``Strategy.on_exception``) only in the launching process. A
   stage that fails in a started process reports it here, so that its watchdog can stop the other stages.
 - Ctrl-C in the launching process stops the stages: they get SIGINT, and SIGKILL if they have not exited
-  after a grace period. (Lightning would otherwise wait for them to finish training.)
+  after a grace period (Lightning would otherwise wait for them to finish training); a process still starting,
+  which has nothing to stop, is killed at once rather than interrupted in the middle of its imports.
+- A stage killed by a signal (SIGKILL, the out-of-memory killer) ends the job with one line, not a
+  ``ProcessExitedException`` traceback; none if a stage's watchdog has already said it.
 - When the stages stopped together because the job was asked to (a SIGTERM; they exit with ``128 + signal``),
   the launching process ends the same way, without a traceback, and saves no checkpoint of its own: it trained
   nothing, and the stages have saved theirs.
@@ -148,13 +151,15 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
         # which processes have started to run the stage's code: pickled with this launcher, in shared memory
         self._started = multiprocessing.get_context(self._start_method).RawArray("b", self._strategy.num_processes)
         try:
-            with SignalWatch(stop=lambda: stop_processes(getattr(self, "procs", []))):
+            with SignalWatch(stop=lambda: _stop_stages(getattr(self, "procs", []))):
                 return super().launch(function, *args, trainer=trainer, **kwargs)
         except KeyboardInterrupt:
             self._interrupt(getattr(self, "procs", []))
             raise
         except ProcessExitedException as exited:
             if exited.exit_code < 0:  # killed by a signal: it printed nothing, and its traceback would say nothing
+                if any(p.exitcode == 1 for p in self.procs):
+                    raise SystemExit(1) from None  # a stage's watchdog found it dead, and said so
                 print(
                     f"lightning-ddg: rank {exited.error_index} (process {exited.error_pid}) was killed by "
                     f"{exited.signal_name}; stopping the job.",
@@ -198,6 +203,13 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
         except BaseException as error:
             self._strategy.on_exception(error)
             raise
+
+
+def _stop_stages(processes: list) -> bool:
+    """Stop the stages a spawning launcher started (SIGTERM, then SIGKILL); whether they said why: rank 0 exited
+    with 128 + SIGTERM once every stage stopped after the same step, and printed the line that says so."""
+    stop_processes(processes)
+    return bool(processes) and processes[0].exitcode == 128 + signal.SIGTERM
 
 
 def _wait_for(observer: ChildObserver, grace: float) -> None:

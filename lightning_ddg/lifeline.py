@@ -18,7 +18,9 @@ fits and while a script ends, two smaller watches keep a job from leaving a proc
   not while it waits inside C++ (a rendezvous, a receive): the signal reaches a thread of its own through
   ``signal.set_wakeup_fd``, and that thread ends the process. A SIGTERM that another handler takes (Lightning's,
   during training) is left to it, unless the main thread shows no sign of life for ``STUCK_S`` seconds after it
-  — blocked in a wait no handler can interrupt —: then the job is stopped the same way.
+  — blocked in a wait no handler can interrupt —: then the job is stopped the same way; and if that handler
+  found no step left to stop after (the signal came during the drain), the job is stopped as the run ends. A
+  spawning launcher whose stages stopped together after a step, and said so, adds no line of its own.
 
 Only the standard library is used here, so that the watch can start before the heavy imports.
 
@@ -172,19 +174,21 @@ class SignalWatch:
     """In the launching process, a SIGTERM that no other handler takes ends the job at once (see the module).
 
     Args:
-        stop: called before this process exits, to stop the processes it launched.
+        stop: called before this process exits, to stop the processes it launched; returns True if they said
+            why they stopped (stages that stopped together after a step), and then this process says nothing.
 
     Nothing is installed where it could take something from the program: outside the main thread, when a SIGTERM
     handler is already installed, or when another wakeup fd is set (an event loop's, say).
     """
 
-    def __init__(self, stop: Callable[[], None]) -> None:
+    def __init__(self, stop: Callable[[], bool | None]) -> None:
         self._stop = stop
         self._installed = False
         self._ending = threading.Lock()
         self._read_fd = self._write_fd = -1
         self._thread: threading.Thread | None = None
         self._checking = False
+        self._taken = False  # a SIGTERM that another handler took
 
     def __enter__(self) -> SignalWatch:
         if threading.current_thread() is not threading.main_thread():
@@ -207,6 +211,10 @@ class SignalWatch:
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: TracebackType | None) -> None:
         if not self._installed:
             return
+        if kind is None and self._taken:
+            # the handler that took the SIGTERM (Lightning's, in training) found no step left to stop after: the
+            # run ended as usual, and the job stops now
+            self._end(signal.SIGTERM, " as the run ended")
         if self._owns_sigterm():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
@@ -243,7 +251,9 @@ class SignalWatch:
                 continue
             if self._owns_sigterm():
                 self._end(signal.SIGTERM)
-            elif not self._checking:
+                continue
+            self._taken = True
+            if not self._checking:
                 self._checking = True
                 threading.Thread(target=self._end_if_stuck, name="lightning-ddg-stuck-watch", daemon=True).start()
 
@@ -266,10 +276,12 @@ class SignalWatch:
         if not self._ending.acquire(blocking=False):
             return
         name = signal.Signals(signum).name
-        print(f"lightning-ddg: {name} received{why}; stopping the job.", file=sys.stderr, flush=True)
+        said = False
         try:
-            self._stop()
+            said = bool(self._stop())
         finally:
+            if not said:
+                print(f"lightning-ddg: {name} received{why}; stopping the job.", file=sys.stderr, flush=True)
             os._exit(128 + signum)
 
 

@@ -346,9 +346,11 @@ def _stop_cell(tmp_path: Path, cell: Cell) -> str | None:
     except pytest.fail.Exception as failed:
         return f"{cell}: {failed}"
     says = len(re.findall(SAYS[cell.stop], stopped.output))
+    # ddg's launching process, killed in teardown, may be the last process of the job: no one is left to say it
+    lines = (0, 1) if (cell.mode, cell.stop, cell.phase) == ("ddg", "SIGKILL", "teardown") else (1,)
     problems = [
         *(["exit code 0"] if stopped.returncode == 0 else []),
-        *([f"the line that says what stopped it appears {says} times"] if says != 1 else []),
+        *([f"the line that says what stopped it appears {says} times"] if says not in lines else []),
         *(["a traceback"] if "Traceback" in stopped.output else []),
         *(_torn_checkpoints(tmp_path / "checkpoints") if cell.phase == "save" else []),
     ]
