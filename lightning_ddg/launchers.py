@@ -55,6 +55,7 @@ INTERRUPT_GRACE_S = 10.0
 # how long a launching process that ends waits for the ranks it launched, which run the same script to its end
 EXIT_GRACE_S = 10.0
 
+_STOPPED_TOGETHER = 2  # in DDGSpawnLauncher._started: the stage stopped after the same step as the others
 _observer: ChildObserver | None = None  # this process's watch over the ranks it launched, if it launched any
 
 
@@ -151,7 +152,7 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
         # which processes have started to run the stage's code: pickled with this launcher, in shared memory
         self._started = multiprocessing.get_context(self._start_method).RawArray("b", self._strategy.num_processes)
         try:
-            with SignalWatch(stop=lambda: _stop_stages(getattr(self, "procs", []))):
+            with SignalWatch(stop=self._stop_stages):
                 return super().launch(function, *args, trainer=trainer, **kwargs)
         except KeyboardInterrupt:
             self._interrupt(getattr(self, "procs", []))
@@ -171,6 +172,12 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
                 raise
             self._strategy.stopped_elsewhere(exited.exit_code - 128)
             raise SIGTERMException(exited.exit_code) from None
+
+    def _stop_stages(self) -> bool:
+        """Stop the stages (SIGTERM, then SIGKILL); whether they said why: rank 0 marks in ``_started`` that every
+        stage stopped after the same step, which it has printed."""
+        stop_processes(getattr(self, "procs", []))
+        return self._started[0] == _STOPPED_TOGETHER
 
     def _interrupt(self, processes: list) -> None:
         """Ctrl-C: SIGINT to the stages, which stop as Lightning stops a run; a process still starting (importing
@@ -196,6 +203,8 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
         try:
             super()._wrapping_function(process_idx, trainer, function, args, *rest)
         except SIGTERMException as stop:
+            if getattr(self._strategy, "_stopped_by", None) is not None:  # after a step, as every stage did
+                self._started[process_idx] = _STOPPED_TOGETHER
             # the stages stopped together: Lightning runs on_exception callbacks only in the launching process, but
             # the trained state is here, and saving it (a checkpoint callback) needs every stage
             interrupt_here(trainer, stop)
@@ -203,13 +212,6 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
         except BaseException as error:
             self._strategy.on_exception(error)
             raise
-
-
-def _stop_stages(processes: list) -> bool:
-    """Stop the stages a spawning launcher started (SIGTERM, then SIGKILL); whether they said why: rank 0 exited
-    with 128 + SIGTERM once every stage stopped after the same step, and printed the line that says so."""
-    stop_processes(processes)
-    return bool(processes) and processes[0].exitcode == 128 + signal.SIGTERM
 
 
 def _wait_for(observer: ChildObserver, grace: float) -> None:
