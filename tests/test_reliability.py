@@ -163,39 +163,6 @@ def test_a_stage_killed_with_sigkill_ends_the_job(tmp_path: Path) -> None:
     assert job.gone_at - job.failed_at < LIMIT_S, report
 
 
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_the_launching_process_killed_with_sigkill_ends_the_job(tmp_path: Path) -> None:
-    # rank 0 launched the others and holds the job's store: they see their launcher gone or lose the store, and
-    # stop, whichever they notice first
-    job = run_failing_job(tmp_path, "--devices", "2", "--fail", "kill", "--rank", "0")
-    report = f"exit code {job.returncode}\n{job.output[-6000:]}"
-    assert job.returncode == -signal.SIGKILL, report
-    lines = (
-        "lightning-ddg: lost the job's store, which stage 1 (rank 0) holds",
-        "lightning-ddg: the launching process (",
-    )
-    assert any(line in job.output for line in lines), report
-    assert job.gone_at - job.failed_at < LIMIT_S, report
-
-
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-@pytest.mark.parametrize("strategy", ["ddg", "ddg_spawn"])
-def test_ctrl_c_in_the_launching_process_stops_every_stage(tmp_path: Path, strategy: str) -> None:
-    pid_file, started = tmp_path / "pids", tmp_path / "started"
-    args = ("--strategy", strategy, "--devices", "2", "--max-steps", "100000", "--step-sleep", "0.02")
-    proc = _start(FAILING_JOB, *args, "--started-file", str(started), pid_file=pid_file)
-    deadline = time.monotonic() + 90
-    while len(list(tmp_path.glob("started.*"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)  # until both stages are training
-    interrupted_at = time.time()
-    proc.send_signal(signal.SIGINT)
-    job = _wait(proc, pid_file)
-    report = f"exit code {job.returncode}\n{job.output[-6000:]}"
-    assert job.returncode == 1, report
-    assert "Detected KeyboardInterrupt, attempting graceful shutdown" in job.output, report
-    assert job.gone_at - interrupted_at < LIMIT_S, report
-
-
 def _repeat(devices: int, runs: int) -> tuple[list[str], list[tuple[int, int]], str]:
     """Weight digests and (threads, fds) after each run, and the final test/validate line."""
     proc = _start(REPEAT_JOB, "--devices", str(devices), "--runs", str(runs), pid_file=Path(os.devnull))
