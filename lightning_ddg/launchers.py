@@ -116,10 +116,15 @@ class ChildObserver(threading.Thread):
             codes = [child.poll() for child in self.children]
             if all(code == 0 for code in codes):
                 return
-            failed = [(child, code) for child, code in zip(self.children, codes, strict=True) if code]
+            failed = [(i, child, code) for i, (child, code) in enumerate(zip(self.children, codes)) if code]
             if failed:
-                child, code = failed[0]
-                print(f"lightning-ddg: process {child.pid} exited with code {code}; stopping the job.", file=sys.stderr)
+                i, child, code = failed[0]
+                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                print(
+                    f"lightning-ddg: local rank {i + 1} (process {child.pid}) {how}; stopping the job.",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 for other in self.children:
                     if other.poll() is None:
                         other.kill()
