@@ -116,9 +116,10 @@ class ChildObserver(threading.Thread):
             codes = [child.poll() for child in self.children]
             if all(code == 0 for code in codes):
                 return
-            failed = [(i, child, code) for i, (child, code) in enumerate(zip(self.children, codes)) if code]
+            failed = [(i, code) for i, code in enumerate(codes) if code]
             if failed:
-                i, child, code = failed[0]
+                i, code = failed[0]
+                child = self.children[i]
                 how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
                 print(
                     f"lightning-ddg: local rank {i + 1} (process {child.pid}) {how}; stopping the job.",
