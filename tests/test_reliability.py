@@ -267,7 +267,7 @@ SAYS = {
     "SIGTERM": r"lightning-ddg: (SIGTERM received|stopped by SIGTERM after step \d+ on every stage)",
     "SIGINT": r"Detected KeyboardInterrupt, attempting graceful shutdown",
     "SIGKILL": r"lightning-ddg: (the launching process \(\d+\) has exited|lost the job's store)",
-    "SIGKILL-stage": r"lightning-ddg: .*(was killed by SIGKILL|stopped responding)",
+    "SIGKILL-stage": r"lightning-ddg: .*(was killed by SIGKILL|stopped responding|lost the job's store)",
 }
 
 
