@@ -452,7 +452,7 @@ def _slots(
     index = {id(t): i for i, t in enumerate(tensors)}
     return [
         ((table(m), attr), index[id(t)])
-        for m in module.modules(remove_duplicate=False)
+        for _, m in module.named_modules(remove_duplicate=False)
         for attr, t in table(m).items()
         if t is not None and id(t) in index
     ]
