@@ -26,7 +26,16 @@ from torch import Tensor, nn
 
 from lightning_ddg.partition import Partition
 
-__all__ = ["Removed", "keep_only_stage", "put_back", "OtherStage", "kept_tensors", "on_meta", "materialize"]
+__all__ = [
+    "Removed",
+    "keep_only_stage",
+    "put_back",
+    "OtherStage",
+    "kept_tensors",
+    "on_meta",
+    "materialize",
+    "aliases",
+]
 
 
 @dataclass
@@ -121,6 +130,19 @@ def put_back(removed: list[Removed], full: dict[str, Tensor], device: torch.devi
             r.module.register_parameter(r.attr, nn.Parameter(value, r.requires_grad))
         else:
             r.module.register_buffer(r.attr, value, persistent=r.persistent)
+
+
+def aliases(state: dict[str, Tensor]) -> dict[str, str]:
+    """The names of a ``state_dict(keep_vars=True)`` that hold the same tensor as an earlier name (a tied weight
+    under each of its names), mapped to that earlier name: a checkpoint stores such a tensor once."""
+    first: dict[int, str] = {}
+    found = {}
+    for name, tensor in state.items():
+        if id(tensor) in first:
+            found[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return found
 
 
 def on_meta(module: nn.Module) -> bool:

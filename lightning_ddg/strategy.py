@@ -76,6 +76,7 @@ from lightning_ddg.checks import (
     check_same_lengths,
     check_stage_count,
     check_stages_have_parameters,
+    check_tied_clipping,
     check_train_loader,
 )
 from lightning_ddg.comm import PipelineStopped
@@ -83,7 +84,7 @@ from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launche
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
 from lightning_ddg.rendezvous import rendezvous
-from lightning_ddg.shard import Removed, keep_only_stage, kept_tensors, materialize, on_meta, put_back
+from lightning_ddg.shard import Removed, aliases, keep_only_stage, kept_tensors, materialize, on_meta, put_back
 from lightning_ddg.stage import MEMORY_MODES, DDGStage, MemoryMode
 from lightning_ddg.stats import Snapshot, StageCounters, interval_figures
 from lightning_ddg.topology import StageLinks, Topology
@@ -344,6 +345,7 @@ class DDGStrategy(ParallelStrategy):
         self.model = self.precision_plugin.convert_module(module)
         self.partition = self._split(trainer, module)
         check_stages_have_parameters(self.partition.train, self.partition.split_points)
+        check_tied_clipping(self.partition.tied, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         k, num_stages = self.stage_index, self.partition.num_stages
         self._forward_signature = inspect.signature(module.forward)
         self._shuffle_seed = self.broadcast(_shuffle_seed())
@@ -358,7 +360,8 @@ class DDGStrategy(ParallelStrategy):
         self._removed = keep_only_stage(module, self.partition, k)
         self.model_to_device()
         if self._links is None and self.world_size > 1:
-            self._links = StageLinks.create(self.topology, self.global_rank, self.root_device, self._timeout)
+            tied = [w.stages for w in self.partition.tied]
+            self._links = StageLinks.create(self.topology, self.global_rank, self.root_device, self._timeout, tied)
         self.stage = DDGStage(
             self.partition.train[k],
             k,
@@ -368,6 +371,7 @@ class DDGStrategy(ParallelStrategy):
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             eval_module=self.partition.eval[k],
             check_finite=self._checks_finite(trainer),
+            tied=self.partition.tied,
         )
         module.forward = self._pipelined_forward  # instance attribute: shadows the class's forward
         if self.world_size > 1:
@@ -711,7 +715,7 @@ class DDGStrategy(ParallelStrategy):
         """
         module = self.lightning_module
         assert module is not None
-        local = {n: t.detach().cpu() for n, t in module.state_dict(keep_vars=True).items()}
+        local = _local_state(module)
         if self.world_size == 1 or not _distributed_is_initialized():
             return local
         if self.topology.replica_of(self.global_rank) != 0:
@@ -811,16 +815,23 @@ class DDGStrategy(ParallelStrategy):
             return super().lightning_module_state_dict()
         module = self.lightning_module
         assert module is not None
-        local = {n: t.detach().cpu() for n, t in module.state_dict(keep_vars=True).items()}
-        specs = self._first_replica_objects({n: _TensorSpec.of(t) for n, t in local.items()})
+        local = _local_state(module)
+        same = aliases(module.state_dict(keep_vars=True))
+        specs = self._first_replica_objects({n: same.get(n) or _TensorSpec.of(t) for n, t in local.items()})
         owners = self._stage_owners()
         self._streamed, self._optimizers_saved = [], 0
         state = {}
-        for j, part in enumerate(specs):
-            for name, spec in part.items():
+        # a weight several stages hold is saved once, by the lowest rank among them (rank 0 itself where it can);
+        # its other names (a string: the first name) refer to the same tensor, so the file holds it once
+        for j in sorted(range(len(specs)), key=owners.__getitem__):
+            for name, spec in specs[j].items():
+                if name in state or isinstance(spec, str):
+                    continue
                 state[name] = local[name] if owners[j] == self.global_rank else self._placeholder(spec)
                 if owners[j] != 0:
                     self._streamed.append((("state_dict", name), owners[j]))
+        for part in specs:
+            state |= {name: state[spec] for name, spec in part.items() if isinstance(spec, str)}
         return {name: state[name] for name in self._state_dict_keys if name in state}
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
@@ -1156,6 +1167,13 @@ class _TensorSpec:
     @staticmethod
     def of(tensor: Tensor) -> _TensorSpec:
         return _TensorSpec(tuple(tensor.shape), tensor.dtype)
+
+
+def _local_state(module: nn.Module) -> dict[str, Tensor]:
+    """This process's state dict on the CPU; the names of one tensor (a tied weight) share one copy."""
+    state = module.state_dict(keep_vars=True)
+    local = {n: t.detach().cpu() for n, t in state.items()}
+    return local | {name: local[first] for name, first in aliases(state).items()}
 
 
 def _described(state: dict[str, Any]) -> dict[str, Any]:
