@@ -75,13 +75,13 @@ class TiedLM(nn.Module):
 
 
 def token_batches(
-    n: int, batch_size: int = 4, length: int = 5, seed: int = 1
+    n: int, batch_size: int = 4, last: int = 3, length: int = 5, seed: int = 1
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``n`` batches of token sequences and their next tokens (the last batch smaller)."""
+    """``n`` batches of token sequences and their next tokens; the last one has ``last`` sequences."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
-        size = batch_size - 1 if i == n - 1 else batch_size
+        size = last if i == n - 1 else batch_size
         tokens = torch.randint(0, TiedLM.VOCAB, (size, length + 1), generator=g)
         out.append((tokens[:, :-1], tokens[:, 1:]))
     return out
