@@ -1,17 +1,20 @@
 """Weights shared across stages (tied embeddings) in Lightning fits: the reference's weights, copies that stay
-bitwise equal, checkpoints that hold the weight once under its original names, and resuming from them."""
+bitwise equal, checkpoints that hold the weight once under its original names, and resuming from them; and
+Hugging Face's GPT-2, whose head is tied to its token embedding, on the stage runtime against the reference."""
 
 from __future__ import annotations
 
 import copy
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_ddg import DDGReference, DDGStrategy, split_module
+from lightning_ddg import DDGReference, DDGStage, DDGStrategy, StageLinks, Topology, split_module
 from tests.lightning_models import TiedLanguageModel, cpu_trainer, make_optimizer, token_loader
-from tests.models import lm_loss
+from tests.models import TiedLM, lm_loss, token_batches
+from tests.multiprocess import run_processes
 
 SPLITS = {2: ["model.blocks.2"], 3: ["model.blocks.2", "model.blocks.4"]}
 # the embedding and the head; with tie_blocks, the first and the third block
@@ -89,3 +92,72 @@ def test_tied_weights_fit_checkpoint_once_and_resume(tmp_path) -> None:
     _trainer(tmp_path, 2, 2).fit(resumed, token_loader(), ckpt_path=tmp_path / "last.ckpt")
     _assert_same(dict(resumed.state_dict()), _reference(saved, 2, momentum))
     assert resumed.model.embed.weight is resumed.model.head.weight
+
+
+class _GPT2(torch.nn.Module):
+    """A tiny ``GPT2LMHeadModel`` (random weights), whose ``lm_head`` shares the token embedding's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        config = GPT2Config(
+            vocab_size=TiedLM.VOCAB,
+            n_positions=8,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            use_cache=False,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        self.model = GPT2LMHeadModel(config).double()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens).logits
+
+
+GPT2_SPLIT = ["model.lm_head"]  # the transformer cannot be traced by torch.fx: it runs whole in stage 0
+
+
+def _train_gpt2(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    topology = Topology(num_stages=world_size)
+    k = topology.stage_of(rank)
+    partition = split_module(_GPT2(), GPT2_SPLIT)
+    links = StageLinks.create(topology, rank, torch.device("cpu"), tied=[w.stages for w in partition.tied])
+    stage = DDGStage(partition.train[k], k, world_size, links, tied=partition.tied)
+    optimizer = make_optimizer("adam", stage.parameters)
+    for tokens, targets in token_batches(5):
+        out = stage.forward(tokens)
+        if stage.backward(lm_loss(out, targets) if stage.is_last else None):
+            stage.install_gradients()
+            optimizer.step()
+    for ready in stage.drain():
+        if ready:
+            stage.install_gradients()
+            optimizer.step()
+    links.close()
+    links.destroy()
+    return {name: p.detach().clone() for name, p in partition.train[k].named_parameters()}
+
+
+def test_gpt2_with_its_tied_head_matches_reference() -> None:
+    pytest.importorskip("transformers")
+    model = _GPT2()
+    partition = split_module(model, GPT2_SPLIT)
+    assert [(w.name, w.stages) for w in partition.tied] == [("model.transformer.wte.weight", (0, 1))]
+    optimizers = [make_optimizer("adam", s.parameters()) for s in partition.train]
+    ref = DDGReference(partition.train, optimizers, lm_loss)
+    for tokens, targets in token_batches(5):
+        ref.step(tokens, targets)
+    ref.finish()
+    expected = dict(model.state_dict())
+    results = run_processes(_train_gpt2, 2, timeout=120)
+    merged = {name: value for part in results for name, value in part.items()}
+    for name, value in merged.items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-7, msg=f"{name} differs")
+    assert torch.equal(merged["model.transformer.wte.weight"], merged["model.lm_head.weight"])
