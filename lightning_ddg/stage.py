@@ -305,7 +305,8 @@ class DDGStage:
         """Backward the batch whose delay has elapsed, if any; call once per step after :meth:`forward`.
 
         The last stage passes the loss of the batch it just forwarded. Returns ``True`` when an accumulation
-        window is complete and :meth:`install_gradients` followed by an optimizer step is due.
+        window is complete or a tied weight is due (in warm-up too), and :meth:`install_gradients` followed by an
+        optimizer step is due: every owner of a tied weight must then step, for its copy to stay equal.
         """
         step = self.batches_forwarded - 1
         # in warm-up batch t-d does not exist yet; a tied weight may still be due
