@@ -22,7 +22,7 @@ TIED = {"model.embed.weight": "model.head.weight", "model.blocks.0.weight": "mod
 
 
 class _SaveCopies(L.Callback):
-    """Each rank saves its copies of the tied weights once fit has ended."""
+    """Each rank saves its copies of the tied weights once fit has ended; rank 0 the strategy's full state dict."""
 
     def __init__(self, out_dir) -> None:
         self.out_dir = out_dir
@@ -31,6 +31,9 @@ class _SaveCopies(L.Callback):
         names = [*TIED, *TIED.values()]
         state = {n: t.detach().clone() for n, t in pl_module.state_dict().items() if n in names}
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}.pt")
+        full = trainer.strategy.full_state_dict()  # a collective: the whole state on rank 0
+        if trainer.global_rank == 0:
+            torch.save(full, self.out_dir / "full.pt")
 
 
 def _trainer(tmp_path, devices: int, epochs: int) -> L.Trainer:
@@ -70,6 +73,10 @@ def test_tied_weights_fit_checkpoint_once_and_resume(tmp_path) -> None:
     copies = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
     for name in copies[0]:
         assert all(torch.equal(c[name], copies[0][name]) for c in copies), name
+    full = torch.load(tmp_path / "full.pt")
+    _assert_same(full, dict(model.state_dict()))
+    for first, other in TIED.items():  # one tensor under both names
+        assert full[first].untyped_storage().data_ptr() == full[other].untyped_storage().data_ptr()
 
     # the checkpoint holds each tied weight once, under all of its original names, as torch.save of the model does;
     # the blocks' weight was streamed from rank 1 into the file
