@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_ddg import DDGReference, DDGStage, StageLinks, Topology, split_module
+from lightning_ddg import DDGReference, Topology, build_stage, split_module
 from lightning_ddg.replicas import ReplicaAverager
 from tests.models import TiedLM, batches, lm_loss, make_optimizer, mlp, split_points_for, token_batches
 from tests.multiprocess import run_processes
@@ -78,15 +78,18 @@ def _model(options: dict, replica: int) -> nn.Module:
 
 def _train_replica(rank: int, world_size: int, options: dict) -> dict[str, torch.Tensor]:
     topology = Topology(num_stages=STAGES, num_replicas=REPLICAS)
-    k, replica = topology.stage_of(rank), topology.replica_of(rank)
+    replica = topology.replica_of(rank)
     model = _model(options, replica)  # replicas start apart: the stage gives them replica 0's weights
-    partition = split_module(model, split_points_for(model, STAGES))
-    stages = partition.train
-    links = StageLinks.create(topology, rank, torch.device("cpu"), tied=[w.stages for w in partition.tied])
     accumulate = options["accumulate"]
-    stage = DDGStage(
-        stages[k], k, STAGES, links, memory=options["memory"], accumulate_grad_batches=accumulate, tied=partition.tied
+    built = build_stage(
+        model,
+        topology,
+        rank,
+        split_points=split_points_for(model, STAGES),
+        memory=options["memory"],
+        accumulate_grad_batches=accumulate,
     )
+    stage, links = built.stage, built.links
     loss_fn = lm_loss if options.get("tied") else LOSS
     optimizer = make_optimizer(options["optimizer"], stage.parameters)
 
@@ -102,7 +105,7 @@ def _train_replica(rank: int, world_size: int, options: dict) -> dict[str, torch
         if ready:
             step()
     links.close()
-    return {name: p.detach().clone() for name, p in stages[k].named_parameters()}
+    return {name: p.detach().clone() for name, p in stage.module.named_parameters()}
 
 
 def _reference(options: dict) -> dict[str, torch.Tensor]:

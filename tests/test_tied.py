@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_ddg import DDGReference, DDGStage, DDGStrategy, StageLinks, Topology, split_module
+from lightning_ddg import DDGReference, DDGStrategy, Topology, build_stage, split_module
 from tests.lightning_models import TiedLanguageModel, cpu_trainer, make_optimizer, token_loader
 from tests.models import TiedLM, lm_loss, token_batches
 from tests.multiprocess import run_processes
@@ -132,11 +132,8 @@ GPT2_SPLIT = ["model.lm_head"]  # the transformer cannot be traced by torch.fx: 
 
 
 def _train_gpt2(rank: int, world_size: int) -> dict[str, torch.Tensor]:
-    topology = Topology(num_stages=world_size)
-    k = topology.stage_of(rank)
-    partition = split_module(_GPT2(), GPT2_SPLIT)
-    links = StageLinks.create(topology, rank, torch.device("cpu"), tied=[w.stages for w in partition.tied])
-    stage = DDGStage(partition.train[k], k, world_size, links, tied=partition.tied)
+    built = build_stage(_GPT2(), Topology(num_stages=world_size), rank, split_points=GPT2_SPLIT)
+    stage, links = built.stage, built.links
     optimizer = make_optimizer("adam", stage.parameters)
     for tokens, targets in token_batches(5):
         out = stage.forward(tokens)
@@ -149,7 +146,7 @@ def _train_gpt2(rank: int, world_size: int) -> dict[str, torch.Tensor]:
             optimizer.step()
     links.close()
     links.destroy()
-    return {name: p.detach().clone() for name, p in partition.train[k].named_parameters()}
+    return {name: p.detach().clone() for name, p in stage.module.named_parameters()}
 
 
 def test_gpt2_with_its_tied_head_matches_reference() -> None:
