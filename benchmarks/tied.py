@@ -112,7 +112,8 @@ def main() -> None:
         rows.append({"stages": k, "untied_ms": untied, "tied_ms": tied, "ratio": tied / untied, "k_f_plus_b": model})
         print(f"{k:<7} {untied:<7.1f} {tied:<6.1f} {tied / untied:<12.2f} {model:.0f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2) + "\n")
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    Path(args.out).write_text(json.dumps({"config": config, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
