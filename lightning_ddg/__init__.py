@@ -16,7 +16,7 @@ watch_launcher_from_environment()
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_ddg.build import BuiltStage, build_stage
-from lightning_ddg.partition import Partition, split_module
+from lightning_ddg.partition import Partition, TiedWeight, split_module
 from lightning_ddg.planning import Plan, StagePlan, plan
 from lightning_ddg.reference import DDGReference
 from lightning_ddg.stage import DDGStage
@@ -34,6 +34,7 @@ __all__ = [
     "Plan",
     "StageLinks",
     "StagePlan",
+    "TiedWeight",
     "Topology",
     "build_stage",
     "plan",

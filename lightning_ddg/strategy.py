@@ -75,6 +75,7 @@ from lightning_ddg.checks import (
     check_same_lengths,
     check_stage_count,
     check_stages_have_parameters,
+    check_tied_clipping,
     check_train_loader,
 )
 from lightning_ddg.comm import PipelineStopped
@@ -337,6 +338,7 @@ class DDGStrategy(ParallelStrategy):
         self.model = self.precision_plugin.convert_module(module)
         self.partition = self._split(trainer, module)
         check_stages_have_parameters(self.partition.train, self.partition.split_points)
+        check_tied_clipping(self.partition.tied, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         k = self.stage_index
         self._shuffle_seed = self.broadcast(shuffle_seed())
         self._states = StageStates(

@@ -13,7 +13,16 @@ from torch import nn
 from lightning_ddg import DDGReference, DDGStage, StageLinks, Topology, build_stage, split_module
 from lightning_ddg.local import LockStep
 from lightning_ddg.stage import MEMORY_MODES
-from tests.models import PassingThrough, batches, make_optimizer, mlp, split_points_for
+from tests.models import (
+    PassingThrough,
+    TiedLM,
+    batches,
+    lm_loss,
+    make_optimizer,
+    mlp,
+    split_points_for,
+    token_batches,
+)
 from tests.multiprocess import run_processes
 
 LOSS = nn.functional.cross_entropy
@@ -23,11 +32,19 @@ def _model(options: dict) -> nn.Module:
     dtype = options.get("dtype", torch.float64)
     if options.get("model") == "passing through":
         return PassingThrough(dtype)
+    if options.get("model") == "tied lm":
+        return TiedLM(dtype, tie_blocks=options.get("tie_blocks", False), dropout=options.get("dropout", 0.0))
     return mlp(dropout=options.get("dropout", 0.0), batchnorm=options.get("batchnorm", False), dtype=dtype)
 
 
 def _batches(options: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if options.get("model") == "tied lm":
+        return token_batches(options["batches"])
     return batches(options["batches"], dtype=options.get("dtype", torch.float64))
+
+
+def _loss(options: dict):  # noqa: ANN202 - a loss function
+    return lm_loss if options.get("model") == "tied lm" else LOSS
 
 
 def _train_cases(rank: int, world_size: int, cases: list[dict]) -> list[dict[str, torch.Tensor]]:
@@ -48,6 +65,7 @@ def _train_stage(rank: int, world_size: int, options: dict) -> dict[str, torch.T
         accumulate_grad_batches=accumulate,
     )
     stage, links = built.stage, built.links
+    loss_fn = _loss(options)
     optimizer = make_optimizer(options["optimizer"], stage.parameters)
     torch.manual_seed(options["seed"])
 
@@ -59,7 +77,7 @@ def _train_stage(rank: int, world_size: int, options: dict) -> dict[str, torch.T
     for _epoch in range(options.get("epochs", 1)):
         for x, y in data:
             out = stage.forward(x)
-            loss = LOSS(out, y) / accumulate if stage.is_last else None
+            loss = loss_fn(out, y) / accumulate if stage.is_last else None
             if stage.backward(loss):
                 step()
     figures = stage.snapshots()
@@ -82,7 +100,7 @@ def _reference(num_stages: int, options: dict) -> dict[str, torch.Tensor]:
     ref = DDGReference(
         stages,
         optimizers,
-        LOSS,
+        _loss(options),
         memory="replay" if options["memory"] == "replay" else "stash",
         accumulate_grad_batches=options.get("accumulate", 1),
         seed=options["seed"],
@@ -106,10 +124,11 @@ def _train_in_one_process(num_stages: int, options: dict) -> dict[str, torch.Ten
         accumulate_grad_batches=accumulate,
     )
     optimizers = [make_optimizer(options["optimizer"], stage.parameters) for stage in pipeline.stages]
+    loss_fn = _loss(options)
     data = _batches(options)
     for _epoch in range(options.get("epochs", 1)):
         for x, y in data:
-            pipeline.step(x, lambda out, y=y: LOSS(out, y) / accumulate, optimizers)
+            pipeline.step(x, lambda out, y=y: loss_fn(out, y) / accumulate, optimizers)
     pipeline.drain(optimizers)
     return dict(model.state_dict())
 
@@ -133,6 +152,13 @@ def _assert_matches_reference(num_stages: int, options: dict, merged: dict[str, 
         torch.testing.assert_close(
             merged[name], value, rtol=1e-5, atol=1e-7, msg=lambda m, name=name, o=options: f"{name}, {o}: {m}"
         )
+    # a tied weight: one tensor under several names in the reference, a copy per stage here, kept bitwise equal
+    names_of: dict[int, list[str]] = {}
+    for name, value in expected.items():
+        names_of.setdefault(value.data_ptr(), []).append(name)
+    for first, *others in names_of.values():
+        for other in others:
+            assert torch.equal(merged[first], merged[other]), f"{first} and {other} differ, {options}"
 
 
 # stash on a plain MLP; recompute with dropout (its masks must be drawn again alike) and BatchNorm (its statistics
@@ -224,6 +250,28 @@ def _received_storages(rank: int, world_size: int, steps: int) -> tuple[int, lis
     links.close()
     links.destroy()
     return k, [len({t.untyped_storage().data_ptr() for t in seen[name]}) for name in ("act_in", "grad_in")]
+
+
+def test_weights_tied_across_stages_match_reference() -> None:
+    # tied copies are kept equal by collectives over their owners' group: gloo processes
+    # the embedding and the head in the first and the last stage; with three stages, two blocks in the first and the
+    # second stage too (a tie whose owners both have delays, so the drain and warm-up differ from the last stage's)
+    lm = {"model": "tied lm", "batches": 7, "seed": 3}
+    _check(
+        2,
+        lm | {"memory": "stash", "optimizer": "sgd"},
+        lm | {"memory": "recompute", "optimizer": "adam", "accumulate": 2, "tie_blocks": True},
+        processes=True,
+    )
+    _check(
+        3,
+        lm | {"memory": "stash", "optimizer": "adam", "tie_blocks": True},
+        lm | {"memory": "recompute", "optimizer": "sgd", "accumulate": 2, "tie_blocks": True, "dropout": 0.2},
+        lm | {"memory": "replay", "optimizer": "sgd", "accumulate": 3, "tie_blocks": True},
+        # one batch: the embedding's owners backward it at steps 0 and 2, and step 1 updates nothing
+        lm | {"memory": "stash", "optimizer": "adam", "batches": 1},
+        processes=True,
+    )
 
 
 def test_receiving_allocates_nothing_in_steady_state(three_gloo_processes: list) -> None:
