@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "atomic", "save_streamed"]
+from lightning_ddg._compat import WrappingCheckpointIO, set_wrapped_checkpoint_io
+
+__all__ = ["AtomicCheckpointIO", "atomic", "load_mapped", "save_streamed", "writes_local_torch_files"]
 
 
 class AtomicCheckpointIO(CheckpointIO):
@@ -58,10 +59,10 @@ def atomic(checkpoint_io: CheckpointIO) -> CheckpointIO:
     wrapper such as ``AsyncCheckpointIO``, which writes later, from a thread, through its base IO)."""
     if isinstance(checkpoint_io, AtomicCheckpointIO):
         return checkpoint_io
-    if isinstance(checkpoint_io, _WrappingCheckpointIO):
+    if isinstance(checkpoint_io, WrappingCheckpointIO):
         base = checkpoint_io.checkpoint_io
         if base is not None and not isinstance(base, AtomicCheckpointIO):
-            checkpoint_io._checkpoint_io = AtomicCheckpointIO(base)
+            set_wrapped_checkpoint_io(checkpoint_io, AtomicCheckpointIO(base))
         return checkpoint_io
     return AtomicCheckpointIO(checkpoint_io)
 
@@ -167,3 +168,18 @@ def _drop_pages(tensor: torch.Tensor, size: int) -> None:
             ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
         except (OSError, AttributeError):
             pass
+
+
+def writes_local_torch_files(checkpoint_io: CheckpointIO, path: Any) -> bool:
+    """Whether ``checkpoint_io`` (perhaps made atomic) is Lightning's plain ``torch.save`` writer and ``path`` a local
+    file: then checkpoints are streamed and mapped here; any other writer gets the whole checkpoint."""
+    base = checkpoint_io.checkpoint_io if isinstance(checkpoint_io, AtomicCheckpointIO) else checkpoint_io
+    return type(base) is TorchCheckpointIO and "://" not in str(path)
+
+
+def load_mapped(path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+    """The checkpoint, its tensors mapped from the file (``mmap=True``), so that a process reads from disk only the
+    tensors it uses."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)

@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing
 import os
 import signal
@@ -39,17 +40,23 @@ import threading
 import time
 from typing import Any
 
-from lightning.fabric.strategies.launchers.multiprocessing import _disable_module_memory_sharing
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
-from lightning.pytorch.strategies.launchers.multiprocessing import _GlobalStateSnapshot
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.multiprocessing.spawn import ProcessExitedException
+from typing_extensions import override
 
-from lightning_ddg._compat import interrupt_here
+from lightning_ddg._compat import (
+    GlobalStateSnapshot,
+    MultiProcessingLauncher,
+    SubprocessScriptLauncher,
+    disable_module_memory_sharing,
+    interrupt_here,
+    set_num_threads_if_needed,
+)
 from lightning_ddg.lifeline import LAUNCHER_PID, SignalWatch, stop_processes, watch_launcher
 
 __all__ = ["DDGScriptLauncher", "DDGSpawnLauncher", "launched_processes", "pause_observer"]
+
+log = logging.getLogger(__name__)
 
 INTERRUPT_GRACE_S = 10.0
 # how long a launching process that ends waits for the ranks it launched, which run the same script to its end
@@ -70,9 +77,10 @@ def pause_observer(paused: bool) -> None:
         _observer.paused = paused
 
 
-class DDGScriptLauncher(_SubprocessScriptLauncher):
+class DDGScriptLauncher(SubprocessScriptLauncher):
     """Re-launches the script for every other rank; see the module's documentation."""
 
+    @override
     def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         global _observer
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
@@ -85,7 +93,14 @@ class DDGScriptLauncher(_SubprocessScriptLauncher):
             _observer = ChildObserver(self.procs)
             _observer.start()
             atexit.register(_wait_for, _observer, EXIT_GRACE_S)
-        _set_num_threads_if_needed(num_processes=self.num_processes)
+        set_num_threads_if_needed(num_processes=self.num_processes)
+        log.info(
+            "launch: %d processes per node on %d node(s), this one pid %d, %d started by it",
+            self.num_processes,
+            self.num_nodes,
+            os.getpid(),
+            len(launched_processes()),
+        )
         if _observer is None:
             return function(*args, **kwargs)
         with SignalWatch(stop=lambda: stop_processes(launched_processes())):
@@ -108,6 +123,7 @@ class ChildObserver(threading.Thread):
         self.paused = False
         self.failed = False  # the last fit raised: at exit, the launched ranks are not waited for
 
+    @override
     def run(self) -> None:
         while True:
             time.sleep(self.period)
@@ -132,7 +148,7 @@ class ChildObserver(threading.Thread):
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
-class DDGSpawnLauncher(_MultiProcessingLauncher):
+class DDGSpawnLauncher(MultiProcessingLauncher):
     """Starts one process per stage with multiprocessing; see the module's documentation.
 
     With ``"forkserver"``, the server imports lightning_ddg (and so torch and Lightning) once, and every stage
@@ -142,10 +158,11 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
     launcher to the forked processes, which would otherwise see the server's, as it was when it started.
     """
 
-    _global_states: _GlobalStateSnapshot | None = None
+    _global_states: GlobalStateSnapshot | None = None
     _started: Any = None
     _environment: dict[str, str] = {}
 
+    @override
     def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         if self._start_method == "forkserver":
             if any(type(logger).__name__ == "WandbLogger" for logger in getattr(trainer, "loggers", [])):
@@ -154,9 +171,10 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
                     "WandbLogger, use DDGStrategy(start_method='spawn') (strategy='ddg_spawn') or strategy='ddg'."
                 )
             multiprocessing.set_forkserver_preload(["__main__", "lightning_ddg"])
-            self._global_states = _GlobalStateSnapshot.capture()
+            self._global_states = GlobalStateSnapshot.capture()
         # which processes have started to run the stage's code: pickled with this launcher, in shared memory
         self._started = multiprocessing.get_context(self._start_method).RawArray("b", self._strategy.num_processes)
+        log.info("launch: %d processes started with %s", self._strategy.num_processes, self._start_method)
         try:
             with SignalWatch(stop=self._stop_stages):
                 return super().launch(function, *args, trainer=trainer, **kwargs)
@@ -192,10 +210,12 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
         stop_processes(starting, 0.0, signal.SIGKILL)
         stop_processes([p for p in processes if p not in starting], INTERRUPT_GRACE_S, signal.SIGINT)
 
+    @override
     def __getstate__(self) -> dict[str, Any]:
         # pickled as each process starts, once the launch has set the rendezvous port
         return self.__dict__ | {"_environment": dict(os.environ)}
 
+    @override
     def _wrapping_function(self, process_idx: int, trainer: Any, function: Any, args: Any, *rest: Any) -> None:
         watch_launcher(None, f"rank {process_idx}")  # first: this process ends with the launching one
         self._started[process_idx] = 1
@@ -205,11 +225,11 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
             self._global_states.restore()
             # tensors passed to a forked process arrive in memory shared by every stage and with this process
             # (the replicas of a stage would step the same weights): each process gets its own copy
-            args = _disable_module_memory_sharing(args)
+            args = disable_module_memory_sharing(args)
         try:
             super()._wrapping_function(process_idx, trainer, function, args, *rest)
         except SIGTERMException as stop:
-            if getattr(self._strategy, "_stopped_by", None) is not None:  # after a step, as every stage did
+            if getattr(getattr(self._strategy, "_stop", None), "stopped_by", None) is not None:  # after a step
                 self._started[process_idx] = _STOPPED_TOGETHER
             # the stages stopped together: Lightning runs on_exception callbacks only in the launching process, but
             # the trained state is here, and saving it (a checkpoint callback) needs every stage

@@ -14,15 +14,19 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["RendezvousTimeout", "rendezvous"]
+__all__ = ["RendezvousTimeout", "init_process_group", "rendezvous"]
+
+log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
 _ARRIVED = "lightning_ddg/rendezvous/arrived/"
@@ -55,7 +59,9 @@ def rendezvous(
     Raises:
         RendezvousTimeout: naming the ranks that did not arrive, or rank 0's store that cannot be reached.
     """
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
+    log.info("rendezvous: %s waits for %d processes at %s:%d", describe(rank), world_size, address, port)
     if rank == 0:
         store = dist.TCPStore(address, port, world_size, is_master=True, timeout=store_timeout, wait_for_workers=False)
     else:
@@ -66,8 +72,10 @@ def rendezvous(
     while True:
         missing = [r for r in others if not store.check([f"{_ARRIVED}{r}"])]
         if not missing:
+            log.info("rendezvous: all %d processes arrived after %.1f s", world_size, time.monotonic() - start)
             return store
         if time.monotonic() > deadline:
+            log.error("rendezvous: %s still missing after %.0f s", [describe(r) for r in missing], timeout)
             raise RendezvousTimeout(_missing_message(missing, describe, rank, timeout, address, port, exit_codes()))
         time.sleep(_POLL_S)
 
@@ -114,3 +122,33 @@ def _missing_message(
         f"{names} did not arrive at the rendezvous within {timeout:.0f} s, seen from {describe(rank)}. {why} "
         "Raise DDGStrategy(rendezvous_timeout=...) if starting takes longer."
     )
+
+
+def init_process_group(
+    backend: str,
+    address: str,
+    port: int,
+    rank: int,
+    world_size: int,
+    *,
+    rendezvous_timeout: timedelta,
+    timeout: timedelta,
+    describe: Callable[[int], str] = lambda r: f"rank {r}",
+    children: Mapping[int, subprocess.Popen] | None = None,
+) -> None:
+    """The default process group, created on the store of a :func:`rendezvous` (which waits at most
+    ``rendezvous_timeout``); ``timeout`` bounds every later collective. ``children``: the processes this one
+    launched, by rank, whose exits the rendezvous error names."""
+    children = dict(children or {})
+    store = rendezvous(
+        address,
+        port,
+        rank,
+        world_size,
+        timeout=rendezvous_timeout.total_seconds(),
+        describe=describe,
+        store_timeout=timeout,
+        exit_codes=lambda: {r: proc.poll() for r, proc in children.items()},
+    )
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, str(port)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
