@@ -11,7 +11,10 @@ Lightning's in two ways:
 - Lightning tells the strategy about an exception (``Strategy.on_exception``) only in the launching process. A
   stage that fails in a started process reports it here, so that its watchdog can stop the other stages.
 - Ctrl-C in the launching process stops the stages: they get SIGINT, and SIGKILL if they have not exited
-  after a grace period. (Lightning would otherwise wait for them to finish training.)
+  after a grace period (Lightning would otherwise wait for them to finish training); a process still starting,
+  which has nothing to stop, is killed at once rather than interrupted in the middle of its imports.
+- A stage killed by a signal (SIGKILL, the out-of-memory killer) ends the job with one line, not a
+  ``ProcessExitedException`` traceback; none if a stage's watchdog has already said it.
 - When the stages stopped together because the job was asked to (a SIGTERM; they exit with ``128 + signal``),
   the launching process ends the same way, without a traceback, and saves no checkpoint of its own: it trained
   nothing, and the stages have saved theirs.
@@ -59,6 +62,7 @@ INTERRUPT_GRACE_S = 10.0
 # how long a launching process that ends waits for the ranks it launched, which run the same script to its end
 EXIT_GRACE_S = 10.0
 
+_STOPPED_TOGETHER = 2  # in DDGSpawnLauncher._started: the stage stopped after the same step as the others
 _observer: ChildObserver | None = None  # this process's watch over the ranks it launched, if it launched any
 
 
@@ -128,10 +132,16 @@ class ChildObserver(threading.Thread):
             codes = [child.poll() for child in self.children]
             if all(code == 0 for code in codes):
                 return
-            failed = [(child, code) for child, code in zip(self.children, codes, strict=True) if code]
+            failed = [(i, code) for i, code in enumerate(codes) if code]
             if failed:
-                child, code = failed[0]
-                print(f"lightning-ddg: process {child.pid} exited with code {code}; stopping the job.", file=sys.stderr)
+                i, code = failed[0]
+                child = self.children[i]
+                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                print(
+                    f"lightning-ddg: local rank {i + 1} (process {child.pid}) {how}; stopping the job.",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 for other in self.children:
                     if other.poll() is None:
                         other.kill()
@@ -149,6 +159,7 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
     """
 
     _global_states: GlobalStateSnapshot | None = None
+    _started: Any = None
     _environment: dict[str, str] = {}
 
     @override
@@ -161,18 +172,43 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
                 )
             multiprocessing.set_forkserver_preload(["__main__", "lightning_ddg"])
             self._global_states = GlobalStateSnapshot.capture()
+        # which processes have started to run the stage's code: pickled with this launcher, in shared memory
+        self._started = multiprocessing.get_context(self._start_method).RawArray("b", self._strategy.num_processes)
         log.info("launch: %d processes started with %s", self._strategy.num_processes, self._start_method)
         try:
-            with SignalWatch(stop=lambda: stop_processes(getattr(self, "procs", []))):
+            with SignalWatch(stop=self._stop_stages):
                 return super().launch(function, *args, trainer=trainer, **kwargs)
         except KeyboardInterrupt:
-            stop_processes(self.procs, INTERRUPT_GRACE_S, signal.SIGINT)
+            self._interrupt(getattr(self, "procs", []))
             raise
         except ProcessExitedException as exited:
+            if exited.exit_code < 0:  # killed by a signal: it printed nothing, and its traceback would say nothing
+                if any(p.exitcode == 1 for p in self.procs):
+                    raise SystemExit(1) from None  # a stage's watchdog found it dead, and said so
+                print(
+                    f"lightning-ddg: rank {exited.error_index} (process {exited.error_pid}) was killed by "
+                    f"{exited.signal_name}; stopping the job.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                raise SystemExit(1) from None
             if not 128 < exited.exit_code < 128 + signal.NSIG:
                 raise
             self._strategy.stopped_elsewhere(exited.exit_code - 128)
             raise SIGTERMException(exited.exit_code) from None
+
+    def _stop_stages(self) -> bool:
+        """Stop the stages (SIGTERM, then SIGKILL); whether they said why: rank 0 marks in ``_started`` that every
+        stage stopped after the same step, which it has printed."""
+        stop_processes(getattr(self, "procs", []))
+        return self._started[0] == _STOPPED_TOGETHER
+
+    def _interrupt(self, processes: list) -> None:
+        """Ctrl-C: SIGINT to the stages, which stop as Lightning stops a run; a process still starting (importing
+        the script) is killed instead, as it has nothing to stop and would print a traceback from its imports."""
+        starting = [p for i, p in enumerate(processes) if not self._started[i]]
+        stop_processes(starting, 0.0, signal.SIGKILL)
+        stop_processes([p for p in processes if p not in starting], INTERRUPT_GRACE_S, signal.SIGINT)
 
     @override
     def __getstate__(self) -> dict[str, Any]:
@@ -182,6 +218,7 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
     @override
     def _wrapping_function(self, process_idx: int, trainer: Any, function: Any, args: Any, *rest: Any) -> None:
         watch_launcher(None, f"rank {process_idx}")  # first: this process ends with the launching one
+        self._started[process_idx] = 1
         if self._global_states is not None:
             os.environ.clear()
             os.environ.update(self._environment)
@@ -192,6 +229,8 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
         try:
             super()._wrapping_function(process_idx, trainer, function, args, *rest)
         except SIGTERMException as stop:
+            if getattr(getattr(self._strategy, "_stop", None), "stopped_by", None) is not None:  # after a step
+                self._started[process_idx] = _STOPPED_TOGETHER
             # the stages stopped together: Lightning runs on_exception callbacks only in the launching process, but
             # the trained state is here, and saving it (a checkpoint callback) needs every stage
             interrupt_here(trainer, stop)

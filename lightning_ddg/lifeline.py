@@ -6,17 +6,21 @@ fits and while a script ends, two smaller watches keep a job from leaving a proc
 
 - :func:`watch_launcher`: a process started by a launcher ends when the launcher ends, whatever it is doing. A
   daemon thread notices that the launching process has gone (the process's parent changed, for a rank that
-  ``strategy="ddg"`` re-launched; the parent's sentinel closed, for one started by multiprocessing), prints one
-  line that names the rank, and exits with code 1. A rank re-launched by ``strategy="ddg"`` starts its watch
-  when it imports ``lightning_ddg``, before torch or Lightning are imported; one started with multiprocessing,
-  as it enters the strategy's code.
+  ``strategy="ddg"`` re-launched; the parent's sentinel closed, for one started by multiprocessing) and exits
+  with code 1. Of the processes the launcher leaves behind on a host, one prints one line that says so (the
+  first to claim a file named after the launcher); the others end without a word. A rank re-launched by
+  ``strategy="ddg"``, and a process that ``start_method="spawn"`` starts, begin their watch when they import
+  ``lightning_ddg``, before torch or Lightning are imported (import it first in a script); a process forked
+  from a forkserver, as it enters the strategy's code.
 - :class:`SignalWatch`: in the launching process, a SIGTERM that arrives while no one else handles it (before
   Lightning installs its handlers for training, and after it removes them) stops the job at once: one line,
   the launched processes are stopped, exit code 143. Python runs signal handlers in the main thread only, and
   not while it waits inside C++ (a rendezvous, a receive): the signal reaches a thread of its own through
   ``signal.set_wakeup_fd``, and that thread ends the process. A SIGTERM that another handler takes (Lightning's,
   during training) is left to it, unless the main thread shows no sign of life for ``STUCK_S`` seconds after it
-  — blocked in a wait no handler can interrupt —: then the job is stopped the same way.
+  — blocked in a wait no handler can interrupt —: then the job is stopped the same way; and if that handler
+  found no step left to stop after (the signal came during the drain), the job is stopped as the run ends. A
+  spawning launcher whose stages stopped together after a step, and said so, adds no line of its own.
 
 Only the standard library is used here, so that the watch can start before the heavy imports.
 
@@ -33,27 +37,45 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
 
-__all__ = ["LAUNCHER_PID", "SignalWatch", "watch_launcher", "watch_launcher_from_environment"]
+__all__ = [
+    "LAUNCHER_PID",
+    "SignalWatch",
+    "claim_end",
+    "launcher_gone",
+    "watch_launcher",
+    "watch_launcher_from_environment",
+]
 
 # set by the "ddg" launcher for the ranks it re-launches, and taken out of the environment by them (so that their
 # own children, data loader workers say, do not take themselves for ranks)
 LAUNCHER_PID = "LIGHTNING_DDG_LAUNCHER_PID"
 POLL_S = 0.2
 STUCK_S = 10.0  # after a SIGTERM another handler takes, how long the main thread may stay in one place
+CLAIM_S = 1.0  # how long the process that speaks for the others keeps its claim
 
-_watching = False
+_watching = 0  # the pid of the process whose launcher is watched
+_ending = threading.Lock()  # one line, and one exit, per process
 
 
 def watch_launcher_from_environment() -> None:
-    """In a rank re-launched by ``strategy="ddg"`` (the environment names its launcher), start its watch."""
+    """Start the watch of a process that imports ``lightning_ddg`` as a launched one: a rank re-launched by
+    ``strategy="ddg"`` (the environment names its launcher), or a process started with multiprocessing's
+    "spawn" that is still importing the script (multiprocessing marks it as inheriting)."""
     launcher = os.environ.pop(LAUNCHER_PID, None)
+    current = multiprocessing.current_process()
     if launcher and launcher.isdigit() and int(launcher) != os.getpid():
         watch_launcher(int(launcher), f"rank {os.environ.get('LOCAL_RANK', '?')}")
+    elif getattr(current, "_inheriting", False) and current.name != "MainProcess":  # not a forkserver preloading
+        watch_launcher(os.getppid(), f"process {os.getpid()}, which was still starting")
+        # Ctrl-C in the launching process reaches its stages as SIGINT (launchers.py): one still starting has
+        # nothing to stop gracefully, and a KeyboardInterrupt would print a traceback from inside its imports
+        signal.signal(signal.SIGINT, _exit_quietly)
 
 
 def watch_launcher(launcher_pid: int | None, name: str) -> None:
@@ -62,14 +84,21 @@ def watch_launcher(launcher_pid: int | None, name: str) -> None:
     ``launcher_pid`` is the launching process, this process's parent; ``None`` in a process started by
     multiprocessing, whose parent's sentinel tells when it has gone. One watch per process: later calls do nothing.
     """
-    global _watching
-    if _watching:
-        return
+    global _watching, _gone
     parent = multiprocessing.parent_process() if launcher_pid is None else None
+    if parent is not None and signal.getsignal(signal.SIGINT) is _exit_quietly:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C stops the run as usual
+    if parent is not None:
+        # torch.multiprocessing asks the kernel for a SIGINT when the parent dies, which raises KeyboardInterrupt
+        # in whatever the main thread runs (if it runs Python at all): the watch says why and ends the process
+        _set_parent_death_signal(0)
+    if _watching == os.getpid():  # a process forked from a watched one is not watched: its thread stayed behind
+        return
     if launcher_pid is None and parent is None:
         return  # not a launched process
-    _watching = True
+    _watching = os.getpid()
     pid = launcher_pid if launcher_pid is not None else parent.pid  # type: ignore[union-attr]
+    claim = _claim_file(pid)
 
     def gone() -> bool:
         if parent is not None:
@@ -81,35 +110,85 @@ def watch_launcher(launcher_pid: int | None, name: str) -> None:
     def run() -> None:
         while not gone():
             pass
-        print(f"lightning-ddg: the launching process ({pid}) has exited; stopping {name}.", file=sys.stderr, flush=True)
-        os._exit(1)
+        _end_for_launcher(claim, f"lightning-ddg: the launching process ({pid}) has exited; stopping {name}.")
 
-    if parent is not None:
-        # torch.multiprocessing asks the kernel for a SIGINT when the parent dies, which raises KeyboardInterrupt
-        # in whatever the main thread runs (if it runs Python at all): this watch says why and ends the process
-        _set_parent_death_signal(0)
+    _gone = (lambda: not parent.is_alive()) if parent is not None else (lambda: os.getppid() != launcher_pid)
     if launcher_pid is not None and os.getppid() != launcher_pid:
         run()  # the launcher ended before this process got this far
     threading.Thread(target=run, name="lightning-ddg-launcher-watch", daemon=True).start()
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    os._exit(128 + signum)
+
+
+def claim_end() -> None:
+    """Called by a thread about to end this process: the first one goes on, any later one waits for the end, so
+    that a process says once why it ends (its launcher's watch, the watchdog)."""
+    if not _ending.acquire(blocking=False):
+        threading.Event().wait()
+
+
+def launcher_gone() -> bool:
+    """Whether this process's launcher is watched and has gone: then the watch ends this process, with the one
+    line the job gets for it, within ``POLL_S``."""
+    return _watching == os.getpid() and _gone is not None and _gone()
+
+
+_gone: Callable[[], bool] | None = None  # the watch's test, without its wait
+
+
+def _claim_file(launcher_pid: int) -> str | None:
+    """The file whose creation decides which of the processes a launcher leaves behind says so: named after the
+    launcher's pid and start time (read while it runs), so that a later job with the same pid has its own."""
+    try:
+        with open(f"/proc/{launcher_pid}/stat") as f:
+            started = f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None  # not Linux, or the launcher has already gone: this process speaks
+    return os.path.join(tempfile.gettempdir(), f"lightning-ddg-launcher-{launcher_pid}-{started}")
+
+
+def _end_for_launcher(claim: str | None, line: str) -> None:
+    """End this process for its launcher's end, with ``line`` if it is the first of the job's processes on this
+    host to claim ``claim``; the claim is dropped once the others, which notice within ``POLL_S``, have seen it."""
+    claim_end()
+    try:
+        if claim is not None:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        os._exit(1)  # another process said it
+    except OSError:
+        pass
+    print(line, file=sys.stderr, flush=True)
+    if claim is not None:
+        time.sleep(CLAIM_S)
+        try:
+            os.unlink(claim)
+        except OSError:
+            pass
+    os._exit(1)
 
 
 class SignalWatch:
     """In the launching process, a SIGTERM that no other handler takes ends the job at once (see the module).
 
     Args:
-        stop: called before this process exits, to stop the processes it launched.
+        stop: called before this process exits, to stop the processes it launched; returns True if they said
+            why they stopped (stages that stopped together after a step), and then this process says nothing.
 
     Nothing is installed where it could take something from the program: outside the main thread, when a SIGTERM
     handler is already installed, or when another wakeup fd is set (an event loop's, say).
     """
 
-    def __init__(self, stop: Callable[[], None]) -> None:
+    def __init__(self, stop: Callable[[], bool | None]) -> None:
         self._stop = stop
         self._installed = False
         self._ending = threading.Lock()
         self._read_fd = self._write_fd = -1
         self._thread: threading.Thread | None = None
         self._checking = False
+        self._taken = False  # a SIGTERM that another handler took
 
     def __enter__(self) -> SignalWatch:
         if threading.current_thread() is not threading.main_thread():
@@ -132,6 +211,10 @@ class SignalWatch:
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: TracebackType | None) -> None:
         if not self._installed:
             return
+        if kind is None and self._taken:
+            # the handler that took the SIGTERM (Lightning's, in training) found no step left to stop after: the
+            # run ended as usual, and the job stops now
+            self._end(signal.SIGTERM, " as the run ended")
         if self._owns_sigterm():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
@@ -168,7 +251,9 @@ class SignalWatch:
                 continue
             if self._owns_sigterm():
                 self._end(signal.SIGTERM)
-            elif not self._checking:
+                continue
+            self._taken = True
+            if not self._checking:
                 self._checking = True
                 threading.Thread(target=self._end_if_stuck, name="lightning-ddg-stuck-watch", daemon=True).start()
 
@@ -191,10 +276,12 @@ class SignalWatch:
         if not self._ending.acquire(blocking=False):
             return
         name = signal.Signals(signum).name
-        print(f"lightning-ddg: {name} received{why}; stopping the job.", file=sys.stderr, flush=True)
+        said = False
         try:
-            self._stop()
+            said = bool(self._stop())
         finally:
+            if not said:
+                print(f"lightning-ddg: {name} received{why}; stopping the job.", file=sys.stderr, flush=True)
             os._exit(128 + signum)
 
 

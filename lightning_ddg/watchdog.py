@@ -53,6 +53,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_ddg.lifeline import claim_end, launcher_gone
+
 __all__ = ["Failure", "Watchdog"]
 
 # a job that runs several fits in the same processes gets fresh keys for each; every process creates its
@@ -305,8 +307,11 @@ class Watchdog:
     # --- ending ---------------------------------------------------------------------------------------------
     def _end_job(self, failure: Failure) -> None:
         """End this process because of ``failure`` elsewhere; whichever thread comes first does it."""
+        if failure.rank < 0 and launcher_gone():
+            threading.Event().wait()  # the launcher's watch ends this process, with the job's one line about it
         with self._ending:
             self._wait_for_exit(failure)
+            claim_end()
             line = f"lightning-ddg: {failure.message}; stopping {self.describe(self.rank)}."
             print(line, file=sys.stderr, flush=True)
             self._stop_children()

@@ -7,13 +7,17 @@ none survives; the failing process writes the time of its failure to ``<pid-file
 by rank 0 after a run that went well is ``job done``.
 
 With ``--hold PHASE --rank R``, global rank R stops when it reaches PHASE (one of ``HOLDS``), writes its pid and
-the phase to ``<pid-file>.at`` and waits there, so that a test can stop the job in that phase; a launched rank
-held in ``imports`` waits a few seconds before it imports lightning_ddg, as slow imports would.
+the phase to ``<pid-file>.at`` and waits there until the test writes ``<pid-file>.go`` (once it has signalled the
+job); then the phase goes on, and training with it, slowly (0.05 s a step), so that a stop has the time to arrive.
+In ``imports``, the first launched process to import this script holds as it starts to import Lightning, inside
+``import lightning_ddg``, as slow imports would: a rank re-launched by ``ddg``, a process started by
+``ddg_spawn``; a process forked from the forkserver (which imported them already) as it imports this script.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import os
 import signal
@@ -25,24 +29,57 @@ from pathlib import Path
 HOLDS = ("imports", "rendezvous", "planning", "first-steps", "validation", "save", "drain", "teardown")
 
 
+HOLD_IMPORTS = "RELIABILITY_JOB_HOLD_IMPORTS"  # set by the launching process to its pid file
+
+
+released = False  # a held process was let go: it trains on slowly, so that a stop has the time to arrive
+
+
 def hold(pid_file: str, phase: str, seconds: float = 60.0) -> None:
-    """Say that this process has reached ``phase``, then wait there."""
+    """Say that this process has reached ``phase``, then wait there until the test lets it go."""
+    global released
     marker = Path(f"{pid_file}.at")
     marker.with_suffix(".tmp").write_text(f"{os.getpid()} {phase}\n")
     marker.with_suffix(".tmp").rename(marker)
-    time.sleep(seconds)
+    go, deadline = Path(f"{pid_file}.go"), time.monotonic() + seconds
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    released = True
+
+
+class _HoldInImports:
+    """A finder that holds when Lightning is first imported, inside ``import lightning_ddg``: as slow imports
+    would, once the package has started to watch its launcher (its first line)."""
+
+    def __init__(self, pid_file: str) -> None:
+        self.pid_file = pid_file
+
+    def find_spec(self, name: str, *args: object) -> None:
+        if name == "lightning":
+            sys.meta_path.remove(self)
+            hold(self.pid_file, "imports")
+        return None  # the usual finders find it
 
 
 def _hold_in_imports() -> None:
-    """A launched rank asked to hold in ``imports`` does so before it imports torch, Lightning or lightning_ddg."""
-    argv = sys.argv
-    if "LOCAL_RANK" in os.environ and "--hold" in argv and argv[argv.index("--hold") + 1] == "imports":
-        rank = argv[argv.index("--rank") + 1] if "--rank" in argv else "1"
-        if os.environ["LOCAL_RANK"] == rank:
-            hold(argv[argv.index("--pid-file") + 1], "imports", seconds=2.0)
+    """The first launched process to import this script holds in ``imports`` when asked (see the module)."""
+    pid_file = os.environ.get(HOLD_IMPORTS)
+    if not pid_file or ("LOCAL_RANK" not in os.environ and __name__ != "__mp_main__"):
+        return  # not asked, or the launching process itself
+    try:
+        os.close(os.open(f"{pid_file}.claimed", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return  # another launched process holds
+    if "lightning" in sys.modules:  # forked from a forkserver that imported it: only this script is left to import
+        hold(pid_file, "imports")
+    else:
+        sys.meta_path.insert(0, _HoldInImports(pid_file))
 
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started in the background
 _hold_in_imports()
+
+importlib.import_module("lightning_ddg")  # first: a launched process is watched from here on
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -124,7 +161,7 @@ class Hold(Callback):
 
 
 class HoldingCheckpointIO(TorchCheckpointIO):
-    """Writes the second ``last`` checkpoint half-way, then holds, as a save stopped in its middle would."""
+    """Writes the second ``last`` checkpoint half-way, holds, then writes the rest: a save stopped in its middle."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__()
@@ -137,10 +174,12 @@ class HoldingCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
+        half = len(buffer.getvalue()) // 2
         with open(path, "wb") as f:
-            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            f.write(buffer.getvalue()[:half])
             f.flush()
             hold(self.args.pid_file, "save")
+            f.write(buffer.getvalue()[half:])
 
 
 class Job(L.LightningModule):
@@ -176,8 +215,8 @@ class Job(L.LightningModule):
             x = x * float("nan")  # on the first stage (the highest rank): the NaN reaches the loss
         if args.started_file and self.global_step == 2:
             Path(f"{args.started_file}.{self.global_rank}").touch()
-        if args.step_sleep:
-            time.sleep(args.step_sleep)
+        if args.step_sleep or released:
+            time.sleep(args.step_sleep or 0.05)
         if args.fail == "not-a-tensor":  # the batch has an offset at every step but the failing one
             logits = self(x, None if failing else torch.zeros(()))
         else:
@@ -217,6 +256,8 @@ def main() -> None:
     if "LOCAL_RANK" not in os.environ:  # the launching process, before it starts the others
         with open(args.pid_file, "a") as f:
             f.write(f"{os.getpid()}\n")
+        if args.hold == "imports":
+            os.environ[HOLD_IMPORTS] = args.pid_file
 
     torch.manual_seed(0)
     samples = 0 if args.fail == "empty" else 64

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,39 +163,6 @@ def test_a_stage_killed_with_sigkill_ends_the_job(tmp_path: Path) -> None:
     assert job.gone_at - job.failed_at < LIMIT_S, report
 
 
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_the_launching_process_killed_with_sigkill_ends_the_job(tmp_path: Path) -> None:
-    # rank 0 launched the others and holds the job's store: they see their launcher gone or lose the store, and
-    # stop, whichever they notice first
-    job = run_failing_job(tmp_path, "--devices", "2", "--fail", "kill", "--rank", "0")
-    report = f"exit code {job.returncode}\n{job.output[-6000:]}"
-    assert job.returncode == -signal.SIGKILL, report
-    lines = (
-        "lightning-ddg: lost the job's store, which stage 1 (rank 0) holds",
-        "lightning-ddg: the launching process (",
-    )
-    assert any(line in job.output for line in lines), report
-    assert job.gone_at - job.failed_at < LIMIT_S, report
-
-
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-@pytest.mark.parametrize("strategy", ["ddg", "ddg_spawn"])
-def test_ctrl_c_in_the_launching_process_stops_every_stage(tmp_path: Path, strategy: str) -> None:
-    pid_file, started = tmp_path / "pids", tmp_path / "started"
-    args = ("--strategy", strategy, "--devices", "2", "--max-steps", "100000", "--step-sleep", "0.02")
-    proc = _start(FAILING_JOB, *args, "--started-file", str(started), pid_file=pid_file)
-    deadline = time.monotonic() + 90
-    while len(list(tmp_path.glob("started.*"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)  # until both stages are training
-    interrupted_at = time.time()
-    proc.send_signal(signal.SIGINT)
-    job = _wait(proc, pid_file)
-    report = f"exit code {job.returncode}\n{job.output[-6000:]}"
-    assert job.returncode == 1, report
-    assert "Detected KeyboardInterrupt, attempting graceful shutdown" in job.output, report
-    assert job.gone_at - interrupted_at < LIMIT_S, report
-
-
 def _repeat(devices: int, runs: int) -> tuple[list[str], list[tuple[int, int]], str]:
     """Weight digests and (threads, fds) after each run, and the final test/validate line."""
     proc = _start(REPEAT_JOB, "--devices", str(devices), "--runs", str(runs), pid_file=Path(os.devnull))
@@ -256,14 +224,15 @@ class Stopped:
 
 
 def _stop_at(tmp_path: Path, phase: str, rank: int, signum: int | None, target: str, *args: str) -> Stopped:
-    """Run a 2-stage job, hold global rank ``rank`` when it reaches ``phase``, then send ``signum`` (if any) to the
-    launching process (``target="launcher"``) or to the held process (``"stage"``)."""
+    """Run a 2-stage job, hold global rank ``rank`` when it reaches ``phase``, send ``signum`` (if any) to the
+    launching process (``target="launcher"``) or to the held process (``"stage"``), then let the held process go
+    on, as a phase goes on when its job is signalled."""
     pid_file = tmp_path / "pids"
     proc = _start(FAILING_JOB, "--devices", "2", "--hold", phase, "--rank", str(rank), *args, pid_file=pid_file)
     marker = pid_file.with_name("pids.at")
     deadline = time.monotonic() + 120
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     if not marker.exists():
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"the job never reached {phase}:\n{proc.communicate()[0][-5000:]}")
@@ -272,6 +241,7 @@ def _stop_at(tmp_path: Path, phase: str, rank: int, signum: int | None, target: 
     if signum is not None:
         os.kill(proc.pid if target == "launcher" else int(held), signum)
     signalled = time.monotonic()
+    pid_file.with_name("pids.go").touch()
     output, _ = finish_job(proc, LIMIT_S)  # its output closes when the last process holding it has gone
     _assert_all_gone(proc.pid, signalled + LIMIT_S, output)
     return Stopped(proc.returncode, output, time.monotonic() - signalled)
@@ -288,51 +258,124 @@ def _assert_all_gone(group: int, deadline: float, output: str) -> None:
         )
 
 
-SIGTERM_LINE = "lightning-ddg: SIGTERM received; stopping the job."
-LAUNCHER_GONE_LINE = "lightning-ddg: the launching process ("
+# --- the matrix: launch mode x what stops the job x phase ------------------------------------------------------
+MODES = ("ddg", "ddg_spawn", "forkserver")
+STOPS = ("SIGTERM", "SIGINT", "SIGKILL", "SIGKILL-stage")  # the first three to the launching process
+PHASES = ("imports", "rendezvous", "planning", "first-steps", "validation", "save", "drain", "teardown")  # HOLDS
+# the one line that says what stopped the job, for each way of stopping it
+SAYS = {
+    "SIGTERM": r"lightning-ddg: (SIGTERM received|stopped by SIGTERM after step \d+ on every stage)",
+    "SIGINT": r"Detected KeyboardInterrupt, attempting graceful shutdown",
+    "SIGKILL": r"lightning-ddg: (the launching process \(\d+\) has exited|lost the job's store)",
+    "SIGKILL-stage": r"lightning-ddg: .*(was killed by SIGKILL|stopped responding|lost the job's store)",
+}
 
 
-def _case(strategy: str, phase: str, rank: int, signum: signal.Signals, target: str, says: str, slow: bool = False):
-    return pytest.param(
-        strategy,
-        phase,
-        rank,
-        signum,
-        target,
-        says,
-        id=f"{strategy}-{phase}-{signum.name}-{target}",
-        marks=[pytest.mark.slow] if slow else [],
-    )
+@dataclass(frozen=True)
+class Cell:
+    mode: str
+    stop: str
+    phase: str
+
+    def __str__(self) -> str:
+        return f"{self.mode}-{self.stop}-{self.phase}"
+
+    @property
+    def held_rank(self) -> int:
+        """The rank held in the phase: ddg's launching process (rank 0) when it is the one signalled, in a phase it
+        goes through; otherwise rank 1, a launched process (in ``imports``: the first launched process)."""
+        launcher = self.mode == "ddg" and self.stop != "SIGKILL-stage" and self.phase != "imports"
+        return 0 if launcher else 1
 
 
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-@pytest.mark.parametrize(
-    ("strategy", "phase", "rank", "signum", "target", "says"),
-    [
-        # the launching process (rank 0) is stopped while the other rank waits for it at the rendezvous
-        _case("ddg", "rendezvous", 0, signal.SIGTERM, "launcher", SIGTERM_LINE),
-        # the launching process is killed while the other rank still imports
-        _case("ddg", "imports", 1, signal.SIGKILL, "launcher", LAUNCHER_GONE_LINE),
-        _case("ddg_spawn", "planning", 0, signal.SIGTERM, "launcher", SIGTERM_LINE),
-        _case("forkserver", "drain", 0, signal.SIGKILL, "launcher", LAUNCHER_GONE_LINE),
-        # more of the matrix, kept out of the default run for time
-        _case("ddg", "teardown", 0, signal.SIGTERM, "launcher", SIGTERM_LINE, slow=True),
-        _case("forkserver", "drain", 0, signal.SIGKILL, "stage", "SIGKILL", slow=True),
-        _case("ddg", "rendezvous", 0, signal.SIGINT, "launcher", "Detected KeyboardInterrupt", slow=True),
-        _case("ddg", "planning", 1, signal.SIGKILL, "stage", "stage 0 (rank 1) was killed by SIGKILL", slow=True),
-        # the launcher waits for the held stage inside a collective, where no signal handler runs
-        _case("ddg", "drain", 1, signal.SIGTERM, "launcher", "the main thread has not moved for 10 s", slow=True),
-        _case("ddg_spawn", "rendezvous", 1, signal.SIGKILL, "launcher", LAUNCHER_GONE_LINE, slow=True),
-        _case("ddg_spawn", "first-steps", 1, signal.SIGKILL, "launcher", LAUNCHER_GONE_LINE, slow=True),
-        _case("forkserver", "validation", 1, signal.SIGINT, "launcher", "Detected KeyboardInterrupt", slow=True),
-        _case("forkserver", "teardown", 0, signal.SIGTERM, "launcher", SIGTERM_LINE, slow=True),
-    ],
-)
-def test_a_job_stopped_in_any_phase_leaves_no_process(tmp_path, strategy, phase, rank, signum, target, says) -> None:
-    stopped = _stop_at(tmp_path, phase, rank, signum, target, "--strategy", strategy)
-    report = f"exit code {stopped.returncode}\n{stopped.output[-6000:]}"
-    assert stopped.returncode != 0, report
-    assert says in stopped.output, report
+def covering_cells() -> list[Cell]:
+    """32 of the 96 cells, in which every pair (phase, stop), (phase, mode) and (mode, stop) appears: each phase
+    with each stop, the mode turning with both."""
+    return [
+        Cell(MODES[(i + j) % len(MODES)], stop, phase) for i, phase in enumerate(PHASES) for j, stop in enumerate(STOPS)
+    ]
+
+
+def all_cells() -> list[Cell]:
+    return [Cell(mode, stop, phase) for phase in PHASES for mode in MODES for stop in STOPS]
+
+
+def _stop_cell(tmp_path: Path, cell: Cell) -> str | None:
+    """Run one cell; what went wrong, or None."""
+    tmp_path.mkdir()
+    signum = signal.SIGKILL if cell.stop.startswith("SIGKILL") else getattr(signal, cell.stop)
+    target = "stage" if cell.stop == "SIGKILL-stage" else "launcher"
+    args = ["--strategy", cell.mode, "--max-steps", "100"]  # once let go, 0.05 s a step: a stop comes first
+    if cell.phase == "save":
+        args += ["--checkpoint-dir", str(tmp_path / "checkpoints")]
+    try:
+        stopped = _stop_at(tmp_path, cell.phase, cell.held_rank, signum, target, *args)
+    except pytest.fail.Exception as failed:
+        return f"{cell}: {failed}"
+    says = len(re.findall(SAYS[cell.stop], stopped.output))
+    # ddg's launching process, killed in teardown, may be the last process of the job: no one is left to say it
+    lines = (0, 1) if (cell.mode, cell.stop, cell.phase) == ("ddg", "SIGKILL", "teardown") else (1,)
+    problems = [
+        *(["exit code 0"] if stopped.returncode == 0 else []),
+        *([f"the line that says what stopped it appears {says} times"] if says not in lines else []),
+        *(["a traceback"] if "Traceback" in stopped.output else []),
+        *(_torn_checkpoints(tmp_path / "checkpoints") if cell.phase == "save" else []),
+    ]
+    if not problems:
+        return None
+    summary = f"{cell}: {', '.join(problems)} (exit code {stopped.returncode}, {stopped.seconds:.1f} s)"
+    return f"{summary}\n{stopped.output[-4000:]}"
+
+
+def _torn_checkpoints(directory: Path) -> list[str]:
+    """A checkpoint file that a resume could pick and that does not load: ``last.ckpt`` (the save held half-way
+    was its second) must be there and whole, and so must every other ``*.ckpt``; a temporary file is ignored by
+    ``ckpt_path="last"`` (its name starts with a dot and ends in ``.tmp``)."""
+    import torch
+
+    torn = [] if (directory / "last.ckpt").exists() else ["no last.ckpt"]
+    for path in directory.glob("*.ckpt"):
+        try:
+            torch.load(path, weights_only=False)
+        except Exception as error:  # noqa: BLE001 - any error means torn
+            torn.append(f"{path.name} does not load ({type(error).__name__}: {error})")
+    return torn
+
+
+def _run_cells(tmp_path: Path, cells: list[Cell], at_once: int = 2) -> None:
+    """Run ``cells``, ``at_once`` jobs at a time (each in a session of its own); report every cell that failed."""
+    with ThreadPoolExecutor(at_once) as pool:
+        found = list(pool.map(lambda c: _stop_cell(tmp_path / str(c), c), cells))
+    failed = [f for f in found if f is not None]
+    assert not failed, f"{len(failed)} of {len(cells)} cells failed:\n\n" + "\n\n".join(failed)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_job_stopped_in_any_phase_leaves_nothing_and_says_why_once(tmp_path: Path, phase: str) -> None:
+    """The covering cells of ``phase``: every process gone within 30 s of the signal, a non-zero exit, and one
+    line that says what stopped the job, with no traceback."""
+    _run_cells(tmp_path, [c for c in covering_cells() if c.phase == phase])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("mode", MODES)
+def test_every_cell_of_the_matrix(tmp_path: Path, mode: str, phase: str) -> None:
+    _run_cells(tmp_path, [c for c in all_cells() if c.mode == mode and c.phase == phase])
+
+
+def test_the_covering_cells_cover_every_pair() -> None:
+    cells = covering_cells()
+    assert len(set(cells)) == len(cells) == len(PHASES) * len(STOPS)
+    for first, second, values in (
+        ("phase", "stop", (PHASES, STOPS)),
+        ("phase", "mode", (PHASES, MODES)),
+        ("mode", "stop", (MODES, STOPS)),
+    ):
+        pairs = {(getattr(c, first), getattr(c, second)) for c in cells}
+        assert pairs == {(x, y) for x in values[0] for y in values[1]}, (first, second)
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
