@@ -45,6 +45,7 @@ from lightning_ddg.balance import (
     solve,
 )
 from lightning_ddg.checks import crossing_tensors
+from lightning_ddg.exporting import example_spec
 from lightning_ddg.opening import Frozen, frozen_python, opened_by
 from lightning_ddg.partition import (
     WHOLE_KEY,
@@ -99,6 +100,8 @@ class Plan:
     note: str | None = None  # why the cost measure asked for was not used
     whole_modules: list[str] = field(default_factory=list)  # kept whole: their forward could not be traced
     opened_modules: list[str] = field(default_factory=list)  # traced into for the cuts; every other one is called
+    # the example input's shapes and dtypes (meta tensors), with which every rank opens what torch.fx cannot
+    example_input: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_stages(self) -> int:
@@ -185,7 +188,11 @@ def plan(
     if (num_stages is None) == (split_points is None):
         raise ValueError("give either num_stages (to choose a split) or split_points (to describe one)")
     args = () if example_input is None else example_input if isinstance(example_input, tuple) else (example_input,)
-    gm = trace(module, train=True) if split_points is None else trace_for_cuts(module, split_points, train=True)
+    example = args or None  # opens, by torch.export, the modules torch.fx cannot trace
+    if split_points is None:
+        gm = trace(module, train=True, example_input=example)
+    else:
+        gm = trace_for_cuts(module, split_points, train=True, example_input=example)
     body = _body(gm.graph)
     candidates = _candidate_cuts(body)
     wanted = num_stages if num_stages is not None else len(split_points) + 1  # type: ignore[arg-type]
@@ -197,7 +204,7 @@ def plan(
     names = dict(candidates)
     given: dict[int, str] = {}
     if split_points is not None:  # a given cut may fall where no candidate is (a module's second call, say)
-        split_module(module, split_points)  # the errors for names that cannot cut, in forward order
+        split_module(module, split_points, example_input=example)  # the errors for names that cannot cut
         known = [n for n, _ in module.named_modules() if n]
         given = {_cut_index(body, name, known): name for name in split_points}
         names |= given
@@ -252,7 +259,9 @@ def plan(
         warnings.warn(_frozen_warning(found, split_points, begins, positions, starts), stacklevel=2)
     if example_runs and not on_meta:  # meta tensors hold no values to compare
         _check_split(module, split_points, args, where, found)
-    return _describe(gm, body, positions, starts, split_points, costs, cut_bytes, used, note, args, opened)
+    described = _describe(gm, body, positions, starts, split_points, costs, cut_bytes, used, note, args, opened)
+    described.example_input = example_spec(args) if args else None
+    return described
 
 
 class _FrozenOpened:
@@ -405,7 +414,7 @@ def _check_split(
                 expected = None  # the whole model does not fit where the stages are measured
         with _shadow(module, user_hooks=False) as copied:
             copied.train()
-            stages = split_module(copied, split_points).train
+            stages = split_module(copied, split_points, example_input=args or None).train
             restart()
             values: list[Any] = list(_to(args, where))
             with torch.no_grad():
