@@ -45,7 +45,7 @@ from torch.export._swap import _swap_modules
 from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
-__all__ = ["export_trace", "example_spec"]
+__all__ = ["export_trace", "example_spec", "no_cache"]
 
 _SCALARS = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
 
@@ -99,6 +99,7 @@ def _exported(
     in_spec = ep.module_call_graph[0].signature.in_spec
     graph = _folded(gm, in_spec, list(signature.parameters.values())[: len(args)])
     _localize(graph, lambda n: n.op == "get_attr" or _is_size(n))
+    _sink(graph)
     result = fx.GraphModule(gm, graph)
     result.graph.eliminate_dead_code()
     result.graph.lint()
@@ -121,7 +122,7 @@ def _export(module: nn.Module, args: tuple, dynamic: Any, train: bool, called: t
     modes = {m: m.training for m in module.modules()}
     module.train(train)
     try:
-        with _no_cache(module), torch.random.fork_rng(devices=[]):
+        with no_cache(module), torch.random.fork_rng(devices=[]):
             ep = torch.export.export(
                 module, args, strict=False, dynamic_shapes=dynamic, preserve_module_call_signature=called
             )
@@ -154,7 +155,7 @@ def _called_whole(module: nn.Module, opened: set[str]) -> dict[str, nn.Module]:
 
 
 @contextlib.contextmanager
-def _no_cache(module: nn.Module) -> Iterator[None]:
+def no_cache(module: nn.Module) -> Iterator[None]:
     """Hugging Face models with their key/value cache off, as in training."""
     configs = {id(c): c for m in module.modules() if (c := getattr(m, "config", None)) is not None}
     saved = {k: c.use_cache for k, c in configs.items() if getattr(c, "use_cache", None)}
@@ -253,6 +254,31 @@ def _localize(graph: fx.Graph, local: Callable[[fx.Node], bool]) -> None:
                 user.replace_input_with(node, _copy_local(graph, node, copies, local, user))
         if not node.users:
             graph.erase_node(node)
+
+
+def _sink(graph: fx.Graph) -> None:
+    """Move every computation that draws no random numbers, calls no module and reads no item right before its
+    first use.
+
+    The export's graph comes out of a breadth-first reordering, which puts the start of one layer's computation
+    (a reshape of the rotary embedding, say) among an earlier layer's nodes; placed where it is used, each
+    module's computation is one run of nodes again, and a cut before a module falls before all of it.
+    """
+    for node in reversed(list(graph.nodes)):
+        if node.op not in ("call_function", "call_method", "get_attr") or not node.users or _draws(node):
+            continue
+        if node.target in (operator.getitem, getattr):
+            continue  # the items of an argument or of a module's result stay with it (partition.py hoists them)
+        first = node.next
+        while first not in node.users and first.op != "output":
+            first = first.next
+        if first is not node.next:
+            first.prepend(node)
+
+
+def _draws(node: fx.Node) -> bool:
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
 
 
 def _is_size(node: fx.Node) -> bool:

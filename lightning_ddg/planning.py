@@ -45,7 +45,7 @@ from lightning_ddg.balance import (
     solve,
 )
 from lightning_ddg.checks import crossing_tensors
-from lightning_ddg.exporting import example_spec
+from lightning_ddg.exporting import example_spec, no_cache
 from lightning_ddg.opening import Frozen, frozen_python, opened_by
 from lightning_ddg.partition import (
     WHOLE_KEY,
@@ -408,7 +408,7 @@ def _check_split(
             unsplit.train()
             restart()
             try:
-                with torch.no_grad(), _on(unsplit, where):
+                with torch.no_grad(), _on(unsplit, where), no_cache(unsplit):  # as an export opens it
                     expected = _to(unsplit(*_to(args, where)), torch.device("cpu"))
             except torch.OutOfMemoryError:
                 expected = None  # the whole model does not fit where the stages are measured

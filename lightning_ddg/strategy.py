@@ -1119,6 +1119,8 @@ def _forward_arguments(batch: Any, signature: inspect.Signature) -> tuple | None
     if isinstance(batch, Tensor):
         return (batch,)
     if isinstance(batch, dict):
+        if len(positional) == 1 and positional[0].name not in batch:
+            return (batch,)  # forward(self, batch): the dict batch is the argument, self.model(**batch) say
         args = []
         for p in positional:
             if p.name not in batch:
