@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -95,7 +96,9 @@ def _exported(
     signature: inspect.Signature,
 ) -> fx.GraphModule:
     ep = _export(module, args, dynamic, train, tuple(called))
-    gm = _swap_modules(ep, {name: owner.get_submodule(name) for name in called})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node with no underlying reference")
+        gm = _swap_modules(ep, {name: owner.get_submodule(name) for name in called})
     in_spec = ep.module_call_graph[0].signature.in_spec
     graph = _folded(gm, in_spec, list(signature.parameters.values())[: len(args)])
     _localize(graph, lambda n: n.op == "get_attr" or _is_size(n))

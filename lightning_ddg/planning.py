@@ -48,6 +48,7 @@ from lightning_ddg.checks import crossing_tensors
 from lightning_ddg.exporting import example_spec, no_cache
 from lightning_ddg.opening import Frozen, frozen_python, opened_by
 from lightning_ddg.partition import (
+    EXPORTED_KEY,
     WHOLE_KEY,
     _body,
     _candidate_cuts,
@@ -244,6 +245,12 @@ def plan(
         cut_bytes = [float(_placeholders(s)) for s in segments[1:]]
     if split_points is None:
         as_written = [not frozen.opened_by(begins[index]) for index in positions]
+        if gm.meta.get(EXPORTED_KEY):  # an exported layer that holds a cut runs as recorded operations
+            layers = _layers(module)
+            as_written = [
+                fine and not layers.intersection(opened_by(begins[index]))
+                for fine, index in zip(as_written, positions, strict=True)
+            ]
         positions, costs, cut_bytes, starts = _as_written(positions, costs, cut_bytes, wanted, used, as_written)
         if used == "time" and wanted > 1:
             with _untouched(module):
@@ -326,6 +333,16 @@ def _as_written(
     if _slowest(kept_costs, kept_starts) > _slowest(costs, starts) * (1 + AS_WRITTEN_TOLERANCE):
         return positions, costs, cut_bytes, starts
     return [positions[j] for j in keep], kept_costs, kept_bytes, kept_starts
+
+
+def _layers(module: nn.Module) -> set[str]:
+    """The names of the layers of ``module``'s stacks: the items of its ``nn.ModuleList`` s and ``nn.Sequential`` s."""
+    return {
+        f"{name}.{child}" if name else child
+        for name, m in module.named_modules()
+        if isinstance(m, (nn.ModuleList, nn.Sequential))
+        for child, _ in m.named_children()
+    }
 
 
 def _merged(costs: list[float], cut_bytes: list[float], keep: list[int]) -> tuple[list[float], list[float]]:
