@@ -41,8 +41,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.export import Dim
+from torch.export import Dim, _swap
 from torch.export._swap import _swap_modules
+from torch.export.exported_program import ConstantArgument
 from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
@@ -96,7 +97,7 @@ def _exported(
     signature: inspect.Signature,
 ) -> fx.GraphModule:
     ep = _export(module, args, dynamic, train, tuple(called))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _constants_kept():
         warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node with no underlying reference")
         gm = _swap_modules(ep, {name: owner.get_submodule(name) for name in called})
     in_spec = ep.module_call_graph[0].signature.in_spec
@@ -136,6 +137,29 @@ def _export(module: nn.Module, args: tuple, dynamic: Any, train: bool, called: t
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return ep
+
+
+@contextlib.contextmanager
+def _constants_kept() -> Iterator[None]:
+    """``torch.export``'s module swap passes ``None`` for every constant argument of a kept call; a called module
+    must receive the constant itself (``past_key_values_length=0``, ``output_attentions=False``)."""
+    construct = _swap._construct_inputs
+
+    def with_constants(gm: fx.GraphModule, signature: Any, node_name_map: dict[str, fx.Node]) -> Any:
+        result = construct(gm, signature, node_name_map)
+        unflatten = next(n for n in reversed(gm.graph.nodes) if n.target is pytree.tree_unflatten)
+        leaves = list(unflatten.args[0])
+        for i, argument in enumerate(signature.inputs):
+            if isinstance(argument, ConstantArgument) and argument.value is not None:
+                leaves[i] = argument.value
+        unflatten.args = (leaves, *unflatten.args[1:])
+        return result
+
+    _swap._construct_inputs = with_constants
+    try:
+        yield
+    finally:
+        _swap._construct_inputs = construct
 
 
 def _concrete(t: torch.Tensor, device: torch.device) -> torch.Tensor:
