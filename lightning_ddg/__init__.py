@@ -10,6 +10,7 @@ watch_launcher_from_environment()
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_ddg.build import BuiltStage, build_stage
 from lightning_ddg.partition import Partition, split_module
 from lightning_ddg.planning import Plan, StagePlan, plan
 from lightning_ddg.reference import DDGReference
@@ -20,6 +21,7 @@ from lightning_ddg.topology import StageLinks, Topology
 DDGStrategy.register_strategies(StrategyRegistry)
 
 __all__ = [
+    "BuiltStage",
     "DDGReference",
     "DDGStage",
     "DDGStrategy",
@@ -28,6 +30,7 @@ __all__ = [
     "StageLinks",
     "StagePlan",
     "Topology",
+    "build_stage",
     "plan",
     "split_module",
 ]

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_ddg import DDGReference, DDGStage, StageLinks, Topology, split_module
+from lightning_ddg import DDGReference, Topology, build_stage, split_module
 from lightning_ddg.replicas import ReplicaAverager
 from tests.models import batches, make_optimizer, mlp, split_points_for
 from tests.multiprocess import run_processes
@@ -67,12 +67,18 @@ def _union_batches(num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _train_replica(rank: int, world_size: int, options: dict) -> dict[str, torch.Tensor]:
     topology = Topology(num_stages=STAGES, num_replicas=REPLICAS)
-    k, replica = topology.stage_of(rank), topology.replica_of(rank)
+    replica = topology.replica_of(rank)
     model = mlp(seed=replica)  # replicas start apart: the stage gives them replica 0's weights
-    stages = split_module(model, split_points_for(model, STAGES)).train
-    links = StageLinks.create(topology, rank, torch.device("cpu"))
     accumulate = options["accumulate"]
-    stage = DDGStage(stages[k], k, STAGES, links, memory=options["memory"], accumulate_grad_batches=accumulate)
+    built = build_stage(
+        model,
+        topology,
+        rank,
+        split_points=split_points_for(model, STAGES),
+        memory=options["memory"],
+        accumulate_grad_batches=accumulate,
+    )
+    stage, links = built.stage, built.links
     optimizer = make_optimizer(options["optimizer"], stage.parameters)
 
     def step() -> None:
@@ -87,7 +93,7 @@ def _train_replica(rank: int, world_size: int, options: dict) -> dict[str, torch
         if ready:
             step()
     links.close()
-    return {name: p.detach().clone() for name, p in stages[k].named_parameters()}
+    return {name: p.detach().clone() for name, p in stage.module.named_parameters()}
 
 
 def _reference(options: dict) -> dict[str, torch.Tensor]:

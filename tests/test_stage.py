@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ddg import DDGReference, DDGStage, StageLinks, Topology, split_module
+from lightning_ddg import DDGReference, DDGStage, StageLinks, Topology, build_stage, split_module
 from lightning_ddg.stage import MEMORY_MODES
 from tests.models import PassingThrough, batches, make_optimizer, mlp, split_points_for
 from tests.multiprocess import run_processes
@@ -32,12 +32,17 @@ def _train_cases(rank: int, world_size: int, cases: list[dict]) -> list[dict[str
 
 def _train_stage(rank: int, world_size: int, options: dict) -> dict[str, torch.Tensor]:
     topology = Topology(num_stages=world_size)
-    k = topology.stage_of(rank)
     model = _model(options)
-    stages = split_module(model, split_points_for(model, world_size)).train
-    links = StageLinks.create(topology, rank, torch.device("cpu"))
     accumulate = options.get("accumulate", 1)
-    stage = DDGStage(stages[k], k, world_size, links, memory=options["memory"], accumulate_grad_batches=accumulate)
+    built = build_stage(
+        model,
+        topology,
+        rank,
+        split_points=split_points_for(model, world_size),
+        memory=options["memory"],
+        accumulate_grad_batches=accumulate,
+    )
+    stage, links = built.stage, built.links
     optimizer = make_optimizer(options["optimizer"], stage.parameters)
     torch.manual_seed(options["seed"])
 
@@ -60,8 +65,8 @@ def _train_stage(rank: int, world_size: int, options: dict) -> dict[str, torch.T
     links.destroy()
     if options.get("figures"):
         return figures
-    return {name: p.detach().clone() for name, p in stages[k].named_parameters()} | {
-        name: b.clone() for name, b in stages[k].named_buffers()
+    return {name: p.detach().clone() for name, p in stage.module.named_parameters()} | {
+        name: b.clone() for name, b in stage.module.named_buffers()
     }
 
 
@@ -137,11 +142,9 @@ def test_tensors_received_and_sent_on_are_not_reused_too_early() -> None:
 
 def _received_storages(rank: int, world_size: int, steps: int) -> tuple[int, list[int]]:
     """How many distinct buffers this rank's stage received its inputs and gradients in, over ``steps`` steps."""
-    topology = Topology(num_stages=world_size)
-    k = topology.stage_of(rank)
-    links = StageLinks.create(topology, rank, torch.device("cpu"))
     model = mlp()
-    stage = DDGStage(split_module(model, split_points_for(model, world_size)).train[k], k, world_size, links)
+    built = build_stage(model, Topology(num_stages=world_size), rank, split_points=split_points_for(model, world_size))
+    stage, links, k = built.stage, built.links, built.stage.stage_index
     # every tensor received stays referenced here, so that no address is freed and handed out again
     seen: dict[str, list[torch.Tensor]] = {"act_in": [], "grad_in": []}
     for name in seen:
