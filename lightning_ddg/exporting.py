@@ -97,7 +97,7 @@ def _exported(
     signature: inspect.Signature,
 ) -> fx.GraphModule:
     ep = _export(module, args, dynamic, train, tuple(called))
-    with warnings.catch_warnings(), _constants_kept():
+    with warnings.catch_warnings(), _swap_fixed():
         warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node with no underlying reference")
         gm = _swap_modules(ep, {name: owner.get_submodule(name) for name in called})
     in_spec = ep.module_call_graph[0].signature.in_spec
@@ -140,10 +140,13 @@ def _export(module: nn.Module, args: tuple, dynamic: Any, train: bool, called: t
 
 
 @contextlib.contextmanager
-def _constants_kept() -> Iterator[None]:
-    """``torch.export``'s module swap passes ``None`` for every constant argument of a kept call; a called module
-    must receive the constant itself (``past_key_values_length=0``, ``output_attentions=False``)."""
-    construct = _swap._construct_inputs
+def _swap_fixed() -> Iterator[None]:
+    """``torch.export``'s module swap, with two changes: a called module receives the constant arguments the export
+    recorded (the swap passes ``None`` for every one: ``past_key_values_length=0``, ``output_attentions=False``),
+    and the result of one module call is not handed to the next as it is when their flattened values match (a
+    ``ModelOutput`` would reach a module that takes its first item): :func:`_folded` takes the containers
+    apart instead."""
+    construct, shortcut = _swap._construct_inputs, _swap._remove_extraneous_pytrees
 
     def with_constants(gm: fx.GraphModule, signature: Any, node_name_map: dict[str, fx.Node]) -> Any:
         result = construct(gm, signature, node_name_map)
@@ -155,11 +158,11 @@ def _constants_kept() -> Iterator[None]:
         unflatten.args = (leaves, *unflatten.args[1:])
         return result
 
-    _swap._construct_inputs = with_constants
+    _swap._construct_inputs, _swap._remove_extraneous_pytrees = with_constants, lambda gm: None
     try:
         yield
     finally:
-        _swap._construct_inputs = construct
+        _swap._construct_inputs, _swap._remove_extraneous_pytrees = construct, shortcut
 
 
 def _concrete(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -255,6 +255,8 @@ def trace(
         if gm is None:
             raise fx_error from err
         return gm
+    _hoist_item_access(exported.graph)
+    exported.recompile()
     exported.meta.update({WHOLE_KEY: [], STRUCTURES_KEY: {}, ENTERED_KEY: [], EXPORTED_KEY: True})
     return exported
 

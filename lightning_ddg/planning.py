@@ -244,14 +244,18 @@ def plan(
     if cut_bytes is None:  # without an input, the number of values crossing stands in for their size
         cut_bytes = [float(_placeholders(s)) for s in segments[1:]]
     if split_points is None:
-        as_written = [not frozen.opened_by(begins[index]) for index in positions]
-        if gm.meta.get(EXPORTED_KEY):  # an exported layer that holds a cut runs as recorded operations
+        # preferred cuts, most preferred first: opening no module whose Python a trace would freeze; and, in an
+        # exported model, opening no layer (a layer that holds a cut runs as recorded operations)
+        preferred = [[not frozen.opened_by(begins[index]) for index in positions]]
+        if gm.meta.get(EXPORTED_KEY):
             layers = _layers(module)
-            as_written = [
-                fine and not layers.intersection(opened_by(begins[index]))
-                for fine, index in zip(as_written, positions, strict=True)
-            ]
-        positions, costs, cut_bytes, starts = _as_written(positions, costs, cut_bytes, wanted, used, as_written)
+            between = [not layers.intersection(opened_by(begins[index])) for index in positions]
+            preferred = [[a and b for a, b in zip(preferred[0], between, strict=True)], between]
+        for as_written in preferred:
+            chosen = _as_written(positions, costs, cut_bytes, wanted, used, as_written)
+            if len(chosen[0]) < len(positions) or all(as_written):
+                break
+        positions, costs, cut_bytes, starts = chosen
         if used == "time" and wanted > 1:
             with _untouched(module):
                 starts, costs = _refined(gm, module, positions, starts, costs, cut_bytes, args, where)
