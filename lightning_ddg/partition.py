@@ -233,8 +233,8 @@ def trace(
     closed: Sequence[str] = (),
     example_input: tuple | None = None,
 ) -> fx.GraphModule:
-    """Trace ``module.forward`` for the cuts: with ``torch.fx`` (:func:`trace_fx`), or, where that keeps a module
-    whole or fails and an example input is given, with ``torch.export`` on that input
+    """Trace ``module.forward`` for the cuts: with ``torch.fx`` (:func:`trace_fx`), or, where that fails or keeps
+    whole a module with submodules of its own, and an example input is given, with ``torch.export`` on that input
     (:func:`lightning_ddg.exporting.export_trace`), which opens the modules ``torch.fx`` cannot. The result of the
     export has ``meta[EXPORTED_KEY]`` set; the fx trace is kept where the export fails too."""
     try:
@@ -244,8 +244,8 @@ def trace(
         if example_input is None:
             raise
         gm, fx_error = None, err
-    if example_input is None or (gm is not None and not gm.meta[WHOLE_KEY]):
-        return gm
+    if example_input is None or (gm is not None and not any(_has_layers(module, m) for m in gm.meta[WHOLE_KEY])):
+        return gm  # traced, or kept whole only modules with no layers of their own to cut between
     try:
         with _shadow(module, user_hooks=opened is not None) as copied, _generators_kept():
             exported = export_trace(
@@ -259,6 +259,12 @@ def trace(
     exported.recompile()
     exported.meta.update({WHOLE_KEY: [], STRUCTURES_KEY: {}, ENTERED_KEY: [], EXPORTED_KEY: True})
     return exported
+
+
+def _has_layers(module: nn.Module, name: str) -> bool:
+    """Whether the module ``name`` has submodules with parameters: a kept-whole module worth opening."""
+    whole = module.get_submodule(name)
+    return any(any(True for _ in child.parameters()) for child in whole.children())
 
 
 def trace_fx(
