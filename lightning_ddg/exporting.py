@@ -47,6 +47,8 @@ from torch.export.exported_program import ConstantArgument
 from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
+from lightning_ddg.layer_stacks import STACKS, stack_forward
+
 __all__ = ["export_trace", "example_spec", "no_cache"]
 
 _SCALARS = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
@@ -126,7 +128,7 @@ def _export(module: nn.Module, args: tuple, dynamic: Any, train: bool, called: t
     modes = {m: m.training for m in module.modules()}
     module.train(train)
     try:
-        with no_cache(module), torch.random.fork_rng(devices=[]):
+        with no_cache(module), _stacks_as_loops(module), torch.random.fork_rng(devices=[]):
             ep = torch.export.export(
                 module, args, strict=False, dynamic_shapes=dynamic, preserve_module_call_signature=called
             )
@@ -182,6 +184,20 @@ def _called_whole(module: nn.Module, opened: set[str]) -> dict[str, nn.Module]:
         if parent in opened:
             called[name] = m
     return called
+
+
+@contextlib.contextmanager
+def _stacks_as_loops(module: nn.Module) -> Iterator[None]:
+    """PyTorch's transformer stacks exported as the loops over their layers that :mod:`lightning_ddg.layer_stacks`
+    gives ``torch.fx``: their own forward tests the mask's values (is it causal?), which the export cannot."""
+    stacks = [m for m in module.modules() if isinstance(m, STACKS)]
+    for m in stacks:
+        m.forward = stack_forward(m)
+    try:
+        yield
+    finally:
+        for m in stacks:
+            del m.forward
 
 
 @contextlib.contextmanager
