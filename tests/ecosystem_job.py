@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -220,7 +221,8 @@ def main(devices: int, names: list[str]) -> None:
     for name in names or list(ZOO):
         build, data, skipped = ZOO[name]
         if skipped is not None:
-            print(f"ecosystem {name} {json.dumps({'skipped': skipped})}", flush=True)
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the launched ranks run this loop too
+                print(f"ecosystem {name} {json.dumps({'skipped': skipped})}", flush=True)
             continue
         torch.manual_seed(0)
         model = build()

@@ -26,7 +26,7 @@ def test_every_model_of_the_ecosystem_trains_balanced_with_no_options(devices: i
     reports = {
         line.split()[1]: json.loads(line.split(maxsplit=2)[2]) for line in out.splitlines() if line[:10] == "ecosystem "
     }
-    assert list(reports) == list(ZOO), output[-4000:]
+    assert set(reports) == set(ZOO), output[-4000:]
     for name, report in reports.items():
         if "skipped" in report:
             assert ZOO[name][2] == report["skipped"]
