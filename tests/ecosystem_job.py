@@ -150,7 +150,15 @@ def bert() -> L.LightningModule:
 
 def t5(tied: bool = True) -> L.LightningModule:
     config = transformers.T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4, tie_word_embeddings=tied
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=3,
+        num_heads=4,
+        tie_word_embeddings=tied,
+        decoder_start_token_id=0,
+        pad_token_id=0,
     )
     return HFModel(transformers.T5ForConditionalGeneration(config))
 
