@@ -3,6 +3,11 @@
 Importing the package registers the strategy names ``"ddg"`` and ``"ddg_spawn"`` with Lightning.
 """
 
+import logging
+
+# quiet unless the application configures logging: logging.getLogger("lightning_ddg").setLevel(logging.INFO)
+logging.getLogger("lightning_ddg").addHandler(logging.NullHandler())
+
 # first, before torch and Lightning are imported: a rank re-launched by strategy="ddg" ends with its launcher
 from lightning_ddg.lifeline import watch_launcher_from_environment
 
@@ -11,7 +16,7 @@ watch_launcher_from_environment()
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_ddg.build import BuiltStage, build_stage
-from lightning_ddg.partition import Partition, split_module
+from lightning_ddg.partition import Partition, TiedWeight, split_module
 from lightning_ddg.planning import Plan, StagePlan, plan
 from lightning_ddg.reference import DDGReference
 from lightning_ddg.stage import DDGStage
@@ -29,6 +34,7 @@ __all__ = [
     "Plan",
     "StageLinks",
     "StagePlan",
+    "TiedWeight",
     "Topology",
     "build_stage",
     "plan",

@@ -90,7 +90,8 @@ def build_stage(
     removed = keep_only_stage(module, partition, k) if keep_only else []
     module.to(device)
     if links is None and topology.world_size > 1:
-        links = StageLinks.create(topology, rank, torch.device(device), timeout)
+        tied = [w.stages for w in partition.tied]  # each weight shared across stages gets a group of its owners
+        links = StageLinks.create(topology, rank, torch.device(device), timeout, tied)
     stage = DDGStage(
         partition.train[k],
         k,
@@ -100,5 +101,6 @@ def build_stage(
         accumulate_grad_batches=accumulate_grad_batches,
         eval_module=partition.eval[k],
         check_finite=check_finite,
+        tied=partition.tied,
     )
     return BuiltStage(stage, links, partition, removed)

@@ -31,6 +31,7 @@ __all__ = [
     "check_finite",
     "check_train_loader",
     "check_same_lengths",
+    "check_tied_clipping",
 ]
 
 
@@ -187,6 +188,19 @@ def check_same_lengths(lengths: Sequence[int | None], what: str, describe: Any) 
         "pipeline must read the same batches in the same order. A dataset that each process reads from a file that "
         "changed in between, or a sampler that depends on the rank, gives this: read the data once (e.g. in "
         "prepare_data, to a file that no longer changes) and leave the sampler to the strategy."
+    )
+
+
+def check_tied_clipping(tied: Sequence[Any], clip_value: float | None, algorithm: Any) -> None:
+    """Clipping by norm scales each stage's gradients by that stage's own norm: the copies of a weight shared
+    across stages would take different updates and drift apart."""
+    if not tied or not clip_value or str(getattr(algorithm, "value", algorithm) or "norm") != "norm":
+        return
+    names = [w.name for w in tied]
+    raise ValueError(
+        f"gradient_clip_val clips each stage's gradients by the norm of that stage's gradients, but {names} are used "
+        "by several stages, whose copies must take the same update: they would drift apart. Clip by value "
+        "(Trainer(gradient_clip_algorithm='value')), or train without clipping."
     )
 
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
+from lightning_ddg._compat import buffer_table, tree_flatten
 from lightning_ddg.balance import (
     BALANCE_BY,
     BalanceBy,
@@ -628,16 +628,12 @@ def _describe(
 
 
 def _segment_parameters(segments: list[nn.Module]) -> list[int]:
-    seen: set[int] = set()
-    counts = []
-    for segment in segments:
-        fresh = [p for p in segment.parameters() if id(p) not in seen]
-        seen.update(id(p) for p in fresh)
-        counts.append(sum(p.numel() for p in fresh))
-    return counts
+    # a weight two segments use (tied embeddings) counts in both: a stage holding either holds a copy of it
+    return [sum(p.numel() for p in segment.parameters()) for segment in segments]
 
 
 def _stage_parameters(gm: Any, body: list, stage_of_node: dict, num_stages: int) -> list[int]:
+    """The parameters each stage holds; a weight several stages use (tied embeddings) counts in each of them."""
     counts, seen = [0] * num_stages, set()
     for node in body:
         if node.op == "call_module":
@@ -646,10 +642,11 @@ def _stage_parameters(gm: Any, body: list, stage_of_node: dict, num_stages: int)
             params = [p for name, p in gm.named_parameters() if name == str(node.target)]
         else:
             continue
+        k = stage_of_node[node]
         for p in params:
-            if id(p) not in seen:
-                seen.add(id(p))
-                counts[stage_of_node[node]] += p.numel()
+            if (k, id(p)) not in seen:
+                seen.add((k, id(p)))
+                counts[k] += p.numel()
     return counts
 
 
@@ -685,7 +682,10 @@ def _untouched(module: nn.Module) -> Iterator[None]:
     """Leave the buffers (BatchNorm statistics, the very tensor objects) and the states of PyTorch's, Python's
     and NumPy's random number generators as they were."""
     buffers = [
-        (m, name, b, b.detach().clone()) for m in module.modules() for name, b in m._buffers.items() if b is not None
+        (m, name, b, b.detach().clone())
+        for m in module.modules()
+        for name, b in buffer_table(m).items()
+        if b is not None
     ]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices), _same_generators():
@@ -695,7 +695,7 @@ def _untouched(module: nn.Module) -> Iterator[None]:
             with torch.no_grad():
                 for m, name, b, saved in buffers:
                     b.copy_(saved)
-                    m._buffers[name] = b  # moving a piece to the device and back replaces its buffers
+                    buffer_table(m)[name] = b  # moving a piece to the device and back replaces its buffers
 
 
 def _span(modules: list[str]) -> str:

@@ -24,9 +24,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_ddg._compat import buffer_table, non_persistent_buffers, parameter_table
 from lightning_ddg.partition import Partition
 
-__all__ = ["Removed", "keep_only_stage", "put_back", "OtherStage", "kept_tensors", "on_meta", "materialize"]
+__all__ = [
+    "Removed",
+    "keep_only_stage",
+    "put_back",
+    "OtherStage",
+    "kept_tensors",
+    "on_meta",
+    "materialize",
+    "aliases",
+]
 
 
 @dataclass
@@ -94,7 +104,7 @@ def _take_out(module: nn.Module, partition: Partition, stage: int) -> list[Remov
     names = {id(t): n for n, t in [*module.named_parameters(), *module.named_buffers()]}
     removed = []
     for mod in module.modules():
-        for table, is_param in ((mod._parameters, True), (mod._buffers, False)):
+        for table, is_param in ((parameter_table(mod), True), (buffer_table(mod), False)):
             for attr, tensor in list(table.items()):
                 if tensor is None or id(tensor) in kept:
                     continue
@@ -105,7 +115,7 @@ def _take_out(module: nn.Module, partition: Partition, stage: int) -> list[Remov
                         names[id(tensor)],
                         is_param,
                         tensor.requires_grad,
-                        attr not in mod._non_persistent_buffers_set,
+                        attr not in non_persistent_buffers(mod),
                     )
                 )
                 del table[attr]
@@ -121,6 +131,19 @@ def put_back(removed: list[Removed], full: dict[str, Tensor], device: torch.devi
             r.module.register_parameter(r.attr, nn.Parameter(value, r.requires_grad))
         else:
             r.module.register_buffer(r.attr, value, persistent=r.persistent)
+
+
+def aliases(state: dict[str, Tensor]) -> dict[str, str]:
+    """The names of a ``state_dict(keep_vars=True)`` that hold the same tensor as an earlier name (a tied weight
+    under each of its names), mapped to that earlier name: a checkpoint stores such a tensor once."""
+    first: dict[int, str] = {}
+    found = {}
+    for name, tensor in state.items():
+        if id(tensor) in first:
+            found[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return found
 
 
 def on_meta(module: nn.Module) -> bool:
@@ -143,7 +166,8 @@ def materialize(
     build: memory holds the kept tensors and one other module at most. The generators are left as the whole build
     would have left them.
 
-    ``holders`` (traced stage modules) have their references to the kept meta tensors replaced as well.
+    ``holders`` (traced stage modules) have their references to the kept meta tensors replaced as well. A tensor
+    several modules hold (a tied weight) stays one tensor, with the values its first module gives it.
 
     Raises ``ValueError`` when a meta tensor's module has no ``reset_parameters`` (its values would be unknown).
     """
@@ -161,21 +185,25 @@ def materialize(
         if "cuda" in rng_states and device.type == "cuda":
             torch.cuda.set_rng_state(rng_states["cuda"], device)
     replaced: dict[int, Tensor] = {}
+    done: dict[int, Tensor] = {}  # meta tensor -> what its first module made of it (a tied weight has several)
     for m in pending:
         before = _meta_tensors(m)
         for table, attr, old in before:
             empty = torch.empty_like(old, device=device)
             table[attr] = nn.Parameter(empty, old.requires_grad) if isinstance(old, nn.Parameter) else empty
-        with torch.no_grad():
-            m.reset_parameters()
+        if any(id(old) not in done for _, _, old in before):
+            with torch.no_grad():
+                m.reset_parameters()
         for table, attr, old in before:
-            if id(old) in kept:
-                replaced[id(old)] = table[attr]
+            if id(old) in done:  # a tied weight keeps the values of the module that holds it first
+                table[attr] = done[id(old)]
+            elif id(old) in kept:
+                replaced[id(old)] = done[id(old)] = table[attr]
             else:
-                table[attr] = old  # another stage's: back to meta, the values drawn are dropped
+                table[attr] = done[id(old)] = old  # another stage's: back to meta, the values drawn are dropped
     for holder in holders:
         for m in holder.modules():
-            for table in (m._parameters, m._buffers):
+            for table in (parameter_table(m), buffer_table(m)):
                 for attr, t in table.items():
                     if t is not None and id(t) in replaced:
                         table[attr] = replaced[id(t)]
@@ -184,7 +212,7 @@ def materialize(
 def _meta_tensors(module: nn.Module) -> list[tuple[dict, str, Tensor]]:
     return [
         (table, attr, t)
-        for table in (module._parameters, module._buffers)
+        for table in (parameter_table(module), buffer_table(module))
         for attr, t in table.items()
         if t is not None and t.is_meta
     ]

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_ddg.checkpoint import group_names, merge_optimizer_states, named_optimizer_state, stage_optimizer_state
+from lightning_ddg.shard import aliases
 from lightning_ddg.topology import Topology
 
 __all__ = ["StageStates", "TensorSpec", "load_stage_state", "at", "as_bytes"]
@@ -115,8 +116,9 @@ class StageStates:
 
     def full_state_dict(self, module: nn.Module, dst: int = 0) -> dict[str, Tensor] | None:
         """The whole module's state dict, with its original names, on global rank ``dst`` (``None`` on the
-        others): each stage of replica 0 sends its own tensors there."""
-        local = {n: t.detach().cpu() for n, t in module.state_dict(keep_vars=True).items()}
+        others): each stage of replica 0 sends its own tensors there. A weight several stages hold (tied
+        embeddings) comes from one of them, one tensor under all of its names."""
+        local = _local_state(module)
         if not self._distributed:
             return local
         if self.topology.replica_of(self.rank) != 0:
@@ -136,17 +138,26 @@ class StageStates:
 
     def module_state_dict(self, module: nn.Module) -> dict[str, Any]:
         """The whole module's state dict with the original names, on every rank. Only this stage's tensors are
-        real; those of other stages are placeholders, recorded in :attr:`streamed`. Begins a new checkpoint."""
-        local = {n: t.detach().cpu() for n, t in module.state_dict(keep_vars=True).items()}
-        specs = self.first_replica_objects({n: TensorSpec.of(t) for n, t in local.items()})
+        real; those of other stages are placeholders, recorded in :attr:`streamed`. Begins a new checkpoint.
+
+        A weight several stages hold (tied embeddings) is saved once, by the lowest rank among them (rank 0 itself
+        where it can), and all of its names refer to that one tensor, so the file holds it once."""
+        local = _local_state(module)
+        same = aliases(module.state_dict(keep_vars=True))
+        # another name of a tensor already listed is sent as that first name
+        specs = self.first_replica_objects({n: same.get(n) or TensorSpec.of(t) for n, t in local.items()})
         owners = self.stage_owners()
         self.streamed, self._optimizers_saved = [], 0
         state = {}
-        for j, part in enumerate(specs):
-            for name, spec in part.items():
+        for j in sorted(range(len(specs)), key=owners.__getitem__):
+            for name, spec in specs[j].items():
+                if name in state or isinstance(spec, str):
+                    continue
                 state[name] = local[name] if owners[j] == self.rank else self.placeholder(spec)
                 if owners[j] != 0:
                     self.streamed.append((("state_dict", name), owners[j]))
+        for part in specs:
+            state |= {name: state[first] for name, first in part.items() if isinstance(first, str)}
         return {name: state[name] for name in self.state_dict_keys if name in state}
 
     def optimizer_state(
@@ -239,6 +250,13 @@ def load_stage_state(module: nn.Module, state: dict[str, Tensor], strict: bool =
                     "model: it was saved from another model"
                 )
             tensor.copy_(state[name])
+
+
+def _local_state(module: nn.Module) -> dict[str, Tensor]:
+    """This process's state dict on the CPU; the names of one tensor (a tied weight) share one copy."""
+    state = module.state_dict(keep_vars=True)
+    local = {n: t.detach().cpu() for n, t in state.items()}
+    return local | {name: local[first] for name, first in aliases(state).items()}
 
 
 def _described(state: dict[str, Any]) -> dict[str, Any]:
