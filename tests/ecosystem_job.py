@@ -178,10 +178,10 @@ IMAGE = 32
 # name: (LightningModule, its data, why it is skipped or None)
 ZOO: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], Dataset], str | None]] = {
     "hf_llama": (llama, TokenBatches, None),
-    "hf_gpt2": (gpt2, TokenBatches, "tied weights"),
+    "hf_gpt2": (gpt2, TokenBatches, None),
     "hf_gpt2_untied": (lambda: gpt2(tied=False), TokenBatches, None),
     "hf_bert": (bert, lambda n: TokenBatches(n, labels="classes"), None),
-    "hf_t5": (t5, TokenBatches, "tied weights"),
+    "hf_t5": (t5, TokenBatches, None),
     "timm_vit": (
         lambda: Images(
             timm.create_model(
