@@ -67,13 +67,16 @@ def example_forward_input(trainer: pl.Trainer, module: pl.LightningModule) -> tu
 
 def forward_arguments(batch: Any, signature: inspect.Signature) -> tuple | None:
     """The part of ``batch`` that ``forward`` (of ``signature``) takes, or ``None``: a tensor is the input; a
-    dict gives the items named like ``forward``'s leading parameters; a tuple or list gives its leading items
+    dict gives the items named like ``forward``'s leading parameters, or is the argument of a ``forward`` that
+    takes one parameter named otherwise (``forward(self, batch)``); a tuple or list gives its leading items
     for the required parameters (``(x, y)``: the inputs come first, the targets last)."""
     positional = [p for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     required = sum(1 for p in positional if p.default is p.empty)
     if isinstance(batch, Tensor):
         return (batch,)
     if isinstance(batch, dict):
+        if len(positional) == 1 and positional[0].name not in batch:
+            return (batch,)  # forward(self, batch): the dict batch is the argument, self.model(**batch) say
         args = []
         for p in positional:
             if p.name not in batch:

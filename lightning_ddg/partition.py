@@ -52,6 +52,8 @@ import torch.fx as fx
 from torch import nn
 
 from lightning_ddg._compat import buffer_table, parameter_table, pytree
+from lightning_ddg.exporting import export_trace
+from lightning_ddg.layer_stacks import STACKS, stack_forward
 from lightning_ddg.opening import opened_by
 
 __all__ = ["Partition", "TiedWeight", "split_module", "balance_to_split_points"]
@@ -100,9 +102,10 @@ class _WholeForward(nn.Module):
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, with the changes that give the cut points users expect and keep called modules intact.
 
-    - With ``opened=None`` it enters every module but PyTorch's own layers, and enters ``nn.TransformerEncoder``
-      (a leaf for plain torch.fx) when called without masks, so that stages can begin between its layers; with
-      masks it stays one unit. It records what each entered module's call returns (``structures``).
+    - With ``opened=None`` it enters every module but PyTorch's own layers, and enters ``nn.TransformerEncoder``,
+      ``nn.TransformerDecoder`` and ``nn.Transformer`` (leaves for plain torch.fx) as loops over their layers
+      (:mod:`lightning_ddg.layer_stacks`), masks included, so that stages can begin between their layers. It
+      records what each entered module's call returns (``structures``).
     - With a set ``opened`` it enters only those modules; every other module becomes one ``call_module`` node,
       which calls the real module at run time. Where the full trace saw such a module return a tuple, a dict or
       constants, the node's result is taken apart into the same structure.
@@ -131,7 +134,7 @@ class _Tracer(fx.Tracer):
             return True
         if self.opened is not None:
             return qualname not in self.opened and qualname not in self.entered
-        if isinstance(m, nn.TransformerEncoder):
+        if isinstance(m, STACKS):
             return False
         return super().is_leaf_module(m, qualname)
 
@@ -140,10 +143,8 @@ class _Tracer(fx.Tracer):
         if self.opened is not None and self.is_leaf_module(m, qualname) and not _recordable((args, kwargs)):
             self.entered.add(qualname)  # a node cannot hold such arguments: the call is traced into instead
         leaf = self.is_leaf_module(m, qualname)
-        if isinstance(m, nn.TransformerEncoder) and not leaf:
-            if not _plain_encoder_call(args, kwargs):
-                return self.create_proxy("call_module", qualname, args, kwargs)
-            forward = functools.partial(_encoder_layers, m)
+        if isinstance(m, STACKS) and not leaf:
+            forward = stack_forward(m)
         try:
             out = super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -217,26 +218,57 @@ def _recordable(value: Any) -> bool:
     return False
 
 
-def _plain_encoder_call(args: tuple, kwargs: dict) -> bool:
-    """An ``nn.TransformerEncoder`` call without masks: then it runs its layers one after the other."""
-    extra = list(args[1:]) + [v for k, v in kwargs.items() if k != "src"]
-    return len(args) + ("src" in kwargs) == 1 and all(v is None or v is False for v in extra)
-
-
-def _encoder_layers(encoder: nn.TransformerEncoder, src=None, **_: object):
-    # what TransformerEncoder.forward computes when no mask is given (the nested-tensor fast path needs a mask)
-    output = src
-    for layer in encoder.layers:
-        output = layer(output, src_mask=None, is_causal=False, src_key_padding_mask=None)
-    return encoder.norm(output) if encoder.norm is not None else output
-
-
 WHOLE_KEY = "lightning_ddg_whole"  # in a traced module's ``meta``: the modules kept whole because untraceable
 STRUCTURES_KEY = "lightning_ddg_structures"  # in a full trace's ``meta``: what each entered module returned
 ENTERED_KEY = "lightning_ddg_entered"  # in a selective trace's ``meta``: modules traced into though not opened
 
 
+EXPORTED_KEY = "lightning_ddg_exported"  # in a traced module's ``meta``: True when torch.export opened it
+
+
 def trace(
+    module: nn.Module,
+    train: bool = True,
+    opened: Sequence[str] | None = None,
+    structures: dict[str, list[Any]] | None = None,
+    closed: Sequence[str] = (),
+    example_input: tuple | None = None,
+) -> fx.GraphModule:
+    """Trace ``module.forward`` for the cuts: with ``torch.fx`` (:func:`trace_fx`), or, where that fails or keeps
+    whole a module with submodules of its own, and an example input is given, with ``torch.export`` on that input
+    (:func:`lightning_ddg.exporting.export_trace`), which opens the modules ``torch.fx`` cannot. The result of the
+    export has ``meta[EXPORTED_KEY]`` set; the fx trace is kept where the export fails too."""
+    try:
+        gm: fx.GraphModule | None = trace_fx(module, train, opened, structures, closed)
+        fx_error = None
+    except RuntimeError as err:
+        if example_input is None:
+            raise
+        gm, fx_error = None, err
+    if example_input is None or (gm is not None and not any(_has_layers(module, m) for m in gm.meta[WHOLE_KEY])):
+        return gm  # traced, or kept whole only modules with no layers of their own to cut between
+    try:
+        with _shadow(module, user_hooks=opened is not None) as copied, _generators_kept():
+            exported = export_trace(
+                copied, example_input, train, None if opened is None else set(opened) | {""}, owner=module
+            )
+    except Exception as err:  # noqa: BLE001 - the fx trace, or its error, stands
+        if gm is None:
+            raise fx_error from err
+        return gm
+    _hoist_item_access(exported.graph)
+    exported.recompile()
+    exported.meta.update({WHOLE_KEY: [], STRUCTURES_KEY: {}, ENTERED_KEY: [], EXPORTED_KEY: True})
+    return exported
+
+
+def _has_layers(module: nn.Module, name: str) -> bool:
+    """Whether the module ``name`` has submodules with parameters: a kept-whole module worth opening."""
+    whole = module.get_submodule(name)
+    return any(any(True for _ in child.parameters()) for child in whole.children())
+
+
+def trace_fx(
     module: nn.Module,
     train: bool = True,
     opened: Sequence[str] | None = None,
@@ -294,17 +326,23 @@ def trace(
     return gm
 
 
-def trace_for_cuts(module: nn.Module, split_points: Sequence[str], train: bool = True) -> fx.GraphModule:
+def trace_for_cuts(
+    module: nn.Module, split_points: Sequence[str], train: bool = True, example_input: tuple | None = None
+) -> fx.GraphModule:
     """The full trace (:func:`trace`), in which every split point names a module call.
 
     A module whose forward computes nothing in the trace (a layer drop that took its skip branch at trace time)
     leaves no node to cut before: such split points are traced as single calls, since a cut before a module
     does not open it.
     """
-    gm = trace(module, train=train)
+    gm = trace(module, train=train, example_input=example_input)
     body = _body(gm.graph)
     missing = [name for name in split_points if _find_cut(body, name) is None]
-    if missing and not any(other.startswith(name + ".") for name in missing for other in split_points):
+    if (
+        missing
+        and not gm.meta.get(EXPORTED_KEY)
+        and not any(other.startswith(name + ".") for name in missing for other in split_points)
+    ):
         gm = trace(module, train=train, closed=missing)
     return gm
 
@@ -584,6 +622,7 @@ def split_module(
     module: nn.Module,
     split_points: Sequence[str] | None = None,
     num_stages: int | None = None,
+    example_input: tuple | None = None,
 ) -> Partition:
     """Cut ``module.forward`` into stages at ``split_points``.
 
@@ -592,6 +631,8 @@ def split_module(
         split_points: names of the modules that begin a new stage, in forward order; none for one stage.
             :func:`lightning_ddg.plan` chooses them.
         num_stages: if given, the number of stages the split points must make.
+        example_input: positional arguments of ``forward`` (only their shapes and dtypes matter), with which a
+            module ``torch.fx`` cannot trace is opened by ``torch.export`` (:func:`trace`).
     """
     if not split_points:
         if num_stages not in (None, 1):
@@ -610,8 +651,10 @@ def split_module(
 
     known = [name for name, _ in module.named_modules() if name]
     result, opened = {}, set()
+    full = None
     for mode in (True, False):
-        full = trace_for_cuts(module, split_points, train=mode)
+        if full is None or not full.meta.get(EXPORTED_KEY):  # an export's cuts are the same in both modes
+            full = trace_for_cuts(module, split_points, train=mode, example_input=example_input)
         body = _body(full.graph)
         cuts = [_cut_index(body, name, known) for name in split_points]
         if any(b <= a for a, b in zip([-1, *cuts], cuts, strict=False)) or cuts[0] == 0:
@@ -622,7 +665,9 @@ def split_module(
         # a cut names the outermost module that begins there, which it does not open
         begins = [_outermost_at(body, i) or name for i, name in zip(cuts, split_points, strict=True)]
         opening = {m for name in begins for m in opened_by(name)}
-        gm = trace(module, train=mode, opened=opening, structures=full.meta[STRUCTURES_KEY])
+        gm = trace(
+            module, train=mode, opened=opening, structures=full.meta[STRUCTURES_KEY], example_input=example_input
+        )
         opened |= (opening - {""}) | set(gm.meta[ENTERED_KEY])
         body = _body(gm.graph)
         result[mode] = _stage_graphs(gm, [_cut_index(body, name, known) for name in begins], gm)

@@ -45,8 +45,10 @@ from lightning_ddg.balance import (
     solve,
 )
 from lightning_ddg.checks import crossing_tensors
+from lightning_ddg.exporting import example_spec, no_cache
 from lightning_ddg.opening import Frozen, frozen_python, opened_by
 from lightning_ddg.partition import (
+    EXPORTED_KEY,
     WHOLE_KEY,
     _body,
     _candidate_cuts,
@@ -99,6 +101,8 @@ class Plan:
     note: str | None = None  # why the cost measure asked for was not used
     whole_modules: list[str] = field(default_factory=list)  # kept whole: their forward could not be traced
     opened_modules: list[str] = field(default_factory=list)  # traced into for the cuts; every other one is called
+    # the example input's shapes and dtypes (meta tensors), with which every rank opens what torch.fx cannot
+    example_input: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_stages(self) -> int:
@@ -185,7 +189,11 @@ def plan(
     if (num_stages is None) == (split_points is None):
         raise ValueError("give either num_stages (to choose a split) or split_points (to describe one)")
     args = () if example_input is None else example_input if isinstance(example_input, tuple) else (example_input,)
-    gm = trace(module, train=True) if split_points is None else trace_for_cuts(module, split_points, train=True)
+    example = args or None  # opens, by torch.export, the modules torch.fx cannot trace
+    if split_points is None:
+        gm = trace(module, train=True, example_input=example)
+    else:
+        gm = trace_for_cuts(module, split_points, train=True, example_input=example)
     body = _body(gm.graph)
     candidates = _candidate_cuts(body)
     wanted = num_stages if num_stages is not None else len(split_points) + 1  # type: ignore[arg-type]
@@ -197,7 +205,7 @@ def plan(
     names = dict(candidates)
     given: dict[int, str] = {}
     if split_points is not None:  # a given cut may fall where no candidate is (a module's second call, say)
-        split_module(module, split_points)  # the errors for names that cannot cut, in forward order
+        split_module(module, split_points, example_input=example)  # the errors for names that cannot cut
         known = [n for n, _ in module.named_modules() if n]
         given = {_cut_index(body, name, known): name for name in split_points}
         names |= given
@@ -236,8 +244,18 @@ def plan(
     if cut_bytes is None:  # without an input, the number of values crossing stands in for their size
         cut_bytes = [float(_placeholders(s)) for s in segments[1:]]
     if split_points is None:
-        as_written = [not frozen.opened_by(begins[index]) for index in positions]
-        positions, costs, cut_bytes, starts = _as_written(positions, costs, cut_bytes, wanted, used, as_written)
+        # preferred cuts, most preferred first: opening no module whose Python a trace would freeze; and, in an
+        # exported model, opening no layer (a layer that holds a cut runs as recorded operations)
+        preferred = [[not frozen.opened_by(begins[index]) for index in positions]]
+        if gm.meta.get(EXPORTED_KEY):
+            layers = _layers(module)
+            between = [not layers.intersection(opened_by(begins[index])) for index in positions]
+            preferred = [[a and b for a, b in zip(preferred[0], between, strict=True)], between]
+        for as_written in preferred:
+            chosen = _as_written(positions, costs, cut_bytes, wanted, used, as_written)
+            if len(chosen[0]) < len(positions) or all(as_written):
+                break
+        positions, costs, cut_bytes, starts = chosen
         if used == "time" and wanted > 1:
             with _untouched(module):
                 starts, costs = _refined(gm, module, positions, starts, costs, cut_bytes, args, where)
@@ -252,7 +270,9 @@ def plan(
         warnings.warn(_frozen_warning(found, split_points, begins, positions, starts), stacklevel=2)
     if example_runs and not on_meta:  # meta tensors hold no values to compare
         _check_split(module, split_points, args, where, found)
-    return _describe(gm, body, positions, starts, split_points, costs, cut_bytes, used, note, args, opened)
+    described = _describe(gm, body, positions, starts, split_points, costs, cut_bytes, used, note, args, opened)
+    described.example_input = example_spec(args) if args else None
+    return described
 
 
 class _FrozenOpened:
@@ -317,6 +337,16 @@ def _as_written(
     if _slowest(kept_costs, kept_starts) > _slowest(costs, starts) * (1 + AS_WRITTEN_TOLERANCE):
         return positions, costs, cut_bytes, starts
     return [positions[j] for j in keep], kept_costs, kept_bytes, kept_starts
+
+
+def _layers(module: nn.Module) -> set[str]:
+    """The names of the layers of ``module``'s stacks: the items of its ``nn.ModuleList`` s and ``nn.Sequential`` s."""
+    return {
+        f"{name}.{child}" if name else child
+        for name, m in module.named_modules()
+        if isinstance(m, (nn.ModuleList, nn.Sequential))
+        for child, _ in m.named_children()
+    }
 
 
 def _merged(costs: list[float], cut_bytes: list[float], keep: list[int]) -> tuple[list[float], list[float]]:
@@ -399,13 +429,13 @@ def _check_split(
             unsplit.train()
             restart()
             try:
-                with torch.no_grad(), _on(unsplit, where):
+                with torch.no_grad(), _on(unsplit, where), no_cache(unsplit):  # as an export opens it
                     expected = _to(unsplit(*_to(args, where)), torch.device("cpu"))
             except torch.OutOfMemoryError:
                 expected = None  # the whole model does not fit where the stages are measured
         with _shadow(module, user_hooks=False) as copied:
             copied.train()
-            stages = split_module(copied, split_points).train
+            stages = split_module(copied, split_points, example_input=args or None).train
             restart()
             values: list[Any] = list(_to(args, where))
             with torch.no_grad():

@@ -433,7 +433,8 @@ class DDGStrategy(ParallelStrategy):
             split_points = self.plan.split_points
             log.info("plan: %d stages cut at %s (by %s)", num_stages, split_points, self.plan.balance_by)
             self._show_plan(trainer, self.plan)
-        return split_module(module, split_points=split_points, num_stages=num_stages)
+        example = self.plan.example_input if self.plan is not None else None  # what torch.export opens with
+        return split_module(module, split_points=split_points, num_stages=num_stages, example_input=example)
 
     def _make_plan(self, trainer: pl.Trainer, module: pl.LightningModule, split_points: list[str] | None) -> Plan:
         example = example_forward_input(trainer, module)

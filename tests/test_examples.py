@@ -62,3 +62,14 @@ def test_paper_comparison_runs_and_writes_its_table(tmp_path: Path) -> None:
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| backprop |" in table and "| ddg K=2 |" in table
     assert (tmp_path / "out" / "curves.png").stat().st_size > 0
+
+
+def test_causal_lm_fine_tunes_offline() -> None:
+    pytest.importorskip("transformers")
+    script = REPO / "examples" / "causal_lm.py"
+    result = _run(str(script), "--layers", "2", "--max-steps", "4", "--block", "32", "--devices", "2")
+    assert result.returncode == 0, f"exit code {result.returncode}\nstderr:\n{result.stderr[-5000:]}"
+    last = result.stdout.strip().splitlines()[-1]
+    match = re.match(r"^final train_loss=(\d+\.\d+)$", last)
+    assert match, f"the last line printed is {last!r}"
+    assert float(match.group(1)) < 6.0  # ln(256) = 5.5 at the start: finite, and not diverging

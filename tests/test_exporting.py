@@ -1,0 +1,94 @@
+"""Opening what torch.fx cannot trace with torch.export, and PyTorch's transformer stacks with masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_ddg.checks import crossing_tensors
+from lightning_ddg.partition import split_module
+
+transformers = pytest.importorskip("transformers")
+
+
+def _run(stages: list[nn.Module], *args):
+    values = list(args)
+    for k, stage in enumerate(stages):
+        output = stage(*values)
+        if k < len(stages) - 1:
+            values = crossing_tensors(output, stage, k)
+    return output
+
+
+class CausalLM(nn.Module):
+    """A Hugging Face model wrapped as its users wrap it: the dict batch is given to the model whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = transformers.LlamaConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=32,
+        )  # fmt: skip
+        self.model = transformers.LlamaForCausalLM(config)
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.model(**batch)
+
+
+def _batch(size: int, length: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 64, (size, length))
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # padding
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
+
+
+def test_a_model_torch_fx_cannot_trace_is_cut_between_its_layers_and_calls_them_as_written() -> None:
+    torch.manual_seed(0)
+    model = CausalLM()
+    model.model.gradient_checkpointing_enable()
+    batch = _batch(2, 8)
+    partition = split_module(model, ["model.model.layers.2"], example_input=(batch,))
+    first, last = partition.train
+    # parameter names are the model's own; the layers holding no cut are called, not traced
+    assert set(partition.parameter_names(0)) | set(partition.parameter_names(1)) == {
+        n for n, _ in model.named_parameters()
+    }
+    called = {str(n.target) for n in last.graph.nodes if n.op == "call_module"}
+    assert {"model.model.layers.2", "model.model.norm", "model.lm_head"} <= called
+    assert last.get_submodule("model.model.layers.2") is model.model.model.layers[2]
+    for size, length in [(2, 8), (3, 5)]:  # sizes are symbolic: another batch and sequence length run
+        batch = _batch(size, length)
+        expected = model(batch)
+        outputs = _run(partition.train, batch)
+        # the labels reached the last stage, which returns the model's ModelOutput with its loss
+        assert type(outputs) is type(expected)
+        torch.testing.assert_close(outputs.loss, expected.loss)
+        torch.testing.assert_close(outputs.logits, expected.logits)
+    outputs.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_nn_transformer_with_masks_is_cut_between_its_layers() -> None:
+    class Seq2Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(8, 16)
+            self.transformer = nn.Transformer(16, 2, 2, 2, 32, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x, tgt_mask, padding):
+            h = self.embed(x)
+            return self.head(self.transformer(h, h, src_key_padding_mask=padding, tgt_mask=tgt_mask))
+
+    torch.manual_seed(0)
+    model = Seq2Seq()
+    x = torch.randn(2, 6, 8)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[0, -2:] = True
+    args = (x, nn.Transformer.generate_square_subsequent_mask(6), padding)
+    split_points = ["transformer.encoder.layers.1", "transformer.decoder.layers.1"]
+    partition = split_module(model, split_points)
+    assert partition.parameter_names(1)[0].startswith("transformer.encoder.layers.1.")
+    assert partition.parameter_names(2)[0].startswith("transformer.decoder.layers.1.")
+    torch.testing.assert_close(_run(partition.train, *args), model(*args))
