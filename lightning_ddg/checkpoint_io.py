@@ -91,8 +91,9 @@ def save_streamed(
     as placeholders of the right shape and dtype whose memory was never written (``torch.empty``: the system backs
     it with no memory of its own until written). The file is written with the placeholders' zeros, then each
     streamed tensor's bytes are written in place, one at a time: ``receive(i, buffer)`` fills ``buffer`` (a flat
-    ``uint8`` tensor of the tensor's size) with item ``i``'s bytes. Written under a temporary name and renamed, as
-    :class:`AtomicCheckpointIO` does.
+    ``uint8`` tensor of the tensor's size: the tensor's place in the file, mapped into memory) with item ``i``'s
+    bytes; each tensor's pages are unmapped once written, so the writer holds one tensor's pages at most. Written
+    under a temporary name and renamed, as :class:`AtomicCheckpointIO` does.
 
     Example::
 
@@ -112,16 +113,10 @@ def save_streamed(
             written = torch.load(temporary, map_location="cpu", mmap=True, weights_only=False)
         finally:
             torch.serialization.set_default_mmap_options(mmap_flags)
-        buffers: dict[int, torch.Tensor] = {}
         for i, key_path in enumerate(streamed):
             target = _at(written, key_path)
             size = target.numel() * target.element_size()
-            buffer = buffers.get(size)
-            if buffer is None:
-                buffers.clear()  # one buffer at a time: the largest tensor bounds the memory used
-                buffer = buffers[size] = torch.empty(size, dtype=torch.uint8)
-            receive(i, buffer)
-            target.reshape(-1).view(torch.uint8).copy_(buffer)
+            receive(i, target.reshape(-1).view(torch.uint8))  # straight into the file's pages: no buffer
             _drop_pages(target, size)
         del written
 

@@ -261,9 +261,13 @@ class DDGStage:
     def drain(self) -> Iterator[bool]:
         """Backward the batches still in flight, one per step; yields what :meth:`backward` returns.
 
-        After the last batch, a final incomplete accumulation window also yields ``True``.
+        After the last batch, a final incomplete accumulation window also yields ``True``. The gradients installed
+        for the previous step are released before each backward (as Lightning's training loop does before each of
+        its own), so that the drain holds one set of gradients, not two.
         """
         while self._inflight:
+            for p in self.parameters:
+                p.grad = None  # already stepped with; install_gradients sets every p.grad again
             yield self._backward_oldest(None)
         if self._has_grads:
             yield True

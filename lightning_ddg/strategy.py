@@ -79,6 +79,7 @@ from lightning_ddg.checks import (
     check_train_loader,
 )
 from lightning_ddg.comm import PipelineStopped
+from lightning_ddg.gather import broadcast_parts, gather_parts, save_parts, transfer_device
 from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launched_processes, pause_observer
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
@@ -702,36 +703,53 @@ class DDGStrategy(ParallelStrategy):
 
     def full_state_dict(self, rank: int = 0) -> dict[str, Tensor] | None:
         """The whole model's state dict, with its original names, on global rank ``rank`` (``None`` on the others):
-        each stage of the first replica sends its own tensors there. A collective: every rank calls it, e.g. after
-        fit of a model built in ``configure_model``, whose ranks each keep only their stage::
+        each stage of the first replica sends its own tensors there, one at a time. A collective: every rank calls
+        it, e.g. after fit of a model built in ``configure_model``, whose ranks each keep only their stage::
 
             state = trainer.strategy.full_state_dict()
             if trainer.is_global_zero:
                 torch.save(state, "model.pt")
+
+        Rank ``rank`` then holds the whole model; :meth:`save_full_state_dict` writes it without holding it.
         """
+        local, specs = self._state_parts()
+        if specs is None:
+            return {n: t.cpu() for n, t in local.items()} if self.global_rank == rank else None
+        full = gather_parts(local, specs, self._stage_owners(), rank, transfer_device(self.root_device))
+        return None if full is None else {name: full[name] for name in self._state_dict_keys if name in full}
+
+    def save_full_state_dict(self, path: Any, rank: int = 0) -> None:
+        """Write the whole model's state dict (as :meth:`full_state_dict` returns it) with ``torch.save`` to ``path``
+        on global rank ``rank``, without any process holding more than its own stage and one tensor in flight. A
+        collective: every rank calls it."""
+        local, specs = self._state_parts()
+        if specs is None:
+            specs, owners = [{n: _TensorSpec.of(t) for n, t in local.items()}], [rank]
+        else:
+            owners = self._stage_owners()
+        save_parts(local, specs, owners, rank, path, transfer_device(self.root_device), self._state_dict_keys)
+
+    def _state_parts(self) -> tuple[dict[str, Tensor], list[dict[str, _TensorSpec]] | None]:
+        """This rank's state dict, and the shapes and dtypes of each stage's (``None`` when this rank holds the
+        whole module)."""
         module = self.lightning_module
         assert module is not None
-        local = {n: t.detach().cpu() for n, t in module.state_dict(keep_vars=True).items()}
-        if self.world_size == 1 or not _distributed_is_initialized():
-            return local
-        if self.topology.replica_of(self.global_rank) != 0:
-            local = {}
-        parts: list[Any] = [None] * self.world_size if self.global_rank == rank else []
-        dist.gather_object(local, parts if self.global_rank == rank else None, dst=rank)
-        if self.global_rank != rank:
-            return None
-        full = {name: t for part in parts for name, t in part.items()}
-        order = self._state_dict_keys or list(full)
-        return {name: full[name] for name in order if name in full}
+        local = {n: t.detach() for n, t in module.state_dict(keep_vars=True).items()}
+        if not self._removed or self.world_size == 1 or not _distributed_is_initialized():
+            return local, None
+        return local, self._first_replica_objects({n: _TensorSpec.of(t) for n, t in local.items()})
 
     def _gather_tensors(self) -> dict[str, Tensor]:
-        """Every parameter and buffer of the module, collected from the stages of replica 0 that own them."""
+        """The parameters and buffers this rank does not hold, broadcast one at a time by the stages of replica 0
+        that own them."""
         module = self.lightning_module
         assert module is not None
-        local = {n: t.detach().cpu() for n, t in [*module.named_parameters(), *module.named_buffers()]}
+        local = {n: t.detach() for n, t in [*module.named_parameters(), *module.named_buffers()]}
         if self.topology.num_stages == 1:
             return local
-        return {name: t for part in self._first_replica_objects(local) for name, t in part.items()}
+        specs = self._first_replica_objects({n: _TensorSpec.of(t) for n, t in local.items()})
+        wanted = {r.name for r in self._removed}
+        return broadcast_parts(local, specs, self._stage_owners(), transfer_device(self.root_device), wanted)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """Every rank calls it. The tensors of other stages in ``checkpoint`` are placeholders

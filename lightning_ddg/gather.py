@@ -1,0 +1,140 @@
+"""Putting a model's state together from the stage processes that own it, one tensor at a time.
+
+Each process holds its own stage's tensors. To give every rank the whole model (after fit, for a model that fits
+one process) or one rank the whole state (on request), the owners send their tensors one at a time with
+``torch.distributed`` point-to-point and broadcast calls on the tensors' bytes: a process holds what it receives
+and at most one tensor in flight, never a pickled copy of a stage (``all_gather_object`` would hold every stage's
+pickled bytes at once, several times the model). Every rank walks the same list of parts in the same order
+(``specs``: the names, shapes and dtypes of each owner's tensors, gathered beforehand), so no message carries more
+than the bytes. This module is plain PyTorch.
+
+Example (``specs[j]`` describes the tensors of ``owners[j]``, the same list on every rank)::
+
+    others = broadcast_parts(my_tensors, specs, owners, device)          # every rank: every other part's tensors
+    full = gather_parts(my_tensors, specs, owners, dst=0, device=device)  # rank 0: the whole state; None elsewhere
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_ddg.checkpoint_io import save_streamed
+
+__all__ = ["TensorSpec", "broadcast_parts", "gather_parts", "save_parts", "transfer_device"]
+
+
+class TensorSpec(Protocol):
+    """The shape and dtype of a tensor another process holds."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def transfer_device(device: torch.device) -> torch.device:
+    """Where tensors travel between processes: ``device`` under NCCL, which moves GPU memory only; else the CPU."""
+    initialized = dist.is_available() and dist.is_initialized()
+    return device if initialized and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def broadcast_parts(
+    local: dict[str, Tensor],
+    specs: Sequence[dict[str, TensorSpec]],
+    owners: Sequence[int],
+    device: torch.device,
+    wanted: set[str] | None = None,
+) -> dict[str, Tensor]:
+    """The tensors of every part this rank does not own, on ``device`` (a collective: every rank calls it with the
+    same ``specs`` and ``owners``). Part ``j`` holds the tensors ``specs[j]`` describes and comes from global rank
+    ``owners[j]``, which passes them in ``local``. Only the names in ``wanted`` (default: all) are kept; the others
+    pass through one tensor at a time."""
+    rank = dist.get_rank()
+    received: dict[str, Tensor] = {}
+    for part, owner in zip(specs, owners, strict=True):
+        for name, spec in part.items():
+            if rank == owner:
+                dist.broadcast(_as_bytes(local[name].detach().to(device)), src=owner)
+                continue
+            tensor = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+            dist.broadcast(_as_bytes(tensor), src=owner)
+            if wanted is None or name in wanted:
+                received[name] = tensor
+    return received
+
+
+def gather_parts(
+    local: dict[str, Tensor],
+    specs: Sequence[dict[str, TensorSpec]],
+    owners: Sequence[int],
+    dst: int,
+    device: torch.device,
+) -> dict[str, Tensor] | None:
+    """Every part's tensors on global rank ``dst``, on the CPU (``None`` on the other ranks): the owners send
+    theirs one at a time (a collective of the ranks in ``owners`` and ``dst``). Transfers go through ``device``
+    (the backend's: a GPU for NCCL)."""
+    rank = _rank()
+    full: dict[str, Tensor] = {}
+    for part, owner in zip(specs, owners, strict=True):
+        for name, spec in part.items():
+            if owner == dst:
+                if rank == dst:
+                    full[name] = local[name].detach().cpu()
+            elif rank == owner:
+                dist.send(_as_bytes(local[name].detach().to(device)), dst=dst)
+            elif rank == dst:
+                tensor = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+                dist.recv(_as_bytes(tensor), src=owner)
+                full[name] = tensor.cpu()
+    return full if rank == dst else None
+
+
+def save_parts(
+    local: dict[str, Tensor],
+    specs: Sequence[dict[str, TensorSpec]],
+    owners: Sequence[int],
+    dst: int,
+    path: Any,
+    device: torch.device,
+    order: Sequence[str] | None = None,
+) -> None:
+    """Write every part's tensors to ``path`` on global rank ``dst``, one ordinary ``torch.save`` file of a flat
+    ``{name: tensor}`` dict, without any process holding more than its own part and one tensor in flight
+    (:func:`~lightning_ddg.checkpoint_io.save_streamed`), its keys in ``order`` (default: part by part). A
+    collective of the ranks in ``owners`` and ``dst``."""
+    rank = _rank()
+    streamed = [(name, owner) for part, owner in zip(specs, owners, strict=True) for name in part if owner != dst]
+    if rank != dst:
+        for name, owner in streamed:
+            if owner == rank:
+                dist.send(_as_bytes(local[name].detach().to(device)), dst=dst)
+        return
+    state: dict[str, Tensor] = {}
+    for part, owner in zip(specs, owners, strict=True):
+        for name, spec in part.items():
+            # another rank's tensor: memory that is never written, filled in the file as it arrives
+            state[name] = local[name].detach().cpu() if owner == dst else torch.empty(spec.shape, dtype=spec.dtype)
+    if order is not None:
+        state = {name: state[name] for name in order if name in state}
+
+    def receive(i: int, buffer: Tensor) -> None:
+        if device.type == "cpu":
+            dist.recv(buffer, src=streamed[i][1])
+        else:
+            on_device = torch.empty_like(buffer, device=device)
+            dist.recv(on_device, src=streamed[i][1])
+            buffer.copy_(on_device)
+
+    save_streamed(state, path, [(name,) for name, _ in streamed], receive)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _as_bytes(tensor: Tensor) -> Tensor:
+    """The tensor's data as a flat ``uint8`` tensor; a view of it where it is contiguous."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
