@@ -374,23 +374,20 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     measures = (("resident", "_peak_mib", "imports_mib"), ("private", "_private_peak_mib", "imports_private_mib"))
 
     def worst(selected: list[dict[str, Any]], phases: tuple[str, ...], bound: str = "formula") -> str:
+        def need(r: dict[str, Any]) -> float:
+            return r["formula_mib"]["total"] if bound == "formula" else r[bound]
+
         parts = []
         for name, suffix, imports in measures:
-            over = [
-                (r[f"{phase}{suffix}"] - (r["formula_mib"]["total"] if bound == "formula" else r[bound]), r, phase)
-                for r in selected
-                for phase in phases
-            ]
+            over = [(r[f"{phase}{suffix}"] - need(r), r, phase) for r in selected for phase in phases]
             excess, r, phase = max(over, key=lambda o: o[0])
             verdict = "met" if excess <= ALLOWANCE_MIB else "NOT met"
             parts.append(
-                f"{name}: {verdict}, at most formula + {excess:.0f} MiB (K={r['stages']} stage {r['stage']}, "
+                f"{name}: {verdict}, at most formula {excess:+.0f} MiB (K={r['stages']} stage {r['stage']}, "
                 f"{phase}; imports {r[imports]:.0f} of it)"
             )
-        above = max(
-            r[f"{phase}_peak_mib"] - r["imports_mib"] - r["formula_mib"]["total"] for r in selected for phase in phases
-        )
-        return "; ".join(parts) + f"; above the imports: formula + {above:.0f} MiB"
+        above = max(r[f"{phase}_peak_mib"] - r["imports_mib"] - need(r) for r in selected for phase in phases)
+        return "; ".join(parts) + f"; above the imports: formula {above:+.0f} MiB"
 
     ddg = [r for r in rows if r["stages"] > 1]
     built = [r for r in ddg if r["build"] == "configure_model"]
@@ -419,7 +416,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         for name, key in (("resident", "after_setup_mib"), ("private", "after_setup_private_mib")):
             excess = max(r[key] - r["formula_mib"]["total"] for r in init)
             parts.append(
-                f"{name}: {'met' if excess <= ALLOWANCE_MIB else 'NOT met'}, at most formula + {excess:.0f} MiB"
+                f"{name}: {'met' if excess <= ALLOWANCE_MIB else 'NOT met'}, at most formula {excess:+.0f} MiB"
             )
         lines.append(f"__init__, after setup each process <= formula + 0.5 GiB: {'; '.join(parts)}")
         lines.append(f"__init__, saving <= formula + 0.5 GiB: {worst(init, ('save',))}")

@@ -27,7 +27,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "atomic", "save_streamed"]
+__all__ = ["AtomicCheckpointIO", "atomic", "chunks", "save_streamed"]
 
 
 class AtomicCheckpointIO(CheckpointIO):
@@ -90,10 +90,11 @@ def save_streamed(
     processes own: ``streamed`` lists where they sit in ``checkpoint`` (key paths, e.g. ``("state_dict", name)``),
     as placeholders of the right shape and dtype whose memory was never written (``torch.empty``: the system backs
     it with no memory of its own until written). The file is written with the placeholders' zeros, then each
-    streamed tensor's bytes are written in place, one at a time: ``receive(i, buffer)`` fills ``buffer`` (a flat
-    ``uint8`` tensor of the tensor's size: the tensor's place in the file, mapped into memory) with item ``i``'s
-    bytes; each tensor's pages are unmapped once written, so the writer holds one tensor's pages at most. Written
-    under a temporary name and renamed, as :class:`AtomicCheckpointIO` does.
+    streamed tensor's bytes are written in place, one at a time, in the pieces :func:`chunks` cuts them into:
+    ``receive(i, buffer)`` fills ``buffer`` (a flat ``uint8`` tensor: the next piece of item ``i``'s place in the
+    file, mapped into memory) with those bytes, and the piece's pages are unmapped once written, so that the
+    writer holds one piece's pages at most (the sender sends ``chunks(bytes)`` one message each). Written under a
+    temporary name and renamed, as :class:`AtomicCheckpointIO` does.
 
     Example::
 
@@ -116,9 +117,20 @@ def save_streamed(
         for i, key_path in enumerate(streamed):
             target = _at(written, key_path)
             size = target.numel() * target.element_size()
-            receive(i, target.reshape(-1).view(torch.uint8))  # straight into the file's pages: no buffer
-            _drop_pages(target, size)
+            for piece in chunks(target.reshape(-1).view(torch.uint8)):
+                receive(i, piece)  # straight into the file's pages: no buffer
+                _drop_pages(piece, piece.numel())
+            _drop_pages(target, size)  # the pages the pieces' edges shared
         del written
+
+
+CHUNK_BYTES = 8 * 2**20
+
+
+def chunks(data: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``data`` (a flat ``uint8`` tensor) in views of :data:`CHUNK_BYTES` at most (one empty view when it is empty):
+    the pieces a streamed tensor travels in, so that the process that writes it holds one piece at a time."""
+    return data.split(CHUNK_BYTES)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_ddg.checkpoint_io import save_streamed
+from lightning_ddg.checkpoint_io import chunks, save_streamed
 
 __all__ = ["TensorSpec", "broadcast_parts", "gather_parts", "save_parts", "transfer_device"]
 
@@ -110,7 +110,8 @@ def save_parts(
     if rank != dst:
         for name, owner in streamed:
             if owner == rank:
-                dist.send(_as_bytes(local[name].detach().to(device)), dst=dst)
+                for piece in chunks(_as_bytes(local[name].detach().to(device))):
+                    dist.send(piece, dst=dst)
         return
     state: dict[str, Tensor] = {}
     for part, owner in zip(specs, owners, strict=True):

@@ -69,7 +69,7 @@ from lightning_ddg.checkpoint import (
     named_optimizer_state,
     stage_optimizer_state,
 )
-from lightning_ddg.checkpoint_io import AtomicCheckpointIO, atomic, save_streamed
+from lightning_ddg.checkpoint_io import AtomicCheckpointIO, atomic, chunks, save_streamed
 from lightning_ddg.checks import (
     check_finite,
     check_options,
@@ -763,7 +763,8 @@ class DDGStrategy(ParallelStrategy):
         if not self.is_global_zero:
             for key_path, owner in streamed:
                 if owner == self.global_rank:
-                    dist.send(_as_bytes(_at(checkpoint, key_path).detach().cpu()), dst=0)
+                    for piece in chunks(_as_bytes(_at(checkpoint, key_path).detach().cpu())):
+                        dist.send(piece, dst=0)
             return
         self.checkpoint_io = atomic(self.checkpoint_io)
 
@@ -777,7 +778,8 @@ class DDGStrategy(ParallelStrategy):
         for i, (key_path, _) in enumerate(streamed):  # another checkpoint IO: it gets the whole checkpoint
             target = _at(checkpoint, key_path)
             buffer = torch.empty(target.numel() * target.element_size(), dtype=torch.uint8)
-            receive(i, buffer)
+            for piece in chunks(buffer):
+                receive(i, piece)
             _as_bytes(target).copy_(buffer)
         self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from lightning_ddg import DDGStrategy, plan, split_module
+from lightning_ddg import DDGStrategy, checkpoint_io, plan, split_module
 from lightning_ddg.checkpoint_io import save_streamed
 from lightning_ddg.shard import keep_only_stage, kept_tensors, materialize
 from tests.jobs import run_job
@@ -176,14 +176,15 @@ def test_a_model_built_in_configure_model_resumes_from_a_checkpoint(tmp_path) ->
         assert torch.equal(resumed[0][name], resumed[1][name]), name
 
 
-def test_a_streamed_checkpoint_is_an_ordinary_file(tmp_path) -> None:
+def test_a_streamed_checkpoint_is_an_ordinary_file(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(checkpoint_io, "CHUNK_BYTES", 4096)  # the larger tensor travels in 10 pieces
     mine, theirs = torch.randn(3, 4), torch.arange(5000, dtype=torch.float64)
     checkpoint = {"state_dict": {"a": mine, "b": torch.empty(5000, dtype=torch.float64)}, "step": 7}
     checkpoint["optimizer_states"] = [{"state": {0: {"step": torch.empty(())}}}]
-    sources = [theirs, torch.tensor(3.0)]
+    sent = [iter(checkpoint_io.chunks(t.reshape(-1).view(torch.uint8))) for t in (theirs, torch.tensor(3.0))]
 
     def receive(i: int, buffer: torch.Tensor) -> None:
-        buffer.copy_(sources[i].reshape(-1).view(torch.uint8))
+        buffer.copy_(next(sent[i]))  # the pieces as the sender sends them, in order
 
     path = tmp_path / "last.ckpt"
     save_streamed(checkpoint, path, [("state_dict", "b"), ("optimizer_states", 0, "state", 0, "step")], receive)
@@ -191,6 +192,7 @@ def test_a_streamed_checkpoint_is_an_ordinary_file(tmp_path) -> None:
     assert torch.equal(loaded["state_dict"]["a"], mine) and torch.equal(loaded["state_dict"]["b"], theirs)
     assert loaded["optimizer_states"][0]["state"][0]["step"] == 3.0 and loaded["step"] == 7
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert all(next(pieces, None) is None for pieces in sent)  # every piece was received
 
 
 @pytest.mark.timeout(300)
@@ -204,9 +206,12 @@ def test_the_memory_benchmark_reports_every_stage_within_its_formula(tmp_path: P
         ("init", 0),
         ("init", 1),
     ]
-    phases = ["setup_peak_mib", "train_peak_mib", "save_peak_mib", "resume_peak_mib", "end_peak_mib"]
+    phases = ["setup", "train", "save", "resume", "end"]
     for row in rows:
+        # private memory (resident less the shared library pages) is part of the resident memory
+        assert all(0 < row[f"{p}_private_peak_mib"] < row[f"{p}_peak_mib"] for p in phases), row
         if row["build"] == "configure_model":
-            largest = max(row[phase] for phase in phases) - row["imports_mib"]
+            largest = max(row[f"{phase}_peak_mib"] for phase in phases) - row["imports_mib"]
             assert largest <= row["formula_mib"]["total"] + 512, row
+    assert [b["after"] for b in rows[0]["baseline"]][1:] == ["import torch", "import lightning", "import lightning_ddg"]
     assert out.with_suffix(".png").exists()
