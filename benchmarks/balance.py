@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torchvision
 from torch import nn
 
-from lightning_ddg import DDGStage, StageLinks, Topology, plan, split_module
+from lightning_ddg import Topology, build_stage, plan, split_module
 from lightning_ddg.balance import run_segments, segment_times
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -69,11 +69,8 @@ def train(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, float]:
 
         finish = lambda: None  # noqa: E731
     else:
-        topology = Topology(num_stages=world_size)
-        k = topology.stage_of(rank)
-        stages = split_module(model, cfg["split_points"]).train
-        links = StageLinks.create(topology, rank, torch.device("cpu"))
-        stage = DDGStage(stages[k], k, world_size, links)
+        built = build_stage(model, Topology(num_stages=world_size), rank, split_points=cfg["split_points"])
+        stage, links = built.stage, built.links
         optimizer = torch.optim.SGD(stage.parameters, lr=0.01, momentum=0.9)
 
         def update() -> None:

@@ -60,7 +60,7 @@ from fit_path import fit_rates  # noqa: E402
 from harness import can_pin, device_of, launch, peak_memory_mib, reset_peak_memory, synchronize  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightning_ddg import DDGStage, StageLinks, Topology, plan, split_module  # noqa: E402
+from lightning_ddg import Topology, build_stage, plan, split_module  # noqa: E402
 
 CLASSES = 10
 TRACED_STEPS = 8
@@ -175,10 +175,15 @@ def torch_pipelining(model: nn.Module, rank: int, world_size: int, cfg: dict) ->
 
 
 def ddg(model: nn.Module, rank: int, world_size: int, cfg: dict) -> tuple[Step, Callable, dict]:
-    topology = Topology(num_stages=world_size)
-    k = topology.stage_of(rank)
-    links = StageLinks.create(topology, rank, device_of(rank, cfg))
-    stage = DDGStage(_stage_modules(model, cfg)[k], k, world_size, links, memory=cfg["memory"])
+    built = build_stage(
+        model,
+        Topology(num_stages=world_size),
+        rank,
+        split_points=cfg["split_points"],
+        device=device_of(rank, cfg),
+        memory=cfg["memory"],
+    )
+    stage, links, k = built.stage, built.links, built.stage.stage_index
     optimizer, loss_fn = _optimizer(stage.parameters), nn.CrossEntropyLoss()
     figures: dict[str, Any] = {"stage": k, "events": []}
     events = figures["events"]  # (what, batch, start, end) of the first timed steps, for the timeline picture

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_ddg import DDGStage, StageLinks, Topology, split_module
+from lightning_ddg import Topology, build_stage
 from lightning_ddg.comm import Channel
 from lightning_ddg.planning import balanced_split_points
 
@@ -98,13 +98,11 @@ def make_trainer(
 
         return backprop_step, lambda: None
 
-    topology = Topology(num_stages=world_size)
-    k = topology.stage_of(rank)
-    stages = split_module(model, balanced_split_points(model, world_size)).train
-    links = StageLinks.create(topology, rank, torch.device("cpu"))
+    split_points = balanced_split_points(model, world_size)
+    built = build_stage(model, Topology(num_stages=world_size), rank, split_points=split_points, memory=cfg["memory"])
+    stage, links = built.stage, built.links
     time_receives(links.act_in, clock)
     time_receives(links.grad_in, clock)
-    stage = DDGStage(stages[k], k, world_size, links, memory=cfg["memory"])
     optimizer = torch.optim.SGD(stage.parameters, lr=0.01, momentum=0.9)
 
     def optimizer_step() -> None:

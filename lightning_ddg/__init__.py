@@ -10,7 +10,8 @@ watch_launcher_from_environment()
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_ddg.partition import Partition, split_module
+from lightning_ddg.build import BuiltStage, build_stage
+from lightning_ddg.partition import Partition, TiedWeight, split_module
 from lightning_ddg.planning import Plan, StagePlan, plan
 from lightning_ddg.reference import DDGReference
 from lightning_ddg.stage import DDGStage
@@ -20,6 +21,7 @@ from lightning_ddg.topology import StageLinks, Topology
 DDGStrategy.register_strategies(StrategyRegistry)
 
 __all__ = [
+    "BuiltStage",
     "DDGReference",
     "DDGStage",
     "DDGStrategy",
@@ -27,7 +29,9 @@ __all__ = [
     "Plan",
     "StageLinks",
     "StagePlan",
+    "TiedWeight",
     "Topology",
+    "build_stage",
     "plan",
     "split_module",
 ]

@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_ddg.comm import Channel, PipelineStopped
 
-__all__ = ["ReceivedBatches", "SentBatches"]
+if TYPE_CHECKING:
+    from lightning_ddg.topology import StageLinks
+
+__all__ = ["ReceivedBatches", "SentBatches", "carried_batches"]
 
 _END = "end"
 
@@ -141,3 +144,14 @@ def _encode(value: Any) -> torch.Tensor:
 def _decode(tensor: torch.Tensor) -> Any:
     raw = tensor.numpy().tobytes()
     return pickle.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+
+
+def carried_batches(
+    loader: Any, links: StageLinks, last: bool, on_stop: Callable[[int], BaseException] | None = None
+) -> SentBatches | ReceivedBatches:
+    """``loader`` as this stage iterates it: the first stage (which has ``links.batch_out``) sends each batch on, the
+    others receive it (whole on the ``last`` stage)."""
+    if links.batch_out:
+        return SentBatches(loader, links.batch_out)
+    assert links.batch_in is not None
+    return ReceivedBatches(loader, links.batch_in, full=last, on_stop=on_stop)

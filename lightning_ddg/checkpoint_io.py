@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "atomic", "chunks", "save_streamed"]
+__all__ = ["AtomicCheckpointIO", "atomic", "chunks", "load_mapped", "save_streamed", "writes_local_torch_files"]
 
 
 class AtomicCheckpointIO(CheckpointIO):
@@ -174,3 +174,18 @@ def _drop_pages(tensor: torch.Tensor, size: int) -> None:
             ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
         except (OSError, AttributeError):
             pass
+
+
+def writes_local_torch_files(checkpoint_io: CheckpointIO, path: Any) -> bool:
+    """Whether ``checkpoint_io`` (perhaps made atomic) is Lightning's plain ``torch.save`` writer and ``path`` a local
+    file: then checkpoints are streamed and mapped here; any other writer gets the whole checkpoint."""
+    base = checkpoint_io.checkpoint_io if isinstance(checkpoint_io, AtomicCheckpointIO) else checkpoint_io
+    return type(base) is TorchCheckpointIO and "://" not in str(path)
+
+
+def load_mapped(path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+    """The checkpoint, its tensors mapped from the file (``mmap=True``), so that a process reads from disk only the
+    tensors it uses."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)

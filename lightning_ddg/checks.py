@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_ddg.balance import BALANCE_BY
 from lightning_ddg.partition import CUT_KEY
 
 __all__ = [
@@ -30,11 +31,29 @@ __all__ = [
     "check_finite",
     "check_train_loader",
     "check_same_lengths",
+    "check_tied_clipping",
 ]
 
 
-def check_options(split_points: Any, balance: Any, num_stages: Any) -> None:
-    """Reject option values that cannot name a partition, before any process starts."""
+def check_options(
+    split_points: Any,
+    balance: Any,
+    num_stages: Any,
+    memory: str = "stash",
+    balance_by: str | None = None,
+    start_method: str = "popen",
+) -> None:
+    """Reject option values that cannot name a partition or a run, before any process starts."""
+    from lightning_ddg.stage import MEMORY_MODES  # stage.py imports this module
+
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory={memory!r} is not one of {MEMORY_MODES}")
+    if balance_by is not None and balance_by not in BALANCE_BY:
+        raise ValueError(f"balance_by={balance_by!r} is not one of {BALANCE_BY}")
+    if start_method not in ("popen", "spawn", "forkserver"):
+        raise ValueError(
+            f"start_method={start_method!r}: use 'popen' (strategy='ddg'), 'spawn' ('ddg_spawn') or 'forkserver'"
+        )
     if split_points is not None and balance is not None:
         raise ValueError("give either split_points or balance, not both: they are two ways to name the same cuts")
     if isinstance(split_points, str):
@@ -170,3 +189,50 @@ def check_same_lengths(lengths: Sequence[int | None], what: str, describe: Any) 
         "changed in between, or a sampler that depends on the rank, gives this: read the data once (e.g. in "
         "prepare_data, to a file that no longer changes) and leave the sampler to the strategy."
     )
+
+
+def check_tied_clipping(tied: Sequence[Any], clip_value: float | None, algorithm: Any) -> None:
+    """Clipping by norm scales each stage's gradients by that stage's own norm: the copies of a weight shared
+    across stages would take different updates and drift apart."""
+    if not tied or not clip_value or str(getattr(algorithm, "value", algorithm) or "norm") != "norm":
+        return
+    names = [w.name for w in tied]
+    raise ValueError(
+        f"gradient_clip_val clips each stage's gradients by the norm of that stage's gradients, but {names} are used "
+        "by several stages, whose copies must take the same update: they would drift apart. Clip by value "
+        "(Trainer(gradient_clip_algorithm='value')), or train without clipping."
+    )
+
+
+def check_balance_length(balance: Sequence[int], num_stages: int) -> None:
+    if len(balance) != num_stages:
+        raise ValueError(
+            f"balance {list(balance)} has {len(balance)} stages but the pipeline has {num_stages}: give "
+            f"devices={len(balance)} (or num_stages={len(balance)}) or a balance of {num_stages} entries."
+        )
+
+
+def check_automatic_optimization(automatic: bool) -> None:
+    if not automatic:
+        raise ValueError(
+            "DDGStrategy drives the optimizer of each stage itself and does not support manual optimization. "
+            "Set `self.automatic_optimization = True` (the default) or use strategy='ddp'."
+        )
+
+
+def check_no_loss_scaling(scaled: bool) -> None:
+    if scaled:
+        raise ValueError(
+            "DDGStrategy does not support precision='16-mixed': its loss scale is a single number that every "
+            "stage's gradients would have to be unscaled with and that must shrink whenever any stage "
+            "overflows, but the stages step at different times on gradients of different batches. Use "
+            "precision='bf16-mixed' (no loss scaling needed) or '32-true'."
+        )
+
+
+ONE_OPTIMIZER = (
+    "DDGStrategy steps one optimizer per stage, but configure_optimizers returned several. Return one "
+    "optimizer; to give parts of the model their own settings, give it param groups, e.g. "
+    "torch.optim.AdamW([{'params': a, 'lr': 1e-3}, {'params': b, 'lr': 1e-4}]). Or train with "
+    "strategy='ddp' and manual optimization."
+)

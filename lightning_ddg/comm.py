@@ -15,6 +15,10 @@ Example (two processes, gloo)::
     link = Channel(peer=1, group=group)   # on rank 0
     link.send([x, skip])
     # on rank 1: x, skip = Channel(peer=0, group=group).recv()
+
+A weight that several stages use (tied embeddings) has a copy on each; :class:`TiedGroup` is the collective that
+keeps the copies equal: the ranks holding a copy start from one rank's values and sum their gradients before
+every update of the weight.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["Channel", "HEADER_SIZE", "PipelineStopped", "UNREAPED_MESSAGES"]
+__all__ = ["Channel", "HEADER_SIZE", "PipelineStopped", "TiedGroup", "UNREAPED_MESSAGES"]
 
 HEADER_SIZE = 256
 UNREAPED_MESSAGES = 1  # messages besides the newest whose sends are not waited on yet
@@ -259,3 +263,37 @@ class Channel:
         self._free.clear()
         if specs is not None:
             raise RuntimeError(f"rank {self.peer} sent data that this rank never received")
+
+
+class TiedGroup:
+    """The ranks holding a copy of one tied weight: the stages that use it, in every replica of the pipeline.
+
+    Args:
+        group: a process group of exactly those ranks, used by nothing else (every rank of the job creates it, in
+            the same order as the other groups: :meth:`lightning_ddg.topology.StageLinks.create`).
+        source: the global rank whose values every copy starts from.
+        num_replicas: the replicas of the pipeline; the gradients are summed over the stages and averaged over
+            the replicas.
+
+    Example (on each rank holding a copy of ``weight``)::
+
+        tied.broadcast(weight)    # at setup: every copy starts equal
+        tied.combine(grad)        # before each update of the weight: in place, the same on every copy
+        weight.grad = grad
+    """
+
+    def __init__(self, group: dist.ProcessGroup, source: int, num_replicas: int = 1) -> None:
+        self.group = group
+        self.source = source
+        self.num_replicas = num_replicas
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """Give ``tensor`` the values of the source rank's copy (a collective over the group)."""
+        dist.broadcast(tensor, src=self.source, group=self.group)
+
+    def combine(self, grad: torch.Tensor) -> None:
+        """Sum ``grad`` over the stages holding the weight and average it over the replicas, in place (a collective
+        over the group). Every rank ends with the same bits: gloo and NCCL hand every rank the same reduced data."""
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self.group)
+        if self.num_replicas > 1:
+            grad.div_(self.num_replicas)

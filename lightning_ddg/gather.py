@@ -38,10 +38,12 @@ class TensorSpec(Protocol):
 Spec = TensorSpec | str  # a name that refers to the tensor of an earlier name (one tensor under two names)
 
 
-def transfer_device(device: torch.device) -> torch.device:
-    """Where tensors travel between processes: ``device`` under NCCL, which moves GPU memory only; else the CPU."""
-    initialized = dist.is_available() and dist.is_initialized()
-    return device if initialized and dist.get_backend() == "nccl" else torch.device("cpu")
+def transfer_device() -> torch.device:
+    """Where tensors travel between processes: this process's GPU under NCCL, which moves GPU memory only; else
+    the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def plan_transfers(

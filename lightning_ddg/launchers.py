@@ -42,6 +42,7 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _Su
 from lightning.pytorch.strategies.launchers.multiprocessing import _GlobalStateSnapshot
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.multiprocessing.spawn import ProcessExitedException
+from typing_extensions import override
 
 from lightning_ddg._compat import interrupt_here
 from lightning_ddg.lifeline import LAUNCHER_PID, SignalWatch, stop_processes, watch_launcher
@@ -69,6 +70,7 @@ def pause_observer(paused: bool) -> None:
 class DDGScriptLauncher(_SubprocessScriptLauncher):
     """Re-launches the script for every other rank; see the module's documentation."""
 
+    @override
     def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         global _observer
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
@@ -104,6 +106,7 @@ class ChildObserver(threading.Thread):
         self.paused = False
         self.failed = False  # the last fit raised: at exit, the launched ranks are not waited for
 
+    @override
     def run(self) -> None:
         while True:
             time.sleep(self.period)
@@ -135,6 +138,7 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
     _global_states: _GlobalStateSnapshot | None = None
     _environment: dict[str, str] = {}
 
+    @override
     def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         if self._start_method == "forkserver":
             if any(type(logger).__name__ == "WandbLogger" for logger in getattr(trainer, "loggers", [])):
@@ -156,10 +160,12 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
             self._strategy.stopped_elsewhere(exited.exit_code - 128)
             raise SIGTERMException(exited.exit_code) from None
 
+    @override
     def __getstate__(self) -> dict[str, Any]:
         # pickled as each process starts, once the launch has set the rendezvous port
         return self.__dict__ | {"_environment": dict(os.environ)}
 
+    @override
     def _wrapping_function(self, process_idx: int, trainer: Any, function: Any, args: Any, *rest: Any) -> None:
         watch_launcher(None, f"rank {process_idx}")  # first: this process ends with the launching one
         if self._global_states is not None:

@@ -54,7 +54,7 @@ from torch.utils import _pytree as pytree
 
 from lightning_ddg.opening import opened_by
 
-__all__ = ["Partition", "split_module", "balance_to_split_points"]
+__all__ = ["Partition", "TiedWeight", "split_module", "balance_to_split_points"]
 
 CUT_KEY = "lightning_ddg_cut"  # in a stage's ``meta``: the name of the module that begins the next stage
 
@@ -72,6 +72,7 @@ class Partition:
     train: list[nn.Module]
     eval: list[nn.Module]
     opened: list[str] = field(default_factory=list)
+    tied: list[TiedWeight] = field(default_factory=list)
 
     @property
     def num_stages(self) -> int:
@@ -548,17 +549,35 @@ def _mutated_in_place(nodes: list[fx.Node], gm: fx.GraphModule) -> set[fx.Node]:
     return mutated
 
 
-def _check_disjoint(stages: list[nn.Module]) -> None:
-    owner: dict[int, tuple[int, str]] = {}
+@dataclass(frozen=True)
+class TiedWeight:
+    """A parameter that several stages use (tied input and output embeddings, say).
+
+    ``name`` is its name in the module being split (the first ``named_parameters()`` gives it), ``stages`` the
+    stages that use it in forward order, and ``names[i]`` its name in stage ``stages[i]``'s module. Each of those
+    stages holds a copy of it; the runtime keeps the copies equal (see ``docs/semantics.md``).
+    """
+
+    name: str
+    stages: tuple[int, ...]
+    names: tuple[str, ...]
+
+    def name_in(self, stage: int) -> str:
+        return self.names[self.stages.index(stage)]
+
+
+def _tied_weights(module: nn.Module, stages: list[nn.Module]) -> list[TiedWeight]:
+    """The parameters used by more than one stage, in the module's ``named_parameters()`` order."""
+    users: dict[int, list[tuple[int, str]]] = {}
     for k, stage in enumerate(stages):
         for name, p in stage.named_parameters():
-            if id(p) in owner and owner[id(p)][0] != k:
-                j, other = owner[id(p)]
-                raise ValueError(
-                    f"parameter {name!r} is used by stage {j} ({other}) and stage {k}: a module whose weights are "
-                    "shared across stages cannot be split there. Choose split points that keep it in one stage."
-                )
-            owner[id(p)] = (k, name)
+            users.setdefault(id(p), []).append((k, name))
+    tied = []
+    for name, p in module.named_parameters():
+        found = users.get(id(p), [])
+        if len(found) > 1:
+            tied.append(TiedWeight(name, tuple(k for k, _ in found), tuple(n for _, n in found)))
+    return tied
 
 
 def split_module(
@@ -609,8 +628,8 @@ def split_module(
         result[mode] = _stage_graphs(gm, [_cut_index(body, name, known) for name in begins], gm)
         for stage, name in zip(result[mode], split_points, strict=False):
             stage.meta[CUT_KEY] = name  # for errors about the values crossing this cut
-    _check_disjoint(result[True])
-    return Partition(split_points, result[True], result[False], sorted(opened))
+    tied = _tied_weights(module, result[True])
+    return Partition(split_points, result[True], result[False], sorted(opened), tied)
 
 
 def _outermost_at(body: list[fx.Node], i: int) -> str | None:

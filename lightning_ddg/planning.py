@@ -598,16 +598,12 @@ def _describe(
 
 
 def _segment_parameters(segments: list[nn.Module]) -> list[int]:
-    seen: set[int] = set()
-    counts = []
-    for segment in segments:
-        fresh = [p for p in segment.parameters() if id(p) not in seen]
-        seen.update(id(p) for p in fresh)
-        counts.append(sum(p.numel() for p in fresh))
-    return counts
+    # a weight two segments use (tied embeddings) counts in both: a stage holding either holds a copy of it
+    return [sum(p.numel() for p in segment.parameters()) for segment in segments]
 
 
 def _stage_parameters(gm: Any, body: list, stage_of_node: dict, num_stages: int) -> list[int]:
+    """The parameters each stage holds; a weight several stages use (tied embeddings) counts in each of them."""
     counts, seen = [0] * num_stages, set()
     for node in body:
         if node.op == "call_module":
@@ -616,10 +612,11 @@ def _stage_parameters(gm: Any, body: list, stage_of_node: dict, num_stages: int)
             params = [p for name, p in gm.named_parameters() if name == str(node.target)]
         else:
             continue
+        k = stage_of_node[node]
         for p in params:
-            if id(p) not in seen:
-                seen.add(id(p))
-                counts[stage_of_node[node]] += p.numel()
+            if (k, id(p)) not in seen:
+                seen.add((k, id(p)))
+                counts[k] += p.numel()
     return counts
 
 

@@ -9,6 +9,11 @@ dropout masks are those of the forward.
 Each stage has its own random-number stream, as each stage has its own process in a real run; all streams
 start from ``seed``.
 
+A parameter that several stages hold (the same ``Parameter`` object, as :func:`~lightning_ddg.partition.split_module`
+leaves tied embeddings) is a *tied weight*. A real run keeps a copy per stage and gives every copy the same
+update; the reference keeps the one tensor and applies that update once, with the optimizer of the first stage
+that holds it: the rule of ``docs/semantics.md`` ("Weights shared across stages").
+
 Example::
 
     >>> import torch, torch.nn as nn
@@ -38,6 +43,15 @@ __all__ = ["DDGReference"]
 
 def _as_list(value: Any) -> list[torch.Tensor]:
     return [value] if isinstance(value, torch.Tensor) else list(value)
+
+
+class _Tied:
+    """A weight several stages hold, with the gradients its owners contributed since its last update."""
+
+    def __init__(self, param: torch.Tensor, owners: list[int]) -> None:
+        self.param = param
+        self.owners = owners
+        self.grad: torch.Tensor | None = None
 
 
 class DDGReference:
@@ -84,11 +98,22 @@ class DDGReference:
         # gradient for the output of stage k, produced by stage k+1 one step earlier
         self._mailbox: list[dict[int, list[torch.Tensor]]] = [{} for _ in self.stages]
         self._acc: list[list[torch.Tensor | None]] = [[None] * len(list(s.parameters())) for s in self.stages]
+        self._tied, self._tied_at = self._find_tied()
         self.step_count = 0
         self.losses: list[float] = []
 
     def delay(self, k: int) -> int:
         return self.num_stages - 1 - k
+
+    def _find_tied(self) -> tuple[list[_Tied], list[dict[int, _Tied]]]:
+        """The parameters held by more than one stage, and per stage: parameter position -> its tied weight."""
+        owners: dict[int, tuple[torch.Tensor, list[int]]] = {}
+        for k, stage in enumerate(self.stages):
+            for p in stage.parameters():
+                owners.setdefault(id(p), (p, []))[1].append(k)
+        tied = {key: _Tied(p, ks) for key, (p, ks) in owners.items() if len(ks) > 1}
+        at = [{i: tied[id(p)] for i, p in enumerate(s.parameters()) if id(p) in tied} for s in self.stages]
+        return list(tied.values()), at
 
     def step(self, inputs: Any, target: Any) -> torch.Tensor:
         """One step: forward batch ``t`` through all stages, then every stage backwards and steps its due batch."""
@@ -137,6 +162,9 @@ class DDGReference:
                 outgoing.append((k - 1, b, grad_in))
             if (b + 1) % self.accumulate == 0:
                 self._apply(k)
+        for tied in self._tied:
+            if tied.grad is not None and self._tied_update_due(tied, t, last_batch):
+                self._apply_tied(tied)
         # gradients reach the previous stage at the next step
         for k, b, grads in outgoing:
             self._mailbox[k][b] = grads
@@ -168,9 +196,30 @@ class DDGReference:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         for i, p in enumerate(scratch.parameters()):
             if p.grad is not None:
+                tied = self._tied_at[k].get(i)
+                if tied is not None:  # summed over its owners, not in the stage's window
+                    tied.grad = p.grad.clone() if tied.grad is None else tied.grad + p.grad
+                    continue
                 acc = self._acc[k][i]
                 self._acc[k][i] = p.grad.clone() if acc is None else acc + p.grad
         return [v.grad if v.grad is not None else torch.zeros_like(v) for v in leaves]
+
+    def _tied_update_due(self, tied: _Tied, t: int, last_batch: int | None) -> bool:
+        """A tied weight steps when the window of its owner with the least delay ends, aligned to that owner's
+        batches, and at the last step of the drain at which any owner still backwards."""
+        least = self.delay(max(tied.owners))
+        if t >= least and (t - least + 1) % self.accumulate == 0:
+            return True
+        return last_batch is not None and t == last_batch + self.delay(min(tied.owners))
+
+    def _apply_tied(self, tied: _Tied) -> None:
+        optimizer = self.optimizers[tied.owners[0]]
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        tied.param.grad = tied.grad
+        optimizer.step()
+        tied.param.grad = tied.grad = None
 
     def _apply(self, k: int) -> None:
         for p, g in zip(self.stages[k].parameters(), self._acc[k], strict=False):

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["RendezvousTimeout", "rendezvous"]
+__all__ = ["RendezvousTimeout", "init_process_group", "rendezvous"]
 
 _POLL_S = 0.05
 _ARRIVED = "lightning_ddg/rendezvous/arrived/"
@@ -114,3 +115,33 @@ def _missing_message(
         f"{names} did not arrive at the rendezvous within {timeout:.0f} s, seen from {describe(rank)}. {why} "
         "Raise DDGStrategy(rendezvous_timeout=...) if starting takes longer."
     )
+
+
+def init_process_group(
+    backend: str,
+    address: str,
+    port: int,
+    rank: int,
+    world_size: int,
+    *,
+    rendezvous_timeout: timedelta,
+    timeout: timedelta,
+    describe: Callable[[int], str] = lambda r: f"rank {r}",
+    children: Mapping[int, subprocess.Popen] | None = None,
+) -> None:
+    """The default process group, created on the store of a :func:`rendezvous` (which waits at most
+    ``rendezvous_timeout``); ``timeout`` bounds every later collective. ``children``: the processes this one
+    launched, by rank, whose exits the rendezvous error names."""
+    children = dict(children or {})
+    store = rendezvous(
+        address,
+        port,
+        rank,
+        world_size,
+        timeout=rendezvous_timeout.total_seconds(),
+        describe=describe,
+        store_timeout=timeout,
+        exit_codes=lambda: {r: proc.poll() for r, proc in children.items()},
+    )
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, str(port)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)

@@ -26,7 +26,16 @@ from torch import Tensor, nn
 
 from lightning_ddg.partition import Partition
 
-__all__ = ["Removed", "keep_only_stage", "put_back", "OtherStage", "kept_tensors", "on_meta", "materialize"]
+__all__ = [
+    "Removed",
+    "keep_only_stage",
+    "put_back",
+    "OtherStage",
+    "kept_tensors",
+    "on_meta",
+    "materialize",
+    "aliases",
+]
 
 
 @dataclass
@@ -123,6 +132,19 @@ def put_back(removed: list[Removed], full: dict[str, Tensor], device: torch.devi
             r.module.register_buffer(r.attr, value, persistent=r.persistent)
 
 
+def aliases(state: dict[str, Tensor]) -> dict[str, str]:
+    """The names of a ``state_dict(keep_vars=True)`` that hold the same tensor as an earlier name (a tied weight
+    under each of its names), mapped to that earlier name: a checkpoint stores such a tensor once."""
+    first: dict[int, str] = {}
+    found = {}
+    for name, tensor in state.items():
+        if id(tensor) in first:
+            found[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return found
+
+
 def on_meta(module: nn.Module) -> bool:
     """Whether ``module`` holds a parameter or buffer on the meta device (built without its data)."""
     return any(t.is_meta for t in [*module.parameters(), *module.buffers()])
@@ -143,7 +165,8 @@ def materialize(
     build: memory holds the kept tensors and one other module at most. The generators are left as the whole build
     would have left them.
 
-    ``holders`` (traced stage modules) have their references to the kept meta tensors replaced as well.
+    ``holders`` (traced stage modules) have their references to the kept meta tensors replaced as well. A tensor
+    several modules hold (a tied weight) stays one tensor, with the values its first module gives it.
 
     Raises ``ValueError`` when a meta tensor's module has no ``reset_parameters`` (its values would be unknown).
     """
@@ -161,18 +184,22 @@ def materialize(
         if "cuda" in rng_states and device.type == "cuda":
             torch.cuda.set_rng_state(rng_states["cuda"], device)
     replaced: dict[int, Tensor] = {}
+    done: dict[int, Tensor] = {}  # meta tensor -> what its first module made of it (a tied weight has several)
     for m in pending:
         before = _meta_tensors(m)
         for table, attr, old in before:
             empty = torch.empty_like(old, device=device)
             table[attr] = nn.Parameter(empty, old.requires_grad) if isinstance(old, nn.Parameter) else empty
-        with torch.no_grad():
-            m.reset_parameters()
+        if any(id(old) not in done for _, _, old in before):
+            with torch.no_grad():
+                m.reset_parameters()
         for table, attr, old in before:
-            if id(old) in kept:
-                replaced[id(old)] = table[attr]
+            if id(old) in done:  # a tied weight keeps the values of the module that holds it first
+                table[attr] = done[id(old)]
+            elif id(old) in kept:
+                replaced[id(old)] = done[id(old)] = table[attr]
             else:
-                table[attr] = old  # another stage's: back to meta, the values drawn are dropped
+                table[attr] = done[id(old)] = old  # another stage's: back to meta, the values drawn are dropped
     for holder in holders:
         for m in holder.modules():
             for table in (m._parameters, m._buffers):

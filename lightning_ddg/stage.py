@@ -6,6 +6,11 @@ step earlier, and the gradient of its own weights is taken at the weights batch 
 The first ``d`` steps have no backward (warm-up); :meth:`DDGStage.drain` finishes the last ``d`` batches.
 This module is plain PyTorch: it knows nothing of Lightning.
 
+A weight that several stages use (``Partition.tied``) has a copy on each of them. Its gradients are kept apart
+from the stage's accumulation window: at the steps where its owner with the least delay completes a window (and
+at the last step of the drain), every owner sums the gradients all owners computed since the previous update
+(:class:`~lightning_ddg.comm.TiedGroup`) and steps its copy with them, also in warm-up, so the copies stay equal.
+
 Memory modes (see ``docs/semantics.md``):
 
 - ``"stash"``: keep each in-flight batch's autograd graph, built on a private copy of the weights.
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -39,7 +44,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from lightning_ddg.checks import check_finite, crossing_tensors
-from lightning_ddg.comm import PipelineStopped
+from lightning_ddg.comm import PipelineStopped, TiedGroup
+from lightning_ddg.partition import TiedWeight
 from lightning_ddg.replicas import ReplicaAverager, sync_module_states
 from lightning_ddg.stats import Snapshot, StageCounters, decode_snapshots, encode_snapshots
 from lightning_ddg.topology import StageLinks
@@ -61,6 +67,22 @@ class _InFlight:
     rng: tuple[torch.Tensor, torch.Tensor | None] | None
     autocast: tuple[str, torch.dtype, bool] | None
     returned: list[torch.Tensor]  # received inputs the last stage returned as they are: the caller may keep them
+
+
+@dataclass
+class _TiedCopy:
+    """This stage's copy of a weight several stages use, and the gradients it summed since the last update."""
+
+    index: int  # position among the stage's trained parameters
+    delays: list[int]  # of every stage holding a copy
+    group: TiedGroup | None  # None for a stage driven without links
+    grad: torch.Tensor | None = None
+    updated: int = -1  # the step of the last update
+
+    def contributed(self, after: int, until: int, last_batch: int) -> bool:
+        """Whether any owner backwarded a batch at a step in ``(after, until]`` (owner ``j`` backwards batch ``b`` at
+        step ``b + d_j``, for ``0 <= b <= last_batch``)."""
+        return any(max(after + 1, d) <= min(until, last_batch + d) for d in self.delays)
 
 
 # the saved activations of one batch are measured on every this-many-th batch, so that the cost of measuring
@@ -86,6 +108,9 @@ class DDGStage:
         eval_module: the stage traced in eval mode, used by :meth:`evaluate` (defaults to ``module``).
         check_finite: raise ``FloatingPointError`` when a gradient received from the next stage holds a NaN
             or an infinity (one check per backward; on a GPU it waits for the gradient).
+        tied: the weights shared across stages (``Partition.tied``); ``links.tied`` holds their groups, and the
+            copies held by this stage start from the first owner's values (constructing the stage is then a
+            collective over each group).
     """
 
     def __init__(
@@ -98,6 +123,7 @@ class DDGStage:
         accumulate_grad_batches: int = 1,
         eval_module: nn.Module | None = None,
         check_finite: bool = False,
+        tied: Sequence[TiedWeight] = (),
     ) -> None:
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory={memory!r} is not one of {MEMORY_MODES}")
@@ -129,10 +155,37 @@ class DDGStage:
         self.counters = StageCounters()
         self._upstream: list[Snapshot] = []  # the latest snapshots of the stages before this one
         self._activation_bytes = 0  # saved activations of one batch, last measured
+        self._tied = self._tied_copies(tied)
+        tied_positions = {c.index for c in self._tied}
+        self._own = [i for i in range(len(self.parameters)) if i not in tied_positions]  # stepped on its windows
+        self._own_due = False
+        self._tied_due: list[_TiedCopy] = []
         self._replicas: ReplicaAverager | None = None
         if self.links.replica_group is not None:
             sync_module_states(module, self.links.replica_group)
-            self._replicas = ReplicaAverager(self.parameters, self.links.replica_group)
+            self._replicas = ReplicaAverager([self.parameters[i] for i in self._own], self.links.replica_group)
+        for copy in self._tied:
+            if copy.group is not None:
+                copy.group.broadcast(self.parameters[copy.index].detach())
+
+    def _tied_copies(self, tied: Sequence[TiedWeight]) -> list[_TiedCopy]:
+        copies = []
+        positions = {name: i for i, name in enumerate(self._names)}
+        for i, weight in enumerate(tied):
+            if self.stage_index not in weight.stages:
+                continue
+            name = weight.name_in(self.stage_index)
+            if name not in positions:
+                continue  # frozen: nothing to keep in step
+            group = self.links.tied[i] if i < len(self.links.tied) else None
+            if group is None and self.num_stages > 1:
+                raise ValueError(
+                    f"{weight.name} is used by stages {list(weight.stages)}, whose copies must be kept equal: create "
+                    "the links with StageLinks.create(..., tied=[w.stages for w in partition.tied])"
+                )
+            delays = [self.num_stages - 1 - k for k in weight.stages]
+            copies.append(_TiedCopy(positions[name], delays, group))
+        return copies
 
     @property
     def is_first(self) -> bool:
@@ -252,25 +305,53 @@ class DDGStage:
         """Backward the batch whose delay has elapsed, if any; call once per step after :meth:`forward`.
 
         The last stage passes the loss of the batch it just forwarded. Returns ``True`` when an accumulation
-        window is complete and :meth:`install_gradients` followed by an optimizer step is due.
+        window is complete or a tied weight is due (in warm-up too), and :meth:`install_gradients` followed by an
+        optimizer step is due: every owner of a tied weight must then step, for its copy to stay equal.
         """
-        if len(self._inflight) <= self.delay:
-            return False  # warm-up: batch t-d does not exist yet
-        return self._backward_oldest(loss)
+        step = self.batches_forwarded - 1
+        # in warm-up batch t-d does not exist yet; a tied weight may still be due
+        completes = self._backward_oldest(loss) if len(self._inflight) > self.delay else False
+        return self._updates_due(step, completes, draining=False)
 
     def drain(self) -> Iterator[bool]:
-        """Backward the batches still in flight, one per step; yields what :meth:`backward` returns.
+        """The steps after the last batch: backward the batches still in flight, one per step, until every owner
+        of the stage's tied weights has backwarded its last batch; yields what :meth:`backward` returns.
 
         After the last batch, a final incomplete accumulation window also yields ``True``. The gradients installed
         for the previous step are released before each backward (as Lightning's training loop does before each of
         its own), so that the drain holds one set of gradients, not two.
         """
-        while self._inflight:
-            for p in self.parameters:
-                p.grad = None  # already stepped with; install_gradients sets every p.grad again
-            yield self._backward_oldest(None)
+        last = self.batches_forwarded - 1
+        end = last + max([self.delay, *(max(c.delays) for c in self._tied)])
+        for step in range(last + 1, end + 1):
+            due = bool(self._inflight) and self._inflight[0].batch <= step - self.delay
+            if due:
+                for p in self.parameters:
+                    p.grad = None  # already stepped with; install_gradients sets every p.grad again
+            completes = self._backward_oldest(None) if due else False
+            yield self._updates_due(step, completes, draining=True)
         if self._has_grads:
+            self._own_due, self._tied_due = True, []
             yield True
+
+    def _updates_due(self, step: int, completes_window: bool, draining: bool) -> bool:
+        """Whether an optimizer step follows ``step``: the stage's window is complete, or a tied weight is due.
+
+        A tied weight is due when the window of its owner with the least delay ends (windows aligned to that
+        owner's batches), and at the last step of the drain at which an owner backwards, provided some owner
+        backwarded since its last update; every owner reaches the same decision on its own.
+        """
+        last_batch = self.batches_forwarded - 1
+        self._own_due = completes_window
+        self._tied_due = []
+        for copy in self._tied:
+            least, most = min(copy.delays), max(copy.delays)
+            ends = step >= least and (step - least + 1) % self.accumulate_grad_batches == 0
+            final = draining and step == last_batch + most
+            if (ends or final) and copy.contributed(copy.updated, step, last_batch):
+                self._tied_due.append(copy)
+                copy.updated = step
+        return completes_window or bool(self._tied_due)
 
     def _backward_oldest(self, loss: torch.Tensor | None) -> bool:
         start, waited, sent = time.perf_counter(), self.counters.wait_s, self.counters.send_s
@@ -292,9 +373,16 @@ class DDGStage:
         completes_window = (item.batch + 1) % self.accumulate_grad_batches == 0
         # the window's last backward starts the replicas' all-reduce of each bucket as soon as it is full
         replicas = self._replicas if completes_window and pairs and leaves else None
-        with replicas.watch(weights, self._grads) if replicas is not None else nullcontext():
+        own = self._own
+        watched = [weights[i] for i in own], [self._grads[i] for i in own]
+        with replicas.watch(*watched) if replicas is not None else nullcontext():
             grads = _gradients([t for t, _ in pairs], [g for _, g in pairs], leaves)
-        self._accumulate(grads[: len(weights)])
+        weight_grads = grads[: len(weights)]
+        for copy in self._tied:  # summed apart from the window, and over every owner before an update
+            g, weight_grads[copy.index] = weight_grads[copy.index], None
+            if g is not None:
+                copy.grad = g if copy.grad is None else copy.grad.add_(g)
+        self._accumulate(weight_grads)
         if item.weights is not None:
             self._spare_copies.append(item.weights)  # its graph is gone: the buffers serve a later batch
         if not self.is_first:
@@ -392,13 +480,32 @@ class DDGStage:
         self._has_grads = self._has_grads or any(g is not None for g in grads)
 
     def install_gradients(self) -> None:
-        """Move the accumulated gradients, averaged over the replicas if any, into ``p.grad`` of the live
-        parameters and start a new window."""
-        grads = self._grads if self._replicas is None else self._replicas.average(self._grads)
-        for p, g in zip(self.parameters, grads, strict=False):
-            p.grad = g
-        self._grads = [None] * len(self.parameters)
-        self._has_grads = False
+        """Put the gradients of the update that :meth:`backward` or :meth:`drain` announced into ``p.grad`` of the
+        live parameters, ``None`` for the others: a complete window's sums, averaged over the replicas if any (a new
+        window starts), and each due tied weight's sum over its owners (a collective over its group)."""
+        if self._own_due:
+            own = [self._grads[i] for i in self._own]
+            if self._replicas is not None:
+                own = self._replicas.average(own)
+            for i, g in zip(self._own, own, strict=True):
+                self.parameters[i].grad = g
+            self._grads = [None] * len(self.parameters)
+            self._has_grads = False
+        else:
+            for i in self._own:
+                self.parameters[i].grad = None
+        for copy in self._tied:
+            p = self.parameters[copy.index]
+            if not any(copy is due for due in self._tied_due):
+                p.grad = None
+                continue
+            grad = copy.grad if copy.grad is not None else torch.zeros_like(p)
+            if copy.group is not None:
+                start = time.perf_counter()
+                copy.group.combine(grad)
+                self.counters.wait_s += time.perf_counter() - start
+            p.grad, copy.grad = grad, None
+        self._own_due, self._tied_due = False, []
 
 
 def _gradients(

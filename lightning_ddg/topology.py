@@ -21,13 +21,14 @@ Example, 2 stages × 3 replicas::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from lightning_ddg.comm import Channel
+from lightning_ddg.comm import Channel, TiedGroup
 
 __all__ = ["Topology", "StageLinks"]
 
@@ -66,7 +67,8 @@ class StageLinks:
     ``replica_group`` holds the ranks running this rank's stage in every replica (``None`` with one replica).
     ``batch_out`` (first stage) carries each batch to every later stage, whole to the last one (``True``) and as
     its layout to the others; ``batch_in`` receives it there (see :mod:`lightning_ddg.batches`). They always use
-    gloo: batches come from the host's data loader.
+    gloo: batches come from the host's data loader. ``tied[i]`` holds the ranks with a copy of the ``i``-th weight
+    shared across stages (``Partition.tied``), ``None`` where this rank holds none.
     """
 
     act_in: Channel | None = None
@@ -76,6 +78,7 @@ class StageLinks:
     replica_group: dist.ProcessGroup | None = None
     batch_out: list[tuple[Channel, bool]] = field(default_factory=list)
     batch_in: Channel | None = None
+    tied: list[TiedGroup | None] = field(default_factory=list)
 
     @classmethod
     def create(
@@ -84,8 +87,14 @@ class StageLinks:
         rank: int,
         device: torch.device,
         timeout: timedelta = timedelta(minutes=30),
+        tied: Sequence[Sequence[int]] = (),
     ) -> StageLinks:
-        """Create every group of the job (a collective: all ranks call it) and keep this rank's channels."""
+        """Create every group of the job (a collective: all ranks call it) and keep this rank's channels.
+
+        ``tied`` lists, per weight shared across stages, the stages that use it (``[w.stages for w in
+        partition.tied]``): each gets a :class:`~lightning_ddg.comm.TiedGroup` of those stages' ranks in every
+        replica, whose copies start from the first stage's in replica 0.
+        """
         links = cls()
         stage, replica = topology.stage_of(rank), topology.replica_of(rank)
         last = topology.num_stages - 1
@@ -119,6 +128,11 @@ class StageLinks:
                     links.batch_out.append((Channel(topology.rank_of(s, r), group, "cpu", timeout, ahead), s == last))
                 if s == stage:
                     links.batch_in = Channel(first, group, "cpu", timeout, ahead)
+        for stages in tied:
+            ranks = sorted(topology.rank_of(s, r) for r in range(topology.num_replicas) for s in stages)
+            group = dist.new_group(ranks, timeout=timeout)
+            source = topology.rank_of(min(stages), replica=0)
+            links.tied.append(TiedGroup(group, source, topology.num_replicas) if rank in ranks else None)
         return links
 
     def close(self) -> None:
@@ -143,7 +157,9 @@ class StageLinks:
         groups = {id(c.group): c.group for c in channels}
         if self.replica_group is not None:
             groups[id(self.replica_group)] = self.replica_group
+        groups |= {id(t.group): t.group for t in self.tied if t is not None}
         for group in groups.values():
             dist.destroy_process_group(group)
         self.act_in = self.act_out = self.grad_in = self.grad_out = self.replica_group = self.batch_in = None
         self.batch_out = []
+        self.tied = []

@@ -47,6 +47,8 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -133,6 +135,19 @@ class Watchdog:
         self._stopping = threading.Event()
         self._ending = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="lightning-ddg-watchdog", daemon=True)
+
+    @classmethod
+    def for_job(
+        cls,
+        address: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        **kwargs: Any,
+    ) -> Watchdog:
+        """A started watchdog on a client of the job's store, served by rank 0 at ``address:port``."""
+        store = dist.TCPStore(address, port, is_master=False, timeout=timedelta(seconds=30))
+        return cls(store, rank, world_size, **kwargs).start()
 
     # --- life cycle ---------------------------------------------------------------------------------------
     def start(self) -> Watchdog:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.models import mlp
+from tests.models import TiedLM, lm_loss, mlp, token_batches
 
 
 class MLPClassifier(L.LightningModule):
@@ -84,3 +84,30 @@ def dataset(n: int = 44, seed: int = 1) -> TensorDataset:
 def loader(n: int = 44, batch_size: int = 8) -> DataLoader:
     """``n`` samples in batches of ``batch_size``: the last batch is partial (44 = 5 * 8 + 4)."""
     return DataLoader(dataset(n), batch_size=batch_size)
+
+
+class TiedLanguageModel(L.LightningModule):
+    """A tiny language model whose head shares the embedding's weight (``tests.models.TiedLM``)."""
+
+    def __init__(self, tie_blocks: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = TiedLM(tie_blocks=tie_blocks)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)
+
+    def training_step(self, batch, batch_idx):
+        tokens, targets = batch
+        loss = lm_loss(self(tokens), targets)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return make_optimizer("sgd", self.parameters())
+
+
+def token_loader() -> DataLoader:
+    """Six batches of token sequences, the last one partial."""
+    tokens, targets = (torch.cat(parts) for parts in zip(*token_batches(6), strict=True))
+    return DataLoader(TensorDataset(tokens, targets), batch_size=4)

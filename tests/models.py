@@ -47,10 +47,56 @@ class PassingThrough(nn.Module):
         return self.head(torch.cat([z * h, v], dim=1))
 
 
+class TiedLM(nn.Module):
+    """A tiny language model whose output head shares the input embedding's weight, as GPT-2's does; with
+    ``tie_blocks``, the third block also shares the first block's weight. Cut at ``SPLIT_POINTS[K]``: the
+    embedding and the head then lie in the first and the last stage, and with three stages the tied blocks in the
+    first and the second."""
+
+    SPLIT_POINTS = {2: ["blocks.2"], 3: ["blocks.2", "blocks.4"]}
+    VOCAB = 11
+
+    def __init__(self, dtype: torch.dtype = torch.float64, tie_blocks: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(self.VOCAB, 16)
+        layers: list[nn.Module] = []
+        for _ in range(3):
+            layers += [nn.Linear(16, 16), nn.Dropout(dropout) if dropout else nn.Tanh()]
+        self.blocks = nn.Sequential(*layers)
+        self.head = nn.Linear(16, self.VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+        if tie_blocks:
+            self.blocks[2].weight = self.blocks[0].weight
+        self.to(dtype)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.blocks(self.embed(tokens))))
+
+
+def token_batches(
+    n: int, batch_size: int = 4, last: int = 3, length: int = 5, seed: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches of token sequences and their next tokens; the last one has ``last`` sequences."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        size = last if i == n - 1 else batch_size
+        tokens = torch.randint(0, TiedLM.VOCAB, (size, length + 1), generator=g)
+        out.append((tokens[:, :-1], tokens[:, 1:]))
+    return out
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
 def split_points_for(model: nn.Module, num_stages: int) -> list[str]:
     """Cut before evenly spaced Linear layers."""
     if isinstance(model, PassingThrough):
         return model.SPLIT_POINTS[: num_stages - 1]
+    if isinstance(model, TiedLM):
+        return model.SPLIT_POINTS[num_stages]
     linears = [str(i) for i, m in enumerate(model) if isinstance(m, nn.Linear)][1:]
     step = len(linears) / num_stages
     return [linears[int(round(step * (k + 1))) - 1] for k in range(num_stages - 1)]

@@ -14,8 +14,15 @@ import torch
 from torch import nn
 
 from lightning_ddg import DDGStrategy, split_module
-from lightning_ddg.checks import check_finite, check_stages_have_parameters, check_train_loader, crossing_tensors
+from lightning_ddg.checks import (
+    check_finite,
+    check_stages_have_parameters,
+    check_tied_clipping,
+    check_train_loader,
+    crossing_tensors,
+)
 from tests.lightning_models import MLPClassifier, loader
+from tests.models import TiedLM
 
 
 @pytest.mark.parametrize(
@@ -105,3 +112,14 @@ def test_an_empty_training_dataloader_is_rejected() -> None:
     check_train_loader(iter([]))  # no length: nothing can be said ahead of time
     with pytest.raises(ValueError, match=r"no batches .*drop_last=True with fewer samples than batch_size"):
         check_train_loader(torch.utils.data.DataLoader(loader().dataset, batch_size=64, drop_last=True))
+
+
+def test_clipping_by_norm_is_refused_with_tied_weights() -> None:
+    tied = split_module(TiedLM(), TiedLM.SPLIT_POINTS[2]).tied
+    with pytest.raises(
+        ValueError, match=r"\['embed.weight'\] are used by several stages.*gradient_clip_algorithm='value'"
+    ):
+        check_tied_clipping(tied, 1.0, None)  # Lightning's default algorithm: the norm
+    check_tied_clipping(tied, 1.0, "value")
+    check_tied_clipping(tied, None, None)
+    check_tied_clipping([], 1.0, "norm")

@@ -16,6 +16,7 @@ from lightning_ddg.checkpoint_io import save_streamed
 from lightning_ddg.shard import keep_only_stage, kept_tensors, materialize
 from tests.jobs import run_job
 from tests.lightning_models import MLPClassifier, cpu_trainer, loader
+from tests.models import TiedLM
 
 _REFS: dict[str, StorageWeakRef] = {}
 
@@ -121,6 +122,15 @@ def test_materializing_one_stage_gives_the_values_of_a_whole_build() -> None:
     for name, value in state.items():
         assert torch.equal(value, whole.state_dict()[name]), name
     assert partition.train[1](torch.randn(4, 16, dtype=torch.float64)).shape == (4, 3)
+
+
+def test_materializing_keeps_a_tied_weight_one_tensor() -> None:
+    with torch.device("meta"):
+        model = TiedLM()
+    partition = split_module(model, TiedLM.SPLIT_POINTS[2])
+    materialize(model, kept_tensors(model, partition, 1), torch.device("cpu"), None, partition.train[1:])
+    assert model.head.weight is model.embed.weight and not model.head.weight.is_meta
+    assert dict(partition.train[1].named_parameters())["head.weight"] is model.embed.weight
 
 
 def test_a_model_on_the_meta_device_is_planned_by_flops() -> None:

@@ -271,9 +271,13 @@ class _TiedEnds(nn.Module):
         return self.shared(torch.tanh(self.middle(self.shared(x))))
 
 
-def test_weights_shared_across_stages_are_rejected() -> None:
-    with pytest.raises(ValueError, match=r"'shared\.weight' is used by stage 0 .* and stage 1.*shared across stages"):
-        split_module(_TiedEnds(), split_points=["middle"])
+def test_weights_shared_across_stages_are_listed_as_tied() -> None:
+    model = _TiedEnds()
+    partition = split_module(model, split_points=["middle"])
+    assert [(w.name, w.stages) for w in partition.tied] == [("shared.weight", (0, 1)), ("shared.bias", (0, 1))]
+    # each stage holds the module's own parameter, under its original name
+    for k in range(2):
+        assert dict(partition.train[k].named_parameters())["shared.weight"] is model.shared.weight
 
 
 class _DataDependent(nn.Module):

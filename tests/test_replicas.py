@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_ddg import DDGReference, DDGStage, StageLinks, Topology, split_module
+from lightning_ddg import DDGReference, Topology, build_stage, split_module
 from lightning_ddg.replicas import ReplicaAverager
-from tests.models import batches, make_optimizer, mlp, split_points_for
+from tests.models import TiedLM, batches, lm_loss, make_optimizer, mlp, split_points_for, token_batches
 from tests.multiprocess import run_processes
 
 LOSS = nn.functional.cross_entropy
@@ -56,58 +56,80 @@ def test_bucketed_average_equals_the_mean_of_the_replicas_gradients() -> None:
                 torch.testing.assert_close(result[key][i], mean, rtol=1e-12, atol=0)
 
 
-def _replica_batches(num_batches: int, replica: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _replica_batches(num_batches: int, replica: int, tied: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Replica ``r``'s half of every batch of the stream; the reference reads the whole batches."""
-    return [(x.chunk(REPLICAS)[replica], y.chunk(REPLICAS)[replica]) for x, y in _union_batches(num_batches)]
+    return [(x.chunk(REPLICAS)[replica], y.chunk(REPLICAS)[replica]) for x, y in _union_batches(num_batches, tied)]
 
 
-def _union_batches(num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _union_batches(num_batches: int, tied: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if tied:  # token sequences for a model whose embedding and head share a weight
+        return token_batches(num_batches, batch_size=8, last=6)
     return batches(num_batches, batch_size=12, last=8)
+
+
+def _model(options: dict, replica: int) -> nn.Module:
+    if options.get("tied"):
+        model = TiedLM()
+        if replica:  # replicas start apart: the stage gives them replica 0's weights
+            torch.nn.init.normal_(model.embed.weight)
+        return model
+    return mlp(seed=replica)
 
 
 def _train_replica(rank: int, world_size: int, options: dict) -> dict[str, torch.Tensor]:
     topology = Topology(num_stages=STAGES, num_replicas=REPLICAS)
-    k, replica = topology.stage_of(rank), topology.replica_of(rank)
-    model = mlp(seed=replica)  # replicas start apart: the stage gives them replica 0's weights
-    stages = split_module(model, split_points_for(model, STAGES)).train
-    links = StageLinks.create(topology, rank, torch.device("cpu"))
+    replica = topology.replica_of(rank)
+    model = _model(options, replica)  # replicas start apart: the stage gives them replica 0's weights
     accumulate = options["accumulate"]
-    stage = DDGStage(stages[k], k, STAGES, links, memory=options["memory"], accumulate_grad_batches=accumulate)
+    built = build_stage(
+        model,
+        topology,
+        rank,
+        split_points=split_points_for(model, STAGES),
+        memory=options["memory"],
+        accumulate_grad_batches=accumulate,
+    )
+    stage, links = built.stage, built.links
+    loss_fn = lm_loss if options.get("tied") else LOSS
     optimizer = make_optimizer(options["optimizer"], stage.parameters)
 
     def step() -> None:
         stage.install_gradients()
         optimizer.step()
 
-    for x, y in _replica_batches(options["batches"], replica):
+    for x, y in _replica_batches(options["batches"], replica, options.get("tied", False)):
         out = stage.forward(x)
-        if stage.backward(LOSS(out, y) / accumulate if stage.is_last else None):
+        if stage.backward(loss_fn(out, y) / accumulate if stage.is_last else None):
             step()
     for ready in stage.drain():
         if ready:
             step()
     links.close()
-    return {name: p.detach().clone() for name, p in stages[k].named_parameters()}
+    return {name: p.detach().clone() for name, p in stage.module.named_parameters()}
 
 
 def _reference(options: dict) -> dict[str, torch.Tensor]:
-    model = mlp(seed=0)
+    model = _model(options, replica=0)
     stages = split_module(model, split_points_for(model, STAGES)).train
     optimizers = [make_optimizer(options["optimizer"], s.parameters()) for s in stages]
-    ref = DDGReference(stages, optimizers, LOSS, accumulate_grad_batches=options["accumulate"])
-    for x, y in _union_batches(options["batches"]):
+    loss_fn = lm_loss if options.get("tied") else LOSS
+    ref = DDGReference(stages, optimizers, loss_fn, accumulate_grad_batches=options["accumulate"])
+    for x, y in _union_batches(options["batches"], options.get("tied", False)):
         ref.step(x, y)
     ref.finish()
-    return dict(model.named_parameters())
+    return dict(model.state_dict())
 
 
 @pytest.mark.parametrize(
-    ("memory", "optimizer", "accumulate"),
-    [("stash", "sgd", 2), ("recompute", "adam", 1)],
+    ("memory", "optimizer", "accumulate", "tied"),
+    [("stash", "sgd", 2, False), ("recompute", "adam", 1, False), ("stash", "adam", 2, True)],
 )
-def test_replicated_stages_match_the_reference_on_the_union_batch(memory: str, optimizer: str, accumulate: int) -> None:
-    # 7 batches with windows of 2: the drain closes a partial window, averaged like the others
-    options = {"memory": memory, "optimizer": optimizer, "accumulate": accumulate, "batches": 7}
+def test_replicated_stages_match_the_reference_on_the_union_batch(
+    memory: str, optimizer: str, accumulate: int, tied: bool
+) -> None:
+    # 7 batches with windows of 2: the drain closes a partial window, averaged like the others; with a weight tied
+    # between the two stages, its four copies (two stages, two replicas) stay bitwise equal
+    options = {"memory": memory, "optimizer": optimizer, "accumulate": accumulate, "batches": 7, "tied": tied}
     results = run_processes(_train_replica, STAGES * REPLICAS, options, timeout=120)
     topology = Topology(STAGES, REPLICAS)
     expected = _reference(options)
@@ -117,3 +139,5 @@ def test_replicated_stages_match_the_reference_on_the_union_batch(memory: str, o
             torch.testing.assert_close(value, twin[name], rtol=0, atol=0, msg=f"replicas differ on {name}")
             torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-7, msg=f"{name} differs")
     assert set().union(*results) == set(expected)
+    if tied:
+        assert torch.equal(results[topology.rank_of(0)]["embed.weight"], results[topology.rank_of(1)]["head.weight"])

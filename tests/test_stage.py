@@ -6,9 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ddg import DDGReference, DDGStage, StageLinks, Topology, split_module
+from lightning_ddg import DDGReference, DDGStage, StageLinks, Topology, build_stage, split_module
 from lightning_ddg.stage import MEMORY_MODES
-from tests.models import PassingThrough, batches, make_optimizer, mlp, split_points_for
+from tests.models import (
+    PassingThrough,
+    TiedLM,
+    batches,
+    lm_loss,
+    make_optimizer,
+    mlp,
+    split_points_for,
+    token_batches,
+)
 from tests.multiprocess import run_processes
 
 LOSS = nn.functional.cross_entropy
@@ -18,11 +27,19 @@ def _model(options: dict) -> nn.Module:
     dtype = options.get("dtype", torch.float64)
     if options.get("model") == "passing through":
         return PassingThrough(dtype)
+    if options.get("model") == "tied lm":
+        return TiedLM(dtype, tie_blocks=options.get("tie_blocks", False), dropout=options.get("dropout", 0.0))
     return mlp(dropout=options.get("dropout", 0.0), batchnorm=options.get("batchnorm", False), dtype=dtype)
 
 
 def _batches(options: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if options.get("model") == "tied lm":
+        return token_batches(options["batches"])
     return batches(options["batches"], dtype=options.get("dtype", torch.float64))
+
+
+def _loss(options: dict):  # noqa: ANN202 - a loss function
+    return lm_loss if options.get("model") == "tied lm" else LOSS
 
 
 def _train_cases(rank: int, world_size: int, cases: list[dict]) -> list[dict[str, torch.Tensor]]:
@@ -32,12 +49,18 @@ def _train_cases(rank: int, world_size: int, cases: list[dict]) -> list[dict[str
 
 def _train_stage(rank: int, world_size: int, options: dict) -> dict[str, torch.Tensor]:
     topology = Topology(num_stages=world_size)
-    k = topology.stage_of(rank)
     model = _model(options)
-    stages = split_module(model, split_points_for(model, world_size)).train
-    links = StageLinks.create(topology, rank, torch.device("cpu"))
     accumulate = options.get("accumulate", 1)
-    stage = DDGStage(stages[k], k, world_size, links, memory=options["memory"], accumulate_grad_batches=accumulate)
+    built = build_stage(
+        model,
+        topology,
+        rank,
+        split_points=split_points_for(model, world_size),
+        memory=options["memory"],
+        accumulate_grad_batches=accumulate,
+    )
+    stage, links = built.stage, built.links
+    loss_fn = _loss(options)
     optimizer = make_optimizer(options["optimizer"], stage.parameters)
     torch.manual_seed(options["seed"])
 
@@ -49,7 +72,7 @@ def _train_stage(rank: int, world_size: int, options: dict) -> dict[str, torch.T
     for _epoch in range(options.get("epochs", 1)):
         for x, y in data:
             out = stage.forward(x)
-            loss = LOSS(out, y) / accumulate if stage.is_last else None
+            loss = loss_fn(out, y) / accumulate if stage.is_last else None
             if stage.backward(loss):
                 step()
     figures = stage.snapshots()
@@ -60,8 +83,8 @@ def _train_stage(rank: int, world_size: int, options: dict) -> dict[str, torch.T
     links.destroy()
     if options.get("figures"):
         return figures
-    return {name: p.detach().clone() for name, p in stages[k].named_parameters()} | {
-        name: b.clone() for name, b in stages[k].named_buffers()
+    return {name: p.detach().clone() for name, p in stage.module.named_parameters()} | {
+        name: b.clone() for name, b in stage.module.named_buffers()
     }
 
 
@@ -72,7 +95,7 @@ def _reference(num_stages: int, options: dict) -> dict[str, torch.Tensor]:
     ref = DDGReference(
         stages,
         optimizers,
-        LOSS,
+        _loss(options),
         memory="replay" if options["memory"] == "replay" else "stash",
         accumulate_grad_batches=options.get("accumulate", 1),
         seed=options["seed"],
@@ -94,6 +117,13 @@ def _check(num_stages: int, *cases: dict) -> None:
             torch.testing.assert_close(
                 merged[name], value, rtol=1e-5, atol=1e-7, msg=lambda m, name=name, o=options: f"{name}, {o}: {m}"
             )
+        # a tied weight: one tensor under several names in the reference, a copy per stage here, kept bitwise equal
+        names_of: dict[int, list[str]] = {}
+        for name, value in expected.items():
+            names_of.setdefault(value.data_ptr(), []).append(name)
+        for first, *others in names_of.values():
+            for other in others:
+                assert torch.equal(merged[first], merged[other]), f"{first} and {other} differ, {options}"
 
 
 # stash on a plain MLP; recompute with dropout (its masks must be drawn again alike) and BatchNorm (its statistics
@@ -137,11 +167,9 @@ def test_tensors_received_and_sent_on_are_not_reused_too_early() -> None:
 
 def _received_storages(rank: int, world_size: int, steps: int) -> tuple[int, list[int]]:
     """How many distinct buffers this rank's stage received its inputs and gradients in, over ``steps`` steps."""
-    topology = Topology(num_stages=world_size)
-    k = topology.stage_of(rank)
-    links = StageLinks.create(topology, rank, torch.device("cpu"))
     model = mlp()
-    stage = DDGStage(split_module(model, split_points_for(model, world_size)).train[k], k, world_size, links)
+    built = build_stage(model, Topology(num_stages=world_size), rank, split_points=split_points_for(model, world_size))
+    stage, links, k = built.stage, built.links, built.stage.stage_index
     # every tensor received stays referenced here, so that no address is freed and handed out again
     seen: dict[str, list[torch.Tensor]] = {"act_in": [], "grad_in": []}
     for name in seen:
@@ -156,6 +184,25 @@ def _received_storages(rank: int, world_size: int, steps: int) -> tuple[int, lis
     links.close()
     links.destroy()
     return k, [len({t.untyped_storage().data_ptr() for t in seen[name]}) for name in ("act_in", "grad_in")]
+
+
+def test_weights_tied_across_stages_match_reference() -> None:
+    # the embedding and the head in the first and the last stage; with three stages, two blocks in the first and the
+    # second stage too (a tie whose owners both have delays, so the drain and warm-up differ from the last stage's)
+    lm = {"model": "tied lm", "batches": 7, "seed": 3}
+    _check(
+        2,
+        lm | {"memory": "stash", "optimizer": "sgd"},
+        lm | {"memory": "recompute", "optimizer": "adam", "accumulate": 2, "tie_blocks": True},
+    )
+    _check(
+        3,
+        lm | {"memory": "stash", "optimizer": "adam", "tie_blocks": True},
+        lm | {"memory": "recompute", "optimizer": "sgd", "accumulate": 2, "tie_blocks": True, "dropout": 0.2},
+        lm | {"memory": "replay", "optimizer": "sgd", "accumulate": 3, "tie_blocks": True},
+        # one batch: the embedding's owners backward it at steps 0 and 2, and step 1 updates nothing
+        lm | {"memory": "stash", "optimizer": "adam", "batches": 1},
+    )
 
 
 def test_receiving_allocates_nothing_in_steady_state() -> None:

@@ -1,0 +1,112 @@
+"""The callbacks :class:`~lightning_ddg.strategy.DDGStrategy` adds to every Trainer it runs in.
+
+- :class:`ShareLastStageMetrics` copies what the last stage logged to every stage, so that monitoring callbacks
+  (``EarlyStopping``, ``ModelCheckpoint(monitor=...)``) decide alike everywhere.
+- :class:`LogStageFigures` logs each stage's throughput, time and memory figures as ``ddg/stage{k}/...``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_ddg._compat import should_update_logs
+from lightning_ddg.stage import DDGStage
+from lightning_ddg.stats import Snapshot, StageCounters, interval_figures
+
+__all__ = ["LogStageFigures", "ShareLastStageMetrics"]
+
+
+class ShareLastStageMetrics(Callback):
+    """Copies the metrics logged on the last stage (global rank 0) to every rank, so that callbacks monitoring
+    them — ``EarlyStopping``, ``ModelCheckpoint(monitor=...)`` — decide the same way on every stage.
+
+    Example::
+
+        trainer = L.Trainer(strategy="ddg", devices=2, callbacks=[EarlyStopping("val_loss")])  # added for you
+    """
+
+    def _share(self, trainer: pl.Trainer) -> None:
+        if trainer.world_size == 1:
+            return
+        metrics = trainer.callback_metrics
+        local = {k: v.detach().cpu() for k, v in metrics.items() if isinstance(v, Tensor)}
+        shared = trainer.strategy.broadcast(local, src=0)
+        if trainer.global_rank != 0:
+            metrics.update({k: v.to(trainer.strategy.root_device) for k, v in shared.items()})
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._share(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._share(trainer)
+
+
+class LogStageFigures(Callback):
+    """Logs every stage's figures as ``ddg/stage{k}/...`` whenever Lightning logs (every ``log_every_n_steps``)
+    and at the end of each training epoch: samples/s; compute, waiting, sending and other time per step (ms);
+    stashed weights and activations (MiB); the delay. They are averages since the previous logging.
+
+    The figures reach the last stage in the headers of the activations it receives, so logging them costs no
+    message and no synchronisation. Evaluation time is left out.
+
+    Example::
+
+        trainer = L.Trainer(strategy="ddg", devices=4, logger=CSVLogger("logs"))  # ddg/stage0/samples_per_s, ...
+    """
+
+    def __init__(self) -> None:
+        self._evaluation_start: float | None = None
+        self._logged: list[Snapshot] = []
+
+    @staticmethod
+    def _stage(trainer: pl.Trainer) -> DDGStage | None:
+        stage = getattr(trainer.strategy, "stage", None)
+        return stage if isinstance(stage, DDGStage) else None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (stage := self._stage(trainer)) is not None:
+            stage.counters = StageCounters()  # training time starts now, not at setup
+        self._logged = []
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._evaluation_start = time.perf_counter()
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = self._stage(trainer)
+        if self._evaluation_start is not None and stage is not None:
+            stage.counters.pause(time.perf_counter() - self._evaluation_start)
+        self._evaluation_start = None
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if should_update_logs(trainer):
+            self._log(trainer, pl_module, on_step=True)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer, pl_module, on_step=False)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
+        stage = self._stage(trainer)
+        if stage is None or not stage.is_last or not trainer.is_global_zero:
+            return
+        snapshots = stage.snapshots()
+        figures = {}
+        for k, snapshot in enumerate(snapshots):
+            before = self._logged[k] if k < len(self._logged) else None
+            interval = interval_figures(before, snapshot, delay=stage.num_stages - 1 - k)
+            figures |= {f"ddg/stage{k}/{name}": value for name, value in (interval or {}).items()}
+        self._logged = snapshots
+        if figures:
+            pl_module.log_dict(figures, on_step=on_step, on_epoch=not on_step, rank_zero_only=True)

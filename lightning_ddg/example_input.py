@@ -1,0 +1,85 @@
+"""The example input the stages are measured with when the strategy chooses the cuts.
+
+:func:`forward_arguments` (plain PyTorch) picks, from one batch, the part that fits a ``forward`` signature;
+:func:`example_forward_input` finds that batch in a Trainer run without running any user step code.
+
+Example::
+
+    forward_arguments((x, y), inspect.signature(model.forward))          # (x,)
+    forward_arguments({"input_ids": ids, "labels": l}, signature)        # (ids,) for forward(input_ids, ...)
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+
+from lightning_ddg._compat import data_source
+
+__all__ = ["example_forward_input", "forward_arguments"]
+
+_LOOP_OF = {
+    TrainerFn.FITTING: "fit_loop",
+    TrainerFn.VALIDATING: "validate_loop",
+    TrainerFn.TESTING: "test_loop",
+    TrainerFn.PREDICTING: "predict_loop",
+}
+
+
+def example_forward_input(trainer: pl.Trainer, module: pl.LightningModule) -> tuple | None:
+    """What ``forward`` takes, for measuring the stages: ``example_input_array``, or else the part of this run's
+    first batch that fits ``forward``'s parameters (``x`` of ``(x, y)``, the named items of a dict). ``None``
+    when neither can be had (a warning says why when the loader fails); no user step code runs for it."""
+    signature = inspect.signature(module.forward)
+    example = module.example_input_array
+    if example is not None:
+        if isinstance(example, dict):
+            return tuple(signature.bind(**example).args)
+        return example if isinstance(example, tuple) else (example,)
+    source = data_source(getattr(trainer, _LOOP_OF.get(trainer.state.fn, "fit_loop")))
+    if source is None:
+        return None
+    try:
+        with torch.random.fork_rng(devices=[]):  # a shuffling sampler draws its order from the global stream
+            if not source.is_defined():
+                return None
+            loaders = source.dataloader()
+            loader = next(iter(loaders.values())) if isinstance(loaders, dict) else loaders
+            loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+            batch = next(iter(loader))
+    except Exception as err:  # noqa: BLE001 - the user's loader: any error means no example
+        warnings.warn(
+            f"lightning-ddg could not draw an example batch from the data loader to time the stages "
+            f"({type(err).__name__}: {err}); the cuts balance parameter counts instead. Set the module's "
+            "example_input_array, or give split_points.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return forward_arguments(batch, signature)
+
+
+def forward_arguments(batch: Any, signature: inspect.Signature) -> tuple | None:
+    """The part of ``batch`` that ``forward`` (of ``signature``) takes, or ``None``: a tensor is the input; a
+    dict gives the items named like ``forward``'s leading parameters; a tuple or list gives its leading items
+    for the required parameters (``(x, y)``: the inputs come first, the targets last)."""
+    positional = [p for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(1 for p in positional if p.default is p.empty)
+    if isinstance(batch, Tensor):
+        return (batch,)
+    if isinstance(batch, dict):
+        args = []
+        for p in positional:
+            if p.name not in batch:
+                break
+            args.append(batch[p.name])
+        return tuple(args) if len(args) >= required and args else None
+    if isinstance(batch, (tuple, list)) and batch and len(batch) >= required:
+        return tuple(batch[: max(required, 1)])
+    return None

@@ -1,0 +1,73 @@
+"""The module's ``forward`` replaced by the pipeline, while a training or evaluation step runs.
+
+Inside ``training_step``, ``self(x)`` forwards batch ``t`` through this process's stage; on every stage but the
+last there is no loss, so the rest of the user's step is skipped (:class:`StageDone` ends it). This module is
+plain Python over :class:`~lightning_ddg.stage.DDGStage`.
+
+Example::
+
+    forward = PipelinedForward(stage, inspect.signature(module.forward))
+    module.forward = forward                      # an instance attribute shadows the class's forward
+    with forward.training_step():
+        try:
+            loss = module.training_step(batch, 0)  # calls self(x) once
+        except StageDone:
+            loss = None                            # a stage before the last
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from lightning_ddg.stage import DDGStage
+
+__all__ = ["PipelinedForward", "StageDone"]
+
+
+class StageDone(Exception):
+    """Raised by the pipelined forward on stages that hold no loss, to end the user's step there."""
+
+
+class PipelinedForward:
+    """``forward`` of a module cut into stages, as this process runs it: training steps go through
+    :meth:`DDGStage.forward`, evaluation through :meth:`DDGStage.evaluate`."""
+
+    def __init__(self, stage: DDGStage, signature: inspect.Signature) -> None:
+        self.stage = stage
+        self.signature = signature
+        self._training = False
+        self._calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if self._training:
+            self._calls += 1
+            if self._calls > 1:
+                raise RuntimeError(
+                    "training_step called the model's forward twice. With DDGStrategy each training step sends "
+                    "one batch through the pipeline: call `self(...)` once per training_step."
+                )
+            output = self.stage.forward(*bound.args)
+        else:
+            output = self.stage.evaluate(*bound.args)
+        if not self.stage.is_last:
+            raise StageDone
+        return output
+
+    @contextmanager
+    def training_step(self) -> Iterator[None]:
+        """Within it, the one forward call of a training step; raises when the step never called forward."""
+        self._training, self._calls = True, 0
+        try:
+            yield
+        finally:
+            self._training = False
+        if self._calls == 0:
+            raise RuntimeError(
+                "training_step never called the model's forward. DDGStrategy pipelines `self(...)`/`self.forward(...)`"
+                ": compute the model output with it inside training_step."
+            )

@@ -1,0 +1,74 @@
+"""Stopping the whole job when one process is asked to (SIGTERM, or SLURM's requeue signal).
+
+A signal reaches one process; the job must stop after the same step on every stage, with nothing in flight but
+the pipeline's own messages. :class:`JobStop` takes note of the signal (the watchdog carries it to every
+process), lets the first stage of each pipeline decide before its next batch, and remembers what the pipeline
+stopped for. This module is plain Python and torch.distributed.
+
+Example::
+
+    stop = JobStop()
+    signal.signal(signal.SIGTERM, lambda s, f: stop.on_signal(s, watchdog))
+    ...
+    if stage.is_first and (signum := stop.requested(watchdog)):
+        stage.stop(signum)                  # the later stages see the end arrive after the same step
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+from lightning_ddg.watchdog import Watchdog
+
+__all__ = ["JobStop"]
+
+
+class JobStop:
+    """What a stop signal asked of this job, and what the pipeline stopped for."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None  # a signal asking the job to stop, received by this process
+        self.stopped_by: int | None = None  # the signal the pipeline stopped for
+
+    def reset(self) -> None:
+        self.received = self.stopped_by = None
+
+    def on_signal(self, signum: int, watchdog: Watchdog | None) -> None:
+        """Take note of ``signum`` and tell the other processes through the watchdog. A second signal, a stop
+        that does not come through, ends the process at once."""
+        if self.received is not None:
+            print(f"lightning-ddg: {signal.Signals(signum).name} again; exiting now.", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+        if watchdog is not None:
+            watchdog.request_stop(signum)
+
+    def requested(
+        self,
+        watchdog: Watchdog | None,
+        group: dist.ProcessGroup | None = None,
+        src: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> int:
+        """The signal the job was asked to stop for, seen here or anywhere in the job, else 0. With ``group`` (the
+        first stages of every replica), rank ``src``'s answer, so that the replicas stop at the same step: a
+        broadcast within the group that averages their gradients every step anyway."""
+        signum = self.received or (watchdog.stop_requested if watchdog is not None else None) or 0
+        if group is not None:
+            flag = torch.tensor([signum], device=device)
+            dist.broadcast(flag, src=src, group=group)
+            signum = int(flag.item())
+        return signum
+
+    def stopped(self, signum: int, report: bool, step: int | str) -> None:
+        """The pipeline stopped for ``signum`` after ``step``; ``report`` says so on stderr (one rank does)."""
+        self.stopped_by = signum
+        if report:
+            name = signal.Signals(signum).name
+            then = "saving the requeue checkpoint" if signum != signal.SIGTERM else "exiting"
+            print(f"lightning-ddg: stopped by {name} after step {step} on every stage; {then}.", file=sys.stderr)
