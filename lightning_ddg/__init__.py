@@ -3,6 +3,11 @@
 Importing the package registers the strategy names ``"ddg"`` and ``"ddg_spawn"`` with Lightning.
 """
 
+import logging
+
+# quiet unless the application configures logging: logging.getLogger("lightning_ddg").setLevel(logging.INFO)
+logging.getLogger("lightning_ddg").addHandler(logging.NullHandler())
+
 # first, before torch and Lightning are imported: a rank re-launched by strategy="ddg" ends with its launcher
 from lightning_ddg.lifeline import watch_launcher_from_environment
 

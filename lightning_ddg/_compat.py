@@ -1,7 +1,13 @@
-"""The private Lightning names lightning-ddg relies on, in one place.
+"""The private Lightning and torch names lightning-ddg relies on, in one place.
 
-Each function says what it is for and what happens if Lightning moves the name: a renamed attribute must show up
-as a failing test, never as a silent change of behaviour.
+Each name says what it is for and what happens if its owner moves it: a renamed name must show up as an error at
+import or as a failing test (``tests/test_compat.py`` looks every one of them up), never as a silent change of
+behaviour. Where the package can go on without a name, it warns once (:func:`_warn_once`) and says what it does
+instead. Nothing else in the package imports a private name of Lightning or torch, or reads a private attribute
+of their objects.
+
+Versions: ``pyproject.toml`` states the range CI tests (the newest pair, and a fast part of the suite on the
+oldest supported pair; see ``.ci/run``).
 """
 
 from __future__ import annotations
@@ -11,16 +17,164 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.fabric.strategies.launchers.multiprocessing import (
+    _disable_module_memory_sharing as disable_module_memory_sharing,
+)
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized as distributed_is_initialized,
+)
+from lightning.fabric.utilities.distributed import (
+    _get_default_process_group_backend_for_device as default_process_group_backend,
+)
+from lightning.fabric.utilities.distributed import _init_dist_connection as init_dist_connection
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed as set_num_threads_if_needed
+from lightning.fabric.utilities.distributed import _sync_ddp_if_available as sync_ddp_if_available
+from lightning.fabric.utilities.optimizer import _optimizer_to_device as optimizer_to_device
+from lightning.fabric.utilities.optimizer import _optimizers_to_device as optimizers_to_device
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO as WrappingCheckpointIO
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher as MultiProcessingLauncher
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher as SubprocessScriptLauncher
+from lightning.pytorch.strategies.launchers.multiprocessing import (
+    _GlobalStateSnapshot as GlobalStateSnapshot,
+)
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+# The private names imported above; if one moves, `import lightning_ddg` fails with an ImportError naming it.
+# - distributed_is_initialized: whether the default process group exists.
+# - default_process_group_backend: "nccl" for CUDA devices, else "gloo".
+# - init_dist_connection: Lightning's own process group set-up, for torchrun's agent store and a later fit.
+# - set_num_threads_if_needed: OMP threads per process, as DDP sets them.
+# - sync_ddp_if_available: the all-reduce behind self.log(sync_dist=True), over a stage's replicas.
+# - optimizer(s)_to_device: an optimizer's state moved to the stage's device after setup and after a resume.
+# - MultiProcessingLauncher, SubprocessScriptLauncher, GlobalStateSnapshot, disable_module_memory_sharing: the
+#   launchers launchers.py extends. It overrides launch() and, for the spawning one, _wrapping_function(process_idx,
+#   trainer, function, args, ...), and calls _call_children_scripts() and reads .procs; tests/test_compat.py checks
+#   those names and that argument order.
+# - WrappingCheckpointIO: a checkpoint IO that wraps another (AsyncCheckpointIO), whose wrapped IO checkpoint_io.py
+#   makes write atomically.
+# - pytree, tree_flatten, tree_map, tree_unflatten: nested batches and stage outputs flattened into tensors and back
+#   (torch.utils._pytree is what torch.fx and torch.export use; its public twin appeared only in torch 2.5).
 
 __all__ = [
+    "GlobalStateSnapshot",
+    "MultiProcessingLauncher",
+    "SubprocessScriptLauncher",
+    "WrappingCheckpointIO",
+    "buffer_table",
     "data_source",
+    "default_process_group_backend",
     "detect_anomaly",
+    "disable_metric_sync",
+    "disable_module_memory_sharing",
+    "distributed_is_initialized",
+    "foreach_add_",
+    "foreach_copy_",
+    "init_dist_connection",
     "interrupt_here",
+    "non_persistent_buffers",
+    "optimizer_to_device",
+    "optimizers_to_device",
+    "parameter_table",
+    "pytree",
     "replace_per_step_sigterm_broadcast",
     "replace_signal_handlers",
     "restore_signal_handlers",
+    "set_num_threads_if_needed",
+    "set_wrapped_checkpoint_io",
     "should_update_logs",
+    "storage_use_count",
+    "sync_ddp_if_available",
+    "trainer_if_attached",
+    "tree_flatten",
+    "tree_map",
+    "tree_unflatten",
+    "unwrapped_optimizer",
 ]
+
+
+# --- torch: module tables and fused kernels -------------------------------------------------------------------------
+def parameter_table(module: nn.Module) -> dict[str, nn.Parameter | None]:
+    """``module._parameters``: the dict ``nn.Module`` keeps its own parameters in. Removing a stage's parameters
+    from a process (shard.py) and swapping weight copies in for a delayed backward (stage.py) edit it in place,
+    which no public API does without walking the module tree per call. Stable since torch 1.0; if it moves, every
+    stage test fails."""
+    return module._parameters  # type: ignore[return-value]
+
+
+def buffer_table(module: nn.Module) -> dict[str, torch.Tensor | None]:
+    """``module._buffers``: as :func:`parameter_table`, for buffers."""
+    return module._buffers
+
+
+def non_persistent_buffers(module: nn.Module) -> set[str]:
+    """``module._non_persistent_buffers_set``: the buffers left out of ``state_dict``, kept so when a removed
+    buffer is registered again."""
+    return module._non_persistent_buffers_set
+
+
+def foreach_copy_(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``torch._foreach_copy_``: one fused copy of a stage's weights into its stash; a loop if it is gone."""
+    fused = getattr(torch, "_foreach_copy_", None)
+    if fused is None:
+        _warn_once("torch._foreach_copy_", "weights are copied one tensor at a time")
+        for t, s in zip(targets, sources, strict=True):
+            t.copy_(s)
+        return
+    fused(targets, sources)
+
+
+def foreach_add_(targets: list[torch.Tensor], others: list[torch.Tensor]) -> None:
+    """``torch._foreach_add_``: one fused sum of a window's gradients; a loop if it is gone."""
+    fused = getattr(torch, "_foreach_add_", None)
+    if fused is None:
+        _warn_once("torch._foreach_add_", "gradients are summed one tensor at a time")
+        for t, o in zip(targets, others, strict=True):
+            t.add_(o)
+        return
+    fused(targets, others)
+
+
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def storage_use_count(tensor: torch.Tensor) -> int | None:
+    """How many references hold ``tensor``'s storage (``torch._C._storage_Use_Count``): a channel reuses a
+    received buffer only when nothing else holds its data. ``None`` if torch lacks it: then no buffer is reused
+    (correct, but receiving allocates every time) and a warning says so."""
+    if _storage_use_count is None:
+        _warn_once("torch._C._storage_Use_Count", "received buffers are not reused")
+        return None
+    return int(_storage_use_count(tensor.untyped_storage()._cdata))
+
+
+# --- Lightning: attributes of its objects ---------------------------------------------------------------------------
+def trainer_if_attached(module: pl.LightningModule) -> pl.Trainer | None:
+    """``module._trainer``: the Trainer, or ``None`` where ``module.trainer`` would raise (teardown after a
+    failed setup)."""
+    return module._trainer
+
+
+def unwrapped_optimizer(optimizer: Any) -> Any:
+    """The optimizer a ``LightningOptimizer`` wraps (``._optimizer``); the optimizer itself otherwise."""
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+def set_wrapped_checkpoint_io(wrapper: Any, checkpoint_io: Any) -> None:
+    """Replace the IO a wrapping checkpoint IO (``AsyncCheckpointIO``) writes through: ``wrapper._checkpoint_io``,
+    whose public property has no setter."""
+    wrapper._checkpoint_io = checkpoint_io
+
+
+def disable_metric_sync(metric: Any) -> None:
+    """A torchmetrics ``Metric`` that never synchronises: ``sync_on_compute`` and ``dist_sync_on_step`` off, and
+    ``_to_sync``, torchmetrics' flag for a sync in ``compute()`` that ``sync_on_compute`` alone leaves set. If the
+    flag moves, a metric on a pipeline without replicas would wait in ``compute()`` for stages that never update
+    it: tests/test_strategy.py's torchmetrics test hangs into its timeout."""
+    metric.sync_on_compute = metric.dist_sync_on_step = metric._to_sync = False
+
 
 _SIGNAL_HANDLERS = ("_sigterm_notifier_fn", "_slurm_sigusr_handler_fn")
 

@@ -28,8 +28,9 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_ddg._compat import tree_flatten, tree_map
 
 __all__ = ["BalanceBy", "BALANCE_BY", "solve", "segment_times", "segment_flops", "run_segments"]
 

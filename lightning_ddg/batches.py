@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from lightning_ddg._compat import tree_flatten, tree_unflatten
 from lightning_ddg.comm import Channel, PipelineStopped
 
 if TYPE_CHECKING:

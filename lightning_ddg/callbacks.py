@@ -16,6 +16,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_ddg._compat import should_update_logs
+from lightning_ddg.schedule import delay
 from lightning_ddg.stage import DDGStage
 from lightning_ddg.stats import Snapshot, StageCounters, interval_figures
 
@@ -105,7 +106,7 @@ class LogStageFigures(Callback):
         figures = {}
         for k, snapshot in enumerate(snapshots):
             before = self._logged[k] if k < len(self._logged) else None
-            interval = interval_figures(before, snapshot, delay=stage.num_stages - 1 - k)
+            interval = interval_figures(before, snapshot, delay=delay(k, stage.num_stages))
             figures |= {f"ddg/stage{k}/{name}": value for name, value in (interval or {}).items()}
         self._logged = snapshots
         if figures:

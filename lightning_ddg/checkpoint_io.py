@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
-from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+
+from lightning_ddg._compat import WrappingCheckpointIO, set_wrapped_checkpoint_io
 
 __all__ = ["AtomicCheckpointIO", "atomic", "chunks", "load_mapped", "save_streamed", "writes_local_torch_files"]
 
@@ -58,10 +59,10 @@ def atomic(checkpoint_io: CheckpointIO) -> CheckpointIO:
     wrapper such as ``AsyncCheckpointIO``, which writes later, from a thread, through its base IO)."""
     if isinstance(checkpoint_io, AtomicCheckpointIO):
         return checkpoint_io
-    if isinstance(checkpoint_io, _WrappingCheckpointIO):
+    if isinstance(checkpoint_io, WrappingCheckpointIO):
         base = checkpoint_io.checkpoint_io
         if base is not None and not isinstance(base, AtomicCheckpointIO):
-            checkpoint_io._checkpoint_io = AtomicCheckpointIO(base)
+            set_wrapped_checkpoint_io(checkpoint_io, AtomicCheckpointIO(base))
         return checkpoint_io
     return AtomicCheckpointIO(checkpoint_io)
 

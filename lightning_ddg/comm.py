@@ -29,6 +29,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from lightning_ddg._compat import storage_use_count
+
 __all__ = ["Channel", "HEADER_SIZE", "PipelineStopped", "TiedGroup", "UNREAPED_MESSAGES"]
 
 HEADER_SIZE = 256
@@ -88,12 +90,10 @@ def _encode(specs: Specs, note: list[int] | None = None) -> torch.Tensor:
     return torch.tensor(values + [0] * (HEADER_SIZE - len(values)), dtype=torch.int64)
 
 
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
 def _held_only_by(t: torch.Tensor) -> bool:
     """Whether no tensor but ``t`` holds its data (the count includes the storage object asked here)."""
-    return _storage_use_count is not None and _storage_use_count(t.untyped_storage()._cdata) <= 2
+    count = storage_use_count(t)
+    return count is not None and count <= 2
 
 
 def _decode(header: torch.Tensor) -> tuple[Specs | None, list[int]]:

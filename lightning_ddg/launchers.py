@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing
 import os
 import signal
@@ -36,18 +37,23 @@ import threading
 import time
 from typing import Any
 
-from lightning.fabric.strategies.launchers.multiprocessing import _disable_module_memory_sharing
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
-from lightning.pytorch.strategies.launchers.multiprocessing import _GlobalStateSnapshot
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.multiprocessing.spawn import ProcessExitedException
 from typing_extensions import override
 
-from lightning_ddg._compat import interrupt_here
+from lightning_ddg._compat import (
+    GlobalStateSnapshot,
+    MultiProcessingLauncher,
+    SubprocessScriptLauncher,
+    disable_module_memory_sharing,
+    interrupt_here,
+    set_num_threads_if_needed,
+)
 from lightning_ddg.lifeline import LAUNCHER_PID, SignalWatch, stop_processes, watch_launcher
 
 __all__ = ["DDGScriptLauncher", "DDGSpawnLauncher", "launched_processes", "pause_observer"]
+
+log = logging.getLogger(__name__)
 
 INTERRUPT_GRACE_S = 10.0
 # how long a launching process that ends waits for the ranks it launched, which run the same script to its end
@@ -67,7 +73,7 @@ def pause_observer(paused: bool) -> None:
         _observer.paused = paused
 
 
-class DDGScriptLauncher(_SubprocessScriptLauncher):
+class DDGScriptLauncher(SubprocessScriptLauncher):
     """Re-launches the script for every other rank; see the module's documentation."""
 
     @override
@@ -83,7 +89,14 @@ class DDGScriptLauncher(_SubprocessScriptLauncher):
             _observer = ChildObserver(self.procs)
             _observer.start()
             atexit.register(_wait_for, _observer, EXIT_GRACE_S)
-        _set_num_threads_if_needed(num_processes=self.num_processes)
+        set_num_threads_if_needed(num_processes=self.num_processes)
+        log.info(
+            "launch: %d processes per node on %d node(s), this one pid %d, %d started by it",
+            self.num_processes,
+            self.num_nodes,
+            os.getpid(),
+            len(launched_processes()),
+        )
         if _observer is None:
             return function(*args, **kwargs)
         with SignalWatch(stop=lambda: stop_processes(launched_processes())):
@@ -125,7 +138,7 @@ class ChildObserver(threading.Thread):
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
-class DDGSpawnLauncher(_MultiProcessingLauncher):
+class DDGSpawnLauncher(MultiProcessingLauncher):
     """Starts one process per stage with multiprocessing; see the module's documentation.
 
     With ``"forkserver"``, the server imports lightning_ddg (and so torch and Lightning) once, and every stage
@@ -135,7 +148,7 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
     launcher to the forked processes, which would otherwise see the server's, as it was when it started.
     """
 
-    _global_states: _GlobalStateSnapshot | None = None
+    _global_states: GlobalStateSnapshot | None = None
     _environment: dict[str, str] = {}
 
     @override
@@ -147,7 +160,8 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
                     "WandbLogger, use DDGStrategy(start_method='spawn') (strategy='ddg_spawn') or strategy='ddg'."
                 )
             multiprocessing.set_forkserver_preload(["__main__", "lightning_ddg"])
-            self._global_states = _GlobalStateSnapshot.capture()
+            self._global_states = GlobalStateSnapshot.capture()
+        log.info("launch: %d processes started with %s", self._strategy.num_processes, self._start_method)
         try:
             with SignalWatch(stop=lambda: stop_processes(getattr(self, "procs", []))):
                 return super().launch(function, *args, trainer=trainer, **kwargs)
@@ -174,7 +188,7 @@ class DDGSpawnLauncher(_MultiProcessingLauncher):
             self._global_states.restore()
             # tensors passed to a forked process arrive in memory shared by every stage and with this process
             # (the replicas of a stage would step the same weights): each process gets its own copy
-            args = _disable_module_memory_sharing(args)
+            args = disable_module_memory_sharing(args)
         try:
             super()._wrapping_function(process_idx, trainer, function, args, *rest)
         except SIGTERMException as stop:

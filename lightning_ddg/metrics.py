@@ -13,6 +13,8 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 
+from lightning_ddg._compat import disable_metric_sync
+
 __all__ = ["quiet_epoch_sync_advice", "scope_metrics"]
 
 
@@ -24,8 +26,7 @@ def scope_metrics(module: nn.Module, group: dist.ProcessGroup | None) -> None:
     for metric in module.modules():
         if isinstance(metric, Metric):
             if group is None:
-                # _to_sync: torchmetrics' own flag for a sync in compute(), which sync_on_compute alone leaves set
-                metric.sync_on_compute = metric.dist_sync_on_step = metric._to_sync = False
+                disable_metric_sync(metric)
             else:
                 metric.process_group = group
 

@@ -50,8 +50,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils import _pytree as pytree
 
+from lightning_ddg._compat import buffer_table, parameter_table, pytree
 from lightning_ddg.opening import opened_by
 
 __all__ = ["Partition", "TiedWeight", "split_module", "balance_to_split_points"]
@@ -340,7 +340,7 @@ def _shadow(module: nn.Module, user_hooks: bool = True) -> Iterator[nn.Module]:
         for name, value in vars(m).items():
             if isinstance(value, torch.Tensor):
                 memo[id(value)] = value
-            elif name in ("_parameters", "_buffers"):
+            elif value is parameter_table(m) or value is buffer_table(m):
                 memo.update((id(t), t) for t in value.values() if t is not None)
             elif name.endswith("hooks") and isinstance(value, dict):
                 memo.update((id(h), h) for h in value.values())

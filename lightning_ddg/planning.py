@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
+from lightning_ddg._compat import buffer_table, tree_flatten
 from lightning_ddg.balance import (
     BALANCE_BY,
     BalanceBy,
@@ -652,7 +652,10 @@ def _untouched(module: nn.Module) -> Iterator[None]:
     """Leave the buffers (BatchNorm statistics, the very tensor objects) and the states of PyTorch's, Python's
     and NumPy's random number generators as they were."""
     buffers = [
-        (m, name, b, b.detach().clone()) for m in module.modules() for name, b in m._buffers.items() if b is not None
+        (m, name, b, b.detach().clone())
+        for m in module.modules()
+        for name, b in buffer_table(m).items()
+        if b is not None
     ]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices), _same_generators():
@@ -662,7 +665,7 @@ def _untouched(module: nn.Module) -> Iterator[None]:
             with torch.no_grad():
                 for m, name, b, saved in buffers:
                     b.copy_(saved)
-                    m._buffers[name] = b  # moving a piece to the device and back replaces its buffers
+                    buffer_table(m)[name] = b  # moving a piece to the device and back replaces its buffers
 
 
 def _span(modules: list[str]) -> str:

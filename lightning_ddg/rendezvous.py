@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -24,6 +25,8 @@ from datetime import timedelta
 import torch.distributed as dist
 
 __all__ = ["RendezvousTimeout", "init_process_group", "rendezvous"]
+
+log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
 _ARRIVED = "lightning_ddg/rendezvous/arrived/"
@@ -56,7 +59,9 @@ def rendezvous(
     Raises:
         RendezvousTimeout: naming the ranks that did not arrive, or rank 0's store that cannot be reached.
     """
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
+    log.info("rendezvous: %s waits for %d processes at %s:%d", describe(rank), world_size, address, port)
     if rank == 0:
         store = dist.TCPStore(address, port, world_size, is_master=True, timeout=store_timeout, wait_for_workers=False)
     else:
@@ -67,8 +72,10 @@ def rendezvous(
     while True:
         missing = [r for r in others if not store.check([f"{_ARRIVED}{r}"])]
         if not missing:
+            log.info("rendezvous: all %d processes arrived after %.1f s", world_size, time.monotonic() - start)
             return store
         if time.monotonic() > deadline:
+            log.error("rendezvous: %s still missing after %.0f s", [describe(r) for r in missing], timeout)
             raise RendezvousTimeout(_missing_message(missing, describe, rank, timeout, address, port, exit_codes()))
         time.sleep(_POLL_S)
 

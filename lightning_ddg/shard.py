@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_ddg._compat import buffer_table, non_persistent_buffers, parameter_table
 from lightning_ddg.partition import Partition
 
 __all__ = [
@@ -103,7 +104,7 @@ def _take_out(module: nn.Module, partition: Partition, stage: int) -> list[Remov
     names = {id(t): n for n, t in [*module.named_parameters(), *module.named_buffers()]}
     removed = []
     for mod in module.modules():
-        for table, is_param in ((mod._parameters, True), (mod._buffers, False)):
+        for table, is_param in ((parameter_table(mod), True), (buffer_table(mod), False)):
             for attr, tensor in list(table.items()):
                 if tensor is None or id(tensor) in kept:
                     continue
@@ -114,7 +115,7 @@ def _take_out(module: nn.Module, partition: Partition, stage: int) -> list[Remov
                         names[id(tensor)],
                         is_param,
                         tensor.requires_grad,
-                        attr not in mod._non_persistent_buffers_set,
+                        attr not in non_persistent_buffers(mod),
                     )
                 )
                 del table[attr]
@@ -202,7 +203,7 @@ def materialize(
                 table[attr] = done[id(old)] = old  # another stage's: back to meta, the values drawn are dropped
     for holder in holders:
         for m in holder.modules():
-            for table in (m._parameters, m._buffers):
+            for table in (parameter_table(m), buffer_table(m)):
                 for attr, t in table.items():
                     if t is not None and id(t) in replaced:
                         table[attr] = replaced[id(t)]
@@ -211,7 +212,7 @@ def materialize(
 def _meta_tensors(module: nn.Module) -> list[tuple[dict, str, Tensor]]:
     return [
         (table, attr, t)
-        for table in (module._parameters, module._buffers)
+        for table in (parameter_table(module), buffer_table(module))
         for attr, t in table.items()
         if t is not None and t.is_meta
     ]

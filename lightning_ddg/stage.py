@@ -32,25 +32,29 @@ Example, driving stage ``k`` by hand (``links`` from :class:`~lightning_ddg.topo
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
+from lightning_ddg._compat import buffer_table, foreach_add_, foreach_copy_, parameter_table, tree_flatten
 from lightning_ddg.checks import check_finite, crossing_tensors
 from lightning_ddg.comm import PipelineStopped, TiedGroup
 from lightning_ddg.partition import TiedWeight
 from lightning_ddg.replicas import ReplicaAverager, sync_module_states
+from lightning_ddg.schedule import Action, Kind, backward_batch, completes_window, copies_weights, delay, keeps_graph
 from lightning_ddg.stats import Snapshot, StageCounters, decode_snapshots, encode_snapshots
 from lightning_ddg.topology import StageLinks
 
 __all__ = ["DDGStage", "MemoryMode", "MEMORY_MODES"]
+
+log = logging.getLogger(__name__)
 
 MemoryMode = Literal["stash", "recompute", "replay"]
 MEMORY_MODES = ("stash", "recompute", "replay")
@@ -135,15 +139,15 @@ class DDGStage:
         self.eval_module = eval_module if eval_module is not None else module
         self.stage_index = stage_index
         self.num_stages = num_stages
-        self.delay = num_stages - 1 - stage_index
+        self.delay = delay(stage_index, num_stages)
         self.links = links or StageLinks()
         self.memory = memory
         self.accumulate_grad_batches = accumulate_grad_batches
         self.check_finite = check_finite
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self._names = [n for n, _ in named]
-        self._weight_slots = _slots(module, "_parameters", [p for _, p in named])
-        self._buffer_slots = _slots(module, "_buffers", list(module.buffers()))
+        self._weight_slots = _slots(module, parameter_table, [p for _, p in named])
+        self._buffer_slots = _slots(module, buffer_table, list(module.buffers()))
         self.parameters = [p for _, p in named]
         self._weight_bytes = sum(p.numel() * p.element_size() for p in self.parameters)  # of one weight copy
         self._inflight: deque[_InFlight] = deque()
@@ -161,6 +165,7 @@ class DDGStage:
         self._own_due = False
         self._tied_due: list[_TiedCopy] = []
         self._replicas: ReplicaAverager | None = None
+        self.trace: list[Action] | None = None  # a list here records every action taken (lightning_ddg.schedule)
         if self.links.replica_group is not None:
             sync_module_states(module, self.links.replica_group)
             self._replicas = ReplicaAverager([self.parameters[i] for i in self._own], self.links.replica_group)
@@ -183,7 +188,7 @@ class DDGStage:
                     f"{weight.name} is used by stages {list(weight.stages)}, whose copies must be kept equal: create "
                     "the links with StageLinks.create(..., tied=[w.stages for w in partition.tied])"
                 )
-            delays = [self.num_stages - 1 - k for k in weight.stages]
+            delays = [delay(k, self.num_stages) for k in weight.stages]
             copies.append(_TiedCopy(positions[name], delays, group))
         return copies
 
@@ -257,9 +262,8 @@ class DDGStage:
         counters = self.counters
         counters.steps += 1
         counters.samples += _batch_size(inputs[0] if inputs else None)
-        exact_live = self.delay == 0 or self.memory == "replay"
-        weights = None if exact_live else self._copy_weights()
-        keep_graph = self.memory == "stash" or self.delay == 0
+        weights = self._copy_weights() if copies_weights(self.memory, self.delay) else None
+        keep_graph = keeps_graph(self.memory, self.delay)
         rng = autocast = None
         if not keep_graph:
             rng = (torch.get_rng_state(), _device_rng_state(inputs))
@@ -272,6 +276,15 @@ class DDGStage:
         self._inflight.append(
             _InFlight(self.batches_forwarded, inputs, outputs if keep_graph else None, weights, rng, autocast, returned)
         )
+        self._record("F", self.batches_forwarded)
+        if self.batches_forwarded == 0:
+            log.info(
+                "stage %d of %d: first forward (delay %d, memory %s)",
+                self.stage_index,
+                self.num_stages,
+                self.delay,
+                self.memory,
+            )
         self.batches_forwarded += 1
         if outputs is not None:
             self._send_outputs(outputs)
@@ -309,8 +322,16 @@ class DDGStage:
         optimizer step is due: every owner of a tied weight must then step, for its copy to stay equal.
         """
         step = self.batches_forwarded - 1
-        # in warm-up batch t-d does not exist yet; a tied weight may still be due
-        completes = self._backward_oldest(loss) if len(self._inflight) > self.delay else False
+        due = backward_batch(step, self.delay)
+        completes = False
+        if due is not None:  # in warm-up batch t-d does not exist yet; a tied weight may still be due
+            if not self._inflight or self._inflight[0].batch != due:
+                held = self._inflight[0].batch if self._inflight else None
+                raise RuntimeError(
+                    f"stage {self.stage_index} is due to backward batch {due}, but the oldest batch it holds is "
+                    f"{held}: call backward() once after each forward()"
+                )
+            completes = self._backward_oldest(loss)
         return self._updates_due(step, completes, draining=False)
 
     def drain(self) -> Iterator[bool]:
@@ -321,10 +342,12 @@ class DDGStage:
         for the previous step are released before each backward (as Lightning's training loop does before each of
         its own), so that the drain holds one set of gradients, not two.
         """
+        log.info("stage %d: draining %d batch(es) in flight", self.stage_index, len(self._inflight))
         last = self.batches_forwarded - 1
         end = last + max([self.delay, *(max(c.delays) for c in self._tied)])
         for step in range(last + 1, end + 1):
-            due = bool(self._inflight) and self._inflight[0].batch <= step - self.delay
+            batch = backward_batch(step, self.delay)
+            due = bool(self._inflight) and batch is not None and self._inflight[0].batch <= batch
             if due:
                 for p in self.parameters:
                     p.grad = None  # already stepped with; install_gradients sets every p.grad again
@@ -334,7 +357,7 @@ class DDGStage:
             self._own_due, self._tied_due = True, []
             yield True
 
-    def _updates_due(self, step: int, completes_window: bool, draining: bool) -> bool:
+    def _updates_due(self, step: int, window_complete: bool, draining: bool) -> bool:
         """Whether an optimizer step follows ``step``: the stage's window is complete, or a tied weight is due.
 
         A tied weight is due when the window of its owner with the least delay ends (windows aligned to that
@@ -342,16 +365,16 @@ class DDGStage:
         backwarded since its last update; every owner reaches the same decision on its own.
         """
         last_batch = self.batches_forwarded - 1
-        self._own_due = completes_window
+        self._own_due = window_complete
         self._tied_due = []
         for copy in self._tied:
             least, most = min(copy.delays), max(copy.delays)
-            ends = step >= least and (step - least + 1) % self.accumulate_grad_batches == 0
+            ends = step >= least and completes_window(step - least, self.accumulate_grad_batches)
             final = draining and step == last_batch + most
             if (ends or final) and copy.contributed(copy.updated, step, last_batch):
                 self._tied_due.append(copy)
                 copy.updated = step
-        return completes_window or bool(self._tied_due)
+        return window_complete or bool(self._tied_due)
 
     def _backward_oldest(self, loss: torch.Tensor | None) -> bool:
         start, waited, sent = time.perf_counter(), self.counters.wait_s, self.counters.send_s
@@ -370,9 +393,9 @@ class DDGStage:
         weights = item.weights if item.weights is not None else self.parameters
         float_inputs = [x for x in item.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
         leaves = list(weights) + float_inputs
-        completes_window = (item.batch + 1) % self.accumulate_grad_batches == 0
+        completes = completes_window(item.batch, self.accumulate_grad_batches)
         # the window's last backward starts the replicas' all-reduce of each bucket as soon as it is full
-        replicas = self._replicas if completes_window and pairs and leaves else None
+        replicas = self._replicas if completes and pairs and leaves else None
         own = self._own
         watched = [weights[i] for i in own], [self._grads[i] for i in own]
         with replicas.watch(*watched) if replicas is not None else nullcontext():
@@ -394,9 +417,10 @@ class DDGStage:
         if not self.is_last:
             self.links.grad_in.release(grad_targets)  # type: ignore[union-attr]
         self.batches_backwarded += 1
+        self._record("B", item.batch)
         counters = self.counters
         counters.busy_s += time.perf_counter() - start - (counters.wait_s - waited) - (counters.send_s - sent)
-        return completes_window
+        return completes
 
     def _copy_weights(self) -> list[torch.Tensor]:
         """A private copy of the current weights, in buffers left by a batch whose backward is done: after
@@ -406,12 +430,13 @@ class DDGStage:
         else:
             copy = [torch.empty_like(p, memory_format=torch.preserve_format).requires_grad_() for p in self.parameters]
         with torch.no_grad():
-            torch._foreach_copy_(copy, self.parameters)
+            foreach_copy_(copy, self.parameters)
         return copy
 
     def _recompute(self, item: _InFlight) -> list[torch.Tensor]:
         """Redo the forward of ``item`` with its RNG state, leaving buffers (BatchNorm statistics) unchanged."""
         assert item.rng is not None and item.autocast is not None
+        self._record("R", item.batch)
         cpu_state, device_state = item.rng
         device = [torch.cuda.current_device()] if device_state is not None else []
         device_type, dtype, enabled = item.autocast
@@ -440,7 +465,7 @@ class DDGStage:
         saved tensors of one batch, measured every so often, times the graphs kept).
         """
         weights = self._weight_bytes * sum(item.weights is not None for item in self._inflight)
-        if self.memory == "stash" or self.delay == 0:
+        if keeps_graph(self.memory, self.delay):
             activations = self._activation_bytes * (self.delay + 1)
         else:  # the inputs kept for recomputation, and one recomputed graph at a time
             inputs = (x for item in self._inflight for x in item.inputs if isinstance(x, torch.Tensor))
@@ -472,7 +497,7 @@ class DDGStage:
         if not self._has_grads:  # the first batch of a window: its gradients are the sums so far
             self._grads = list(grads)
         elif all(a is not None for a in self._grads) and all(g is not None for g in grads):
-            torch._foreach_add_(self._grads, grads)  # one fused call, not one per parameter
+            foreach_add_(self._grads, grads)  # one fused call, not one per parameter
         else:
             for i, g in enumerate(grads):
                 if g is not None:
@@ -506,6 +531,11 @@ class DDGStage:
                 self.counters.wait_s += time.perf_counter() - start
             p.grad, copy.grad = grad, None
         self._own_due, self._tied_due = False, []
+        self._record("S")
+
+    def _record(self, kind: Kind, batch: int | None = None) -> None:
+        if self.trace is not None:
+            self.trace.append(Action(kind, batch))
 
 
 def _gradients(
@@ -528,13 +558,15 @@ def _gradients(
 _Slot = tuple[dict, str]  # a module's _parameters or _buffers table, and the attribute name
 
 
-def _slots(module: nn.Module, table: str, tensors: list[torch.Tensor]) -> list[tuple[_Slot, int]]:
+def _slots(
+    module: nn.Module, table: Callable[[nn.Module], dict], tensors: list[torch.Tensor]
+) -> list[tuple[_Slot, int]]:
     """Every place in ``module`` that holds one of ``tensors`` (a shared tensor has several), with its index."""
     index = {id(t): i for i, t in enumerate(tensors)}
     return [
-        ((getattr(m, table), attr), index[id(t)])
-        for m in module.modules(remove_duplicate=False)
-        for attr, t in getattr(m, table).items()
+        ((table(m), attr), index[id(t)])
+        for _, m in module.named_modules(remove_duplicate=False)
+        for attr, t in table(m).items()
         if t is not None and id(t) in index
     ]
 

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import signal
 from collections.abc import Callable, Generator, Sequence
@@ -33,13 +34,6 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
-    _sync_ddp_if_available,
-)
-from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
@@ -53,10 +47,18 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_ddg._compat import (
+    default_process_group_backend,
     detect_anomaly,
+    distributed_is_initialized,
+    init_dist_connection,
+    optimizer_to_device,
+    optimizers_to_device,
     replace_per_step_sigterm_broadcast,
     replace_signal_handlers,
     restore_signal_handlers,
+    sync_ddp_if_available,
+    trainer_if_attached,
+    unwrapped_optimizer,
 )
 from lightning_ddg.balance import BalanceBy
 from lightning_ddg.batches import ReceivedBatches, SentBatches, carried_batches
@@ -93,6 +95,8 @@ from lightning_ddg.topology import StageLinks, Topology
 from lightning_ddg.watchdog import Watchdog
 
 __all__ = ["DDGStrategy"]
+
+log = logging.getLogger(__name__)
 
 
 class DDGStrategy(ParallelStrategy):
@@ -264,7 +268,7 @@ class DDGStrategy(ParallelStrategy):
         super().setup_environment()
         reset_seed()
         self.set_world_ranks()
-        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        backend = self._process_group_backend or default_process_group_backend(self.root_device)
         self._process_group_backend = backend
         assert self.cluster_environment is not None
         self._init_process_group(backend)
@@ -275,9 +279,9 @@ class DDGStrategy(ParallelStrategy):
         """The process group, after a rendezvous with a timeout of its own (``rendezvous.py``)."""
         env = self.cluster_environment
         assert env is not None
-        if _distributed_is_initialized() or self.world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE"):
+        if distributed_is_initialized() or self.world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE"):
             # one process, a later fit, or torchrun's agent serving the store: Lightning's way
-            _init_dist_connection(env, backend, timeout=self._timeout)
+            init_dist_connection(env, backend, timeout=self._timeout)
             return
         init_process_group(
             backend,
@@ -379,7 +383,7 @@ class DDGStrategy(ParallelStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
-            _optimizers_to_device(self.optimizers, self.root_device)
+            optimizers_to_device(self.optimizers, self.root_device)
 
     @contextmanager
     @override
@@ -427,6 +431,7 @@ class DDGStrategy(ParallelStrategy):
                 self._make_plan(trainer, module, split_points) if self.global_rank == 0 else None
             )
             split_points = self.plan.split_points
+            log.info("plan: %d stages cut at %s (by %s)", num_stages, split_points, self.plan.balance_by)
             self._show_plan(trainer, self.plan)
         return split_module(module, split_points=split_points, num_stages=num_stages)
 
@@ -472,7 +477,7 @@ class DDGStrategy(ParallelStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is not None and trainer.training:
             check_train_loader(dataloader)
-        if self.world_size > 1 and _distributed_is_initialized():
+        if self.world_size > 1 and distributed_is_initialized():
             # a stage that reads fewer batches than the others would leave them waiting for the missing ones
             stage = trainer.state.stage.dataloader_prefix if trainer is not None and trainer.state.stage else None
             what = {"train": "training", "val": "validation"}.get(stage, stage or "a")
@@ -729,7 +734,7 @@ class DDGStrategy(ParallelStrategy):
         """The optimizer state of the whole model, as one device would hold it (a collective: every rank calls
         it when saving), so that checkpoints resume on any number of stages; see :mod:`lightning_ddg.checkpoint`.
         As in :meth:`lightning_module_state_dict`, other stages' tensors are placeholders until saved."""
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
+        optimizer = unwrapped_optimizer(optimizer)  # a LightningOptimizer wraps the real one
         return self.states.optimizer_state(optimizer, self._parameter_names(), placeholders=bool(self._removed))
 
     @override
@@ -743,7 +748,7 @@ class DDGStrategy(ParallelStrategy):
             except ValueError as err:
                 raise MisconfigurationException(f"cannot resume the optimizer from this checkpoint: {err}") from None
             optimizer.load_state_dict(state)
-            _optimizer_to_device(optimizer, self.root_device)
+            optimizer_to_device(optimizer, self.root_device)
 
     def _parameter_names(self) -> dict[int, str]:
         assert self.lightning_module is not None
@@ -757,12 +762,14 @@ class DDGStrategy(ParallelStrategy):
                 self._requeue(self._stop.stopped_by, None)
             return
         # the other stages would wait forever for this one: the watchdog stops them
+        log.error("rank %d failed: %s: %s", self.global_rank, type(exception).__name__, exception)
         self._failed = True
         if self._watchdog is not None:
             self._watchdog.report(exception)
 
     @override
     def teardown(self) -> None:
+        log.info("teardown: rank %d (%s)", self.global_rank, "failed" if self._failed else "closing its channels")
         if not self._failed:
             # a stopped pipeline leaves messages in flight: its channels are left to the process's exit
             if not self._finished and self.stage is not None and self._stop.stopped_by is None:
@@ -780,20 +787,21 @@ class DDGStrategy(ParallelStrategy):
         self._batch_loaders = []
         if self.lightning_module is not None:
             self.lightning_module.__dict__.pop("forward", None)
-            if self.lightning_module._trainer is not None:
-                restore_signal_handlers(self.lightning_module.trainer)
+            trainer = trainer_if_attached(self.lightning_module)
+            if trainer is not None:
+                restore_signal_handlers(trainer)
         self.stage = None
         super().teardown()
 
     # --- collectives -------------------------------------------------------------------------------------
     @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
-        if _distributed_is_initialized():
+        if distributed_is_initialized():
             dist.barrier()
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not _distributed_is_initialized():
+        if not distributed_is_initialized():
             return obj
         box = [obj]
         dist.broadcast_object_list(box, src)
@@ -805,7 +813,7 @@ class DDGStrategy(ParallelStrategy):
         group = group if group is not None else (self._links.replica_group if self._links else None)
         if not isinstance(tensor, Tensor) or group is None:
             return tensor
-        return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
 
     @override
     def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
@@ -817,7 +825,7 @@ class DDGStrategy(ParallelStrategy):
     @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         # stopping is decided for the whole job: every stage must leave the loop at the same step
-        if not _distributed_is_initialized():
+        if not distributed_is_initialized():
             return decision
         flag = torch.tensor(int(decision), device=self.root_device)
         dist.all_reduce(flag, op=dist.ReduceOp.SUM)

@@ -1,4 +1,8 @@
-"""The distributed stage runtime against the single-process reference, in real gloo processes."""
+"""The stage runtime against the single-process reference.
+
+The stages run in one process, stepped in lock-step over in-memory channels (``local.py``): the runtime is the
+one of a real job, only the transport differs. A few cases run in real gloo processes, to prove the transport
+(buffer reuse, figures in headers, the same results across processes)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_ddg import DDGReference, DDGStage, StageLinks, Topology, build_stage, split_module
+from lightning_ddg.local import LockStep
 from lightning_ddg.stage import MEMORY_MODES
 from tests.models import (
     PassingThrough,
@@ -107,23 +112,53 @@ def _reference(num_stages: int, options: dict) -> dict[str, torch.Tensor]:
     return dict(model.state_dict())
 
 
-def _check(num_stages: int, *cases: dict) -> None:
-    results = run_processes(_train_cases, num_stages, list(cases), timeout=120)
-    for i, options in enumerate(cases):
-        merged = {name: t for part in results for name, t in part[i].items()}
-        expected = _reference(num_stages, options)
-        assert set(merged) == set(expected)
-        for name, value in expected.items():
-            torch.testing.assert_close(
-                merged[name], value, rtol=1e-5, atol=1e-7, msg=lambda m, name=name, o=options: f"{name}, {o}: {m}"
-            )
-        # a tied weight: one tensor under several names in the reference, a copy per stage here, kept bitwise equal
-        names_of: dict[int, list[str]] = {}
-        for name, value in expected.items():
-            names_of.setdefault(value.data_ptr(), []).append(name)
-        for first, *others in names_of.values():
-            for other in others:
-                assert torch.equal(merged[first], merged[other]), f"{first} and {other} differ, {options}"
+def _train_in_one_process(num_stages: int, options: dict) -> dict[str, torch.Tensor]:
+    """The same training as :func:`_train_stage` in every process, with every stage in this one."""
+    model = _model(options)
+    accumulate = options.get("accumulate", 1)
+    pipeline = LockStep(
+        model,
+        split_points_for(model, num_stages),
+        seed=options["seed"],
+        memory=options["memory"],
+        accumulate_grad_batches=accumulate,
+    )
+    optimizers = [make_optimizer(options["optimizer"], stage.parameters) for stage in pipeline.stages]
+    loss_fn = _loss(options)
+    data = _batches(options)
+    for _epoch in range(options.get("epochs", 1)):
+        for x, y in data:
+            pipeline.step(x, lambda out, y=y: loss_fn(out, y) / accumulate, optimizers)
+    pipeline.drain(optimizers)
+    return dict(model.state_dict())
+
+
+def _check(num_stages: int, *cases: dict, processes: bool = False) -> None:
+    """Each case trained by the runtime matches the reference: in one process, or with ``processes`` in
+    ``num_stages`` gloo processes."""
+    if processes:
+        results = run_processes(_train_cases, num_stages, list(cases), timeout=120)
+        trained = [{name: t for part in results for name, t in part[i].items()} for i in range(len(cases))]
+    else:
+        trained = [_train_in_one_process(num_stages, options) for options in cases]
+    for merged, options in zip(trained, cases, strict=True):
+        _assert_matches_reference(num_stages, options, merged)
+
+
+def _assert_matches_reference(num_stages: int, options: dict, merged: dict[str, torch.Tensor]) -> None:
+    expected = _reference(num_stages, options)
+    assert set(merged) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(
+            merged[name], value, rtol=1e-5, atol=1e-7, msg=lambda m, name=name, o=options: f"{name}, {o}: {m}"
+        )
+    # a tied weight: one tensor under several names in the reference, a copy per stage here, kept bitwise equal
+    names_of: dict[int, list[str]] = {}
+    for name, value in expected.items():
+        names_of.setdefault(value.data_ptr(), []).append(name)
+    for first, *others in names_of.values():
+        for other in others:
+            assert torch.equal(merged[first], merged[other]), f"{first} and {other} differ, {options}"
 
 
 # stash on a plain MLP; recompute with dropout (its masks must be drawn again alike) and BatchNorm (its statistics
@@ -145,6 +180,28 @@ def test_stash_and_recompute_match_reference_with_sgd_and_adam(num_stages: int) 
     _check(num_stages, *cases)
 
 
+# over the real transport, one launch of three gloo processes serves three tests (a launch costs more than them)
+GLOO_CASES = [model | {"optimizer": "adam", "dtype": torch.float64} for model in MEMORY_MODELS]
+FIGURES_CASE = {"memory": "stash", "optimizer": "sgd", "batches": 5, "seed": 1, "figures": True}
+STORAGE_STEPS = 40
+
+
+def _over_gloo(rank: int, world_size: int) -> tuple[list, tuple[int, list[int]]]:
+    trained = _train_cases(rank, world_size, [*GLOO_CASES, FIGURES_CASE])
+    return trained, _received_storages(rank, world_size, STORAGE_STEPS)
+
+
+@pytest.fixture(scope="module")
+def three_gloo_processes() -> list[tuple[list, tuple[int, list[int]]]]:
+    return run_processes(_over_gloo, 3, timeout=180)
+
+
+def test_stash_and_recompute_match_reference_across_gloo_processes(three_gloo_processes: list) -> None:
+    for i, options in enumerate(GLOO_CASES):
+        merged = {name: t for trained, _ in three_gloo_processes for name, t in trained[i].items()}
+        _assert_matches_reference(3, options, merged)
+
+
 def test_dropout_batchnorm_across_epochs() -> None:
     options = {"optimizer": "sgd", "batches": 4, "epochs": 2, "seed": 7, "dropout": 0.2, "batchnorm": True}
     _check(3, options | {"memory": "stash"}, options | {"memory": "replay"})
@@ -155,14 +212,23 @@ def test_gradient_accumulation_windows_aligned_to_batches() -> None:
 
 
 def test_tensors_received_and_sent_on_are_not_reused_too_early() -> None:
-    # received buffers are reused once backwarded, except those that left the stage again
+    # received buffers are reused once backwarded, except those that left the stage again: a property of the
+    # gloo channels, which reuse their buffers (the in-memory ones never do)
     _check(
         4,
         *(
             {"memory": m, "optimizer": "adam", "batches": 9, "seed": 4, "model": "passing through"}
             for m in MEMORY_MODES
         ),
+        processes=True,
     )
+
+
+def test_tensors_passing_through_stages_match_the_reference_in_one_process() -> None:
+    cases = [
+        {"memory": m, "optimizer": "adam", "batches": 9, "seed": 4, "model": "passing through"} for m in MEMORY_MODES
+    ]
+    _check(4, *cases)
 
 
 def _received_storages(rank: int, world_size: int, steps: int) -> tuple[int, list[int]]:
@@ -187,6 +253,7 @@ def _received_storages(rank: int, world_size: int, steps: int) -> tuple[int, lis
 
 
 def test_weights_tied_across_stages_match_reference() -> None:
+    # tied copies are kept equal by collectives over their owners' group: gloo processes
     # the embedding and the head in the first and the last stage; with three stages, two blocks in the first and the
     # second stage too (a tie whose owners both have delays, so the drain and warm-up differ from the last stage's)
     lm = {"model": "tied lm", "batches": 7, "seed": 3}
@@ -194,6 +261,7 @@ def test_weights_tied_across_stages_match_reference() -> None:
         2,
         lm | {"memory": "stash", "optimizer": "sgd"},
         lm | {"memory": "recompute", "optimizer": "adam", "accumulate": 2, "tie_blocks": True},
+        processes=True,
     )
     _check(
         3,
@@ -202,11 +270,12 @@ def test_weights_tied_across_stages_match_reference() -> None:
         lm | {"memory": "replay", "optimizer": "sgd", "accumulate": 3, "tie_blocks": True},
         # one batch: the embedding's owners backward it at steps 0 and 2, and step 1 updates nothing
         lm | {"memory": "stash", "optimizer": "adam", "batches": 1},
+        processes=True,
     )
 
 
-def test_receiving_allocates_nothing_in_steady_state() -> None:
-    counts = dict(run_processes(_received_storages, 3, 40, timeout=120))
+def test_receiving_allocates_nothing_in_steady_state(three_gloo_processes: list) -> None:
+    counts = dict(storages for _, storages in three_gloo_processes)
     # stage k holds the inputs of d+1 batches and the one posted ahead; a gradient and the one posted ahead
     assert counts == {0: [0, 2], 1: [3, 2], 2: [2, 0]}
 
@@ -244,9 +313,8 @@ def test_a_received_tensor_the_last_stage_returns_is_not_reused() -> None:
     assert run_processes(_kept_outputs, 2, timeout=120) == [True, True]
 
 
-def test_last_stage_receives_every_stages_figures() -> None:
-    options = {"memory": "stash", "optimizer": "sgd", "batches": 5, "seed": 1, "figures": True}
-    snapshots = run_processes(_train_stage, 3, options, timeout=120)
+def test_last_stage_receives_every_stages_figures(three_gloo_processes: list) -> None:
+    snapshots = [trained[len(GLOO_CASES)] for trained, _ in three_gloo_processes]
     by_stage = {len(s) - 1: s for s in snapshots}  # stage k knows the figures of stages 0..k
     last = by_stage[2]
     assert [s.steps for s in last] == [5, 5, 5]

@@ -1,0 +1,60 @@
+"""Every private Lightning and torch name lightning-ddg relies on (``_compat.py``) is still where it is expected:
+an upgrade that moves one fails here, by name, before it changes any behaviour."""
+
+from __future__ import annotations
+
+import inspect
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.trainer.connectors.logger_connector import _LoggerConnector
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lightning_ddg import _compat
+
+
+def test_the_launchers_methods_lightning_ddg_overrides_and_calls() -> None:
+    wrapping = inspect.signature(_compat.MultiProcessingLauncher._wrapping_function)
+    assert list(wrapping.parameters)[:5] == ["self", "process_idx", "trainer", "function", "args"]
+    assert callable(_compat.SubprocessScriptLauncher._call_children_scripts)
+    assert "procs" in inspect.getsource(_compat.SubprocessScriptLauncher._call_children_scripts)
+    assert callable(_compat.GlobalStateSnapshot.capture) and callable(_compat.GlobalStateSnapshot.restore)
+
+
+def test_the_trainer_attributes_read() -> None:
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, detect_anomaly=True)
+    assert _compat.detect_anomaly(trainer) is True
+    assert isinstance(trainer._logger_connector, _LoggerConnector)
+    assert isinstance(_compat.should_update_logs(trainer), bool)
+    assert _compat.data_source(trainer.fit_loop) is not None
+    assert hasattr(trainer, "_signal_connector")
+    for name in _compat._SIGNAL_HANDLERS:
+        assert hasattr(trainer._signal_connector, name), name
+    assert _compat.trainer_if_attached(pl.LightningModule()) is None
+    from lightning.pytorch.trainer.call import _interrupt  # interrupt_here
+
+    assert callable(_interrupt) and callable(trainer._teardown)
+
+
+def test_the_torch_internals_used() -> None:
+    module = nn.BatchNorm1d(3, track_running_stats=True)
+    module.register_buffer("scratch", torch.zeros(1), persistent=False)
+    assert set(_compat.parameter_table(module)) == {"weight", "bias"}
+    assert "running_mean" in _compat.buffer_table(module)
+    assert _compat.non_persistent_buffers(module) == {"scratch"}
+    t = torch.zeros(4)
+    assert _compat.storage_use_count(t) is not None
+    a, b = [torch.zeros(2)], [torch.ones(2)]
+    _compat.foreach_add_(a, b)
+    _compat.foreach_copy_(b, a)
+    assert torch.equal(b[0], torch.ones(2))
+    leaves, spec = _compat.tree_flatten({"x": t, "y": (t, 1)})
+    assert _compat.tree_unflatten(leaves, spec)["y"][1] == 1
+
+
+def test_a_metric_can_be_kept_from_synchronising() -> None:
+    metric = MeanMetric()
+    _compat.disable_metric_sync(metric)
+    metric.update(torch.tensor(2.0))
+    assert metric._to_sync is False and metric.compute() == 2.0
