@@ -28,7 +28,7 @@ from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 
 from lightning_ddg._compat import WrappingCheckpointIO, set_wrapped_checkpoint_io
 
-__all__ = ["AtomicCheckpointIO", "atomic", "load_mapped", "save_streamed", "writes_local_torch_files"]
+__all__ = ["AtomicCheckpointIO", "atomic", "chunks", "load_mapped", "save_streamed", "writes_local_torch_files"]
 
 
 class AtomicCheckpointIO(CheckpointIO):
@@ -91,9 +91,11 @@ def save_streamed(
     processes own: ``streamed`` lists where they sit in ``checkpoint`` (key paths, e.g. ``("state_dict", name)``),
     as placeholders of the right shape and dtype whose memory was never written (``torch.empty``: the system backs
     it with no memory of its own until written). The file is written with the placeholders' zeros, then each
-    streamed tensor's bytes are written in place, one at a time: ``receive(i, buffer)`` fills ``buffer`` (a flat
-    ``uint8`` tensor of the tensor's size) with item ``i``'s bytes. Written under a temporary name and renamed, as
-    :class:`AtomicCheckpointIO` does.
+    streamed tensor's bytes are written in place, one at a time, in the pieces :func:`chunks` cuts them into:
+    ``receive(i, buffer)`` fills ``buffer`` (a flat ``uint8`` tensor: the next piece of item ``i``'s place in the
+    file, mapped into memory) with those bytes, and the piece's pages are unmapped once written, so that the
+    writer holds one piece's pages at most (the sender sends ``chunks(bytes)`` one message each). Written under a
+    temporary name and renamed, as :class:`AtomicCheckpointIO` does.
 
     Example::
 
@@ -113,18 +115,23 @@ def save_streamed(
             written = torch.load(temporary, map_location="cpu", mmap=True, weights_only=False)
         finally:
             torch.serialization.set_default_mmap_options(mmap_flags)
-        buffers: dict[int, torch.Tensor] = {}
         for i, key_path in enumerate(streamed):
             target = _at(written, key_path)
             size = target.numel() * target.element_size()
-            buffer = buffers.get(size)
-            if buffer is None:
-                buffers.clear()  # one buffer at a time: the largest tensor bounds the memory used
-                buffer = buffers[size] = torch.empty(size, dtype=torch.uint8)
-            receive(i, buffer)
-            target.reshape(-1).view(torch.uint8).copy_(buffer)
-            _drop_pages(target, size)
+            for piece in chunks(target.reshape(-1).view(torch.uint8)):
+                receive(i, piece)  # straight into the file's pages: no buffer
+                _drop_pages(piece, piece.numel())
+            _drop_pages(target, size)  # the pages the pieces' edges shared
         del written
+
+
+CHUNK_BYTES = 8 * 2**20
+
+
+def chunks(data: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``data`` (a flat ``uint8`` tensor) in views of :data:`CHUNK_BYTES` at most (one empty view when it is empty):
+    the pieces a streamed tensor travels in, so that the process that writes it holds one piece at a time."""
+    return data.split(CHUNK_BYTES)
 
 
 @contextlib.contextmanager

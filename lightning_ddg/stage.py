@@ -338,7 +338,9 @@ class DDGStage:
         """The steps after the last batch: backward the batches still in flight, one per step, until every owner
         of the stage's tied weights has backwarded its last batch; yields what :meth:`backward` returns.
 
-        After the last batch, a final incomplete accumulation window also yields ``True``.
+        After the last batch, a final incomplete accumulation window also yields ``True``. The gradients installed
+        for the previous step are released before each backward (as Lightning's training loop does before each of
+        its own), so that the drain holds one set of gradients, not two.
         """
         log.info("stage %d: draining %d batch(es) in flight", self.stage_index, len(self._inflight))
         last = self.batches_forwarded - 1
@@ -346,6 +348,9 @@ class DDGStage:
         for step in range(last + 1, end + 1):
             batch = backward_batch(step, self.delay)
             due = bool(self._inflight) and batch is not None and self._inflight[0].batch <= batch
+            if due:
+                for p in self.parameters:
+                    p.grad = None  # already stepped with; install_gradients sets every p.grad again
             completes = self._backward_oldest(None) if due else False
             yield self._updates_due(step, completes, draining=True)
         if self._has_grads:

@@ -26,6 +26,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_ddg.checkpoint import group_names, merge_optimizer_states, named_optimizer_state, stage_optimizer_state
+from lightning_ddg.checkpoint_io import chunks
+from lightning_ddg.gather import broadcast_parts, gather_parts, save_parts, transfer_device
 from lightning_ddg.shard import aliases
 from lightning_ddg.topology import Topology
 
@@ -107,29 +109,44 @@ class StageStates:
 
     # --- the whole module ------------------------------------------------------------------------------------
     def gather_tensors(self, module: nn.Module) -> dict[str, Tensor]:
-        """Every parameter and buffer of the whole module, on CPU, on every rank, collected from the stages of
-        replica 0 that own them."""
-        local = {n: t.detach().cpu() for n, t in [*module.named_parameters(), *module.named_buffers()]}
+        """The parameters and buffers of the whole module that this rank does not hold (with one stage: its own),
+        on every rank: each is broadcast by the stage of replica 0 that owns it, one tensor at a time
+        (:mod:`lightning_ddg.gather`), so a rank holds what it receives and no more."""
+        local = {n: t.detach() for n, t in [*module.named_parameters(), *module.named_buffers()]}
         if self.topology.num_stages == 1:
             return local
-        return {name: t for part in self.first_replica_objects(local) for name, t in part.items()}
+        specs = self.first_replica_objects({n: TensorSpec.of(t) for n, t in local.items()})
+        return broadcast_parts(local, specs, self.stage_owners(), transfer_device())
 
-    def full_state_dict(self, module: nn.Module, dst: int = 0) -> dict[str, Tensor] | None:
+    def full_state_dict(self, module: nn.Module, dst: int = 0, whole: bool = False) -> dict[str, Tensor] | None:
         """The whole module's state dict, with its original names, on global rank ``dst`` (``None`` on the
-        others): each stage of replica 0 sends its own tensors there. A weight several stages hold (tied
-        embeddings) comes from one of them, one tensor under all of its names."""
-        local = _local_state(module)
-        if not self._distributed:
-            return local
-        if self.topology.replica_of(self.rank) != 0:
-            local = {}
-        parts: list[Any] = [None] * self.world_size if self.rank == dst else []
-        dist.gather_object(local, parts if self.rank == dst else None, dst=dst)
-        if self.rank != dst:
-            return None
-        full = {name: t for part in parts for name, t in part.items()}
-        order = self.state_dict_keys or list(full)
-        return {name: full[name] for name in order if name in full}
+        others): each stage of replica 0 sends its own tensors there, one at a time. A weight several stages hold
+        (tied embeddings) comes from one of them, one tensor under all of its names. With ``whole``, every rank
+        holds the whole module already: ``dst`` returns its own."""
+        if whole or not self._distributed:
+            return _local_state(module) if self.rank == dst or not self._distributed else None
+        local, specs = self._described_state(module)
+        full = gather_parts(local, specs, self.stage_owners(), dst, transfer_device())
+        return None if full is None else {name: full[name] for name in self.state_dict_keys or full if name in full}
+
+    def save_full_state_dict(self, module: nn.Module, path: Any, dst: int = 0, whole: bool = False) -> None:
+        """Write the whole module's state dict, as :meth:`full_state_dict` returns it, with ``torch.save`` to
+        ``path`` on global rank ``dst``, which receives the other stages' tensors one piece at a time straight into
+        the file (:func:`~lightning_ddg.gather.save_parts`): no process holds more than its own stage."""
+        local, specs = self._described_state(module)
+        owners = self.stage_owners()
+        if whole or not self._distributed:
+            specs, owners = specs[:1], [dst]  # every rank's own: dst's alone is written
+        save_parts(local, specs, owners, dst, path, transfer_device(), self.state_dict_keys or None)
+
+    def _described_state(self, module: nn.Module) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+        """This rank's state dict, and each stage's names, shapes and dtypes (a name that refers to an earlier
+        name's tensor, as the name; a collective where the job is distributed)."""
+        state = module.state_dict(keep_vars=True)
+        same = aliases(state)
+        local = {n: t.detach() for n, t in state.items()}
+        described = {n: same.get(n) or TensorSpec.of(t) for n, t in local.items()}
+        return local, self.first_replica_objects(described) if self._distributed else [described]
 
     # --- a checkpoint with placeholders ------------------------------------------------------------------------
     def placeholder(self, spec: TensorSpec) -> Tensor:
@@ -202,11 +219,13 @@ class StageStates:
         """On a rank other than 0: send rank 0 the real values of the placeholders this rank owns, in order."""
         for key_path, owner in streamed:
             if owner == self.rank:
-                dist.send(as_bytes(at(checkpoint, key_path).detach().cpu()), dst=0)
+                for piece in chunks(as_bytes(at(checkpoint, key_path).detach().cpu())):
+                    dist.send(piece, dst=0)  # in the pieces rank 0 writes one at a time
 
     @staticmethod
     def receive_streamed(streamed: list[tuple[KeyPath, int]]) -> Callable[[int, Tensor], None]:
-        """On rank 0: ``receive(i, buffer)`` fills ``buffer`` with the bytes of the ``i``-th placeholder."""
+        """On rank 0: ``receive(i, buffer)`` fills ``buffer`` with the next piece (:func:`chunks`) of the bytes of
+        the ``i``-th placeholder."""
 
         def receive(i: int, buffer: Tensor) -> None:
             dist.recv(buffer, src=streamed[i][1])
@@ -227,7 +246,8 @@ def fill_placeholders(checkpoint: dict[str, Any], streamed: list[tuple[KeyPath, 
     for i, (key_path, _) in enumerate(streamed):
         target = at(checkpoint, key_path)
         buffer = torch.empty(target.numel() * target.element_size(), dtype=torch.uint8)
-        receive(i, buffer)
+        for piece in chunks(buffer):
+            receive(i, piece)
         as_bytes(target).copy_(buffer)
 
 

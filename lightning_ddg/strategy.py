@@ -657,15 +657,24 @@ class DDGStrategy(ParallelStrategy):
 
     def full_state_dict(self, rank: int = 0) -> dict[str, Tensor] | None:
         """The whole model's state dict, with its original names, on global rank ``rank`` (``None`` on the others):
-        each stage of the first replica sends its own tensors there. A collective: every rank calls it, e.g. after
-        fit of a model built in ``configure_model``, whose ranks each keep only their stage::
+        each stage of the first replica sends its own tensors there, one at a time. A collective: every rank calls
+        it, e.g. after fit of a model built in ``configure_model``, whose ranks each keep only their stage::
 
             state = trainer.strategy.full_state_dict()
             if trainer.is_global_zero:
                 torch.save(state, "model.pt")
+
+        Rank ``rank`` then holds the whole model; :meth:`save_full_state_dict` writes it without holding it.
         """
         assert self.lightning_module is not None
-        return self.states.full_state_dict(self.lightning_module, dst=rank)
+        return self.states.full_state_dict(self.lightning_module, dst=rank, whole=not self._removed)
+
+    def save_full_state_dict(self, path: Any, rank: int = 0) -> None:
+        """Write the whole model's state dict (as :meth:`full_state_dict` returns it) with ``torch.save`` to ``path``
+        on global rank ``rank``, without any process holding more than its own stage and one piece of a tensor in
+        flight. A collective: every rank calls it."""
+        assert self.lightning_module is not None
+        self.states.save_full_state_dict(self.lightning_module, path, dst=rank, whole=not self._removed)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:

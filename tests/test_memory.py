@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from lightning_ddg import DDGStrategy, plan, split_module
+from lightning_ddg import DDGStrategy, checkpoint_io, plan, split_module
 from lightning_ddg.checkpoint_io import save_streamed
 from lightning_ddg.shard import keep_only_stage, kept_tensors, materialize
 from tests.jobs import run_job
@@ -104,6 +104,7 @@ class _Layers(MLPClassifier):
         state = self.trainer.strategy.full_state_dict()
         if self.global_rank == 0:
             torch.save(state, f"{self.out_dir}/weights.pt")
+        self.trainer.strategy.save_full_state_dict(f"{self.out_dir}/written.pt")  # without holding the model
 
 
 def test_materializing_one_stage_gives_the_values_of_a_whole_build() -> None:
@@ -149,9 +150,11 @@ def test_a_model_built_in_configure_model_trains_as_one_built_in_init(tmp_path) 
         cpu_trainer(strategy, 3, max_epochs=1).fit(_Layers(in_configure_model, str(out)), loader())
         weights.append(torch.load(out / "weights.pt"))
         held.append([json.loads((out / f"rank{r}.json").read_text()) for r in range(3)])
-    assert weights[0].keys() == weights[1].keys()
+    written = [torch.load(tmp_path / run / "written.pt", weights_only=True) for run in ("False", "True")]
+    assert list(weights[0]) == list(weights[1]) == list(written[0]) == list(written[1])
     for name in weights[0]:
-        assert torch.equal(weights[0][name], weights[1][name]), name
+        for other in (weights[1], *written):
+            assert torch.equal(weights[0][name], other[name]), name
     # each process holds its own stage only, and nothing on the meta device
     assert [h["elements"] for h in held[0]] == [h["elements"] for h in held[1]]
     assert [h["meta"] for h in held[1]] == [0, 0, 0]
@@ -183,14 +186,15 @@ def test_a_model_built_in_configure_model_resumes_from_a_checkpoint(tmp_path) ->
         assert torch.equal(resumed[0][name], resumed[1][name]), name
 
 
-def test_a_streamed_checkpoint_is_an_ordinary_file(tmp_path) -> None:
+def test_a_streamed_checkpoint_is_an_ordinary_file(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(checkpoint_io, "CHUNK_BYTES", 4096)  # the larger tensor travels in 10 pieces
     mine, theirs = torch.randn(3, 4), torch.arange(5000, dtype=torch.float64)
     checkpoint = {"state_dict": {"a": mine, "b": torch.empty(5000, dtype=torch.float64)}, "step": 7}
     checkpoint["optimizer_states"] = [{"state": {0: {"step": torch.empty(())}}}]
-    sources = [theirs, torch.tensor(3.0)]
+    sent = [iter(checkpoint_io.chunks(t.reshape(-1).view(torch.uint8))) for t in (theirs, torch.tensor(3.0))]
 
     def receive(i: int, buffer: torch.Tensor) -> None:
-        buffer.copy_(sources[i].reshape(-1).view(torch.uint8))
+        buffer.copy_(next(sent[i]))  # the pieces as the sender sends them, in order
 
     path = tmp_path / "last.ckpt"
     save_streamed(checkpoint, path, [("state_dict", "b"), ("optimizer_states", 0, "state", 0, "step")], receive)
@@ -198,6 +202,7 @@ def test_a_streamed_checkpoint_is_an_ordinary_file(tmp_path) -> None:
     assert torch.equal(loaded["state_dict"]["a"], mine) and torch.equal(loaded["state_dict"]["b"], theirs)
     assert loaded["optimizer_states"][0]["state"][0]["step"] == 3.0 and loaded["step"] == 7
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert all(next(pieces, None) is None for pieces in sent)  # every piece was received
 
 
 @pytest.mark.timeout(300)
@@ -211,9 +216,12 @@ def test_the_memory_benchmark_reports_every_stage_within_its_formula(tmp_path: P
         ("init", 0),
         ("init", 1),
     ]
-    phases = ["setup_peak_mib", "train_peak_mib", "save_peak_mib", "resume_peak_mib", "end_peak_mib"]
+    phases = ["setup", "train", "save", "resume", "end"]
     for row in rows:
+        # private memory (resident less the shared library pages) is part of the resident memory
+        assert all(0 < row[f"{p}_private_peak_mib"] < row[f"{p}_peak_mib"] for p in phases), row
         if row["build"] == "configure_model":
-            largest = max(row[phase] for phase in phases) - row["imports_mib"]
+            largest = max(row[f"{phase}_peak_mib"] for phase in phases) - row["imports_mib"]
             assert largest <= row["formula_mib"]["total"] + 512, row
+    assert [b["after"] for b in rows[0]["baseline"]][1:] == ["import torch", "import lightning", "import lightning_ddg"]
     assert out.with_suffix(".png").exists()
