@@ -296,6 +296,14 @@ def covering_cells() -> list[Cell]:
     ]
 
 
+def phase_cells() -> list[Cell]:
+    """8 of the covering cells: each phase once, the stops and the launch modes turning, so that every stop and
+    every mode appears."""
+    return [
+        c for i, phase in enumerate(PHASES) for c in covering_cells() if c.phase == phase and c.stop == STOPS[i % 4]
+    ]
+
+
 def all_cells() -> list[Cell]:
     return [Cell(mode, stop, phase) for phase in PHASES for mode in MODES for stop in STOPS]
 
@@ -350,11 +358,18 @@ def _run_cells(tmp_path: Path, cells: list[Cell], at_once: int = 2) -> None:
     assert not failed, f"{len(failed)} of {len(cells)} cells failed:\n\n" + "\n\n".join(failed)
 
 
+@pytest.mark.timeout(900)
+def test_a_job_stopped_in_any_phase_leaves_nothing_and_says_why_once(tmp_path: Path) -> None:
+    """One cell per phase (every stop and every launch mode among them): every process gone within 30 s of the
+    signal, a non-zero exit, and one line that says what stopped the job, with no traceback."""
+    _run_cells(tmp_path, phase_cells())
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("phase", PHASES)
-def test_a_job_stopped_in_any_phase_leaves_nothing_and_says_why_once(tmp_path: Path, phase: str) -> None:
-    """The covering cells of ``phase``: every process gone within 30 s of the signal, a non-zero exit, and one
-    line that says what stopped the job, with no traceback."""
+def test_the_covering_cells_of_a_phase(tmp_path: Path, phase: str) -> None:
+    """The pairwise covering cells of ``phase``, checked as above."""
     _run_cells(tmp_path, [c for c in covering_cells() if c.phase == phase])
 
 
@@ -376,6 +391,9 @@ def test_the_covering_cells_cover_every_pair() -> None:
     ):
         pairs = {(getattr(c, first), getattr(c, second)) for c in cells}
         assert pairs == {(x, y) for x in values[0] for y in values[1]}, (first, second)
+    once = phase_cells()
+    assert {c.phase for c in once} == set(PHASES) and {c.stop for c in once} == set(STOPS)
+    assert {c.mode for c in once} == set(MODES) and set(once) <= set(cells)
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
