@@ -18,9 +18,9 @@ JOB_TIMEOUT_S = 900
 IMBALANCE = 1.25  # the plan's slowest stage over the mean, at most
 
 
-# exporting a Hugging Face model takes seconds per rank, so the default run fits one model of each way a model is
-# opened: a decoder exported by torch.export, one with tied embeddings, a transformer stack with masks
-DEFAULT_RUN = ["hf_llama", "hf_gpt2", "lightning_demo_transformer"]
+# exporting a Hugging Face model takes seconds per rank, so the default run fits a decoder opened by torch.export
+# and a transformer stack with masks (a tied GPT-2 is checked against the reference in test_tied.py)
+DEFAULT_RUN = ["hf_llama", "lightning_demo_transformer"]
 
 
 def test_the_ecosystem_s_kinds_of_model_train_balanced_with_no_options() -> None:

@@ -23,7 +23,7 @@ def _run(*command: str) -> subprocess.CompletedProcess:
     "args",
     [
         pytest.param(("--strategy", "ddg", "--devices", "2"), id="ddg-2-stages"),
-        pytest.param(("--strategy", "auto", "--devices", "1"), id="backprop-1-device"),
+        pytest.param(("--strategy", "auto", "--devices", "1"), id="backprop-1-device", marks=pytest.mark.slow),
     ],
 )
 def test_digits_cnn_trains(tmp_path: Path, args: tuple[str, ...]) -> None:
@@ -47,6 +47,7 @@ def test_digits_cnn_trains(tmp_path: Path, args: tuple[str, ...]) -> None:
 
 def test_lightning_cli_takes_the_strategy_name(tmp_path: Path) -> None:
     trainer_args = ["--trainer.strategy", "ddg", "--trainer.devices", "2", "--trainer.max_epochs", "1"]
+    trainer_args += ["--trainer.limit_train_batches", "8", "--trainer.limit_val_batches", "2"]
     result = _run(
         str(EXAMPLE.with_name("digits_cli.py")), "fit", *trainer_args, "--trainer.default_root_dir", str(tmp_path)
     )
@@ -54,6 +55,7 @@ def test_lightning_cli_takes_the_strategy_name(tmp_path: Path) -> None:
     assert len(list(tmp_path.rglob("*.ckpt"))) == 1
 
 
+@pytest.mark.slow
 def test_paper_comparison_runs_and_writes_its_table(tmp_path: Path) -> None:
     script = REPO / "examples" / "compare_bp_ddg.py"
     options = ["--depth", "8", "--max-epochs", "1", "--seeds", "0", "--stages", "2"]

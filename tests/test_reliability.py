@@ -123,6 +123,7 @@ def _assert_failed_once(job: Job, error: str, stage: str | None, devices: int, s
             "FloatingPointError: the loss at step 3 holds NaN",
             "stage 1 (rank 0)",
             id="nan-loss-detect_anomaly",
+            marks=pytest.mark.slow,  # the check_finite case below takes the same path to the end
         ),
         pytest.param(
             ("--devices", "2", "--fail", "not-a-tensor", "--rank", "1"),
@@ -181,7 +182,7 @@ def _repeat(devices: int, runs: int) -> tuple[list[str], list[tuple[int, int]], 
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-@pytest.mark.parametrize("devices", [1, 3, 4])
+@pytest.mark.parametrize("devices", [1, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_seeded_runs_give_bitwise_identical_weights(devices: int) -> None:
     if devices == 3:  # two runs in separate processes
         digests = [_repeat(devices, runs=1)[0][0] for _ in range(2)]

@@ -51,8 +51,11 @@ def _check_checkpoint(path: Path, step: int) -> None:
 @pytest.mark.timeout(TIMEOUT_S + 60)
 @pytest.mark.parametrize(
     ("strategy", "rank"),
-    [("ddg", 2), ("ddg", 1), ("ddg_spawn", 0)],
-    ids=["first-stage-popen", "middle-stage-popen", "last-stage-spawn"],
+    [
+        pytest.param("ddg", 2, id="first-stage-popen", marks=pytest.mark.slow),
+        pytest.param("ddg", 1, id="middle-stage-popen"),
+        pytest.param("ddg_spawn", 0, id="last-stage-spawn"),
+    ],
 )
 def test_sigterm_to_any_stage_stops_every_stage_after_the_same_step(tmp_path: Path, strategy: str, rank: int) -> None:
     args = (str(STOP_JOB), str(tmp_path), "--strategy", strategy, "--rank", str(rank))
@@ -77,7 +80,7 @@ def test_sigterm_to_one_replica_stops_every_replica_after_the_same_step(tmp_path
 
 
 @pytest.mark.timeout(TIMEOUT_S + 60)
-@pytest.mark.parametrize("strategy", ["ddg", "ddg_spawn"])
+@pytest.mark.parametrize("strategy", [pytest.param("ddg", marks=pytest.mark.slow), "ddg_spawn"])
 def test_sigterm_to_the_launcher_stops_every_stage(tmp_path: Path, strategy: str) -> None:
     args = (str(STOP_JOB), str(tmp_path), "--devices", "2", "--strategy", strategy)
     proc = start_job(*args, stderr=subprocess.STDOUT)

@@ -12,7 +12,7 @@ from tests.zoo_job import ZOO
 JOB_TIMEOUT_S = 420
 
 
-@pytest.mark.parametrize("devices", [2, 3, 4])
+@pytest.mark.parametrize("devices", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_every_model_of_the_zoo_trains_with_no_options(devices: int) -> None:
     job = run_job("tests/zoo_job.py", str(devices), timeout=JOB_TIMEOUT_S)
     out, output = job.stdout, job.stdout + job.stderr
