@@ -110,8 +110,10 @@ def watch_launcher(launcher_pid: int | None, name: str) -> None:
     def run() -> None:
         while not gone():
             pass
-        _end_for_launcher(claim, f"lightning-ddg: the launching process ({pid}) has exited; stopping {name}.")
+        end_if_launcher_gone()
 
+    global _end_line
+    _end_line = claim, f"lightning-ddg: the launching process ({pid}) has exited; stopping {name}."
     _gone = (lambda: not parent.is_alive()) if parent is not None else (lambda: os.getppid() != launcher_pid)
     if launcher_pid is not None and os.getppid() != launcher_pid:
         run()  # the launcher ended before this process got this far
@@ -136,6 +138,15 @@ def launcher_gone() -> bool:
 
 
 _gone: Callable[[], bool] | None = None  # the watch's test, without its wait
+_end_line: tuple[str | None, str] | None = None  # the watch's claim file and the line it says
+
+
+def end_if_launcher_gone() -> None:
+    """End this process as its watch does, with the job's one line, if its launcher has gone. Also called as a run
+    ends (the strategy's teardown): a run that finishes between the launcher's end and the watch's next look
+    would otherwise end with no word."""
+    if _end_line is not None and launcher_gone():
+        _end_for_launcher(*_end_line)
 
 
 def _claim_file(launcher_pid: int) -> str | None:

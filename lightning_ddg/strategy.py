@@ -82,6 +82,7 @@ from lightning_ddg.comm import PipelineStopped
 from lightning_ddg.example_input import example_forward_input
 from lightning_ddg.forward import PipelinedForward, StageDone
 from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launched_processes, pause_observer
+from lightning_ddg.lifeline import end_if_launcher_gone
 from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling, shuffle_seed
 from lightning_ddg.metrics import quiet_epoch_sync_advice, scope_metrics
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
@@ -771,6 +772,7 @@ class DDGStrategy(ParallelStrategy):
     @override
     def teardown(self) -> None:
         log.info("teardown: rank %d (%s)", self.global_rank, "failed" if self._failed else "closing its channels")
+        end_if_launcher_gone()  # a run that ended as its launcher went still says so, once
         if not self._failed:
             # a stopped pipeline leaves messages in flight: its channels are left to the process's exit
             if not self._finished and self.stage is not None and self._stop.stopped_by is None:
