@@ -58,8 +58,18 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 # - pytree, tree_flatten, tree_map, tree_unflatten: nested batches and stage outputs flattened into tensors and back
 #   (torch.utils._pytree is what torch.fx and torch.export use; its public twin appeared only in torch 2.5).
 
+# --- torch.export's module swap --------------------------------------------------------------------------------------
+# exporting.py opens the modules torch.fx cannot trace by exporting them and swapping the real modules back in for the
+# calls that hold no cut (torch.export._swap, which appeared after torch 2.4). Without it, export_trace raises and the
+# fx trace stands: such modules are kept whole, as before the export path existed.
+try:
+    from torch.export import _swap as export_swap
+except ImportError:  # older torch
+    export_swap = None
+
 __all__ = [
     "GlobalStateSnapshot",
+    "export_swap",
     "MultiProcessingLauncher",
     "SubprocessScriptLauncher",
     "WrappingCheckpointIO",

@@ -41,12 +41,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.export import Dim, _swap
-from torch.export._swap import _swap_modules
+from torch.export import Dim
 from torch.export.exported_program import ConstantArgument
 from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
+from lightning_ddg._compat import export_swap as _swap
 from lightning_ddg.layer_stacks import STACKS, stack_forward
 
 __all__ = ["export_trace", "example_spec", "no_cache"]
@@ -71,6 +71,8 @@ def export_trace(
     nodes carry ``nn_module_stack`` like a ``torch.fx`` trace; modules outside ``opened`` are called as written
     (every module is traced into when ``opened`` is None): those of ``owner`` when ``module`` is a copy of it that
     shares its tensors. Raises what ``torch.export`` raises."""
+    if _swap is None:
+        raise RuntimeError("opening a module with torch.export needs a torch with torch.export._swap (torch >= 2.5)")
     device = next((t.device for t in module.parameters() if t.device.type != "meta"), torch.device("cpu"))
     signature = inspect.signature(module.forward)
     bound = signature.bind(*pytree.tree_map_only(torch.Tensor, lambda t: _concrete(t, device), example))
@@ -101,7 +103,7 @@ def _exported(
     ep = _export(module, args, dynamic, train, tuple(called))
     with warnings.catch_warnings(), _swap_fixed():
         warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node with no underlying reference")
-        gm = _swap_modules(ep, {name: owner.get_submodule(name) for name in called})
+        gm = _swap._swap_modules(ep, {name: owner.get_submodule(name) for name in called})
     in_spec = ep.module_call_graph[0].signature.in_spec
     graph = _folded(gm, in_spec, list(signature.parameters.values())[: len(args)])
     _localize(graph, lambda n: n.op == "get_attr" or _is_size(n))
