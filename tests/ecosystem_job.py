@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 import lightning_ddg  # noqa: F401 - registers strategy="ddg"
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.zoo_job import Classifier  # noqa: E402
 
 STEPS = 2
 BATCH = 2
@@ -85,19 +86,8 @@ class HFNamedInputs(HFModel):
         return outputs.loss
 
 
-class Images(L.LightningModule):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
+class Images(Classifier):
+    """The zoo's image classifier, trained with AdamW as vision transformers usually are."""
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
