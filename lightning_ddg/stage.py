@@ -396,9 +396,10 @@ class DDGStage:
         completes = completes_window(item.batch, self.accumulate_grad_batches)
         # the window's last backward starts the replicas' all-reduce of each bucket as soon as it is full
         replicas = self._replicas if completes and pairs and leaves else None
-        own = self._own
-        watched = [weights[i] for i in own], [self._grads[i] for i in own]
-        with replicas.watch(*watched) if replicas is not None else nullcontext():
+        watching = nullcontext()
+        if replicas is not None:  # the lists only when a window's all-reduce starts: this is the per-step path
+            watching = replicas.watch([weights[i] for i in self._own], [self._grads[i] for i in self._own])
+        with watching:
             grads = _gradients([t for t, _ in pairs], [g for _, g in pairs], leaves)
         weight_grads = grads[: len(weights)]
         for copy in self._tied:  # summed apart from the window, and over every owner before an update
