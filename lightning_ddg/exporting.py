@@ -130,7 +130,7 @@ def _export(module: nn.Module, args: tuple, dynamic: Any, train: bool, called: t
     modes = {m: m.training for m in module.modules()}
     module.train(train)
     try:
-        with no_cache(module), _stacks_as_loops(module), torch.random.fork_rng(devices=[]):
+        with no_cache(module), _stacks_as_loops(module), _no_stack_traces(), torch.random.fork_rng(devices=[]):
             ep = torch.export.export(
                 module, args, strict=False, dynamic_shapes=dynamic, preserve_module_call_signature=called
             )
@@ -141,6 +141,22 @@ def _export(module: nn.Module, args: tuple, dynamic: Any, train: bool, called: t
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return ep
+
+
+@contextlib.contextmanager
+def _no_stack_traces() -> Iterator[None]:
+    """Export without recording the Python stack of every node (nothing here reads it): a third of the time
+    exporting takes."""
+    config = getattr(torch.fx, "config", None)
+    saved = getattr(config, "do_not_emit_stack_traces", None)
+    if saved is None:
+        yield
+        return
+    config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        config.do_not_emit_stack_traces = saved
 
 
 @contextlib.contextmanager
