@@ -103,6 +103,7 @@ class Plan:
     opened_modules: list[str] = field(default_factory=list)  # traced into for the cuts; every other one is called
     # the example input's shapes and dtypes (meta tensors), with which every rank opens what torch.fx cannot
     example_input: tuple | None = field(default=None, repr=False, compare=False)
+    exported: bool = False  # opened with torch.export: split_module(..., opened=opened_modules) exports only the stages
 
     @property
     def num_stages(self) -> int:
@@ -265,13 +266,15 @@ def plan(
         starts = [positions.index(index) + 1 for index, name in names.items() if name in split_points]
         starts.sort()
     opened = sorted({m for s in starts for m in opened_by(begins[positions[s - 1]])} - {""})
+    exported = bool(gm.meta.get(EXPORTED_KEY))
     found = frozen.opened_by("") + [f for m in opened for f in frozen.of(m)]
     if found:
         warnings.warn(_frozen_warning(found, split_points, begins, positions, starts), stacklevel=2)
     if example_runs and not on_meta:  # meta tensors hold no values to compare
-        _check_split(module, split_points, args, where, found)
+        _check_split(module, split_points, args, where, found, opened if exported else None)
     described = _describe(gm, body, positions, starts, split_points, costs, cut_bytes, used, note, args, opened)
     described.example_input = example_spec(args) if args else None
+    described.exported = exported
     return described
 
 
@@ -415,7 +418,12 @@ def _not_tensor(node: Any, seen: dict | None = None) -> bool:
 
 
 def _check_split(
-    module: nn.Module, split_points: list[str], args: tuple, where: torch.device, found: list[Frozen]
+    module: nn.Module,
+    split_points: list[str],
+    args: tuple,
+    where: torch.device,
+    found: list[Frozen],
+    opened: list[str] | None = None,
 ) -> None:
     """Run the split model once on the example input, in train mode, and compare it with the unsplit forward.
 
@@ -435,7 +443,7 @@ def _check_split(
                 expected = None  # the whole model does not fit where the stages are measured
         with _shadow(module, user_hooks=False) as copied:
             copied.train()
-            stages = split_module(copied, split_points, example_input=args or None).train
+            stages = split_module(copied, split_points, None, args or None, opened, evaluation=False).train
             restart()
             values: list[Any] = list(_to(args, where))
             with torch.no_grad():

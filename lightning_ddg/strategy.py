@@ -40,6 +40,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
@@ -435,7 +436,10 @@ class DDGStrategy(ParallelStrategy):
             log.info("plan: %d stages cut at %s (by %s)", num_stages, split_points, self.plan.balance_by)
             self._show_plan(trainer, self.plan)
         example = self.plan.example_input if self.plan is not None else None  # what torch.export opens with
-        return split_module(module, split_points=split_points, num_stages=num_stages, example_input=example)
+        opened = self.plan.opened_modules if self.plan is not None and self.plan.exported else None
+        # the stages are traced in eval mode too only where something evaluates
+        evaluation = trainer.state.fn != TrainerFn.FITTING or is_overridden("validation_step", module)
+        return split_module(module, split_points, num_stages, example, opened, evaluation)
 
     def _make_plan(self, trainer: pl.Trainer, module: pl.LightningModule, split_points: list[str] | None) -> Plan:
         example = example_forward_input(trainer, module)
