@@ -251,9 +251,11 @@ def plan(
         if gm.meta.get(EXPORTED_KEY):
             layers = _layers(module)
             between = [not layers.intersection(opened_by(begins[index])) for index in positions]
-            preferred = [[a and b for a, b in zip(preferred[0], between, strict=True)], between]
+            # a cut inside a layer is taken where the cuts between layers cannot balance the stages
+            preferred = [[a and b for a, b in zip(preferred[0], between, strict=True)], preferred[0], between]
         for as_written in preferred:
-            chosen = _as_written(positions, costs, cut_bytes, wanted, used, as_written)
+            balanced = len(preferred) > 1
+            chosen = _as_written(positions, costs, cut_bytes, wanted, used, as_written, balanced)
             if len(chosen[0]) < len(positions) or all(as_written):
                 break
         positions, costs, cut_bytes, starts = chosen
@@ -327,17 +329,22 @@ def _as_written(
     wanted: int,
     used: BalanceBy,
     as_written: list[bool],
+    balanced: bool = False,
 ) -> tuple[list[int], list[float], list[float], list[int]]:
     """The best cut (:func:`solve`), or the best among the cuts that open no module whose Python a trace would
-    freeze (``as_written``) if its slowest stage is within ``AS_WRITTEN_TOLERANCE`` of the best: the positions
-    left to choose from, their segment costs and cut bytes, and the chosen starts."""
+    freeze (``as_written``) if its slowest stage is within ``AS_WRITTEN_TOLERANCE`` of the best and, with
+    ``balanced``, within ``IMBALANCE_WARNING`` of the mean where the best is: the positions left to choose from,
+    their segment costs and cut bytes, and the chosen starts."""
     starts = solve(costs, cut_bytes, wanted, _TIE_TOLERANCE[used])
     keep = [j for j, fine in enumerate(as_written) if fine]
     if all(as_written) or len(keep) < wanted - 1:
         return positions, costs, cut_bytes, starts
     kept_costs, kept_bytes = _merged(costs, cut_bytes, keep)
     kept_starts = solve(kept_costs, kept_bytes, wanted, _TIE_TOLERANCE[used])
-    if _slowest(kept_costs, kept_starts) > _slowest(costs, starts) * (1 + AS_WRITTEN_TOLERANCE):
+    slowest, best = _slowest(kept_costs, kept_starts), _slowest(costs, starts)
+    if slowest > best * (1 + AS_WRITTEN_TOLERANCE):
+        return positions, costs, cut_bytes, starts
+    if balanced and slowest > IMBALANCE_WARNING * sum(costs) / wanted >= best:
         return positions, costs, cut_bytes, starts
     return [positions[j] for j in keep], kept_costs, kept_bytes, kept_starts
 
