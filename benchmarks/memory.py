@@ -5,10 +5,12 @@ Run from the repository root::
     python benchmarks/memory.py                          # MLP 16 x 2048x2048 (67M parameters), batch 8
     python benchmarks/memory.py --width 4096             # the 268M-parameter MLP (1 GiB of fp32 weights)
     python benchmarks/memory.py --stages 2 --memory stash --build init
+    python benchmarks/memory.py --width 4096 --memory stash --plan layers memory   # also the memory-balanced cut
 
 The model is an MLP of ``--layers`` square linear layers, trained with SGD + momentum for ``--steps`` steps with
-``Trainer.fit``: plain Lightning on one process (backprop), and ``DDGStrategy`` with K = 2 and 4 stages of equal
-layer counts (``balance``), in each memory mode. The LightningModule builds its layers in ``__init__`` (``init``)
+``Trainer.fit``: plain Lightning on one process (backprop), and ``DDGStrategy`` with K = 2 and 4 stages, in each
+memory mode, cut into equal layer counts (``--plan layers``: ``balance``) or where the largest stage holds least
+(``--plan memory``: ``balance_by="memory"``). The LightningModule builds its layers in ``__init__`` (``init``)
 or in ``configure_model`` (``configure_model``). Every configuration runs as a user runs a script: a fresh
 ``python`` process that launches the others (``strategy="ddg"``).
 
@@ -39,7 +41,8 @@ The moments and phases:
 - ``end``: the most it held after the save until fit ended: the drain, and the full weights gathered back into
   the module of a model built in ``__init__``;
 
-next to the formula of what the stage needs: its parameters, their gradients, the optimizer state, the weight
+next to the formula of what the stage needs (:func:`lightning_ddg.stage_memory.stage_memory`, the formula the
+planner balances by with ``balance_by="memory"``): its parameters, their gradients, the optimizer state, the weight
 copies of in-flight batches (``d_k + 1`` copies on a stage with delay ``d_k > 0`` in ``stash`` and ``recompute``,
 none in ``replay`` and on the last stage) and the activations of ``d_k + 1`` in-flight batches. Prints a table and
 the memory targets, met or not, in both measures; writes JSON to ``--out`` and a PNG beside it.
@@ -241,7 +244,10 @@ def run_one(args: argparse.Namespace) -> None:
         if stages == 1:
             strategy: Any = "auto"
         else:
-            strategy = DDGStrategy(balance=[layers // stages] * stages, memory=args.memory[0])
+            if args.plan[0] == "memory":
+                strategy = DDGStrategy(balance_by="memory", memory=args.memory[0])
+            else:
+                strategy = DDGStrategy(balance=[layers // stages] * stages, memory=args.memory[0])
         trainer = L.Trainer(
             accelerator="cpu",
             devices=stages,
@@ -261,32 +267,27 @@ def run_one(args: argparse.Namespace) -> None:
 
 def formula(report: dict[str, Any], memory: str, args: argparse.Namespace) -> dict[str, float]:
     """What the stage needs, in MiB: parameters, gradients, optimizer state, weight copies, activations."""
-    params = report["parameter_bytes"]
-    delay = report["delay"]
-    copies = delay + 1 if delay > 0 and memory != "replay" else 0
-    batch_bytes = args.batch * args.width * 4  # one layer's input for one batch, fp32
-    if memory == "stash" or delay == 0:
-        activations = (delay + 1) * report["layers"] * batch_bytes
-    else:  # the inputs of the in-flight batches, and one batch's activations while it is recomputed
-        activations = (delay + 1) * batch_bytes + report["layers"] * batch_bytes
-    parts = {
-        "parameters": params,
-        "gradients": params,
-        "optimizer_state": report.get("optimizer_state_bytes", 0),
-        "weight_copies": copies * params,
-        "activations": activations,
-    }
-    parts = {k: v / MIB for k, v in parts.items()}
-    parts["total"] = sum(parts.values())
-    return parts
+    from lightning_ddg.stage_memory import stage_memory
+
+    batch_bytes = args.batch * args.width * 4  # one layer's input for one batch, fp32: what each layer saves
+    parts = stage_memory(
+        parameter_bytes=report["parameter_bytes"],
+        activation_bytes=report["layers"] * batch_bytes,
+        input_bytes=batch_bytes,
+        delay=report["delay"],
+        memory=memory,
+        optimizer_state_bytes=report.get("optimizer_state_bytes", 0),
+    )
+    return {k: v / MIB for k, v in parts.items()}
 
 
-def configurations(args: argparse.Namespace) -> list[tuple[int, str, str]]:
+def configurations(args: argparse.Namespace) -> list[tuple[int, str, str, str]]:
     configs = []
     for build in args.build:
         for stages in args.stages:
             for memory in args.memory if stages > 1 else ["-"]:
-                configs.append((stages, memory, build))
+                for cut in args.plan if stages > 1 else ["-"]:
+                    configs.append((stages, memory, build, cut))
     return configs
 
 
@@ -299,6 +300,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--memory", nargs="+", default=["stash", "recompute", "replay"])
     parser.add_argument("--build", nargs="+", default=["init", "configure_model"])
+    parser.add_argument("--plan", nargs="+", choices=["layers", "memory"], default=["layers"])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
     parser.add_argument("--report-dir", help=argparse.SUPPRESS)  # set for the run of one configuration
     args = parser.parse_args()
@@ -307,11 +309,12 @@ def main() -> None:
         return
 
     rows = []
-    for stages, memory, build in configurations(args):
+    for stages, memory, build, cut in configurations(args):
         with tempfile.TemporaryDirectory() as report_dir:
             command = [sys.executable, __file__, "--width", str(args.width), "--layers", str(args.layers)]
             command += ["--batch", str(args.batch), "--steps", str(args.steps), "--stages", str(stages)]
             command += ["--memory", memory if memory != "-" else "stash", "--build", build, "--report-dir", report_dir]
+            command += ["--plan", cut if cut != "-" else "layers"]
             start = time.perf_counter()
             subprocess.run(command, check=True, cwd=ROOT, timeout=1800, stdout=subprocess.DEVNULL)
             seconds = time.perf_counter() - start
@@ -325,7 +328,7 @@ def main() -> None:
             need = formula(report, memory, args)
             # after fit, a model built in __init__ is whole again on every rank: the other stages' weights too
             gathered = (model_bytes - report["parameter_bytes"]) / MIB if build == "init" and stages > 1 else 0.0
-            row = {"stages": stages, "memory": memory, "build": build, **report, "formula_mib": need}
+            row = {"stages": stages, "memory": memory, "build": build, "plan": cut, **report, "formula_mib": need}
             row["after_fit_formula_mib"] = need["total"] + gathered
             rows.append(row)
             peaks = "  ".join(
@@ -333,7 +336,8 @@ def main() -> None:
                 for phase in PHASES
             )
             print(
-                f"{build:>15} K={stages} {memory:>9} stage {report['stage']}: formula {need['total']:5.0f}  "
+                f"{build:>15} K={stages} {memory:>9} {cut:>6} stage {report['stage']} ({report['layers']:2d} layers): "
+                f"formula {need['total']:5.0f}  "
                 f"imports {report['imports_mib']:4.0f}/{report['imports_private_mib']:4.0f}  "
                 f"after setup {report['after_setup_mib']:5.0f}/{report['after_setup_private_mib']:5.0f}  "
                 f"peaks: {peaks}  ({seconds:.0f} s)",
@@ -397,18 +401,20 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     k4 = [r for r in built if r["stages"] == 4]
     if backprop and k4:
         b = backprop[0]
-        for memory in sorted({r["memory"] for r in k4}):
-            largest = max((r for r in k4 if r["memory"] == memory), key=lambda r: r["train_peak_mib"])
+        for memory, cut in sorted({(r["memory"], r["plan"]) for r in k4}):
+            largest = max(
+                (r for r in k4 if (r["memory"], r["plan"]) == (memory, cut)), key=lambda r: r["train_peak_mib"]
+            )
             ratios = [
                 largest["train_peak_mib"] / b["train_peak_mib"],
                 largest["train_private_peak_mib"] / b["train_private_peak_mib"],
                 (largest["train_peak_mib"] - largest["imports_mib"]) / (b["train_peak_mib"] - b["imports_mib"]),
             ]
-            verdict = "met" if ratios[1] <= 0.6 else "NOT met"
+            verdicts = ["met" if ratio <= 0.6 else "NOT met" for ratio in ratios]
             lines.append(
-                f"configure_model K=4 {memory}, largest stage's training peak <= 0.6x backprop's: resident "
-                f"{ratios[0]:.2f}x, private {ratios[1]:.2f}x ({verdict} in private memory), above the imports "
-                f"{ratios[2]:.2f}x"
+                f"configure_model K=4 {memory}, cut by {cut}, largest stage's training peak <= 0.6x backprop's "
+                f"(stage {largest['stage']}, {largest['layers']} layers): resident {ratios[0]:.2f}x ({verdicts[0]}), "
+                f"private {ratios[1]:.2f}x ({verdicts[1]}), above the imports {ratios[2]:.2f}x"
             )
     init = [r for r in ddg if r["build"] == "init"]
     if init:
@@ -449,7 +455,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ]
     for ax, build in zip(axes[0], builds, strict=True):
         rows = [r for r in result["rows"] if r["build"] == build]
-        labels = [f"K={r['stages']} {r['memory']}\nstage {r['stage']}" if r["stages"] > 1 else "backprop" for r in rows]
+        labels = [
+            f"K={r['stages']} {r['memory']} {r['plan']}\nstage {r['stage']}" if r["stages"] > 1 else "backprop"
+            for r in rows
+        ]
         width = 0.8 / (len(bars) + 1)
         for b, (key, label) in enumerate(bars):
             values = [r[key] / 1024 for r in rows]
