@@ -140,8 +140,14 @@ class Plan:
                 out[f"ddg/stage{s.index}/holds_bytes"] = s.holds
         return out
 
+    def _cost(self, s: StagePlan) -> str:
+        if self.balance_by == "params":
+            return _count(int(s.cost))
+        if self.balance_by == "memory":
+            return _size(s.holds)
+        return f"{s.cost:.3g} {_UNITS[self.balance_by]}"
+
     def __str__(self) -> str:
-        unit = _UNITS[self.balance_by]
         header = ["stage", "begins at", "modules", "params", f"cost ({self.balance_by})", "share", "sends/batch"]
         header.append("holds")
         rows = [
@@ -150,7 +156,7 @@ class Plan:
                 s.begins_at or "(input)",
                 _span(s.modules),
                 _count(s.parameters),
-                f"{s.cost:.3g} {unit}" if self.balance_by != "params" else _count(int(s.cost)),
+                self._cost(s),
                 f"{100 * s.cost_share:.1f}%",
                 _megabytes(s.bytes_out) if s.index < self.num_stages - 1 else "-",
                 _size(s.holds),
@@ -162,7 +168,7 @@ class Plan:
             "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(f"slowest stage: {self.imbalance:.2f}x the mean")
+        lines.append(f"{'largest' if self.balance_by == 'memory' else 'slowest'} stage: {self.imbalance:.2f}x the mean")
         if self.note:
             lines.append(self.note)
         if self.opened_modules:
