@@ -42,7 +42,6 @@ from lightning_ddg.balance import (
     run_segments,
     segment_flops,
     segment_times,
-    solve,
     solve_stages,
 )
 from lightning_ddg.checks import crossing_tensors
@@ -72,6 +71,8 @@ AS_WRITTEN_TOLERANCE = IMBALANCE_WARNING - 1  # how much slower a slowest stage 
 _TIE_TOLERANCE = {"time": 0.02, "flops": 0.0, "params": 0.0, "memory": 0.0}  # timings within 2% count as equal
 _UNITS = {"time": "ms", "flops": "GFLOP", "params": "params", "memory": "MiB"}
 _MIB = 2**20
+_INF = float("inf")
+MEMORY_TIE_TOLERANCE = 0.1  # among equally fast cuts, those whose largest stage holds within 10% of the least
 _REFINEMENTS = 2  # re-solves of a time split with its stages timed whole
 _WHOLE_STAGE_REPEATS = 5  # a stage timed whole counts its fastest run: cuts compared on these differ by a few %
 
@@ -288,7 +289,7 @@ def plan(
         positions, costs, cut_bytes, starts = chosen
         if used == "time" and wanted > 1:
             with _untouched(module):
-                starts, scaled = _refined(gm, module, positions, starts, costs.values, cut_bytes, args, where)
+                starts, scaled = _refined(gm, module, positions, starts, costs, cut_bytes, args, where)
             costs = costs.with_values(scaled)
         split_points = [names[positions[s - 1]] for s in starts]
     else:
@@ -419,7 +420,31 @@ class _Costs:
         return self.holds(k, i, j) / _MIB if self.by_memory else self._sums[0][j] - self._sums[0][i]
 
     def solve(self, cut_bytes: list[float], tolerance: float) -> list[int]:
-        return solve_stages(self.stage, len(self), cut_bytes, self.num_stages, tolerance)
+        """The cut whose largest stage cost is least; among those within ``tolerance`` of it by time, FLOPs or
+        parameters, those whose largest stage holds at most ``MEMORY_TIE_TOLERANCE`` more memory than the least any
+        of them holds (equally fast cuts can differ much in what their first stage holds); among those, the one
+        that sends the fewest bytes."""
+        m, k = len(self), self.num_stages
+        if self.by_memory:
+            return solve_stages(self.stage, m, cut_bytes, k, tolerance)
+        none = [0.0] * (m - 1)
+        fastest = self.slowest(solve_stages(self.stage, m, none, k))
+        time_bound = fastest * (1 + tolerance) + 1e-12 * max(abs(fastest), 1.0)
+
+        def held_if_fast(s: int, i: int, j: int) -> float:
+            return self.holds(s, i, j) if self.stage(s, i, j) <= time_bound else _INF
+
+        least = self.largest_held(solve_stages(held_if_fast, m, none, k))
+        held_bound = least * (1 + MEMORY_TIE_TOLERANCE) + 1.0
+
+        def allowed(s: int, i: int, j: int) -> float:
+            return 0.0 if self.stage(s, i, j) <= time_bound and self.holds(s, i, j) <= held_bound else _INF
+
+        return solve_stages(allowed, m, cut_bytes, k)
+
+    def largest_held(self, starts: list[int]) -> float:
+        bounds = [0, *starts, len(self)]
+        return max(self.holds(k, a, b) for k, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)))
 
     def slowest(self, starts: list[int]) -> float:
         bounds = [0, *starts, len(self)]
@@ -629,7 +654,7 @@ def _refined(
     module: nn.Module,
     positions: list[int],
     starts: list[int],
-    costs: list[float],
+    chosen_by: _Costs,
     cut_bytes: list[float],
     args: tuple,
     where: torch.device,
@@ -641,6 +666,7 @@ def _refined(
     solving again moves the cut, until a cut repeats. The cut whose slowest stage measured fastest is kept,
     with the segment costs scaled so that each of its stages costs what it measured.
     """
+    costs = chosen_by.values
     measured: dict[tuple[int, ...], tuple[float, list[float]]] = {}
     for _ in range(1 + _REFINEMENTS):
         key = tuple(starts)
@@ -656,7 +682,7 @@ def _refined(
             for i in range(bounds[k], bounds[k + 1]):
                 scaled[i] = costs[i] * stage_time / total if total > 0 else stage_time / (bounds[k + 1] - bounds[k])
         measured[key] = (max(times), scaled)
-        starts = solve(scaled, cut_bytes, len(starts) + 1, _TIE_TOLERANCE["time"])
+        starts = chosen_by.with_values(scaled).solve(cut_bytes, _TIE_TOLERANCE["time"])
     best = min(measured, key=lambda key: measured[key][0])
     return list(best), measured[best][1]
 

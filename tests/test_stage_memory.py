@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ddg import plan
+from lightning_ddg import plan, planning
 from lightning_ddg.stage_memory import segment_memory, stage_memory
 
 WIDTH, BATCH, LAYERS = 32, 8, 16
@@ -90,3 +90,31 @@ def test_without_an_input_a_memory_plan_counts_the_parameters_and_says_so() -> N
     # weights, gradients, momentum and two copies on stage 0; weights, gradients and momentum on stage 1
     assert [len(s.modules) for s in p.stages] == [6, 10]
     assert [s.holds for s in p.stages] == [6 * 5 * LAYER_BYTES, 10 * 3 * LAYER_BYTES]
+
+
+class _SkipOverTheThird(nn.Module):
+    """Five equal layers, and a skip connection from the first layer's output over the third: a cut before the third
+    layer sends two tensors, one after it sends one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3, self.l4, self.l5 = (nn.Linear(WIDTH, WIDTH) for _ in range(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = self.l1(x)
+        return self.l5(self.l4(self.l3(self.l2(h1)) + h1))
+
+
+def test_among_equally_fast_cuts_the_default_plan_takes_one_whose_first_stage_holds_less(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three layers and two, or two and three, are equally fast; the first stage keeps two weight copies, so the cut
+    that leaves it two layers holds a third less in its largest stage, and wins over the one that sends fewer bytes."""
+    x = torch.randn(BATCH, WIDTH)
+    chosen = plan(_SkipOverTheThird(), x, 2, balance_by="flops")
+    monkeypatch.setattr(planning, "MEMORY_TIE_TOLERANCE", float("inf"))  # memory left out: the fewest bytes win
+    by_bytes = plan(_SkipOverTheThird(), x, 2, balance_by="flops")
+    assert chosen.split_points == ["l3"] and by_bytes.split_points == ["l4"]
+    assert max(s.cost for s in chosen.stages) == pytest.approx(max(s.cost for s in by_bytes.stages))  # equally fast
+    assert chosen.stages[0].bytes_out > by_bytes.stages[0].bytes_out
+    assert max(s.holds for s in chosen.stages) < 0.8 * max(s.holds for s in by_bytes.stages)
