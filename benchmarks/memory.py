@@ -28,7 +28,15 @@ two measures, both from ``/proc/self/status``:
 
 The moments and phases:
 
-- ``imports``: what it holds before the model is built (Python, torch, Lightning, lightning_ddg), with the
+With ``--start-method forkserver`` the stage processes are forked from a server that imported torch, Lightning and
+lightning_ddg once: the pages those imports wrote are shared with the server and between the stages until one of
+them writes to them. Both measures above count such pages in every process that maps them (anonymous pages count as
+private however many processes share them), so each process also reports, at the moments below that are not peaks,
+its *unique* memory (``Private_Clean + Private_Dirty`` of ``/proc/self/smaps_rollup``: the pages no other process
+maps, what ending it frees) and its *PSS* (each shared page divided among the processes that map it).
+
+- ``imports``: what it holds before the model is built (Python, torch, Lightning, lightning_ddg; for a process
+  forked from the server, what it holds when its fit begins), with the
   breakdown ``baseline`` (after ``import torch``, ``import lightning``, ``import lightning_ddg``) and the optional
   packages loaded by then (``heavy_modules``; ``loaded_during_fit``: those loaded after the imports, by the time
   training begins);
@@ -82,6 +90,44 @@ def _status() -> dict[str, float]:
 
 def _private(status: dict[str, float]) -> float:
     return status["VmRSS"] - status["RssFile"]
+
+
+def _unique() -> dict[str, float]:
+    """``unique``: the pages only this process maps (``Private_Clean + Private_Dirty`` of ``smaps_rollup``, what
+    ending it would free), and ``pss``: its resident memory with each shared page divided among the processes that
+    map it; in MiB."""
+    found = {}
+    with open("/proc/self/smaps_rollup") as rollup:
+        for line in rollup:
+            parts = line.split()
+            if parts[0] in ("Pss:", "Private_Clean:", "Private_Dirty:"):
+                found[parts[0][:-1]] = int(parts[1]) / 1024
+    return {"unique": found["Private_Clean"] + found["Private_Dirty"], "pss": found["Pss"]}
+
+
+def _file_pages() -> dict[str, float]:
+    """The resident pages of the files this process maps (``Rss - Anonymous`` of each mapping in
+    ``/proc/self/smaps``), by library, in MiB: clean pages of the page cache, which every process mapping the same
+    file shares."""
+    groups: dict[str, float] = {}
+    group = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            parts = line.split()
+            if not parts[0].endswith(":"):  # a mapping's header: addresses, permissions, offset, device, inode, path
+                path = parts[5] if len(parts) > 5 else ""
+                name = path.rsplit("/", 1)[-1]
+                if not path.startswith("/"):
+                    group = None
+                elif name.startswith(("libcu", "libnv", "libcudnn", "libnccl")) or "_cuda" in name:
+                    group = "CUDA libraries"
+                elif name.startswith(("libtorch_cpu", "libtriton", "libtorch_python")):
+                    group = name.split(".")[0]
+                else:
+                    group = "other files"
+            elif group is not None and parts[0] in ("Rss:", "Anonymous:"):
+                groups[group] = groups.get(group, 0.0) + int(parts[1]) / 1024 * (1 if parts[0] == "Rss:" else -1)
+    return groups
 
 
 # what each import adds to a process, measured as it happens (the stages re-run this script, so theirs too)
@@ -172,6 +218,10 @@ class _Measure(L.Callback):
         self.base = _status()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.resume and self.imports["pid"] != os.getpid():  # forked from the server: its own start
+            _reset_peak()
+            self.base = _status()
+            self.imports = {**self.imports, "status": self.base, "unique": _unique()}
         if self.resume:
             _reset_peak()  # the resumed fit: from here to training, the cut and the reading of the checkpoint
             self.base = _status()
@@ -188,6 +238,12 @@ class _Measure(L.Callback):
             "layers": sum(1 for m in pl_module.modules() if isinstance(m, nn.Linear) and "weight" in m._parameters),
             "imports_mib": self.imports["status"]["VmRSS"],
             "imports_private_mib": _private(self.imports["status"]),
+            "imports_unique_mib": self.imports["unique"]["unique"],
+            "imports_pss_mib": self.imports["unique"]["pss"],
+            "forked": self.imports["pid"] != os.getpid(),
+            "imports_file_pages_mib": self.imports["file_pages"],
+            "after_setup_unique_mib": _unique()["unique"],
+            "after_setup_pss_mib": _unique()["pss"],
             "baseline": self.imports["baseline"],
             "heavy_modules": self.imports["heavy_modules"],
             "loaded_during_fit": [m for m in _heavy_loaded() if m not in self.imports["heavy_modules"]],
@@ -202,6 +258,8 @@ class _Measure(L.Callback):
         if self.resume or trainer.global_step < trainer.max_steps:
             return
         self._phase("train")
+        self.report["after_train_unique_mib"] = _unique()["unique"]
+        self.report["after_train_pss_mib"] = _unique()["pss"]
         optimizer = trainer.optimizers[0]
         self.report["optimizer_state_bytes"] = sum(
             v.numel() * v.element_size()
@@ -234,6 +292,9 @@ def run_one(args: argparse.Namespace) -> None:
         "status": status,  # Python, torch, Lightning, lightning_ddg: what every process holds before the model
         "baseline": [{"after": n, "rss_mib": st["VmRSS"], "private_mib": _private(st)} for n, st in baseline],
         "heavy_modules": _heavy_loaded(),
+        "unique": _unique(),
+        "pid": os.getpid(),
+        "file_pages": _file_pages(),
     }
     torch.set_num_threads(1)
     stages, layers = args.stages[0], args.layers
@@ -245,9 +306,10 @@ def run_one(args: argparse.Namespace) -> None:
             strategy: Any = "auto"
         else:
             if args.plan[0] == "memory":
-                strategy = DDGStrategy(balance_by="memory", memory=args.memory[0])
+                strategy = DDGStrategy(balance_by="memory", memory=args.memory[0], start_method=args.start_method)
             else:
-                strategy = DDGStrategy(balance=[layers // stages] * stages, memory=args.memory[0])
+                balance = [layers // stages] * stages
+                strategy = DDGStrategy(balance=balance, memory=args.memory[0], start_method=args.start_method)
         trainer = L.Trainer(
             accelerator="cpu",
             devices=stages,
@@ -301,6 +363,7 @@ def main() -> None:
     parser.add_argument("--memory", nargs="+", default=["stash", "recompute", "replay"])
     parser.add_argument("--build", nargs="+", default=["init", "configure_model"])
     parser.add_argument("--plan", nargs="+", choices=["layers", "memory"], default=["layers"])
+    parser.add_argument("--start-method", choices=["popen", "forkserver"], default="popen")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
     parser.add_argument("--report-dir", help=argparse.SUPPRESS)  # set for the run of one configuration
     args = parser.parse_args()
@@ -314,7 +377,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--width", str(args.width), "--layers", str(args.layers)]
             command += ["--batch", str(args.batch), "--steps", str(args.steps), "--stages", str(stages)]
             command += ["--memory", memory if memory != "-" else "stash", "--build", build, "--report-dir", report_dir]
-            command += ["--plan", cut if cut != "-" else "layers"]
+            command += ["--plan", cut if cut != "-" else "layers", "--start-method", args.start_method]
             start = time.perf_counter()
             subprocess.run(command, check=True, cwd=ROOT, timeout=1800, stdout=subprocess.DEVNULL)
             seconds = time.perf_counter() - start
@@ -340,7 +403,11 @@ def main() -> None:
                 f"formula {need['total']:5.0f}  "
                 f"imports {report['imports_mib']:4.0f}/{report['imports_private_mib']:4.0f}  "
                 f"after setup {report['after_setup_mib']:5.0f}/{report['after_setup_private_mib']:5.0f}  "
-                f"peaks: {peaks}  ({seconds:.0f} s)",
+                f"peaks: {peaks}  "
+                f"unique/PSS: imports {report['imports_unique_mib']:.0f}/{report['imports_pss_mib']:.0f} "
+                f"after setup {report['after_setup_unique_mib']:.0f}/{report['after_setup_pss_mib']:.0f} "
+                f"after training {report['after_train_unique_mib']:.0f}/{report['after_train_pss_mib']:.0f}"
+                f"{' (forked)' if report['forked'] else ''}  ({seconds:.0f} s)",
                 flush=True,
             )
     print("(MiB; resident/private; peaks of the phases setup, train, save, resume and end of fit)")
@@ -351,11 +418,14 @@ def main() -> None:
         + f"; optional packages loaded by the imports: {', '.join(first['heavy_modules']) or 'none'}; "
         + f"loaded later during fit: {', '.join(sorted({m for r in rows for m in r['loaded_during_fit']})) or 'none'}"
     )
+    pages = sorted(first["imports_file_pages_mib"].items(), key=lambda item: -item[1])
+    print("file pages after the imports (MiB): " + ", ".join(f"{name} {mib:.0f}" for name, mib in pages))
     verdicts = targets(rows)
     for line in verdicts:
         print(line)
     result = {
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "report_dir")},
+        "load_average": os.getloadavg(),
         "parameters": args.layers * (args.width * args.width + args.width),
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
         "rows": rows,
