@@ -120,6 +120,7 @@ class DDGStrategy(ParallelStrategy):
             and ``"flops"`` under ``Trainer(deterministic=True)``, whose runs must cut alike. The example input
             is the module's ``example_input_array``, or else the part of the first batch that fits ``forward``
             (``x`` of a batch ``(x, y)``, the items of a dict batch named like ``forward``'s parameters).
+            ``"memory"``: the cuts minimise the largest stage's memory instead (see ``docs/performance.md``).
         memory: ``"stash"`` (default, exact), ``"recompute"`` (exact, keeps no activations) or ``"replay"``
             (inexact, keeps no weight copies); see ``docs/semantics.md``.
         timeout: how long any wait for another stage may take before the run fails.
@@ -451,6 +452,7 @@ class DDGStrategy(ParallelStrategy):
                 split_points=split_points,
                 balance_by=self.balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time"),
                 device=torch.device("meta") if on_meta(module) else self.root_device,
+                memory=self.memory,
             )
 
     def _show_plan(self, trainer: pl.Trainer, plan: Plan) -> None:
@@ -461,7 +463,7 @@ class DDGStrategy(ParallelStrategy):
             rank_zero_info(f"DDG plan: {plan.num_stages} stages, stage k on rank {last} - k of each pipeline\n{plan}")
         for logger in trainer.loggers:
             logger.log_hyperparams(plan.to_dict())
-        if plan.imbalance > IMBALANCE_WARNING:
+        if plan.imbalance > IMBALANCE_WARNING and plan.balance_by != "memory":  # memory: the stages' speeds differ
             slowest = max(plan.stages, key=lambda s: s.cost)
             rank_zero_warn(
                 f"stage {slowest.index} of the DDG pipeline costs {plan.imbalance:.2f}x the mean stage "
