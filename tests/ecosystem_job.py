@@ -1,8 +1,9 @@
 """Fit the ecosystem's models (Hugging Face, timm, torchvision, Lightning's demo) with plain
 ``Trainer(strategy="ddg", devices=K)``: tiny configs, random weights, no split points, no hints.
 
-``python tests/ecosystem_job.py K [NAME ...]`` fits each model of :data:`ZOO` for a few steps on K CPU processes;
-for each, rank 0 prints one line ``ecosystem NAME {json}`` with the plan and what the fit did to the weights, or
+``python tests/ecosystem_job.py K [NAME ...]`` fits each model of :data:`ZOO` for a few steps on K CPU processes,
+one after the other in the same processes; for each, rank 0 prints one line ``ecosystem NAME {json}`` with the
+fit's plan, the plan by FLOPs (which a loaded machine does not change), what the fit did to the weights, or
 ``ecosystem NAME {"skipped": reason}`` for a model that cannot be cut yet. The LightningModules are written the
 way their libraries' users write them: a dict batch given to the model as keyword arguments, ``labels`` in the
 batch and ``outputs.loss`` from the model, an ``attention_mask``, gradient checkpointing switched on.
