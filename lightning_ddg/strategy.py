@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import signal
 from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -35,13 +34,11 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from typing_extensions import override
@@ -68,7 +65,6 @@ from lightning_ddg.checkpoint_io import atomic, load_mapped, save_streamed, writ
 from lightning_ddg.checks import (
     ONE_OPTIMIZER,
     check_automatic_optimization,
-    check_balance_length,
     check_finite,
     check_no_loss_scaling,
     check_options,
@@ -79,14 +75,14 @@ from lightning_ddg.checks import (
     check_train_loader,
 )
 from lightning_ddg.comm import PipelineStopped
-from lightning_ddg.example_input import example_forward_input
+from lightning_ddg.cutting import given_split_points, make_plan, show_plan
 from lightning_ddg.forward import PipelinedForward, StageDone
 from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launched_processes, pause_observer
 from lightning_ddg.lifeline import end_if_launcher_gone
 from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling, shuffle_seed
 from lightning_ddg.metrics import quiet_epoch_sync_advice, scope_metrics
-from lightning_ddg.partition import Partition, balance_to_split_points, split_module
-from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
+from lightning_ddg.partition import Partition, split_module
+from lightning_ddg.planning import Plan
 from lightning_ddg.rendezvous import init_process_group
 from lightning_ddg.shard import Removed, kept_tensors, materialize, on_meta, put_back
 from lightning_ddg.stage import DDGStage, MemoryMode
@@ -198,7 +194,6 @@ class DDGStrategy(ParallelStrategy):
         self._update_due = False
         self._shuffle_seed = 0
         self._stop = JobStop()
-        self._requeue: Callable[[int, Any], None] | None = None  # Lightning's SLURM save-and-requeue
         self._batch_loaders: list[SentBatches | ReceivedBatches] = []  # this run's loaders, reading over links
         self._init_rng_states: dict[str, Tensor] | None = None  # when configure_model began building on meta
         self._keep_stage_after_fit = False  # a model built on the meta device stays cut after fit
@@ -374,7 +369,7 @@ class DDGStrategy(ParallelStrategy):
         if self.world_size > 1:
             self._stop.reset()
             replace_per_step_sigterm_broadcast(trainer, self._stop_if_requested)
-            self._requeue = replace_signal_handlers(trainer, self._on_stop_signal)
+            self._stop.requeue = replace_signal_handlers(trainer, self._on_stop_signal)
         scope_metrics(module, self._links.replica_group if self._links else None)
         quiet_epoch_sync_advice(everything=self.topology.num_replicas == 1)
         for callback in (LogStageFigures, ShareLastStageMetrics):
@@ -421,50 +416,23 @@ class DDGStrategy(ParallelStrategy):
 
     def _split(self, trainer: pl.Trainer, module: pl.LightningModule) -> Partition:
         num_stages = self.topology.num_stages
-        split_points = self.split_points
-        if self.balance is not None:
-            check_balance_length(self.balance, num_stages)
-            split_points = balance_to_split_points(module, self.balance)
+        split_points = given_split_points(module, self.split_points, self.balance, num_stages)
         self.plan = None
         if num_stages > 1:
-            # one rank measures and chooses, so that every stage cuts the model at the same places
-            self.plan = self.broadcast(
-                self._make_plan(trainer, module, split_points) if self.global_rank == 0 else None
-            )
+            # one rank measures and chooses (cutting.py), so that every stage cuts the model at the same places
+            chosen = None
+            if self.global_rank == 0:
+                context = self.precision_plugin.forward_context
+                chosen = make_plan(
+                    trainer, module, num_stages, split_points, self.balance_by, self.root_device, context
+                )
+            self.plan = self.broadcast(chosen)
             split_points = self.plan.split_points
             log.info("plan: %d stages cut at %s (by %s)", num_stages, split_points, self.plan.balance_by)
-            self._show_plan(trainer, self.plan)
+            if self.global_rank == 0:
+                show_plan(trainer, self.plan)
         example = self.plan.example_input if self.plan is not None else None  # what torch.export opens with
         return split_module(module, split_points=split_points, num_stages=num_stages, example_input=example)
-
-    def _make_plan(self, trainer: pl.Trainer, module: pl.LightningModule, split_points: list[str] | None) -> Plan:
-        example = example_forward_input(trainer, module)
-        with self.precision_plugin.forward_context():
-            return plan(
-                module,
-                example,
-                None if split_points is not None else self.topology.num_stages,
-                split_points=split_points,
-                balance_by=self.balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time"),
-                device=torch.device("meta") if on_meta(module) else self.root_device,
-            )
-
-    def _show_plan(self, trainer: pl.Trainer, plan: Plan) -> None:
-        if self.global_rank != 0:
-            return
-        if any(isinstance(c, ModelSummary) for c in trainer.callbacks):
-            last = plan.num_stages - 1
-            rank_zero_info(f"DDG plan: {plan.num_stages} stages, stage k on rank {last} - k of each pipeline\n{plan}")
-        for logger in trainer.loggers:
-            logger.log_hyperparams(plan.to_dict())
-        if plan.imbalance > IMBALANCE_WARNING:
-            slowest = max(plan.stages, key=lambda s: s.cost)
-            rank_zero_warn(
-                f"stage {slowest.index} of the DDG pipeline costs {plan.imbalance:.2f}x the mean stage "
-                f"({plan.balance_by}); the pipeline runs at the speed of its slowest stage. Move its split points "
-                "(split_points=[...]) or leave the cuts to the strategy (balance_by='time').",
-                category=PossibleUserWarning,
-            )
 
     def _checks_finite(self, trainer: pl.Trainer) -> bool:
         return self.check_finite if self.check_finite is not None else detect_anomaly(trainer)
@@ -545,29 +513,19 @@ class DDGStrategy(ParallelStrategy):
 
     # --- stopping when asked (stopping.py) ---------------------------------------------------------------
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        """The handler Lightning registers for SIGTERM (and, under SLURM with auto-requeue, its requeue signal).
-
-        It only takes note: the watchdog carries the request to every process, and the first stage ends the
-        pipeline before its next training batch (:meth:`_stop_if_requested`), so that all stages stop after the
-        same step with nothing but the pipeline's own messages. A run that is not fitting has no such step and
-        stops at once.
-        """
+        # the handler Lightning registers for SIGTERM (and SLURM's requeue signal): the first stage stops the
+        # pipeline before its next batch; a run that is not fitting has no such batch and stops at once
         self._stop.on_signal(signum, self._watchdog)
         module = self.lightning_module
         if module is not None and module.trainer.state.fn != TrainerFn.FITTING:
             raise SIGTERMException(128 + signum)
 
     def _stop_if_requested(self) -> None:
-        """Before every training batch, where Lightning would broadcast rank 0's SIGTERM flag to every rank: the
-        first stage, whose forward every other stage waits for, checks whether the job was asked to stop. If so
-        it ends the pipeline here; each later stage raises when the end reaches it, after the same step."""
+        # where Lightning would broadcast rank 0's SIGTERM flag before every training batch
         assert self.stage is not None
-        if not self.stage.is_first:
-            return
         group = self._links.replica_group if self._links is not None else None
-        signum = self._stop.requested(self._watchdog, group, self.topology.rank_of(0, replica=0), self.root_device)
-        if signum:
-            self.stage.stop(signum)
+        src = self.topology.rank_of(0, replica=0)
+        if signum := self._stop.before_batch(self.stage, self._watchdog, group, src, self.root_device):
             raise self._stopping(signum)
 
     def stopped_elsewhere(self, signum: int) -> None:
@@ -759,9 +717,7 @@ class DDGStrategy(ParallelStrategy):
     @override
     def on_exception(self, exception: BaseException) -> None:
         if self._stop.stopped_by is not None and isinstance(exception, SIGTERMException):
-            # every stage stopped after the same step: they save the requeue checkpoint together
-            if self._stop.stopped_by != signal.SIGTERM and self._requeue is not None:
-                self._requeue(self._stop.stopped_by, None)
+            self._stop.after_stop()
             return
         # the other stages would wait forever for this one: the watchdog stops them
         log.error("rank %d failed: %s: %s", self.global_rank, type(exception).__name__, exception)
