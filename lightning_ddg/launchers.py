@@ -54,7 +54,7 @@ from lightning_ddg._compat import (
 )
 from lightning_ddg.lifeline import LAUNCHER_PID, SignalWatch, stop_processes, watch_launcher
 
-__all__ = ["DDGScriptLauncher", "DDGSpawnLauncher", "launched_processes", "pause_observer"]
+__all__ = ["DDGScriptLauncher", "DDGSpawnLauncher", "launched_processes", "launched_ranks", "pause_observer"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,11 @@ _observer: ChildObserver | None = None  # this process's watch over the ranks it
 def launched_processes() -> list[subprocess.Popen]:
     """The ranks this process launched with ``strategy="ddg"`` (none in a launched rank), in rank order."""
     return list(_observer.children) if _observer is not None else []
+
+
+def launched_ranks(first_rank: int) -> dict[int, subprocess.Popen]:
+    """The ranks this process launched, by global rank: the first of them is ``first_rank``."""
+    return {first_rank + i: proc for i, proc in enumerate(launched_processes())}
 
 
 def pause_observer(paused: bool) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -48,7 +47,6 @@ from lightning_ddg._compat import (
     detect_anomaly,
     distributed_is_initialized,
     init_dist_connection,
-    optimizer_to_device,
     optimizers_to_device,
     replace_per_step_sigterm_broadcast,
     replace_signal_handlers,
@@ -61,7 +59,7 @@ from lightning_ddg.balance import BalanceBy
 from lightning_ddg.batches import ReceivedBatches, SentBatches, carried_batches
 from lightning_ddg.build import build_stage
 from lightning_ddg.callbacks import LogStageFigures, ShareLastStageMetrics
-from lightning_ddg.checkpoint_io import atomic, load_mapped, save_streamed, writes_local_torch_files
+from lightning_ddg.checkpoint_io import atomic, load_mapped, writes_local_torch_files
 from lightning_ddg.checks import (
     ONE_OPTIMIZER,
     check_automatic_optimization,
@@ -77,16 +75,16 @@ from lightning_ddg.checks import (
 from lightning_ddg.comm import PipelineStopped
 from lightning_ddg.cutting import given_split_points, make_plan, show_plan
 from lightning_ddg.forward import PipelinedForward, StageDone
-from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launched_processes, pause_observer
+from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launched_ranks, pause_observer
 from lightning_ddg.lifeline import end_if_launcher_gone
 from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling, shuffle_seed
 from lightning_ddg.metrics import quiet_epoch_sync_advice, scope_metrics
 from lightning_ddg.partition import Partition, split_module
 from lightning_ddg.planning import Plan
-from lightning_ddg.rendezvous import init_process_group
+from lightning_ddg.rendezvous import init_process_group, needs_rendezvous
 from lightning_ddg.shard import Removed, kept_tensors, materialize, on_meta, put_back
 from lightning_ddg.stage import DDGStage, MemoryMode
-from lightning_ddg.state import StageStates, fill_placeholders, load_stage_state
+from lightning_ddg.state import StageStates, load_stage_state, parameter_names
 from lightning_ddg.stopping import JobStop
 from lightning_ddg.topology import StageLinks, Topology
 from lightning_ddg.watchdog import Watchdog
@@ -266,55 +264,24 @@ class DDGStrategy(ParallelStrategy):
         self.set_world_ranks()
         backend = self._process_group_backend or default_process_group_backend(self.root_device)
         self._process_group_backend = backend
-        assert self.cluster_environment is not None
-        self._init_process_group(backend)
-        self._failed = False
-        self._watchdog = self._start_watchdog()
-
-    def _init_process_group(self, backend: str) -> None:
-        """The process group, after a rendezvous with a timeout of its own (``rendezvous.py``)."""
         env = self.cluster_environment
         assert env is not None
-        if distributed_is_initialized() or self.world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE"):
-            # one process, a later fit, or torchrun's agent serving the store: Lightning's way
+        # the processes this one launched (strategy="ddg" on local rank 0): errors say which of them have exited
+        job = {"describe": self.topology.describe, "children": launched_ranks(self.node_rank * self.num_processes + 1)}
+        if needs_rendezvous(self.world_size):  # rendezvous.py: a timeout of its own, an error naming the absent
+            timeouts = {"rendezvous_timeout": self._rendezvous_timeout, "timeout": self._timeout}
+            init_process_group(
+                backend, env.main_address, env.main_port, self.global_rank, self.world_size, **timeouts, **job
+            )
+        else:  # one process, a later fit, or torchrun's agent serving the store: Lightning's way
             init_dist_connection(env, backend, timeout=self._timeout)
-            return
-        init_process_group(
-            backend,
-            env.main_address,
-            env.main_port,
-            self.global_rank,
-            self.world_size,
-            rendezvous_timeout=self._rendezvous_timeout,
-            timeout=self._timeout,
-            describe=self._describe,
-            children=self._launched_ranks(),
-        )
-
-    def _describe(self, rank: int) -> str:
-        return f"stage {self.topology.stage_of(rank)} (rank {rank})"
-
-    def _launched_ranks(self) -> dict[int, Any]:
-        """The processes this one launched (strategy='ddg' on local rank 0), by global rank."""
-        first_child = self.node_rank * self.num_processes + 1
-        return {first_child + i: proc for i, proc in enumerate(launched_processes())}
-
-    def _start_watchdog(self) -> Watchdog | None:
-        """Every process watches the others, so that a failure anywhere ends the whole job (``watchdog.py``)."""
-        if self.world_size == 1:
-            return None
-        env = self.cluster_environment
-        assert env is not None
-        pause_observer(True)  # the watchdog watches the launched ranks now
-        return Watchdog.for_job(
-            env.main_address,
-            env.main_port,
-            self.global_rank,
-            self.world_size,
-            describe=self._describe,
-            children=self._launched_ranks(),
-            watch_parent=self._start_method != "popen" or self.local_rank > 0,
-        )
+        self._failed, self._watchdog = False, None
+        if self.world_size > 1:  # every process watches the others: a failure anywhere ends the job (watchdog.py)
+            pause_observer(True)  # the watchdog watches the launched ranks now
+            watch_parent = self._start_method != "popen" or self.local_rank > 0
+            self._watchdog = Watchdog.for_job(
+                env.main_address, env.main_port, self.global_rank, self.world_size, watch_parent=watch_parent, **job
+            )
 
     def set_world_ranks(self) -> None:
         # as DDPStrategy: ranks are numbered node by node (torchrun and SLURM set them themselves), so the
@@ -452,7 +419,7 @@ class DDGStrategy(ParallelStrategy):
             stage = trainer.state.stage.dataloader_prefix if trainer is not None and trainer.state.stage else None
             what = {"train": "training", "val": "validation"}.get(stage, stage or "a")
             lengths = self.states.all_gather_objects(loader_length(dataloader))
-            check_same_lengths(lengths, f"{what} dataloader", self._describe)
+            check_same_lengths(lengths, f"{what} dataloader", self.topology.describe)
         topology = self.topology
         try:
             check_sampler_shards_replicas(dataloader, topology.num_replicas, topology.replica_of(self.global_rank))
@@ -637,24 +604,14 @@ class DDGStrategy(ParallelStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        """Every rank calls it. The tensors of other stages in ``checkpoint`` are placeholders
-        (:meth:`lightning_module_state_dict`, :meth:`optimizer_state`): their owners send them to rank 0 one at a
-        time, and rank 0 streams them into the one ordinary checkpoint file (:func:`save_streamed`), so that no
-        process ever holds the whole model. Written under a temporary name and renamed: a job stopped while it saves
-        leaves the last complete file."""
+        """Every rank calls it: the owners of the placeholders in ``checkpoint`` stream them to rank 0 as it writes
+        the file (:meth:`StageStates.save_checkpoint`). Written under a temporary name and renamed: a job stopped
+        while it saves leaves the last complete file."""
         if self._stop.stopped_by is not None and self.partition is None:
             return  # see stopped_elsewhere
-        streamed = self.states.take_streamed()
-        if not self.is_global_zero:
-            self.states.send_streamed(checkpoint, streamed)
-            return
-        self.checkpoint_io = atomic(self.checkpoint_io)
-        receive = self.states.receive_streamed(streamed)
-        if streamed and writes_local_torch_files(self.checkpoint_io, filepath):
-            save_streamed(checkpoint, filepath, [key_path for key_path, _ in streamed], receive)
-            return
-        fill_placeholders(checkpoint, streamed, receive)  # another checkpoint IO: it gets the whole checkpoint
-        self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        if self.is_global_zero:
+            self.checkpoint_io = atomic(self.checkpoint_io)
+        self.states.save_checkpoint(checkpoint, filepath, self.checkpoint_io, storage_options)
 
     @property
     @override
@@ -694,25 +651,22 @@ class DDGStrategy(ParallelStrategy):
         """The optimizer state of the whole model, as one device would hold it (a collective: every rank calls
         it when saving), so that checkpoints resume on any number of stages; see :mod:`lightning_ddg.checkpoint`.
         As in :meth:`lightning_module_state_dict`, other stages' tensors are placeholders until saved."""
+        assert self.lightning_module is not None
         optimizer = unwrapped_optimizer(optimizer)  # a LightningOptimizer wraps the real one
-        return self.states.optimizer_state(optimizer, self._parameter_names(), placeholders=bool(self._removed))
+        return self.states.optimizer_state(
+            optimizer, parameter_names(self.lightning_module), placeholders=bool(self._removed)
+        )
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         module = self.lightning_module
         assert module is not None
-        names, shapes = self._parameter_names(), {name: p.shape for name, p in module.named_parameters()}
         for optimizer, full in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             try:
-                state = self.states.stage_optimizer_state(optimizer, full, names, shapes)
+                self.states.load_optimizer_state(optimizer, full, module)
             except ValueError as err:
                 raise MisconfigurationException(f"cannot resume the optimizer from this checkpoint: {err}") from None
-            optimizer.load_state_dict(state)
-            optimizer_to_device(optimizer, self.root_device)
-
-    def _parameter_names(self) -> dict[int, str]:
-        assert self.lightning_module is not None
-        return {id(p): name for name, p in self.lightning_module.named_parameters()}
+        optimizers_to_device(self.optimizers, self.root_device)
 
     @override
     def on_exception(self, exception: BaseException) -> None:
