@@ -78,6 +78,12 @@ class StageStates:
         self.streamed: list[tuple[KeyPath, int]] = []
         self._optimizers_saved = 0
 
+    @classmethod
+    def of(cls, module: nn.Module, topology: Topology, rank: int, world_size: int) -> StageStates:
+        """For ``module`` whole, before it is cut: its state dict's names and its parameters' order."""
+        names = [name for name, _ in module.named_parameters()]
+        return cls(topology, rank, world_size, state_dict_keys=list(module.state_dict()), parameter_order=names)
+
     @property
     def _distributed(self) -> bool:
         return self.world_size > 1 and dist.is_available() and dist.is_initialized()

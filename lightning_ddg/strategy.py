@@ -58,7 +58,7 @@ from lightning_ddg._compat import (
 from lightning_ddg.balance import BalanceBy
 from lightning_ddg.batches import ReceivedBatches, SentBatches, carried_batches
 from lightning_ddg.build import build_stage
-from lightning_ddg.callbacks import LogStageFigures, ShareLastStageMetrics
+from lightning_ddg.callbacks import add_stage_callbacks
 from lightning_ddg.checkpoint_io import atomic, load_mapped, writes_local_torch_files
 from lightning_ddg.checks import (
     ONE_OPTIMIZER,
@@ -82,7 +82,7 @@ from lightning_ddg.metrics import quiet_epoch_sync_advice, scope_metrics
 from lightning_ddg.partition import Partition, split_module
 from lightning_ddg.planning import Plan
 from lightning_ddg.rendezvous import init_process_group, needs_rendezvous
-from lightning_ddg.shard import Removed, kept_tensors, materialize, on_meta, put_back
+from lightning_ddg.shard import Removed, on_meta, put_back, rng_states
 from lightning_ddg.stage import DDGStage, MemoryMode
 from lightning_ddg.state import StageStates, load_stage_state, parameter_names
 from lightning_ddg.stopping import JobStop
@@ -302,21 +302,10 @@ class DDGStrategy(ParallelStrategy):
         self.partition = self._split(trainer, module)
         check_stages_have_parameters(self.partition.train, self.partition.split_points)
         check_tied_clipping(self.partition.tied, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
-        k = self.stage_index
         self._shuffle_seed = self.broadcast(shuffle_seed())
-        self._states = StageStates(
-            self.topology,
-            self.global_rank,
-            self.world_size,
-            state_dict_keys=list(module.state_dict()),
-            parameter_order=[name for name, _ in module.named_parameters()],
-        )
-        self._keep_stage_after_fit = on_meta(module)
+        self._states = StageStates.of(module, self.topology, self.global_rank, self.world_size)
+        self._keep_stage_after_fit = on_meta(module)  # built in configure_model: each rank keeps its stage
         self._finished = False
-        if self._keep_stage_after_fit:  # built in configure_model: this process gives its own stage real tensors
-            holders = (self.partition.train[k], self.partition.eval[k])
-            kept = kept_tensors(module, self.partition, k)
-            materialize(module, kept, self.root_device, self._init_rng_states, holders)
         built = build_stage(
             module,
             self.topology,
@@ -329,6 +318,7 @@ class DDGStrategy(ParallelStrategy):
             memory=self.memory,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             check_finite=self._checks_finite(trainer),
+            init_rng_states=self._init_rng_states,
         )
         self.stage, self._links, self._removed = built.stage, built.links, built.removed
         self._forward = PipelinedForward(self.stage, inspect.signature(module.forward))
@@ -339,9 +329,7 @@ class DDGStrategy(ParallelStrategy):
             self._stop.requeue = replace_signal_handlers(trainer, self._on_stop_signal)
         scope_metrics(module, self._links.replica_group if self._links else None)
         quiet_epoch_sync_advice(everything=self.topology.num_replicas == 1)
-        for callback in (LogStageFigures, ShareLastStageMetrics):
-            if not any(isinstance(c, callback) for c in trainer.callbacks):
-                trainer.callbacks.insert(0, callback())  # first, ahead of the monitoring callbacks
+        add_stage_callbacks(trainer)
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
@@ -358,10 +346,7 @@ class DDGStrategy(ParallelStrategy):
             yield
         # taken after the build: initialising meta tensors draws no random numbers, so these are the states the
         # layers' initialisation would have begun with, a torch.manual_seed in configure_model included
-        states = {"cpu": torch.get_rng_state()}
-        if self.root_device.type == "cuda":
-            states["cuda"] = torch.cuda.get_rng_state(self.root_device)
-        self._init_rng_states = states
+        self._init_rng_states = rng_states(self.root_device)
 
     def _check_supported(self, module: pl.LightningModule) -> None:
         scaled = isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None
