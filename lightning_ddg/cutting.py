@@ -28,6 +28,7 @@ from lightning_ddg.example_input import example_forward_input
 from lightning_ddg.partition import balance_to_split_points
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
 from lightning_ddg.shard import on_meta
+from lightning_ddg.stage import MemoryMode
 
 __all__ = ["given_split_points", "make_plan", "show_plan"]
 
@@ -50,10 +51,12 @@ def make_plan(
     balance_by: BalanceBy | None,
     device: torch.device,
     forward_context: Callable[[], AbstractContextManager] = nullcontext,
+    memory: MemoryMode = "stash",
 ) -> Plan:
     """The plan of the cuts (``split_points`` described, or chosen), measured with the Trainer's example batch. By
     default by time, and by FLOPs under ``Trainer(deterministic=True)``, whose runs must cut alike; a model built
-    on the meta device is measured there."""
+    on the meta device is measured there. ``memory``: the strategy's memory mode, which what a stage holds
+    depends on."""
     example = example_forward_input(trainer, module)
     with forward_context():
         return plan(
@@ -63,6 +66,7 @@ def make_plan(
             split_points=split_points,
             balance_by=balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time"),
             device=torch.device("meta") if on_meta(module) else device,
+            memory=memory,
         )
 
 
@@ -74,7 +78,7 @@ def show_plan(trainer: pl.Trainer, plan: Plan) -> None:
         rank_zero_info(f"DDG plan: {plan.num_stages} stages, stage k on rank {last} - k of each pipeline\n{plan}")
     for logger in trainer.loggers:
         logger.log_hyperparams(plan.to_dict())
-    if plan.imbalance > IMBALANCE_WARNING:
+    if plan.imbalance > IMBALANCE_WARNING and plan.balance_by != "memory":  # memory: the stages' speeds differ
         slowest = max(plan.stages, key=lambda s: s.cost)
         rank_zero_warn(
             f"stage {slowest.index} of the DDG pipeline costs {plan.imbalance:.2f}x the mean stage "

@@ -157,7 +157,8 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
     """Starts one process per stage with multiprocessing; see the module's documentation.
 
     With ``"forkserver"``, the server imports lightning_ddg (and so torch and Lightning) once, and every stage
-    process forks from it ready to run: a fit starts in a fraction of the time ``"spawn"`` takes. What a
+    process forks from it ready to run: a fit starts in a fraction of the time ``"spawn"`` takes, and the stages
+    share the imported modules' pages with the server (:mod:`lightning_ddg._server`). What a
     spawned process gets from this one, the environment variables (the rendezvous port, a W&B run's service)
     and Lightning's global state (random number generators, deterministic algorithms), travels with the
     launcher to the forked processes, which would otherwise see the server's, as it was when it started.
@@ -175,7 +176,7 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
                     "a W&B run started in this process cannot be joined by processes forked from a server: with "
                     "WandbLogger, use DDGStrategy(start_method='spawn') (strategy='ddg_spawn') or strategy='ddg'."
                 )
-            multiprocessing.set_forkserver_preload(["__main__", "lightning_ddg"])
+            multiprocessing.set_forkserver_preload(["__main__", "lightning_ddg", "lightning_ddg._server"])
             self._global_states = GlobalStateSnapshot.capture()
         # which processes have started to run the stage's code: pickled with this launcher, in shared memory
         self._started = multiprocessing.get_context(self._start_method).RawArray("b", self._strategy.num_processes)

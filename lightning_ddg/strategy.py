@@ -113,6 +113,7 @@ class DDGStrategy(ParallelStrategy):
             and ``"flops"`` under ``Trainer(deterministic=True)``, whose runs must cut alike. The example input
             is the module's ``example_input_array``, or else the part of the first batch that fits ``forward``
             (``x`` of a batch ``(x, y)``, the items of a dict batch named like ``forward``'s parameters).
+            ``"memory"``: the cuts minimise the largest stage's memory instead (see ``docs/performance.md``).
         memory: ``"stash"`` (default, exact), ``"recompute"`` (exact, keeps no activations) or ``"replay"``
             (inexact, keeps no weight copies); see ``docs/semantics.md``.
         timeout: how long any wait for another stage may take before the run fails.
@@ -376,7 +377,7 @@ class DDGStrategy(ParallelStrategy):
             if self.global_rank == 0:
                 context = self.precision_plugin.forward_context
                 chosen = make_plan(
-                    trainer, module, num_stages, split_points, self.balance_by, self.root_device, context
+                    trainer, module, num_stages, split_points, self.balance_by, self.root_device, context, self.memory
                 )
             self.plan = self.broadcast(chosen)
             split_points = self.plan.split_points
