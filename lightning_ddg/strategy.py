@@ -37,7 +37,6 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
@@ -388,8 +387,8 @@ class DDGStrategy(ParallelStrategy):
         example = self.plan.example_input if self.plan is not None else None  # what torch.export opens with
         opened = self.plan.opened_modules if self.plan is not None and self.plan.exported else None
         # the stages are traced in eval mode too only where something evaluates
-        evaluation = trainer.state.fn != TrainerFn.FITTING or is_overridden("validation_step", module)
-        return split_module(module, split_points, num_stages, example, opened, evaluation)
+        # eval graphs even for a fit without validation_step: a callback may call the model outside training_step
+        return split_module(module, split_points, num_stages, example, opened)
 
     def _checks_finite(self, trainer: pl.Trainer) -> bool:
         return self.check_finite if self.check_finite is not None else detect_anomaly(trainer)
