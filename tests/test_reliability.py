@@ -222,6 +222,7 @@ class Stopped:
     returncode: int
     output: str
     seconds: float  # from the signal until every process of the job had gone
+    reached: float = 0.0  # from the start until the held process reached its phase
 
 
 def _stop_at(tmp_path: Path, phase: str, rank: int, signum: int | None, target: str, *args: str) -> Stopped:
@@ -231,6 +232,7 @@ def _stop_at(tmp_path: Path, phase: str, rank: int, signum: int | None, target: 
     pid_file = tmp_path / "pids"
     proc = _start(FAILING_JOB, "--devices", "2", "--hold", phase, "--rank", str(rank), *args, pid_file=pid_file)
     marker = pid_file.with_name("pids.at")
+    started = time.monotonic()
     deadline = time.monotonic() + 120
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -245,7 +247,7 @@ def _stop_at(tmp_path: Path, phase: str, rank: int, signum: int | None, target: 
     pid_file.with_name("pids.go").touch()
     output, _ = finish_job(proc, LIMIT_S)  # its output closes when the last process holding it has gone
     _assert_all_gone(proc.pid, signalled + LIMIT_S, output)
-    return Stopped(proc.returncode, output, time.monotonic() - signalled)
+    return Stopped(proc.returncode, output, time.monotonic() - signalled, signalled - started)
 
 
 def _assert_all_gone(group: int, deadline: float, output: str) -> None:
@@ -324,8 +326,13 @@ def _stop_cell(tmp_path: Path, cell: Cell) -> str | None:
     says = len(re.findall(SAYS[cell.stop], stopped.output))
     # ddg's launching process, killed in teardown, may be the last process of the job: no one is left to say it
     lines = (0, 1) if (cell.mode, cell.stop, cell.phase) == ("ddg", "SIGKILL", "teardown") else (1,)
+    # a stage killed once the run has ended on it: the line says so, and the job still fails
+    after = (
+        cell.stop == "SIGKILL-stage" and cell.phase == "teardown" and "after the run had ended" not in stopped.output
+    )
     problems = [
         *(["exit code 0"] if stopped.returncode == 0 else []),
+        *(["no line says that the run had ended"] if after else []),
         *([f"the line that says what stopped it appears {says} times"] if says not in lines else []),
         *(["a traceback"] if "Traceback" in stopped.output else []),
         *(_torn_checkpoints(tmp_path / "checkpoints") if cell.phase == "save" else []),
