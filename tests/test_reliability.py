@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.jobs import REPO, finish_job, start_job
+from tests.preloaded import PreloadedJob, Preloader
 
 FAILING_JOB = REPO / "tests" / "reliability_job.py"
 REPEAT_JOB = REPO / "tests" / "repeat_job.py"
@@ -31,17 +33,34 @@ class Job:
     gone_at: float  # when the last process of the job had gone
 
 
-def _start(script: Path, *args: str, pid_file: Path) -> subprocess.Popen:
-    command = [str(script), *args]
-    if script == FAILING_JOB:
-        command += ["--pid-file", str(pid_file)]
-    return start_job(*command, stderr=subprocess.STDOUT)
+_preloader: Preloader | None = None  # starts this module's failing jobs: their launching processes skip imports
+_preloading = threading.Lock()
 
 
-def _wait(proc: subprocess.Popen, pid_file: Path) -> Job:
+@pytest.fixture(autouse=True, scope="module")
+def _end_preloader():
+    global _preloader
+    yield
+    if _preloader is not None:
+        _preloader.close()
+        _preloader = None
+
+
+def _start(script: Path, *args: str, pid_file: Path) -> subprocess.Popen | PreloadedJob:
+    global _preloader
+    if script != FAILING_JOB:
+        return start_job(str(script), *args, stderr=subprocess.STDOUT)
+    with _preloading:
+        _preloader = _preloader or Preloader()
+    command = [str(script.relative_to(REPO)), *args, "--pid-file", str(pid_file)]
+    return _preloader.start(command, pid_file.parent / "job")
+
+
+def _wait(proc: subprocess.Popen | PreloadedJob, pid_file: Path) -> Job:
     output, _ = finish_job(proc, JOB_TIMEOUT_S)
     pids = [int(p) for p in pid_file.read_text().split()] if pid_file.exists() else []
     gone_at = _wait_until_gone(pids, within=LIMIT_S)
+    output = proc.output() if isinstance(proc, PreloadedJob) else output  # with what the last ones said
     failed = pid_file.with_name(pid_file.name + ".failed")
     failed_at = float(failed.read_text()) if failed.exists() else None
     return Job(proc.returncode, output, pids, failed_at, gone_at)
@@ -245,8 +264,9 @@ def _stop_at(tmp_path: Path, phase: str, rank: int, signum: int | None, target: 
         os.kill(proc.pid if target == "launcher" else int(held), signum)
     signalled = time.monotonic()
     pid_file.with_name("pids.go").touch()
-    output, _ = finish_job(proc, LIMIT_S)  # its output closes when the last process holding it has gone
+    output, _ = finish_job(proc, LIMIT_S)
     _assert_all_gone(proc.pid, signalled + LIMIT_S, output)
+    output = proc.output()  # with what the last processes said
     return Stopped(proc.returncode, output, time.monotonic() - signalled, signalled - started)
 
 
@@ -316,7 +336,9 @@ def _stop_cell(tmp_path: Path, cell: Cell) -> str | None:
     tmp_path.mkdir()
     signum = signal.SIGKILL if cell.stop.startswith("SIGKILL") else getattr(signal, cell.stop)
     target = "stage" if cell.stop == "SIGKILL-stage" else "launcher"
-    args = ["--strategy", cell.mode, "--max-steps", "100"]  # once let go, 0.05 s a step: a stop comes first
+    # once let go, 0.05 s a step: a stop comes first; the drain and teardown come after the last step
+    steps = "8" if cell.phase in ("drain", "teardown") else "100"
+    args = ["--strategy", cell.mode, "--max-steps", steps]
     if cell.phase == "save":
         args += ["--checkpoint-dir", str(tmp_path / "checkpoints")]
     try:
@@ -415,6 +437,15 @@ def test_a_job_killed_while_it_saves_keeps_the_last_complete_checkpoint(tmp_path
     assert stopped.returncode == -signal.SIGKILL, report
     # the second save of last.ckpt (step 4) was cut short: the first one (step 2) is still there, whole
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 2, report
+    assert len(list(checkpoints.glob(".last.ckpt.*.tmp"))) == 1, report  # what the stopped save left
+    # ckpt_path="last" resumes from it, and the first save of the resumed run removes the stopped save's leftover
+    (tmp_path / "resumed").mkdir()
+    resume = ("--checkpoint-dir", str(checkpoints), "--ckpt-path", "last", "--max-steps", "4", "--devices", "2")
+    resumed = run_failing_job(tmp_path / "resumed", *resume)
+    report = f"exit code {resumed.returncode}\n{resumed.output[-6000:]}"
+    assert resumed.returncode == 0 and "fit starts at step 2" in resumed.output, report
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 4, report
+    assert not list(checkpoints.glob(".*.tmp")), report
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
