@@ -327,6 +327,19 @@ def phase_cells() -> list[Cell]:
     ]
 
 
+def default_cells() -> list[Cell]:
+    """The cells of the default test run: :func:`phase_cells`, and four more so that every launch mode meets
+    every stop (SIGKILL of ddg's launching process is the save test's), among them a stage killed in teardown with
+    each kind of launcher."""
+    extra = [
+        Cell("ddg", "SIGKILL-stage", "teardown"),
+        Cell("ddg_spawn", "SIGINT", "first-steps"),
+        Cell("forkserver", "SIGTERM", "planning"),
+        Cell("forkserver", "SIGKILL-stage", "validation"),
+    ]
+    return phase_cells() + extra
+
+
 def all_cells() -> list[Cell]:
     return [Cell(mode, stop, phase) for phase in PHASES for mode in MODES for stop in STOPS]
 
@@ -390,9 +403,9 @@ def _run_cells(tmp_path: Path, cells: list[Cell], at_once: int = 2) -> None:
 
 @pytest.mark.timeout(900)
 def test_a_job_stopped_in_any_phase_leaves_nothing_and_says_why_once(tmp_path: Path) -> None:
-    """One cell per phase (every stop and every launch mode among them): every process gone within 30 s of the
+    """The default cells (each phase, each launch mode with each stop): every process gone within 30 s of the
     signal, a non-zero exit, and one line that says what stopped the job, with no traceback."""
-    _run_cells(tmp_path, phase_cells())
+    _run_cells(tmp_path, default_cells())
 
 
 @pytest.mark.slow
@@ -424,6 +437,10 @@ def test_the_covering_cells_cover_every_pair() -> None:
     once = phase_cells()
     assert {c.phase for c in once} == set(PHASES) and {c.stop for c in once} == set(STOPS)
     assert {c.mode for c in once} == set(MODES) and set(once) <= set(cells)
+    default = default_cells()
+    assert len(set(default)) == len(default) and set(default) <= set(all_cells())
+    pairs = {(c.mode, c.stop) for c in default} | {("ddg", "SIGKILL")}  # the save test kills ddg's launcher
+    assert pairs == {(m, s) for m in MODES for s in STOPS}
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
