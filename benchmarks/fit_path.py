@@ -1,9 +1,11 @@
 """The product path: samples/s of ``Trainer.fit`` on a model of ``benchmarks/peers.py``, as a user runs it.
 
-Three fits, each in fresh processes that Lightning starts itself (``strategy="ddp"`` and ``"ddg"`` re-launch the
+Four fits, each in fresh processes that Lightning starts itself (``strategy="ddp"`` and ``"ddg"`` re-launch the
 script), one thread per process, the same global batch:
 
 - ``fit backprop``: ``Trainer(devices=1)``;
+- ``fit backprop ×K apart``: K such fits at once, their samples/s summed: what K processes
+  running ``Trainer.fit`` with nothing to share reach on this machine, the ceiling of the two rows below;
 - ``fit ddp ×K``: ``Trainer(strategy="ddp", devices=K)``, each process on ``batch / K`` samples;
 - ``fit ddg ×K``: ``Trainer(strategy=DDGStrategy(split_points=...), devices=K)``, cut where the runtime rows are.
 
@@ -24,7 +26,7 @@ from typing import Any
 
 os.environ["OMP_NUM_THREADS"] = "1"
 
-ENGINES = ("fit backprop", "fit ddp", "fit ddg")
+ENGINES = ("fit backprop", "fit backprop apart", "fit ddp", "fit ddg")
 
 
 def fit_rates(cfg: dict[str, Any], stages: int, timeout: float) -> dict[str, float]:
@@ -32,14 +34,24 @@ def fit_rates(cfg: dict[str, Any], stages: int, timeout: float) -> dict[str, flo
     rates = {}
     with tempfile.TemporaryDirectory() as tmp:
         for engine in ENGINES:
-            out = os.path.join(tmp, "rate.json")
-            command = [sys.executable, os.path.abspath(__file__), engine, json.dumps(cfg | {"stages": stages}), out]
-            run = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-            if run.returncode != 0 or not os.path.exists(out):
-                raise RuntimeError(f"{engine} failed:\n{run.stderr[-3000:]}")
-            name = engine if engine == "fit backprop" else f"{engine} ×{stages}"
-            rates[name] = json.load(open(out))["samples_per_s"]
-            os.remove(out)
+            apart = engine == "fit backprop apart"
+            runs = []
+            for i in range(stages if apart else 1):  # the fits apart run at once
+                out = os.path.join(tmp, f"rate{i}.json")
+                command = [sys.executable, os.path.abspath(__file__), "fit backprop" if apart else engine]
+                command += [json.dumps(cfg | {"stages": stages}), out]
+                runs.append(
+                    (subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out)
+                )
+            total = 0.0
+            for process, out in runs:
+                _, stderr = process.communicate(timeout=timeout)
+                if process.returncode != 0 or not os.path.exists(out):
+                    raise RuntimeError(f"{engine} failed:\n{stderr[-3000:]}")
+                total += json.load(open(out))["samples_per_s"]
+                os.remove(out)
+            name = {"fit backprop": engine, "fit backprop apart": f"fit backprop ×{stages} apart"}.get(engine)
+            rates[name or f"{engine} ×{stages}"] = total
     return rates
 
 
