@@ -306,9 +306,17 @@ class Cell:
     @property
     def held_rank(self) -> int:
         """The rank held in the phase: ddg's launching process (rank 0) when it is the one signalled, in a phase it
-        goes through; otherwise rank 1, a launched process (in ``imports``: the first launched process)."""
+        goes through; otherwise rank 1, a launched process (in ``imports``: the first launched process). In
+        ``save``, rank 0, which writes the checkpoint files."""
         launcher = self.mode == "ddg" and self.stop != "SIGKILL-stage" and self.phase != "imports"
-        return 0 if launcher else 1
+        return 0 if launcher or self.phase == "save" else 1
+
+    @property
+    def says(self) -> str:
+        """The line that says what stopped the job: a stage killed in ``save`` with ``ddg`` is rank 0, the
+        launching process, and the job says what it says when the launching process is killed."""
+        launcher_killed = self.stop == "SIGKILL-stage" and self.mode == "ddg" and self.phase == "save"
+        return SAYS["SIGKILL"] if launcher_killed else SAYS[self.stop]
 
 
 def covering_cells() -> list[Cell]:
@@ -358,7 +366,7 @@ def _stop_cell(tmp_path: Path, cell: Cell) -> str | None:
         stopped = _stop_at(tmp_path, cell.phase, cell.held_rank, signum, target, *args)
     except pytest.fail.Exception as failed:
         return f"{cell}: {failed}"
-    says = len(re.findall(SAYS[cell.stop], stopped.output))
+    says = len(re.findall(cell.says, stopped.output))
     # ddg's launching process, killed in teardown, may be the last process of the job: no one is left to say it
     lines = (0, 1) if (cell.mode, cell.stop, cell.phase) == ("ddg", "SIGKILL", "teardown") else (1,)
     # a stage killed once the run has ended on it: the line says so, and the job still fails
