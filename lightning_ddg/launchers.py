@@ -53,7 +53,7 @@ from lightning_ddg._compat import (
     interrupt_here,
     set_num_threads_if_needed,
 )
-from lightning_ddg.lifeline import LAUNCHER_PID, SignalWatch, stop_processes, watch_launcher
+from lightning_ddg.lifeline import LAUNCHER_PID, SignalWatch, end_if_launcher_gone, stop_processes, watch_launcher
 
 __all__ = ["DDGScriptLauncher", "DDGSpawnLauncher", "launched_processes", "pause_observer", "run_ended"]
 
@@ -277,6 +277,7 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
             args = disable_module_memory_sharing(args)
         try:
             super()._wrapping_function(process_idx, trainer, function, args, *rest)
+            end_if_launcher_gone()  # the run ended as the launching process went: the job still says so, once
         except SIGTERMException as stop:
             if getattr(getattr(self._strategy, "_stop", None), "stopped_by", None) is not None:  # after a step
                 self._started[process_idx] = _STOPPED_TOGETHER
