@@ -343,7 +343,7 @@ def default_cells() -> list[Cell]:
         Cell("ddg", "SIGKILL-stage", "teardown"),
         Cell("ddg_spawn", "SIGINT", "first-steps"),
         Cell("forkserver", "SIGTERM", "planning"),
-        Cell("forkserver", "SIGKILL-stage", "validation"),
+        Cell("forkserver", "SIGKILL-stage", "teardown"),
     ]
     return phase_cells() + extra
 
