@@ -5,10 +5,12 @@ Run from the repository root::
     python benchmarks/memory.py                          # MLP 16 x 2048x2048 (67M parameters), batch 8
     python benchmarks/memory.py --width 4096             # the 268M-parameter MLP (1 GiB of fp32 weights)
     python benchmarks/memory.py --stages 2 --memory stash --build init
+    python benchmarks/memory.py --width 4096 --memory stash --plan layers memory   # also the memory-balanced cut
 
 The model is an MLP of ``--layers`` square linear layers, trained with SGD + momentum for ``--steps`` steps with
-``Trainer.fit``: plain Lightning on one process (backprop), and ``DDGStrategy`` with K = 2 and 4 stages of equal
-layer counts (``balance``), in each memory mode. The LightningModule builds its layers in ``__init__`` (``init``)
+``Trainer.fit``: plain Lightning on one process (backprop), and ``DDGStrategy`` with K = 2 and 4 stages, in each
+memory mode, cut into equal layer counts (``--plan layers``: ``balance``) or where the largest stage holds least
+(``--plan memory``: ``balance_by="memory"``). The LightningModule builds its layers in ``__init__`` (``init``)
 or in ``configure_model`` (``configure_model``). Every configuration runs as a user runs a script: a fresh
 ``python`` process that launches the others (``strategy="ddg"``).
 
@@ -26,7 +28,15 @@ two measures, both from ``/proc/self/status``:
 
 The moments and phases:
 
-- ``imports``: what it holds before the model is built (Python, torch, Lightning, lightning_ddg), with the
+With ``--start-method forkserver`` the stage processes are forked from a server that imported torch, Lightning and
+lightning_ddg once: the pages those imports wrote are shared with the server and between the stages until one of
+them writes to them. Both measures above count such pages in every process that maps them (anonymous pages count as
+private however many processes share them), so each process also reports, at the moments below that are not peaks,
+its *unique* memory (``Private_Clean + Private_Dirty`` of ``/proc/self/smaps_rollup``: the pages no other process
+maps, what ending it frees) and its *PSS* (each shared page divided among the processes that map it).
+
+- ``imports``: what it holds before the model is built (Python, torch, Lightning, lightning_ddg; for a process
+  forked from the server, what it holds when its fit begins), with the
   breakdown ``baseline`` (after ``import torch``, ``import lightning``, ``import lightning_ddg``) and the optional
   packages loaded by then (``heavy_modules``; ``loaded_during_fit``: those loaded after the imports, by the time
   training begins);
@@ -39,7 +49,8 @@ The moments and phases:
 - ``end``: the most it held after the save until fit ended: the drain, and the full weights gathered back into
   the module of a model built in ``__init__``;
 
-next to the formula of what the stage needs: its parameters, their gradients, the optimizer state, the weight
+next to the formula of what the stage needs (:func:`lightning_ddg.stage_memory.stage_memory`, the formula the
+planner balances by with ``balance_by="memory"``): its parameters, their gradients, the optimizer state, the weight
 copies of in-flight batches (``d_k + 1`` copies on a stage with delay ``d_k > 0`` in ``stash`` and ``recompute``,
 none in ``replay`` and on the last stage) and the activations of ``d_k + 1`` in-flight batches. Prints a table and
 the memory targets, met or not, in both measures; writes JSON to ``--out`` and a PNG beside it.
@@ -79,6 +90,44 @@ def _status() -> dict[str, float]:
 
 def _private(status: dict[str, float]) -> float:
     return status["VmRSS"] - status["RssFile"]
+
+
+def _unique() -> dict[str, float]:
+    """``unique``: the pages only this process maps (``Private_Clean + Private_Dirty`` of ``smaps_rollup``, what
+    ending it would free), and ``pss``: its resident memory with each shared page divided among the processes that
+    map it; in MiB."""
+    found = {}
+    with open("/proc/self/smaps_rollup") as rollup:
+        for line in rollup:
+            parts = line.split()
+            if parts[0] in ("Pss:", "Private_Clean:", "Private_Dirty:"):
+                found[parts[0][:-1]] = int(parts[1]) / 1024
+    return {"unique": found["Private_Clean"] + found["Private_Dirty"], "pss": found["Pss"]}
+
+
+def _file_pages() -> dict[str, float]:
+    """The resident pages of the files this process maps (``Rss - Anonymous`` of each mapping in
+    ``/proc/self/smaps``), by library, in MiB: clean pages of the page cache, which every process mapping the same
+    file shares."""
+    groups: dict[str, float] = {}
+    group = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            parts = line.split()
+            if not parts[0].endswith(":"):  # a mapping's header: addresses, permissions, offset, device, inode, path
+                path = parts[5] if len(parts) > 5 else ""
+                name = path.rsplit("/", 1)[-1]
+                if not path.startswith("/"):
+                    group = None
+                elif name.startswith(("libcu", "libnv", "libcudnn", "libnccl")) or "_cuda" in name:
+                    group = "CUDA libraries"
+                elif name.startswith(("libtorch_cpu", "libtriton", "libtorch_python")):
+                    group = name.split(".")[0]
+                else:
+                    group = "other files"
+            elif group is not None and parts[0] in ("Rss:", "Anonymous:"):
+                groups[group] = groups.get(group, 0.0) + int(parts[1]) / 1024 * (1 if parts[0] == "Rss:" else -1)
+    return groups
 
 
 # what each import adds to a process, measured as it happens (the stages re-run this script, so theirs too)
@@ -169,6 +218,10 @@ class _Measure(L.Callback):
         self.base = _status()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.resume and self.imports["pid"] != os.getpid():  # forked from the server: its own start
+            _reset_peak()
+            self.base = _status()
+            self.imports = {**self.imports, "status": self.base, "unique": _unique()}
         if self.resume:
             _reset_peak()  # the resumed fit: from here to training, the cut and the reading of the checkpoint
             self.base = _status()
@@ -185,6 +238,12 @@ class _Measure(L.Callback):
             "layers": sum(1 for m in pl_module.modules() if isinstance(m, nn.Linear) and "weight" in m._parameters),
             "imports_mib": self.imports["status"]["VmRSS"],
             "imports_private_mib": _private(self.imports["status"]),
+            "imports_unique_mib": self.imports["unique"]["unique"],
+            "imports_pss_mib": self.imports["unique"]["pss"],
+            "forked": self.imports["pid"] != os.getpid(),
+            "imports_file_pages_mib": self.imports["file_pages"],
+            "after_setup_unique_mib": _unique()["unique"],
+            "after_setup_pss_mib": _unique()["pss"],
             "baseline": self.imports["baseline"],
             "heavy_modules": self.imports["heavy_modules"],
             "loaded_during_fit": [m for m in _heavy_loaded() if m not in self.imports["heavy_modules"]],
@@ -199,6 +258,8 @@ class _Measure(L.Callback):
         if self.resume or trainer.global_step < trainer.max_steps:
             return
         self._phase("train")
+        self.report["after_train_unique_mib"] = _unique()["unique"]
+        self.report["after_train_pss_mib"] = _unique()["pss"]
         optimizer = trainer.optimizers[0]
         self.report["optimizer_state_bytes"] = sum(
             v.numel() * v.element_size()
@@ -231,6 +292,9 @@ def run_one(args: argparse.Namespace) -> None:
         "status": status,  # Python, torch, Lightning, lightning_ddg: what every process holds before the model
         "baseline": [{"after": n, "rss_mib": st["VmRSS"], "private_mib": _private(st)} for n, st in baseline],
         "heavy_modules": _heavy_loaded(),
+        "unique": _unique(),
+        "pid": os.getpid(),
+        "file_pages": _file_pages(),
     }
     torch.set_num_threads(1)
     stages, layers = args.stages[0], args.layers
@@ -241,7 +305,11 @@ def run_one(args: argparse.Namespace) -> None:
         if stages == 1:
             strategy: Any = "auto"
         else:
-            strategy = DDGStrategy(balance=[layers // stages] * stages, memory=args.memory[0])
+            if args.plan[0] == "memory":
+                strategy = DDGStrategy(balance_by="memory", memory=args.memory[0], start_method=args.start_method)
+            else:
+                balance = [layers // stages] * stages
+                strategy = DDGStrategy(balance=balance, memory=args.memory[0], start_method=args.start_method)
         trainer = L.Trainer(
             accelerator="cpu",
             devices=stages,
@@ -261,32 +329,27 @@ def run_one(args: argparse.Namespace) -> None:
 
 def formula(report: dict[str, Any], memory: str, args: argparse.Namespace) -> dict[str, float]:
     """What the stage needs, in MiB: parameters, gradients, optimizer state, weight copies, activations."""
-    params = report["parameter_bytes"]
-    delay = report["delay"]
-    copies = delay + 1 if delay > 0 and memory != "replay" else 0
-    batch_bytes = args.batch * args.width * 4  # one layer's input for one batch, fp32
-    if memory == "stash" or delay == 0:
-        activations = (delay + 1) * report["layers"] * batch_bytes
-    else:  # the inputs of the in-flight batches, and one batch's activations while it is recomputed
-        activations = (delay + 1) * batch_bytes + report["layers"] * batch_bytes
-    parts = {
-        "parameters": params,
-        "gradients": params,
-        "optimizer_state": report.get("optimizer_state_bytes", 0),
-        "weight_copies": copies * params,
-        "activations": activations,
-    }
-    parts = {k: v / MIB for k, v in parts.items()}
-    parts["total"] = sum(parts.values())
-    return parts
+    from lightning_ddg.stage_memory import stage_memory
+
+    batch_bytes = args.batch * args.width * 4  # one layer's input for one batch, fp32: what each layer saves
+    parts = stage_memory(
+        parameter_bytes=report["parameter_bytes"],
+        activation_bytes=report["layers"] * batch_bytes,
+        input_bytes=batch_bytes,
+        delay=report["delay"],
+        memory=memory,
+        optimizer_state_bytes=report.get("optimizer_state_bytes", 0),
+    )
+    return {k: v / MIB for k, v in parts.items()}
 
 
-def configurations(args: argparse.Namespace) -> list[tuple[int, str, str]]:
+def configurations(args: argparse.Namespace) -> list[tuple[int, str, str, str]]:
     configs = []
     for build in args.build:
         for stages in args.stages:
             for memory in args.memory if stages > 1 else ["-"]:
-                configs.append((stages, memory, build))
+                for cut in args.plan if stages > 1 else ["-"]:
+                    configs.append((stages, memory, build, cut))
     return configs
 
 
@@ -299,6 +362,8 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--memory", nargs="+", default=["stash", "recompute", "replay"])
     parser.add_argument("--build", nargs="+", default=["init", "configure_model"])
+    parser.add_argument("--plan", nargs="+", choices=["layers", "memory"], default=["layers"])
+    parser.add_argument("--start-method", choices=["popen", "forkserver"], default="popen")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
     parser.add_argument("--report-dir", help=argparse.SUPPRESS)  # set for the run of one configuration
     args = parser.parse_args()
@@ -307,11 +372,12 @@ def main() -> None:
         return
 
     rows = []
-    for stages, memory, build in configurations(args):
+    for stages, memory, build, cut in configurations(args):
         with tempfile.TemporaryDirectory() as report_dir:
             command = [sys.executable, __file__, "--width", str(args.width), "--layers", str(args.layers)]
             command += ["--batch", str(args.batch), "--steps", str(args.steps), "--stages", str(stages)]
             command += ["--memory", memory if memory != "-" else "stash", "--build", build, "--report-dir", report_dir]
+            command += ["--plan", cut if cut != "-" else "layers", "--start-method", args.start_method]
             start = time.perf_counter()
             subprocess.run(command, check=True, cwd=ROOT, timeout=1800, stdout=subprocess.DEVNULL)
             seconds = time.perf_counter() - start
@@ -325,7 +391,7 @@ def main() -> None:
             need = formula(report, memory, args)
             # after fit, a model built in __init__ is whole again on every rank: the other stages' weights too
             gathered = (model_bytes - report["parameter_bytes"]) / MIB if build == "init" and stages > 1 else 0.0
-            row = {"stages": stages, "memory": memory, "build": build, **report, "formula_mib": need}
+            row = {"stages": stages, "memory": memory, "build": build, "plan": cut, **report, "formula_mib": need}
             row["after_fit_formula_mib"] = need["total"] + gathered
             rows.append(row)
             peaks = "  ".join(
@@ -333,10 +399,15 @@ def main() -> None:
                 for phase in PHASES
             )
             print(
-                f"{build:>15} K={stages} {memory:>9} stage {report['stage']}: formula {need['total']:5.0f}  "
+                f"{build:>15} K={stages} {memory:>9} {cut:>6} stage {report['stage']} ({report['layers']:2d} layers): "
+                f"formula {need['total']:5.0f}  "
                 f"imports {report['imports_mib']:4.0f}/{report['imports_private_mib']:4.0f}  "
                 f"after setup {report['after_setup_mib']:5.0f}/{report['after_setup_private_mib']:5.0f}  "
-                f"peaks: {peaks}  ({seconds:.0f} s)",
+                f"peaks: {peaks}  "
+                f"unique/PSS: imports {report['imports_unique_mib']:.0f}/{report['imports_pss_mib']:.0f} "
+                f"after setup {report['after_setup_unique_mib']:.0f}/{report['after_setup_pss_mib']:.0f} "
+                f"after training {report['after_train_unique_mib']:.0f}/{report['after_train_pss_mib']:.0f}"
+                f"{' (forked)' if report['forked'] else ''}  ({seconds:.0f} s)",
                 flush=True,
             )
     print("(MiB; resident/private; peaks of the phases setup, train, save, resume and end of fit)")
@@ -347,11 +418,14 @@ def main() -> None:
         + f"; optional packages loaded by the imports: {', '.join(first['heavy_modules']) or 'none'}; "
         + f"loaded later during fit: {', '.join(sorted({m for r in rows for m in r['loaded_during_fit']})) or 'none'}"
     )
+    pages = sorted(first["imports_file_pages_mib"].items(), key=lambda item: -item[1])
+    print("file pages after the imports (MiB): " + ", ".join(f"{name} {mib:.0f}" for name, mib in pages))
     verdicts = targets(rows)
     for line in verdicts:
         print(line)
     result = {
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "report_dir")},
+        "load_average": os.getloadavg(),
         "parameters": args.layers * (args.width * args.width + args.width),
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
         "rows": rows,
@@ -397,18 +471,20 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     k4 = [r for r in built if r["stages"] == 4]
     if backprop and k4:
         b = backprop[0]
-        for memory in sorted({r["memory"] for r in k4}):
-            largest = max((r for r in k4 if r["memory"] == memory), key=lambda r: r["train_peak_mib"])
+        for memory, cut in sorted({(r["memory"], r["plan"]) for r in k4}):
+            largest = max(
+                (r for r in k4 if (r["memory"], r["plan"]) == (memory, cut)), key=lambda r: r["train_peak_mib"]
+            )
             ratios = [
                 largest["train_peak_mib"] / b["train_peak_mib"],
                 largest["train_private_peak_mib"] / b["train_private_peak_mib"],
                 (largest["train_peak_mib"] - largest["imports_mib"]) / (b["train_peak_mib"] - b["imports_mib"]),
             ]
-            verdict = "met" if ratios[1] <= 0.6 else "NOT met"
+            verdicts = ["met" if ratio <= 0.6 else "NOT met" for ratio in ratios]
             lines.append(
-                f"configure_model K=4 {memory}, largest stage's training peak <= 0.6x backprop's: resident "
-                f"{ratios[0]:.2f}x, private {ratios[1]:.2f}x ({verdict} in private memory), above the imports "
-                f"{ratios[2]:.2f}x"
+                f"configure_model K=4 {memory}, cut by {cut}, largest stage's training peak <= 0.6x backprop's "
+                f"(stage {largest['stage']}, {largest['layers']} layers): resident {ratios[0]:.2f}x ({verdicts[0]}), "
+                f"private {ratios[1]:.2f}x ({verdicts[1]}), above the imports {ratios[2]:.2f}x"
             )
     init = [r for r in ddg if r["build"] == "init"]
     if init:
@@ -449,7 +525,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ]
     for ax, build in zip(axes[0], builds, strict=True):
         rows = [r for r in result["rows"] if r["build"] == build]
-        labels = [f"K={r['stages']} {r['memory']}\nstage {r['stage']}" if r["stages"] > 1 else "backprop" for r in rows]
+        labels = [
+            f"K={r['stages']} {r['memory']} {r['plan']}\nstage {r['stage']}" if r["stages"] > 1 else "backprop"
+            for r in rows
+        ]
         width = 0.8 / (len(bars) + 1)
         for b, (key, label) in enumerate(bars):
             values = [r[key] / 1024 for r in rows]

@@ -10,6 +10,11 @@ of three ways, from most to least faithful:
 - ``"flops"``: floating-point operations of forward + backward, counted by ``torch.utils.flop_counter``.
 - ``"params"``: parameter count; needs no input at all.
 
+Or the stages are chosen to make the *largest* stage as small as possible in memory (``"memory"``, for a model that
+fits the devices only when its memory is spread evenly): what a stage holds depends on its delay
+(:mod:`lightning_ddg.stage_memory`), so the cost of a stage is a function of the stage, not a sum of segment
+costs (:func:`solve_stages`).
+
 Plain PyTorch; the segments come from :mod:`lightning_ddg.partition`.
 
 Example::
@@ -23,7 +28,7 @@ Example::
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -32,10 +37,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_ddg._compat import tree_flatten, tree_map
 
-__all__ = ["BalanceBy", "BALANCE_BY", "solve", "segment_times", "segment_flops", "run_segments"]
+__all__ = ["BalanceBy", "BALANCE_BY", "solve", "solve_stages", "segment_times", "segment_flops", "run_segments"]
 
-BalanceBy = Literal["time", "flops", "params"]
-BALANCE_BY = ("time", "flops", "params")
+BalanceBy = Literal["time", "flops", "params", "memory"]
+BALANCE_BY = ("time", "flops", "params", "memory")
 
 
 def solve(costs: Sequence[float], cut_bytes: Sequence[float], num_stages: int, tolerance: float = 0.0) -> list[int]:
@@ -53,24 +58,33 @@ def solve(costs: Sequence[float], cut_bytes: Sequence[float], num_stages: int, t
     Returns:
         the segment index each stage after the first begins at, ascending.
     """
-    m = len(costs)
-    if not 1 <= num_stages <= m:
-        raise ValueError(f"cannot group {m} segments into {num_stages} stages")
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + float(c))
+    return solve_stages(lambda k, i, j: prefix[j] - prefix[i], len(costs), cut_bytes, num_stages, tolerance)
 
-    def span(i: int, j: int) -> float:  # the cost of segments i..j-1 as one stage
-        return prefix[j] - prefix[i]
 
+def solve_stages(
+    stage_cost: Callable[[int, int, int], float],
+    num_segments: int,
+    cut_bytes: Sequence[float],
+    num_stages: int,
+    tolerance: float = 0.0,
+) -> list[int]:
+    """:func:`solve` for costs that depend on the stage: ``stage_cost(k, i, j)`` is what segments ``i..j-1``
+    cost as stage ``k`` (what a stage holds in memory depends on its delay, so on ``k``)."""
+    m = num_segments
+    if not 1 <= num_stages <= m:
+        raise ValueError(f"cannot group {m} segments into {num_stages} stages")
     inf = float("inf")
     # slowest[s][j]: the smallest largest-stage cost of segments 0..j-1 in s stages
     slowest = [[inf] * (m + 1) for _ in range(num_stages + 1)]
     slowest[0][0] = 0.0
     for s in range(1, num_stages + 1):
         for j in range(s, m - (num_stages - s) + 1):
-            slowest[s][j] = min(max(slowest[s - 1][i], span(i, j)) for i in range(s - 1, j))
-    bound = slowest[num_stages][m] * (1 + tolerance) + 1e-12 * max(prefix[-1], 1.0)
+            slowest[s][j] = min(max(slowest[s - 1][i], stage_cost(s - 1, i, j)) for i in range(s - 1, j))
+    best = slowest[num_stages][m]
+    bound = best * (1 + tolerance) + 1e-12 * max(abs(best), 1.0)
 
     # fewest[s][j]: the fewest bytes across the cuts of segments 0..j-1 in s stages, no stage above the bound
     fewest = [[inf] * (m + 1) for _ in range(num_stages + 1)]
@@ -79,7 +93,7 @@ def solve(costs: Sequence[float], cut_bytes: Sequence[float], num_stages: int, t
     for s in range(1, num_stages + 1):
         for j in range(s, m - (num_stages - s) + 1):
             for i in range(s - 1, j):
-                if fewest[s - 1][i] == inf or span(i, j) > bound:
+                if fewest[s - 1][i] == inf or stage_cost(s - 1, i, j) > bound:
                     continue
                 value = fewest[s - 1][i] + (float(cut_bytes[i - 1]) if i > 0 else 0.0)
                 if value < fewest[s][j]:

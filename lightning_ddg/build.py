@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lightning_ddg.partition import Partition, split_module
-from lightning_ddg.shard import Removed, keep_only_stage
+from lightning_ddg.shard import Removed, keep_only_stage, kept_tensors, materialize, on_meta
 from lightning_ddg.stage import DDGStage, MemoryMode
 from lightning_ddg.topology import StageLinks, Topology
 
@@ -64,6 +64,7 @@ def build_stage(
     memory: MemoryMode = "stash",
     accumulate_grad_batches: int = 1,
     check_finite: bool = False,
+    init_rng_states: dict[str, torch.Tensor] | None = None,
 ) -> BuiltStage:
     """Build the stage global rank ``rank`` runs in ``topology``.
 
@@ -79,6 +80,9 @@ def build_stage(
         keep_only: take the other stages' parameters and buffers out of ``module`` (:func:`keep_only_stage`), so
             that this process holds its own stage only; :attr:`BuiltStage.removed` says what was taken.
         memory, accumulate_grad_batches, check_finite: passed to :class:`~lightning_ddg.stage.DDGStage`.
+        init_rng_states: for a ``module`` built on the meta device, the random number generator states its build
+            began with: this rank's stage gets real tensors, initialised as a whole build would
+            (:func:`~lightning_ddg.shard.materialize`).
     """
     if partition is None:
         partition = split_module(module, split_points=split_points, num_stages=topology.num_stages)
@@ -87,6 +91,9 @@ def build_stage(
     if partition.num_stages != topology.num_stages:
         raise ValueError(f"the partition has {partition.num_stages} stages, the topology {topology.num_stages}")
     k = topology.stage_of(rank)
+    if on_meta(module):
+        holders = (partition.train[k], partition.eval[k])
+        materialize(module, kept_tensors(module, partition, k), torch.device(device), init_rng_states, holders)
     removed = keep_only_stage(module, partition, k) if keep_only else []
     module.to(device)
     if links is None and topology.world_size > 1:

@@ -20,7 +20,7 @@ from lightning_ddg.schedule import delay
 from lightning_ddg.stage import DDGStage
 from lightning_ddg.stats import Snapshot, StageCounters, interval_figures
 
-__all__ = ["LogStageFigures", "ShareLastStageMetrics"]
+__all__ = ["LogStageFigures", "ShareLastStageMetrics", "add_stage_callbacks"]
 
 
 class ShareLastStageMetrics(Callback):
@@ -111,3 +111,10 @@ class LogStageFigures(Callback):
         self._logged = snapshots
         if figures:
             pl_module.log_dict(figures, on_step=on_step, on_epoch=not on_step, rank_zero_only=True)
+
+
+def add_stage_callbacks(trainer: pl.Trainer) -> None:
+    """Give ``trainer`` the strategy's callbacks, unless it has them: first, ahead of the monitoring callbacks."""
+    for callback in (LogStageFigures, ShareLastStageMetrics):
+        if not any(isinstance(c, callback) for c in trainer.callbacks):
+            trainer.callbacks.insert(0, callback())

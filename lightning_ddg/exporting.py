@@ -33,6 +33,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
+import os
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -49,7 +51,9 @@ from torch.utils import _pytree as pytree
 from lightning_ddg._compat import export_swap as _swap
 from lightning_ddg.layer_stacks import STACKS, stack_forward
 
-__all__ = ["export_trace", "example_spec", "no_cache"]
+__all__ = ["export_trace", "example_spec", "no_cache", "READS_TRAINING_KEY"]
+
+READS_TRAINING_KEY = "lightning_ddg_reads_training"  # in an export's meta: whether its code read a ``training`` flag
 
 _SCALARS = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
 
@@ -100,7 +104,7 @@ def _exported(
     owner: nn.Module,
     signature: inspect.Signature,
 ) -> fx.GraphModule:
-    ep = _export(module, args, dynamic, train, tuple(called))
+    ep, reads_training = _export(module, args, dynamic, train, tuple(called))
     with warnings.catch_warnings(), _swap_fixed():
         warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node with no underlying reference")
         gm = _swap._swap_modules(ep, {name: owner.get_submodule(name) for name in called})
@@ -112,15 +116,19 @@ def _exported(
     result.graph.eliminate_dead_code()
     result.graph.lint()
     result.recompile()
+    result.meta[READS_TRAINING_KEY] = reads_training
     return result
 
 
-_CACHE: OrderedDict[tuple, torch.export.ExportedProgram] = OrderedDict()
+_CACHE: OrderedDict[tuple, tuple[torch.export.ExportedProgram, bool]] = OrderedDict()
 _CACHE_SIZE = 4
 
 
-def _export(module: nn.Module, args: tuple, dynamic: Any, train: bool, called: tuple[str, ...]):
-    """``torch.export.export``, remembered for the last few modules: planning and building the stages export the
+def _export(
+    module: nn.Module, args: tuple, dynamic: Any, train: bool, called: tuple[str, ...]
+) -> tuple[torch.export.ExportedProgram, bool]:
+    """``torch.export.export``, and whether the code it traced read a module's ``training`` flag
+    (:func:`_training_reads`); remembered for the last few modules: planning and building the stages export the
     same forward (or a copy of it that shares its tensors) several times."""
     shapes = pytree.tree_map_only(torch.Tensor, lambda t: (tuple(t.shape), t.dtype), args)
     key = (type(module), tuple(id(p) for p in module.parameters()), train, called, repr(shapes))
@@ -130,17 +138,92 @@ def _export(module: nn.Module, args: tuple, dynamic: Any, train: bool, called: t
     modes = {m: m.training for m in module.modules()}
     module.train(train)
     try:
-        with no_cache(module), _stacks_as_loops(module), torch.random.fork_rng(devices=[]):
-            ep = torch.export.export(
-                module, args, strict=False, dynamic_shapes=dynamic, preserve_module_call_signature=called
-            )
+        with no_cache(module), _stacks_as_loops(module), _no_stack_traces(), torch.random.fork_rng(devices=[]):
+            with _training_reads(module, called) as reads:
+                ep = torch.export.export(
+                    module, args, strict=False, dynamic_shapes=dynamic, preserve_module_call_signature=called
+                )
     finally:
         for m, mode in modes.items():
             m.training = mode
-    _CACHE[key] = ep
+    _CACHE[key] = ep, bool(reads)
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
-    return ep
+    return ep, bool(reads)
+
+
+# where torch.export's own code reads training flags (a GraphModule takes its root's), outside the traced code
+_EXPORT_MACHINERY = tuple(
+    os.path.join(os.path.dirname(torch.__file__), d, "")
+    for d in ("fx", "export", "_export", "_dynamo", "_functorch", "_subclasses", "_higher_order_ops")
+)
+
+
+@contextlib.contextmanager
+def _training_reads(module: nn.Module, called: tuple[str, ...]) -> Iterator[list[str]]:
+    """Yields a list that gathers, while ``module`` is exported, the modules whose ``training`` flag the traced code
+    reads (``F.dropout(x, training=self.training)``, ``if self.training:``): a graph exported in one mode holds the
+    other mode's computation too only where none was read. Reads by the code of a module in ``called`` (its
+    ``forward``, a ``__call__`` of its own, what they call) do not count: such a module runs as written at every
+    step, in the mode of the moment. A class that defines ``training`` itself cannot be watched and counts as
+    read."""
+    inside = {id(m) for name in called for m in module.get_submodule(name).modules()}
+    depth = [0]  # how many called modules' forwards are running
+    reads = [
+        type(m).__name__
+        for m in module.modules()
+        if id(m) not in inside and any("training" in vars(c) for c in type(m).__mro__ if c is not nn.Module)
+    ]
+
+    def read(m: nn.Module) -> bool:
+        reader = sys._getframe(1)
+        if (
+            depth[0] == 0
+            and id(reader.f_locals.get("self")) not in inside
+            and not reader.f_code.co_filename.startswith(_EXPORT_MACHINERY)
+        ):
+            reads.append(type(m).__name__)
+        try:
+            return vars(m)["training"]
+        except KeyError:
+            raise AttributeError(f"{type(m).__name__!r} object has no attribute 'training'") from None
+
+    def write(m: nn.Module, value: bool) -> None:
+        vars(m)["training"] = value
+
+    def enter(*_: Any) -> None:
+        depth[0] += 1
+
+    def leave(*_: Any) -> None:
+        depth[0] -= 1
+
+    handles = []
+    for name in called:
+        m = module.get_submodule(name)
+        handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True)]
+    nn.Module.training = property(read, write)  # type: ignore[assignment] - over the flag each instance holds
+    try:
+        yield reads
+    finally:
+        del nn.Module.training
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _no_stack_traces() -> Iterator[None]:
+    """Export without recording the Python stack of every node (nothing here reads it): a third of the time
+    exporting takes."""
+    config = getattr(torch.fx, "config", None)
+    saved = getattr(config, "do_not_emit_stack_traces", None)
+    if saved is None:
+        yield
+        return
+    config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        config.do_not_emit_stack_traces = saved
 
 
 @contextlib.contextmanager

@@ -55,7 +55,14 @@ from lightning_ddg._compat import (
 )
 from lightning_ddg.lifeline import LAUNCHER_PID, SignalWatch, end_if_launcher_gone, stop_processes, watch_launcher
 
-__all__ = ["DDGScriptLauncher", "DDGSpawnLauncher", "launched_processes", "pause_observer", "run_ended"]
+__all__ = [
+    "DDGScriptLauncher",
+    "DDGSpawnLauncher",
+    "launched_processes",
+    "launched_ranks",
+    "pause_observer",
+    "run_ended",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +78,11 @@ _ended: tuple[Any, int] | None = None  # in a process DDGSpawnLauncher started: 
 def launched_processes() -> list[subprocess.Popen]:
     """The ranks this process launched with ``strategy="ddg"`` (none in a launched rank), in rank order."""
     return list(_observer.children) if _observer is not None else []
+
+
+def launched_ranks(first_rank: int) -> dict[int, subprocess.Popen]:
+    """The ranks this process launched, by global rank: the first of them is ``first_rank``."""
+    return {first_rank + i: proc for i, proc in enumerate(launched_processes())}
 
 
 def pause_observer(paused: bool) -> None:
@@ -199,7 +211,8 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
     """Starts one process per stage with multiprocessing; see the module's documentation.
 
     With ``"forkserver"``, the server imports lightning_ddg (and so torch and Lightning) once, and every stage
-    process forks from it ready to run: a fit starts in a fraction of the time ``"spawn"`` takes. What a
+    process forks from it ready to run: a fit starts in a fraction of the time ``"spawn"`` takes, and the stages
+    share the imported modules' pages with the server (:mod:`lightning_ddg._server`). What a
     spawned process gets from this one, the environment variables (the rendezvous port, a W&B run's service)
     and Lightning's global state (random number generators, deterministic algorithms), travels with the
     launcher to the forked processes, which would otherwise see the server's, as it was when it started.
@@ -218,7 +231,7 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
                     "a W&B run started in this process cannot be joined by processes forked from a server: with "
                     "WandbLogger, use DDGStrategy(start_method='spawn') (strategy='ddg_spawn') or strategy='ddg'."
                 )
-            multiprocessing.set_forkserver_preload(["__main__", "lightning_ddg"])
+            multiprocessing.set_forkserver_preload(["__main__", "lightning_ddg", "lightning_ddg._server"])
             self._global_states = GlobalStateSnapshot.capture()
         # which processes have started to run the stage's code: pickled with this launcher, in shared memory
         context = multiprocessing.get_context(self._start_method)
@@ -236,7 +249,7 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
                 if any(p.exitcode == 1 for p in self.procs):
                     raise SystemExit(1) from None  # a stage's watchdog found it dead, and said so
                 rank, ended = exited.error_index, bool(self._ended[exited.error_index])
-                name = self._strategy._describe(self._strategy.node_rank * self._strategy.num_processes + rank)
+                name = self._strategy.topology.describe(self._strategy.node_rank * self._strategy.num_processes + rank)
                 print(_died(name, exited.error_pid, exited.exit_code, ended), file=sys.stderr, flush=True)
                 raise SystemExit(1) from None
             if not 128 < exited.exit_code < 128 + signal.NSIG:

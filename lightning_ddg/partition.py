@@ -52,7 +52,7 @@ import torch.fx as fx
 from torch import nn
 
 from lightning_ddg._compat import buffer_table, parameter_table, pytree
-from lightning_ddg.exporting import export_trace
+from lightning_ddg.exporting import READS_TRAINING_KEY, export_trace
 from lightning_ddg.layer_stacks import STACKS, stack_forward
 from lightning_ddg.opening import opened_by
 
@@ -97,6 +97,21 @@ class _WholeForward(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self._forward(*args, **kwargs)
+
+
+class _TrainingOnly(nn.Module):
+    """Stands in ``Partition.eval`` for a stage traced for training only."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError(
+            f"stage {self.index} was traced for training only (split_module(..., evaluation=False), as DDGStrategy "
+            "splits a fit whose LightningModule has no validation_step): the model's forward runs within "
+            "training_step only. Define validation_step to evaluate during the fit."
+        )
 
 
 class _Tracer(fx.Tracer):
@@ -623,6 +638,8 @@ def split_module(
     split_points: Sequence[str] | None = None,
     num_stages: int | None = None,
     example_input: tuple | None = None,
+    opened: Sequence[str] | None = None,
+    evaluation: bool = True,
 ) -> Partition:
     """Cut ``module.forward`` into stages at ``split_points``.
 
@@ -633,6 +650,11 @@ def split_module(
         num_stages: if given, the number of stages the split points must make.
         example_input: positional arguments of ``forward`` (only their shapes and dtypes matter), with which a
             module ``torch.fx`` cannot trace is opened by ``torch.export`` (:func:`trace`).
+        opened: the modules these split points open, from a plan that opened the model with ``torch.export``
+            (``Plan.opened_modules`` where ``Plan.exported``): the export of the whole model that finds them is
+            then skipped, and only the stages' own graph is exported.
+        evaluation: also trace the stages in eval mode, for validation, test and predict; without it the
+            stages of ``Partition.eval`` refuse to run.
     """
     if not split_points:
         if num_stages not in (None, 1):
@@ -650,31 +672,55 @@ def split_module(
         )
 
     known = [name for name, _ in module.named_modules() if name]
-    result, opened = {}, set()
+    result: dict[bool, list[fx.GraphModule]] = {}
+    found: set[str] = set()
     full = None
     for mode in (True, False):
-        if full is None or not full.meta.get(EXPORTED_KEY):  # an export's cuts are the same in both modes
-            full = trace_for_cuts(module, split_points, train=mode, example_input=example_input)
-        body = _body(full.graph)
-        cuts = [_cut_index(body, name, known) for name in split_points]
-        if any(b <= a for a, b in zip([-1, *cuts], cuts, strict=False)) or cuts[0] == 0:
-            raise ValueError(
-                f"split points {split_points} must name modules in the order forward calls them, each after "
-                "some computation of the stage before it."
-            )
-        # a cut names the outermost module that begins there, which it does not open
-        begins = [_outermost_at(body, i) or name for i, name in zip(cuts, split_points, strict=True)]
-        opening = {m for name in begins for m in opened_by(name)}
-        gm = trace(
-            module, train=mode, opened=opening, structures=full.meta[STRUCTURES_KEY], example_input=example_input
-        )
-        opened |= (opening - {""}) | set(gm.meta[ENTERED_KEY])
-        body = _body(gm.graph)
-        result[mode] = _stage_graphs(gm, [_cut_index(body, name, known) for name in begins], gm)
+        if opened is not None and example_input is not None:
+            opening = set(opened) | {""}
+            # a split point inside a module that stays closed cuts before that module
+            begins = [next(m for m in [*opened_by(name), name] if m not in opening) for name in split_points]
+            structures: dict[str, list[Any]] = {}  # an export records none
+        else:
+            if full is None or not full.meta.get(EXPORTED_KEY):  # an export's cuts are the same in both modes
+                full = trace_for_cuts(module, split_points, train=mode, example_input=example_input)
+            body = _body(full.graph)
+            # a cut names the outermost module that begins there, which it does not open
+            begins = [
+                _outermost_at(body, i) or name
+                for i, name in zip(_cut_indices(body, split_points, known), split_points, strict=True)
+            ]
+            opening = {m for name in begins for m in opened_by(name)}
+            structures = full.meta[STRUCTURES_KEY]
+        gm = trace(module, train=mode, opened=opening, structures=structures, example_input=example_input)
+        found |= (opening - {""}) | set(gm.meta[ENTERED_KEY])
+        result[mode] = _stage_graphs(gm, _cut_indices(_body(gm.graph), begins, known, split_points), gm)
         for stage, name in zip(result[mode], split_points, strict=False):
             stage.meta[CUT_KEY] = name  # for errors about the values crossing this cut
+        if not evaluation:
+            result[False] = [_TrainingOnly(k) for k in range(len(result[True]))]
+            break
+        if gm.meta.get(EXPORTED_KEY) and not gm.meta.get(READS_TRAINING_KEY, True):
+            # no code traced into the stages looked at a training flag: the graph is the same in eval mode, where
+            # the modules it calls follow eval() as they run
+            result[False] = list(result[True])
+            break
     tied = _tied_weights(module, result[True])
-    return Partition(split_points, result[True], result[False], sorted(opened), tied)
+    return Partition(split_points, result[True], result[False], sorted(found), tied)
+
+
+def _cut_indices(
+    body: list[fx.Node], names: Sequence[str], known: Sequence[str], split_points: Sequence[str] | None = None
+) -> list[int]:
+    """Where in ``body`` each of ``names`` begins, in forward order; raises when a name is not called there or the
+    order is not that of the forward."""
+    cuts = [_cut_index(body, name, known) for name in names]
+    if any(b <= a for a, b in zip([-1, *cuts], cuts, strict=False)) or cuts[0] == 0:
+        raise ValueError(
+            f"split points {list(split_points or names)} must name modules in the order forward calls them, each "
+            "after some computation of the stage before it."
+        )
+    return cuts
 
 
 def _outermost_at(body: list[fx.Node], i: int) -> str | None:

@@ -42,7 +42,7 @@ from lightning_ddg.balance import (
     run_segments,
     segment_flops,
     segment_times,
-    solve,
+    solve_stages,
 )
 from lightning_ddg.checks import crossing_tensors
 from lightning_ddg.exporting import example_spec, no_cache
@@ -61,13 +61,18 @@ from lightning_ddg.partition import (
     trace,
     trace_for_cuts,
 )
+from lightning_ddg.schedule import delay
+from lightning_ddg.stage_memory import SegmentMemory, segment_memory, stage_memory
 
 __all__ = ["Plan", "StagePlan", "plan", "balanced_split_points", "IMBALANCE_WARNING", "AS_WRITTEN_TOLERANCE"]
 
 IMBALANCE_WARNING = 1.25  # the slowest stage's cost over the mean above which a plan is called unbalanced
 AS_WRITTEN_TOLERANCE = IMBALANCE_WARNING - 1  # how much slower a slowest stage may be to leave modules as written
-_TIE_TOLERANCE = {"time": 0.02, "flops": 0.0, "params": 0.0}  # timings within 2% count as equal
-_UNITS = {"time": "ms", "flops": "GFLOP", "params": "params"}
+_TIE_TOLERANCE = {"time": 0.02, "flops": 0.0, "params": 0.0, "memory": 0.0}  # timings within 2% count as equal
+_UNITS = {"time": "ms", "flops": "GFLOP", "params": "params", "memory": "MiB"}
+_MIB = 2**20
+_INF = float("inf")
+MEMORY_TIE_TOLERANCE = 0.1  # among equally fast cuts, those whose largest stage holds within 10% of the least
 _REFINEMENTS = 2  # re-solves of a time split with its stages timed whole
 _WHOLE_STAGE_REPEATS = 5  # a stage timed whole counts its fastest run: cuts compared on these differ by a few %
 
@@ -77,9 +82,11 @@ class StagePlan:
     """One stage of a :class:`Plan`.
 
     ``modules`` are the outermost modules the stage runs (a module cut in two is named in both stages);
-    ``cost`` is in the plan's unit (milliseconds of forward + backward, GFLOP, or parameters);
+    ``cost`` is in the plan's unit (milliseconds of forward + backward, GFLOP, parameters, or MiB held);
     ``bytes_out`` is what the stage sends to the next one per batch of the example input (the same volume of
-    gradients comes back).
+    gradients comes back); ``holds`` is what the stage will hold in memory, in bytes, by the formula of
+    :func:`lightning_ddg.stage_memory.stage_memory` (its parameters, gradients, optimizer state, weight copies and
+    the activations of its in-flight batches; without an example input, no activations).
     """
 
     index: int
@@ -89,6 +96,7 @@ class StagePlan:
     cost: float
     cost_share: float
     bytes_out: int | None
+    holds: int | None = None
 
 
 @dataclass
@@ -103,6 +111,7 @@ class Plan:
     opened_modules: list[str] = field(default_factory=list)  # traced into for the cuts; every other one is called
     # the example input's shapes and dtypes (meta tensors), with which every rank opens what torch.fx cannot
     example_input: tuple | None = field(default=None, repr=False, compare=False)
+    exported: bool = False  # opened with torch.export: split_module(..., opened=opened_modules) exports only the stages
 
     @property
     def num_stages(self) -> int:
@@ -129,20 +138,30 @@ class Plan:
             out[f"ddg/stage{s.index}/cost_share"] = round(s.cost_share, 4)
             if s.bytes_out is not None:
                 out[f"ddg/stage{s.index}/bytes_out"] = s.bytes_out
+            if s.holds is not None:
+                out[f"ddg/stage{s.index}/holds_bytes"] = s.holds
         return out
 
+    def _cost(self, s: StagePlan) -> str:
+        if self.balance_by == "params":
+            return _count(int(s.cost))
+        if self.balance_by == "memory":
+            return _size(s.holds)
+        return f"{s.cost:.3g} {_UNITS[self.balance_by]}"
+
     def __str__(self) -> str:
-        unit = _UNITS[self.balance_by]
         header = ["stage", "begins at", "modules", "params", f"cost ({self.balance_by})", "share", "sends/batch"]
+        header.append("holds")
         rows = [
             [
                 str(s.index),
                 s.begins_at or "(input)",
                 _span(s.modules),
                 _count(s.parameters),
-                f"{s.cost:.3g} {unit}" if self.balance_by != "params" else _count(int(s.cost)),
+                self._cost(s),
                 f"{100 * s.cost_share:.1f}%",
                 _megabytes(s.bytes_out) if s.index < self.num_stages - 1 else "-",
+                _size(s.holds),
             ]
             for s in self.stages
         ]
@@ -151,7 +170,7 @@ class Plan:
             "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(f"slowest stage: {self.imbalance:.2f}x the mean")
+        lines.append(f"{'largest' if self.balance_by == 'memory' else 'slowest'} stage: {self.imbalance:.2f}x the mean")
         if self.note:
             lines.append(self.note)
         if self.opened_modules:
@@ -169,6 +188,8 @@ def plan(
     split_points: Sequence[str] | None = None,
     balance_by: BalanceBy = "time",
     device: torch.device | str | None = None,
+    memory: str = "stash",
+    optimizer_states: float = 2.0,
 ) -> Plan:
     """Choose where to cut ``module.forward`` into ``num_stages`` stages, or describe the cut ``split_points``.
 
@@ -181,8 +202,13 @@ def plan(
         split_points: describe this split instead of choosing one.
         balance_by: ``"time"`` (forward + backward timed on ``device``), ``"flops"`` or ``"params"``. Where time
             cannot be measured the plan falls back to FLOPs, then to parameter counts, and says so in ``note``.
+            ``"memory"``: the cut makes the largest stage as small as possible in memory instead (each stage's
+            ``holds``), for a model that fits its devices only so; the stages' compute is then not balanced.
         device: where to time the stages; by default where the module's parameters are. On the meta device (a
             model built without its weights) time cannot be measured: ``"time"`` balances by FLOPs instead.
+        memory: the memory mode the stages will run in (``DDGStrategy(memory=...)``), for what they hold.
+        optimizer_states: the optimizer's state per parameter, in parameter sizes, for what the stages hold:
+            2 for Adam and AdamW, 1 for SGD with momentum, 0 for plain SGD.
     """
     if balance_by not in BALANCE_BY:
         raise ValueError(f"balance_by={balance_by!r} is not one of {BALANCE_BY}")
@@ -238,9 +264,15 @@ def plan(
     frozen = _FrozenOpened(module)
 
     segments = _stage_graphs(gm, positions)
-    costs, used, note, cut_bytes = _costs(module, segments, args, balance_by, where)
+    by_memory = balance_by == "memory"
+    values, used, note, cut_bytes = _costs(module, segments, args, "params" if by_memory else balance_by, where)
     if timed_on_meta and note is None and used == "flops":
         note = "balanced by flops: the model is on the meta device, where time cannot be measured"
+    held, unmeasured = _held(module, segments, args, where)
+    if by_memory:
+        used = "memory"
+        note = f"balanced by memory without the activations: {unmeasured}" if unmeasured else None
+    costs = _Costs(values, held, by_memory, wanted, memory, optimizer_states)
     if cut_bytes is None:  # without an input, the number of values crossing stands in for their size
         cut_bytes = [float(_placeholders(s)) for s in segments[1:]]
     if split_points is None:
@@ -250,28 +282,33 @@ def plan(
         if gm.meta.get(EXPORTED_KEY):
             layers = _layers(module)
             between = [not layers.intersection(opened_by(begins[index])) for index in positions]
-            preferred = [[a and b for a, b in zip(preferred[0], between, strict=True)], between]
+            # a cut inside a layer is taken where the cuts between layers cannot balance the stages
+            preferred = [[a and b for a, b in zip(preferred[0], between, strict=True)], preferred[0], between]
         for as_written in preferred:
-            chosen = _as_written(positions, costs, cut_bytes, wanted, used, as_written)
+            balanced = len(preferred) > 1
+            chosen = _as_written(positions, costs, cut_bytes, wanted, used, as_written, balanced)
             if len(chosen[0]) < len(positions) or all(as_written):
                 break
         positions, costs, cut_bytes, starts = chosen
         if used == "time" and wanted > 1:
             with _untouched(module):
-                starts, costs = _refined(gm, module, positions, starts, costs, cut_bytes, args, where)
+                starts, scaled = _refined(gm, module, positions, starts, costs, cut_bytes, args, where)
+            costs = costs.with_values(scaled)
         split_points = [names[positions[s - 1]] for s in starts]
     else:
         split_points = list(split_points)
         starts = [positions.index(index) + 1 for index, name in names.items() if name in split_points]
         starts.sort()
     opened = sorted({m for s in starts for m in opened_by(begins[positions[s - 1]])} - {""})
+    exported = bool(gm.meta.get(EXPORTED_KEY))
     found = frozen.opened_by("") + [f for m in opened for f in frozen.of(m)]
     if found:
         warnings.warn(_frozen_warning(found, split_points, begins, positions, starts), stacklevel=2)
     if example_runs and not on_meta:  # meta tensors hold no values to compare
-        _check_split(module, split_points, args, where, found)
+        _check_split(module, split_points, args, where, found, opened if exported else None)
     described = _describe(gm, body, positions, starts, split_points, costs, cut_bytes, used, note, args, opened)
     described.example_input = example_spec(args) if args else None
+    described.exported = exported
     return described
 
 
@@ -319,22 +356,28 @@ def _frozen_warning(
 
 def _as_written(
     positions: list[int],
-    costs: list[float],
+    costs: _Costs,
     cut_bytes: list[float],
     wanted: int,
     used: BalanceBy,
     as_written: list[bool],
-) -> tuple[list[int], list[float], list[float], list[int]]:
+    balanced: bool = False,
+) -> tuple[list[int], _Costs, list[float], list[int]]:
     """The best cut (:func:`solve`), or the best among the cuts that open no module whose Python a trace would
-    freeze (``as_written``) if its slowest stage is within ``AS_WRITTEN_TOLERANCE`` of the best: the positions
-    left to choose from, their segment costs and cut bytes, and the chosen starts."""
-    starts = solve(costs, cut_bytes, wanted, _TIE_TOLERANCE[used])
+    freeze (``as_written``) if its slowest stage is within ``AS_WRITTEN_TOLERANCE`` of the best and, with
+    ``balanced``, within ``IMBALANCE_WARNING`` of the mean where the best is: the positions left to choose from,
+    their segment costs and cut bytes, and the chosen starts."""
+    starts = costs.solve(cut_bytes, _TIE_TOLERANCE[used])
     keep = [j for j, fine in enumerate(as_written) if fine]
     if all(as_written) or len(keep) < wanted - 1:
         return positions, costs, cut_bytes, starts
-    kept_costs, kept_bytes = _merged(costs, cut_bytes, keep)
-    kept_starts = solve(kept_costs, kept_bytes, wanted, _TIE_TOLERANCE[used])
-    if _slowest(kept_costs, kept_starts) > _slowest(costs, starts) * (1 + AS_WRITTEN_TOLERANCE):
+    kept_costs, kept_bytes = costs.merged(keep), [cut_bytes[j] for j in keep]
+    kept_starts = kept_costs.solve(kept_bytes, _TIE_TOLERANCE[used])
+    slowest, best = kept_costs.slowest(kept_starts), costs.slowest(starts)
+    if slowest > best * (1 + AS_WRITTEN_TOLERANCE):
+        return positions, costs, cut_bytes, starts
+    mean = sum(costs.values) / wanted
+    if balanced and not costs.by_memory and slowest > IMBALANCE_WARNING * mean >= best:
         return positions, costs, cut_bytes, starts
     return [positions[j] for j in keep], kept_costs, kept_bytes, kept_starts
 
@@ -349,15 +392,123 @@ def _layers(module: nn.Module) -> set[str]:
     }
 
 
-def _merged(costs: list[float], cut_bytes: list[float], keep: list[int]) -> tuple[list[float], list[float]]:
-    """Segment costs and the bytes crossing each cut when only the cuts ``keep`` (indices into ``cut_bytes``) stay."""
-    bounds = [0, *[j + 1 for j in keep], len(costs)]
-    return [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)], [cut_bytes[j] for j in keep]
+class _Costs:
+    """What the segments between candidate cuts cost, and what a stage made of consecutive segments costs.
+
+    ``values`` are the segments' costs (time, FLOPs or parameters), which a stage sums; ``held`` what each segment
+    brings to a stage's memory. By memory, a stage costs what it holds (:func:`stage_memory`), which depends on its
+    delay and so on its index.
+    """
+
+    def __init__(
+        self,
+        values: list[float],
+        held: list[SegmentMemory],
+        by_memory: bool,
+        num_stages: int,
+        memory: str,
+        optimizer_states: float,
+    ) -> None:
+        self.values, self.held, self.by_memory = values, held, by_memory
+        self.num_stages, self.memory, self.optimizer_states = num_stages, memory, optimizer_states
+        self._sums = [_prefix(values)] + [
+            _prefix([getattr(h, f) for h in held]) for f in ("parameter_bytes", "trainable_bytes", "activation_bytes")
+        ]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def holds(self, k: int, i: int, j: int) -> float:
+        """Bytes that segments ``i..j-1`` hold as stage ``k``."""
+        params, trainable, activations = (s[j] - s[i] for s in self._sums[1:])
+        d = delay(k, self.num_stages)
+        optimizer = self.optimizer_states * trainable
+        held = stage_memory(params, activations, self.held[i].input_bytes, d, self.memory, optimizer, trainable)
+        return held["total"]
+
+    def stage(self, k: int, i: int, j: int) -> float:
+        """What segments ``i..j-1`` cost as stage ``k``, in the plan's unit."""
+        return self.holds(k, i, j) / _MIB if self.by_memory else self._sums[0][j] - self._sums[0][i]
+
+    def solve(self, cut_bytes: list[float], tolerance: float) -> list[int]:
+        """The cut whose largest stage cost is least; among those within ``tolerance`` of it by time, FLOPs or
+        parameters, those whose largest stage holds at most ``MEMORY_TIE_TOLERANCE`` more memory than the least any
+        of them holds (equally fast cuts can differ much in what their first stage holds); among those, the one
+        that sends the fewest bytes."""
+        m, k = len(self), self.num_stages
+        if self.by_memory:
+            return solve_stages(self.stage, m, cut_bytes, k, tolerance)
+        none = [0.0] * (m - 1)
+        fastest = self.slowest(solve_stages(self.stage, m, none, k))
+        time_bound = fastest * (1 + tolerance) + 1e-12 * max(abs(fastest), 1.0)
+
+        def held_if_fast(s: int, i: int, j: int) -> float:
+            return self.holds(s, i, j) if self.stage(s, i, j) <= time_bound else _INF
+
+        least = self.largest_held(solve_stages(held_if_fast, m, none, k))
+        held_bound = least * (1 + MEMORY_TIE_TOLERANCE) + 1.0
+
+        def allowed(s: int, i: int, j: int) -> float:
+            return 0.0 if self.stage(s, i, j) <= time_bound and self.holds(s, i, j) <= held_bound else _INF
+
+        return solve_stages(allowed, m, cut_bytes, k)
+
+    def largest_held(self, starts: list[int]) -> float:
+        bounds = [0, *starts, len(self)]
+        return max(self.holds(k, a, b) for k, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)))
+
+    def slowest(self, starts: list[int]) -> float:
+        bounds = [0, *starts, len(self)]
+        return max(self.stage(k, a, b) for k, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)))
+
+    def merged(self, keep: list[int]) -> _Costs:
+        """The costs of the segments left when only the cuts ``keep`` (indices into the cuts) stay."""
+        bounds = [0, *[j + 1 for j in keep], len(self)]
+        spans = list(zip(bounds, bounds[1:], strict=False))
+        return self._like(
+            [sum(self.values[a:b]) for a, b in spans], [SegmentMemory.join(self.held[a:b]) for a, b in spans]
+        )
+
+    def with_values(self, values: list[float]) -> _Costs:
+        return self._like(values, self.held)
+
+    def _like(self, values: list[float], held: list[SegmentMemory]) -> _Costs:
+        return _Costs(values, held, self.by_memory, self.num_stages, self.memory, self.optimizer_states)
 
 
-def _slowest(costs: list[float], starts: list[int]) -> float:
-    bounds = [0, *starts, len(costs)]
-    return max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
+def _prefix(values: Sequence[float]) -> list[float]:
+    sums = [0.0]
+    for v in values:
+        sums.append(sums[-1] + float(v))
+    return sums
+
+
+def _held(
+    module: nn.Module, segments: list[nn.Module], args: tuple, where: torch.device
+) -> tuple[list[SegmentMemory], str | None]:
+    """What each segment brings to a stage's memory (:func:`segment_memory`), measured with the example input;
+    without one, or where it fails, its parameters alone, and why."""
+    if args:
+        with _untouched(module):
+            try:
+                inputs = run_segments(segments, args, where)
+                measured = []
+                for segment, x in zip(segments, inputs, strict=True):
+                    with _on(segment, where):
+                        measured += segment_memory([segment], [x])
+                return measured, None
+            except Exception as err:  # noqa: BLE001 - the parameters still say most of what a stage holds
+                reason = f"the example input failed ({err})"
+    else:
+        reason = "no example input"
+    return [_parameters_only(s) for s in segments], reason
+
+
+def _parameters_only(segment: nn.Module) -> SegmentMemory:
+    params = list(segment.parameters())
+    size = [p.numel() * p.element_size() for p in params]
+    trainable = sum(n for n, p in zip(size, params, strict=True) if p.requires_grad)
+    return SegmentMemory(sum(size), trainable, 0, 0)
 
 
 def _non_tensors_crossing(
@@ -415,7 +566,12 @@ def _not_tensor(node: Any, seen: dict | None = None) -> bool:
 
 
 def _check_split(
-    module: nn.Module, split_points: list[str], args: tuple, where: torch.device, found: list[Frozen]
+    module: nn.Module,
+    split_points: list[str],
+    args: tuple,
+    where: torch.device,
+    found: list[Frozen],
+    opened: list[str] | None = None,
 ) -> None:
     """Run the split model once on the example input, in train mode, and compare it with the unsplit forward.
 
@@ -435,7 +591,7 @@ def _check_split(
                 expected = None  # the whole model does not fit where the stages are measured
         with _shadow(module, user_hooks=False) as copied:
             copied.train()
-            stages = split_module(copied, split_points, example_input=args or None).train
+            stages = split_module(copied, split_points, None, args or None, opened, evaluation=False).train
             restart()
             values: list[Any] = list(_to(args, where))
             with torch.no_grad():
@@ -514,7 +670,7 @@ def _refined(
     module: nn.Module,
     positions: list[int],
     starts: list[int],
-    costs: list[float],
+    chosen_by: _Costs,
     cut_bytes: list[float],
     args: tuple,
     where: torch.device,
@@ -526,6 +682,7 @@ def _refined(
     solving again moves the cut, until a cut repeats. The cut whose slowest stage measured fastest is kept,
     with the segment costs scaled so that each of its stages costs what it measured.
     """
+    costs = chosen_by.values
     measured: dict[tuple[int, ...], tuple[float, list[float]]] = {}
     for _ in range(1 + _REFINEMENTS):
         key = tuple(starts)
@@ -541,7 +698,7 @@ def _refined(
             for i in range(bounds[k], bounds[k + 1]):
                 scaled[i] = costs[i] * stage_time / total if total > 0 else stage_time / (bounds[k + 1] - bounds[k])
         measured[key] = (max(times), scaled)
-        starts = solve(scaled, cut_bytes, len(starts) + 1, _TIE_TOLERANCE["time"])
+        starts = chosen_by.with_values(scaled).solve(cut_bytes, _TIE_TOLERANCE["time"])
     best = min(measured, key=lambda key: measured[key][0])
     return list(best), measured[best][1]
 
@@ -575,7 +732,8 @@ def _costs(
         except Exception as err:  # noqa: BLE001 - any failure to run the example leaves parameter counts
             return [float(p) for p in params], "params", f"balanced by params: the example input failed ({err})", None
         cut_bytes = [float(_bytes(x)) for x in inputs[1:]]
-        order = list(BALANCE_BY[BALANCE_BY.index(balance_by) :])
+        measured = ("time", "flops", "params")  # each falls back to the next
+        order = list(measured[measured.index(balance_by) :])
         for measure in order[:-1]:
             try:
                 if measure == "time":
@@ -594,7 +752,7 @@ def _describe(
     positions: list[int],
     starts: list[int],
     split_points: list[str],
-    costs: list[float],
+    costs: _Costs,
     cut_bytes: list[float],
     balance_by: BalanceBy,
     note: str | None,
@@ -607,11 +765,12 @@ def _describe(
     for k in range(len(bounds) - 1):
         for node in body[node_bounds[bounds[k]] : node_bounds[bounds[k + 1]]]:
             stage_of_node[node] = k
-    total = sum(costs) or 1.0
+    stage_costs = [costs.stage(k, a, b) for k, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False))]
+    total = sum(stage_costs) or 1.0
     stage_params = _stage_parameters(gm, body, stage_of_node, len(bounds) - 1)
     stages = []
     for k in range(len(bounds) - 1):
-        cost = sum(costs[bounds[k] : bounds[k + 1]])
+        cost = stage_costs[k]
         sent = int(cut_bytes[bounds[k + 1] - 1]) if k < len(bounds) - 2 and args else None
         stages.append(
             StagePlan(
@@ -622,6 +781,7 @@ def _describe(
                 cost=cost,
                 cost_share=cost / total,
                 bytes_out=sent,
+                holds=int(costs.holds(k, bounds[k], bounds[k + 1])),
             )
         )
     return Plan(split_points, stages, balance_by, note, list(gm.meta.get(WHOLE_KEY, [])), opened)
@@ -709,6 +869,12 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return str(n)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _megabytes(n: int | None) -> str:

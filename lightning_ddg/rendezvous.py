@@ -24,7 +24,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["RendezvousTimeout", "init_process_group", "rendezvous"]
+__all__ = ["RendezvousTimeout", "init_process_group", "needs_rendezvous", "rendezvous"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,13 @@ def _missing_message(
         f"{names} did not arrive at the rendezvous within {timeout:.0f} s, seen from {describe(rank)}. {why} "
         "Raise DDGStrategy(rendezvous_timeout=...) if starting takes longer."
     )
+
+
+def needs_rendezvous(world_size: int) -> bool:
+    """Whether the job's processes meet here before their process group exists. Not with one process, nor in a
+    later fit (the group exists), nor under torchrun's agent, which serves the store and has met them already."""
+    initialized = dist.is_available() and dist.is_initialized()
+    return world_size > 1 and not initialized and not os.environ.get("TORCHELASTIC_USE_AGENT_STORE")
 
 
 def init_process_group(

@@ -35,6 +35,7 @@ __all__ = [
     "kept_tensors",
     "on_meta",
     "materialize",
+    "rng_states",
     "aliases",
 ]
 
@@ -149,6 +150,14 @@ def aliases(state: dict[str, Tensor]) -> dict[str, str]:
 def on_meta(module: nn.Module) -> bool:
     """Whether ``module`` holds a parameter or buffer on the meta device (built without its data)."""
     return any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+
+
+def rng_states(device: torch.device) -> dict[str, Tensor]:
+    """The random number generator states :func:`materialize` starts from: the CPU's, and ``device``'s if a GPU."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
 
 
 def materialize(

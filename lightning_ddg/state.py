@@ -23,15 +23,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO
 from torch import Tensor, nn
 
 from lightning_ddg.checkpoint import group_names, merge_optimizer_states, named_optimizer_state, stage_optimizer_state
-from lightning_ddg.checkpoint_io import chunks
+from lightning_ddg.checkpoint_io import chunks, save_streamed, writes_local_torch_files
 from lightning_ddg.gather import broadcast_parts, gather_parts, save_parts, transfer_device
 from lightning_ddg.shard import aliases
 from lightning_ddg.topology import Topology
 
-__all__ = ["StageStates", "TensorSpec", "load_stage_state", "at", "as_bytes"]
+__all__ = ["StageStates", "TensorSpec", "load_stage_state", "parameter_names", "at", "as_bytes"]
 
 KeyPath = tuple[Any, ...]
 
@@ -76,6 +77,12 @@ class StageStates:
         # the placeholders of the checkpoint being saved, where they sit in it, and the rank that owns each
         self.streamed: list[tuple[KeyPath, int]] = []
         self._optimizers_saved = 0
+
+    @classmethod
+    def of(cls, module: nn.Module, topology: Topology, rank: int, world_size: int) -> StageStates:
+        """For ``module`` whole, before it is cut: its state dict's names and its parameters' order."""
+        names = [name for name, _ in module.named_parameters()]
+        return cls(topology, rank, world_size, state_dict_keys=list(module.state_dict()), parameter_order=names)
 
     @property
     def _distributed(self) -> bool:
@@ -232,12 +239,42 @@ class StageStates:
 
         return receive
 
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, checkpoint_io: CheckpointIO, storage_options: Any = None
+    ) -> None:
+        """Write ``checkpoint``, whose other stages' tensors are placeholders (:meth:`module_state_dict`,
+        :meth:`optimizer_state`), to ``path`` on rank 0 with ``checkpoint_io``. A collective: the owners send their
+        tensors to rank 0 one at a time, and rank 0 streams them into the one ordinary checkpoint file
+        (:func:`save_streamed`), so that no process ever holds the whole model; another checkpoint IO gets the
+        whole checkpoint filled in."""
+        streamed = self.take_streamed()
+        if self.rank != 0:
+            self.send_streamed(checkpoint, streamed)
+            return
+        receive = self.receive_streamed(streamed)
+        if streamed and writes_local_torch_files(checkpoint_io, path):
+            save_streamed(checkpoint, path, [key_path for key_path, _ in streamed], receive)
+            return
+        fill_placeholders(checkpoint, streamed, receive)
+        checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
     def stage_optimizer_state(
         self, optimizer: torch.optim.Optimizer, full: dict[str, Any], names: dict[int, str], shapes: dict[str, Any]
     ) -> dict[str, Any]:
         """This stage's part of the whole model's optimizer state ``full`` (a collective)."""
         groups = group_names(optimizer, names)
         return stage_optimizer_state(full, groups, self.all_gather_objects(groups), self.parameter_order, shapes)
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, full: dict[str, Any], module: nn.Module) -> None:
+        """Load into ``optimizer``, which steps ``module``'s stage, its part of the whole model's optimizer state
+        ``full`` (a collective). Raises ``ValueError`` when ``full`` does not fit the model."""
+        shapes = {name: p.shape for name, p in module.named_parameters()}
+        optimizer.load_state_dict(self.stage_optimizer_state(optimizer, full, parameter_names(module), shapes))
+
+
+def parameter_names(module: nn.Module) -> dict[int, str]:
+    """``id(parameter)`` to its name in ``module``: how optimizer states are named (:mod:`lightning_ddg.checkpoint`)."""
+    return {id(p): name for name, p in module.named_parameters()}
 
 
 def fill_placeholders(checkpoint: dict[str, Any], streamed: list[tuple[KeyPath, int]], receive: Callable) -> None:

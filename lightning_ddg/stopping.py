@@ -19,11 +19,16 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from lightning_ddg.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from lightning_ddg.stage import DDGStage
 
 __all__ = ["JobStop"]
 
@@ -34,13 +39,18 @@ class JobStop:
     def __init__(self) -> None:
         self.received: int | None = None  # a signal asking the job to stop, received by this process
         self.stopped_by: int | None = None  # the signal the pipeline stopped for
+        self.requeue: Callable[[int, Any], None] | None = None  # saves a checkpoint and requeues (SLURM)
 
     def reset(self) -> None:
         self.received = self.stopped_by = None
 
     def on_signal(self, signum: int, watchdog: Watchdog | None) -> None:
         """Take note of ``signum`` and tell the other processes through the watchdog. A second signal, a stop
-        that does not come through, ends the process at once."""
+        that does not come through, ends the process at once.
+
+        This is all a stop signal's handler does: the first stage ends the pipeline before its next training
+        batch (:meth:`before_batch`), so that all stages stop after the same step with nothing in flight but the
+        pipeline's own messages."""
         if self.received is not None:
             print(f"lightning-ddg: {signal.Signals(signum).name} again; exiting now.", file=sys.stderr, flush=True)
             os._exit(128 + signum)
@@ -64,6 +74,30 @@ class JobStop:
             dist.broadcast(flag, src=src, group=group)
             signum = int(flag.item())
         return signum
+
+    def before_batch(
+        self,
+        stage: DDGStage,
+        watchdog: Watchdog | None,
+        group: dist.ProcessGroup | None = None,
+        src: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> int:
+        """Before every training batch: the first stage, whose forward every other stage waits for, checks whether
+        the job was asked to stop (:meth:`requested`). If so it ends the pipeline here and returns the signal; each
+        later stage sees the end arrive (``PipelineStopped``) after the same step. 0 on the other stages."""
+        if not stage.is_first:
+            return 0
+        signum = self.requested(watchdog, group, src, device)
+        if signum:
+            stage.stop(signum)
+        return signum
+
+    def after_stop(self) -> None:
+        """Every stage stopped after the same step and its ``on_exception`` callbacks ran: a stop for the requeue
+        signal saves the requeue checkpoint, on every stage together (a collective)."""
+        if self.stopped_by is not None and self.stopped_by != signal.SIGTERM and self.requeue is not None:
+            self.requeue(self.stopped_by, None)
 
     def stopped(self, signum: int, report: bool, step: int | str) -> None:
         """The pipeline stopped for ``signum`` after ``step``; ``report`` says so on stderr (one rank does)."""

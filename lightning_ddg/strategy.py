@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
-import signal
 from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -35,13 +33,11 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from typing_extensions import override
@@ -51,7 +47,6 @@ from lightning_ddg._compat import (
     detect_anomaly,
     distributed_is_initialized,
     init_dist_connection,
-    optimizer_to_device,
     optimizers_to_device,
     replace_per_step_sigterm_broadcast,
     replace_signal_handlers,
@@ -63,12 +58,11 @@ from lightning_ddg._compat import (
 from lightning_ddg.balance import BalanceBy
 from lightning_ddg.batches import ReceivedBatches, SentBatches, carried_batches
 from lightning_ddg.build import build_stage
-from lightning_ddg.callbacks import LogStageFigures, ShareLastStageMetrics
-from lightning_ddg.checkpoint_io import atomic, load_mapped, save_streamed, writes_local_torch_files
+from lightning_ddg.callbacks import add_stage_callbacks
+from lightning_ddg.checkpoint_io import atomic, load_mapped, writes_local_torch_files
 from lightning_ddg.checks import (
     ONE_OPTIMIZER,
     check_automatic_optimization,
-    check_balance_length,
     check_finite,
     check_no_loss_scaling,
     check_options,
@@ -79,24 +73,18 @@ from lightning_ddg.checks import (
     check_train_loader,
 )
 from lightning_ddg.comm import PipelineStopped
-from lightning_ddg.example_input import example_forward_input
+from lightning_ddg.cutting import given_split_points, make_plan, show_plan
 from lightning_ddg.forward import PipelinedForward, StageDone
-from lightning_ddg.launchers import (
-    DDGScriptLauncher,
-    DDGSpawnLauncher,
-    launched_processes,
-    pause_observer,
-    run_ended,
-)
+from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launched_ranks, pause_observer, run_ended
 from lightning_ddg.lifeline import end_if_launcher_gone
 from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling, shuffle_seed
 from lightning_ddg.metrics import quiet_epoch_sync_advice, scope_metrics
-from lightning_ddg.partition import Partition, balance_to_split_points, split_module
-from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
-from lightning_ddg.rendezvous import init_process_group
-from lightning_ddg.shard import Removed, kept_tensors, materialize, on_meta, put_back
+from lightning_ddg.partition import Partition, split_module
+from lightning_ddg.planning import Plan
+from lightning_ddg.rendezvous import init_process_group, needs_rendezvous
+from lightning_ddg.shard import Removed, on_meta, put_back, rng_states
 from lightning_ddg.stage import DDGStage, MemoryMode
-from lightning_ddg.state import StageStates, fill_placeholders, load_stage_state
+from lightning_ddg.state import StageStates, load_stage_state, parameter_names
 from lightning_ddg.stopping import JobStop
 from lightning_ddg.topology import StageLinks, Topology
 from lightning_ddg.watchdog import Watchdog
@@ -125,6 +113,7 @@ class DDGStrategy(ParallelStrategy):
             and ``"flops"`` under ``Trainer(deterministic=True)``, whose runs must cut alike. The example input
             is the module's ``example_input_array``, or else the part of the first batch that fits ``forward``
             (``x`` of a batch ``(x, y)``, the items of a dict batch named like ``forward``'s parameters).
+            ``"memory"``: the cuts minimise the largest stage's memory instead (see ``docs/performance.md``).
         memory: ``"stash"`` (default, exact), ``"recompute"`` (exact, keeps no activations) or ``"replay"``
             (inexact, keeps no weight copies); see ``docs/semantics.md``.
         timeout: how long any wait for another stage may take before the run fails.
@@ -204,7 +193,6 @@ class DDGStrategy(ParallelStrategy):
         self._update_due = False
         self._shuffle_seed = 0
         self._stop = JobStop()
-        self._requeue: Callable[[int, Any], None] | None = None  # Lightning's SLURM save-and-requeue
         self._batch_loaders: list[SentBatches | ReceivedBatches] = []  # this run's loaders, reading over links
         self._init_rng_states: dict[str, Tensor] | None = None  # when configure_model began building on meta
         self._keep_stage_after_fit = False  # a model built on the meta device stays cut after fit
@@ -267,7 +255,7 @@ class DDGStrategy(ParallelStrategy):
         check_stage_count(self.num_nodes * self.num_processes, self.split_points, self.balance, self.num_stages)
         if self._start_method == "popen":
             self._launcher = DDGScriptLauncher(
-                self.cluster_environment, self.num_processes, self.num_nodes, describe=self._describe
+                self.cluster_environment, self.num_processes, self.num_nodes, describe=self.topology.describe
             )
         else:
             self._launcher = DDGSpawnLauncher(self, start_method=self._start_method)
@@ -279,55 +267,24 @@ class DDGStrategy(ParallelStrategy):
         self.set_world_ranks()
         backend = self._process_group_backend or default_process_group_backend(self.root_device)
         self._process_group_backend = backend
-        assert self.cluster_environment is not None
-        self._init_process_group(backend)
-        self._failed = False
-        self._watchdog = self._start_watchdog()
-
-    def _init_process_group(self, backend: str) -> None:
-        """The process group, after a rendezvous with a timeout of its own (``rendezvous.py``)."""
         env = self.cluster_environment
         assert env is not None
-        if distributed_is_initialized() or self.world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE"):
-            # one process, a later fit, or torchrun's agent serving the store: Lightning's way
+        # the processes this one launched (strategy="ddg" on local rank 0): errors say which of them have exited
+        job = {"describe": self.topology.describe, "children": launched_ranks(self.node_rank * self.num_processes + 1)}
+        if needs_rendezvous(self.world_size):  # rendezvous.py: a timeout of its own, an error naming the absent
+            timeouts = {"rendezvous_timeout": self._rendezvous_timeout, "timeout": self._timeout}
+            init_process_group(
+                backend, env.main_address, env.main_port, self.global_rank, self.world_size, **timeouts, **job
+            )
+        else:  # one process, a later fit, or torchrun's agent serving the store: Lightning's way
             init_dist_connection(env, backend, timeout=self._timeout)
-            return
-        init_process_group(
-            backend,
-            env.main_address,
-            env.main_port,
-            self.global_rank,
-            self.world_size,
-            rendezvous_timeout=self._rendezvous_timeout,
-            timeout=self._timeout,
-            describe=self._describe,
-            children=self._launched_ranks(),
-        )
-
-    def _describe(self, rank: int) -> str:
-        return f"stage {self.topology.stage_of(rank)} (rank {rank})"
-
-    def _launched_ranks(self) -> dict[int, Any]:
-        """The processes this one launched (strategy='ddg' on local rank 0), by global rank."""
-        first_child = self.node_rank * self.num_processes + 1
-        return {first_child + i: proc for i, proc in enumerate(launched_processes())}
-
-    def _start_watchdog(self) -> Watchdog | None:
-        """Every process watches the others, so that a failure anywhere ends the whole job (``watchdog.py``)."""
-        if self.world_size == 1:
-            return None
-        env = self.cluster_environment
-        assert env is not None
-        pause_observer(True)  # the watchdog watches the launched ranks now
-        return Watchdog.for_job(
-            env.main_address,
-            env.main_port,
-            self.global_rank,
-            self.world_size,
-            describe=self._describe,
-            children=self._launched_ranks(),
-            watch_parent=self._start_method != "popen" or self.local_rank > 0,
-        )
+        self._failed, self._watchdog = False, None
+        if self.world_size > 1:  # every process watches the others: a failure anywhere ends the job (watchdog.py)
+            pause_observer(True)  # the watchdog watches the launched ranks now
+            watch_parent = self._start_method != "popen" or self.local_rank > 0
+            self._watchdog = Watchdog.for_job(
+                env.main_address, env.main_port, self.global_rank, self.world_size, watch_parent=watch_parent, **job
+            )
 
     def set_world_ranks(self) -> None:
         # as DDPStrategy: ranks are numbered node by node (torchrun and SLURM set them themselves), so the
@@ -348,21 +305,10 @@ class DDGStrategy(ParallelStrategy):
         self.partition = self._split(trainer, module)
         check_stages_have_parameters(self.partition.train, self.partition.split_points)
         check_tied_clipping(self.partition.tied, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
-        k = self.stage_index
         self._shuffle_seed = self.broadcast(shuffle_seed())
-        self._states = StageStates(
-            self.topology,
-            self.global_rank,
-            self.world_size,
-            state_dict_keys=list(module.state_dict()),
-            parameter_order=[name for name, _ in module.named_parameters()],
-        )
-        self._keep_stage_after_fit = on_meta(module)
+        self._states = StageStates.of(module, self.topology, self.global_rank, self.world_size)
+        self._keep_stage_after_fit = on_meta(module)  # built in configure_model: each rank keeps its stage
         self._finished = False
-        if self._keep_stage_after_fit:  # built in configure_model: this process gives its own stage real tensors
-            holders = (self.partition.train[k], self.partition.eval[k])
-            kept = kept_tensors(module, self.partition, k)
-            materialize(module, kept, self.root_device, self._init_rng_states, holders)
         built = build_stage(
             module,
             self.topology,
@@ -375,6 +321,7 @@ class DDGStrategy(ParallelStrategy):
             memory=self.memory,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             check_finite=self._checks_finite(trainer),
+            init_rng_states=self._init_rng_states,
         )
         self.stage, self._links, self._removed = built.stage, built.links, built.removed
         self._forward = PipelinedForward(self.stage, inspect.signature(module.forward))
@@ -382,12 +329,10 @@ class DDGStrategy(ParallelStrategy):
         if self.world_size > 1:
             self._stop.reset()
             replace_per_step_sigterm_broadcast(trainer, self._stop_if_requested)
-            self._requeue = replace_signal_handlers(trainer, self._on_stop_signal)
+            self._stop.requeue = replace_signal_handlers(trainer, self._on_stop_signal)
         scope_metrics(module, self._links.replica_group if self._links else None)
         quiet_epoch_sync_advice(everything=self.topology.num_replicas == 1)
-        for callback in (LogStageFigures, ShareLastStageMetrics):
-            if not any(isinstance(c, callback) for c in trainer.callbacks):
-                trainer.callbacks.insert(0, callback())  # first, ahead of the monitoring callbacks
+        add_stage_callbacks(trainer)
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
@@ -404,10 +349,7 @@ class DDGStrategy(ParallelStrategy):
             yield
         # taken after the build: initialising meta tensors draws no random numbers, so these are the states the
         # layers' initialisation would have begun with, a torch.manual_seed in configure_model included
-        states = {"cpu": torch.get_rng_state()}
-        if self.root_device.type == "cuda":
-            states["cuda"] = torch.cuda.get_rng_state(self.root_device)
-        self._init_rng_states = states
+        self._init_rng_states = rng_states(self.root_device)
 
     def _check_supported(self, module: pl.LightningModule) -> None:
         scaled = isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None
@@ -429,50 +371,26 @@ class DDGStrategy(ParallelStrategy):
 
     def _split(self, trainer: pl.Trainer, module: pl.LightningModule) -> Partition:
         num_stages = self.topology.num_stages
-        split_points = self.split_points
-        if self.balance is not None:
-            check_balance_length(self.balance, num_stages)
-            split_points = balance_to_split_points(module, self.balance)
+        split_points = given_split_points(module, self.split_points, self.balance, num_stages)
         self.plan = None
         if num_stages > 1:
-            # one rank measures and chooses, so that every stage cuts the model at the same places
-            self.plan = self.broadcast(
-                self._make_plan(trainer, module, split_points) if self.global_rank == 0 else None
-            )
+            # one rank measures and chooses (cutting.py), so that every stage cuts the model at the same places
+            chosen = None
+            if self.global_rank == 0:
+                context = self.precision_plugin.forward_context
+                chosen = make_plan(
+                    trainer, module, num_stages, split_points, self.balance_by, self.root_device, context, self.memory
+                )
+            self.plan = self.broadcast(chosen)
             split_points = self.plan.split_points
             log.info("plan: %d stages cut at %s (by %s)", num_stages, split_points, self.plan.balance_by)
-            self._show_plan(trainer, self.plan)
+            if self.global_rank == 0:
+                show_plan(trainer, self.plan)
         example = self.plan.example_input if self.plan is not None else None  # what torch.export opens with
-        return split_module(module, split_points=split_points, num_stages=num_stages, example_input=example)
-
-    def _make_plan(self, trainer: pl.Trainer, module: pl.LightningModule, split_points: list[str] | None) -> Plan:
-        example = example_forward_input(trainer, module)
-        with self.precision_plugin.forward_context():
-            return plan(
-                module,
-                example,
-                None if split_points is not None else self.topology.num_stages,
-                split_points=split_points,
-                balance_by=self.balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time"),
-                device=torch.device("meta") if on_meta(module) else self.root_device,
-            )
-
-    def _show_plan(self, trainer: pl.Trainer, plan: Plan) -> None:
-        if self.global_rank != 0:
-            return
-        if any(isinstance(c, ModelSummary) for c in trainer.callbacks):
-            last = plan.num_stages - 1
-            rank_zero_info(f"DDG plan: {plan.num_stages} stages, stage k on rank {last} - k of each pipeline\n{plan}")
-        for logger in trainer.loggers:
-            logger.log_hyperparams(plan.to_dict())
-        if plan.imbalance > IMBALANCE_WARNING:
-            slowest = max(plan.stages, key=lambda s: s.cost)
-            rank_zero_warn(
-                f"stage {slowest.index} of the DDG pipeline costs {plan.imbalance:.2f}x the mean stage "
-                f"({plan.balance_by}); the pipeline runs at the speed of its slowest stage. Move its split points "
-                "(split_points=[...]) or leave the cuts to the strategy (balance_by='time').",
-                category=PossibleUserWarning,
-            )
+        opened = self.plan.opened_modules if self.plan is not None and self.plan.exported else None
+        # the stages are traced in eval mode too only where something evaluates
+        # eval graphs even for a fit without validation_step: a callback may call the model outside training_step
+        return split_module(module, split_points, num_stages, example, opened)
 
     def _checks_finite(self, trainer: pl.Trainer) -> bool:
         return self.check_finite if self.check_finite is not None else detect_anomaly(trainer)
@@ -492,7 +410,7 @@ class DDGStrategy(ParallelStrategy):
             stage = trainer.state.stage.dataloader_prefix if trainer is not None and trainer.state.stage else None
             what = {"train": "training", "val": "validation"}.get(stage, stage or "a")
             lengths = self.states.all_gather_objects(loader_length(dataloader))
-            check_same_lengths(lengths, f"{what} dataloader", self._describe)
+            check_same_lengths(lengths, f"{what} dataloader", self.topology.describe)
         topology = self.topology
         try:
             check_sampler_shards_replicas(dataloader, topology.num_replicas, topology.replica_of(self.global_rank))
@@ -553,29 +471,19 @@ class DDGStrategy(ParallelStrategy):
 
     # --- stopping when asked (stopping.py) ---------------------------------------------------------------
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        """The handler Lightning registers for SIGTERM (and, under SLURM with auto-requeue, its requeue signal).
-
-        It only takes note: the watchdog carries the request to every process, and the first stage ends the
-        pipeline before its next training batch (:meth:`_stop_if_requested`), so that all stages stop after the
-        same step with nothing but the pipeline's own messages. A run that is not fitting has no such step and
-        stops at once.
-        """
+        # the handler Lightning registers for SIGTERM (and SLURM's requeue signal): the first stage stops the
+        # pipeline before its next batch; a run that is not fitting has no such batch and stops at once
         self._stop.on_signal(signum, self._watchdog)
         module = self.lightning_module
         if module is not None and module.trainer.state.fn != TrainerFn.FITTING:
             raise SIGTERMException(128 + signum)
 
     def _stop_if_requested(self) -> None:
-        """Before every training batch, where Lightning would broadcast rank 0's SIGTERM flag to every rank: the
-        first stage, whose forward every other stage waits for, checks whether the job was asked to stop. If so
-        it ends the pipeline here; each later stage raises when the end reaches it, after the same step."""
+        # where Lightning would broadcast rank 0's SIGTERM flag before every training batch
         assert self.stage is not None
-        if not self.stage.is_first:
-            return
         group = self._links.replica_group if self._links is not None else None
-        signum = self._stop.requested(self._watchdog, group, self.topology.rank_of(0, replica=0), self.root_device)
-        if signum:
-            self.stage.stop(signum)
+        src = self.topology.rank_of(0, replica=0)
+        if signum := self._stop.before_batch(self.stage, self._watchdog, group, src, self.root_device):
             raise self._stopping(signum)
 
     def stopped_elsewhere(self, signum: int) -> None:
@@ -687,24 +595,14 @@ class DDGStrategy(ParallelStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        """Every rank calls it. The tensors of other stages in ``checkpoint`` are placeholders
-        (:meth:`lightning_module_state_dict`, :meth:`optimizer_state`): their owners send them to rank 0 one at a
-        time, and rank 0 streams them into the one ordinary checkpoint file (:func:`save_streamed`), so that no
-        process ever holds the whole model. Written under a temporary name and renamed: a job stopped while it saves
-        leaves the last complete file."""
+        """Every rank calls it: the owners of the placeholders in ``checkpoint`` stream them to rank 0 as it writes
+        the file (:meth:`StageStates.save_checkpoint`). Written under a temporary name and renamed: a job stopped
+        while it saves leaves the last complete file."""
         if self._stop.stopped_by is not None and self.partition is None:
             return  # see stopped_elsewhere
-        streamed = self.states.take_streamed()
-        if not self.is_global_zero:
-            self.states.send_streamed(checkpoint, streamed)
-            return
-        self.checkpoint_io = atomic(self.checkpoint_io)
-        receive = self.states.receive_streamed(streamed)
-        if streamed and writes_local_torch_files(self.checkpoint_io, filepath):
-            save_streamed(checkpoint, filepath, [key_path for key_path, _ in streamed], receive)
-            return
-        fill_placeholders(checkpoint, streamed, receive)  # another checkpoint IO: it gets the whole checkpoint
-        self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        if self.is_global_zero:
+            self.checkpoint_io = atomic(self.checkpoint_io)
+        self.states.save_checkpoint(checkpoint, filepath, self.checkpoint_io, storage_options)
 
     @property
     @override
@@ -744,32 +642,27 @@ class DDGStrategy(ParallelStrategy):
         """The optimizer state of the whole model, as one device would hold it (a collective: every rank calls
         it when saving), so that checkpoints resume on any number of stages; see :mod:`lightning_ddg.checkpoint`.
         As in :meth:`lightning_module_state_dict`, other stages' tensors are placeholders until saved."""
+        assert self.lightning_module is not None
         optimizer = unwrapped_optimizer(optimizer)  # a LightningOptimizer wraps the real one
-        return self.states.optimizer_state(optimizer, self._parameter_names(), placeholders=bool(self._removed))
+        return self.states.optimizer_state(
+            optimizer, parameter_names(self.lightning_module), placeholders=bool(self._removed)
+        )
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         module = self.lightning_module
         assert module is not None
-        names, shapes = self._parameter_names(), {name: p.shape for name, p in module.named_parameters()}
         for optimizer, full in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             try:
-                state = self.states.stage_optimizer_state(optimizer, full, names, shapes)
+                self.states.load_optimizer_state(optimizer, full, module)
             except ValueError as err:
                 raise MisconfigurationException(f"cannot resume the optimizer from this checkpoint: {err}") from None
-            optimizer.load_state_dict(state)
-            optimizer_to_device(optimizer, self.root_device)
-
-    def _parameter_names(self) -> dict[int, str]:
-        assert self.lightning_module is not None
-        return {id(p): name for name, p in self.lightning_module.named_parameters()}
+        optimizers_to_device(self.optimizers, self.root_device)
 
     @override
     def on_exception(self, exception: BaseException) -> None:
         if self._stop.stopped_by is not None and isinstance(exception, SIGTERMException):
-            # every stage stopped after the same step: they save the requeue checkpoint together
-            if self._stop.stopped_by != signal.SIGTERM and self._requeue is not None:
-                self._requeue(self._stop.stopped_by, None)
+            self._stop.after_stop()
             return
         # the other stages would wait forever for this one: the watchdog stops them
         log.error("rank %d failed: %s: %s", self.global_rank, type(exception).__name__, exception)

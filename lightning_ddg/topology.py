@@ -53,6 +53,10 @@ class Topology:
     def rank_of(self, stage: int, replica: int = 0) -> int:
         return replica * self.num_stages + self.num_stages - 1 - stage
 
+    def describe(self, rank: int) -> str:
+        """How messages name a rank: ``"stage 1 (rank 2)"``."""
+        return f"stage {self.stage_of(rank)} (rank {rank})"
+
     def replica_ranks(self, stage: int) -> list[int]:
         """The ranks running ``stage``, replica 0 first: the group that averages the stage's gradients."""
         return [self.rank_of(stage, r) for r in range(self.num_replicas)]

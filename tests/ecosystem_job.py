@@ -1,8 +1,9 @@
 """Fit the ecosystem's models (Hugging Face, timm, torchvision, Lightning's demo) with plain
 ``Trainer(strategy="ddg", devices=K)``: tiny configs, random weights, no split points, no hints.
 
-``python tests/ecosystem_job.py K [NAME ...]`` fits each model of :data:`ZOO` for a few steps on K CPU processes;
-for each, rank 0 prints one line ``ecosystem NAME {json}`` with the plan and what the fit did to the weights, or
+``python tests/ecosystem_job.py K [NAME ...]`` fits each model of :data:`ZOO` for a few steps on K CPU processes,
+one after the other in the same processes; for each, rank 0 prints one line ``ecosystem NAME {json}`` with the
+fit's plan, the plan by FLOPs (which a loaded machine does not change), what the fit did to the weights, or
 ``ecosystem NAME {"skipped": reason}`` for a model that cannot be cut yet. The LightningModules are written the
 way their libraries' users write them: a dict batch given to the model as keyword arguments, ``labels`` in the
 batch and ``outputs.loss`` from the model, an ``attention_mask``, gradient checkpointing switched on.
@@ -10,10 +11,13 @@ batch and ``outputs.loss`` from the model, an ``attention_mask``, gradient check
 
 from __future__ import annotations
 
+import gc
+import inspect
 import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +31,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_ddg  # noqa: F401 - registers strategy="ddg"
+from lightning_ddg.example_input import forward_arguments
+from lightning_ddg.planning import plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.zoo_job import Classifier  # noqa: E402
@@ -216,14 +222,24 @@ ZOO: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], Dataset], 
 def main(devices: int, names: list[str]) -> None:
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
+    gc.freeze()  # the libraries' objects: each fit's garbage collection then scans only what the fits made
+    rank = int(os.environ.get("LOCAL_RANK", 0))  # the launched ranks run this loop too
     for name in names or list(ZOO):
         build, data, skipped = ZOO[name]
         if skipped is not None:
-            if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the launched ranks run this loop too
+            if rank == 0:
                 print(f"ecosystem {name} {json.dumps({'skipped': skipped})}", flush=True)
             continue
+        start = time.perf_counter()
         torch.manual_seed(0)
         model = build()
+        loader = DataLoader(data(STEPS * BATCH), batch_size=BATCH)
+        flops = None
+        if rank == 0:
+            # the balance by FLOPs the cut candidates allow, which a loaded machine does not change; it opens the
+            # model as the fit's own plan does, which finds the export done
+            example = forward_arguments(next(iter(loader)), inspect.signature(model.forward))
+            flops = plan(model, example, devices, balance_by="flops")
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         trainer = L.Trainer(
             strategy="ddg",
@@ -233,19 +249,24 @@ def main(devices: int, names: list[str]) -> None:
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
+            enable_model_summary=False,
             num_sanity_val_steps=0,
         )
-        trainer.fit(model, DataLoader(data(STEPS * BATCH), batch_size=BATCH))
+        trainer.fit(model, loader)
         if trainer.is_global_zero:
-            plan = trainer.strategy.plan
+            used = trainer.strategy.plan
             after = dict(model.named_parameters())
             report = {
-                "split_points": plan.split_points,
-                "imbalance": plan.imbalance,
-                "opened": plan.opened_modules,
+                "split_points": used.split_points,
+                "imbalance": used.imbalance,
+                "balance_by": used.balance_by,
+                "flops_split_points": flops.split_points,
+                "flops_imbalance": flops.imbalance,
+                "opened": used.opened_modules,
                 "loss": float(trainer.callback_metrics["train_loss"]),
                 "unchanged": [n for n in before if torch.equal(before[n], after[n])],
                 "not_finite": [n for n, p in after.items() if not torch.isfinite(p).all()],
+                "seconds": round(time.perf_counter() - start, 1),
             }
             assert math.isfinite(report["loss"])
             print(f"ecosystem {name} {json.dumps(report)}", flush=True)

@@ -6,7 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,3 +55,37 @@ def run_job(*command: str, timeout: float) -> subprocess.CompletedProcess:
     proc = start_job(*command)
     stdout, stderr = finish_job(proc, timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run_ahead(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    runs: dict[str, Callable[..., Any]],
+    at_once: int = 2,
+) -> dict[str, Any]:
+    """For every test of this module selected to run whose name is a key of ``runs``: ``runs[name](tmp_path,
+    **its parameters)``, ``at_once`` at a time, before the first of these tests runs; their results (or what they
+    raised) by test node id, for :func:`result_of`.
+
+    A job spends most of its life in one process at a time (the launching process imports, then each rank it
+    starts, then they wait for each other), so two jobs at once keep two cores busy where one job leaves one idle.
+    The checks stay in the tests, each on its own job's result."""
+    items = [i for i in request.session.items if i.module is request.module and i.originalname in runs]
+
+    def run(item: pytest.Item) -> Any:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        try:
+            return runs[item.originalname](tmp_path_factory.mktemp(item.originalname[:40]), **params)
+        except BaseException as error:  # noqa: BLE001 - raised again in the test it belongs to
+            return error
+
+    with ThreadPoolExecutor(at_once) as pool:
+        return dict(zip([i.nodeid for i in items], pool.map(run, items), strict=True))
+
+
+def result_of(results: dict[str, Any], request: pytest.FixtureRequest) -> Any:
+    """This test's result from :func:`run_ahead`, or what its run raised (a failed check, a timeout), raised here."""
+    result = results[request.node.nodeid]
+    if isinstance(result, BaseException):
+        raise result
+    return result

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs import REPO, run_job
+from tests.jobs import REPO, result_of, run_ahead, run_job
 
 EXAMPLE = REPO / "examples" / "digits_cnn.py"
 TIMEOUT_S = 300
@@ -19,6 +19,37 @@ def _run(*command: str) -> subprocess.CompletedProcess:
     return run_job(*command, timeout=TIMEOUT_S)
 
 
+def _digits(tmp_path: Path, args: tuple[str, ...]) -> tuple[Path, subprocess.CompletedProcess]:
+    # 3 epochs of 23 steps: about 0.87 validation accuracy with DDG on 2 stages and 0.9 with backpropagation
+    # (chance is 0.1); one epoch reaches only about 0.5, too close to any threshold to be a robust check
+    return tmp_path, _run(str(EXAMPLE), "--log-dir", str(tmp_path / "logs"), "--max-epochs", "3", *args)
+
+
+def _cli(tmp_path: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    trainer_args = ["--trainer.strategy", "ddg", "--trainer.devices", "2", "--trainer.max_epochs", "1"]
+    trainer_args += ["--trainer.limit_train_batches", "8", "--trainer.limit_val_batches", "2"]
+    script = str(EXAMPLE.with_name("digits_cli.py"))
+    return tmp_path, _run(script, "fit", *trainer_args, "--trainer.default_root_dir", str(tmp_path))
+
+
+def _causal_lm(tmp_path: Path) -> subprocess.CompletedProcess:
+    pytest.importorskip("transformers")  # skips the test that reads this run
+    script = REPO / "examples" / "causal_lm.py"
+    return _run(str(script), "--layers", "2", "--max-steps", "4", "--block", "32", "--devices", "2")
+
+
+@pytest.fixture(scope="module")
+def jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Every selected example's run, two at a time (``tests/jobs.py``); each test checks its own."""
+    runs = {
+        "test_digits_cnn_trains": _digits,
+        "test_lightning_cli_takes_the_strategy_name": _cli,
+        "test_causal_lm_fine_tunes_offline": _causal_lm,
+    }
+    return run_ahead(request, tmp_path_factory, runs)
+
+
+@pytest.mark.timeout(3 * TIMEOUT_S)
 @pytest.mark.parametrize(
     "args",
     [
@@ -26,10 +57,8 @@ def _run(*command: str) -> subprocess.CompletedProcess:
         pytest.param(("--strategy", "auto", "--devices", "1"), id="backprop-1-device", marks=pytest.mark.slow),
     ],
 )
-def test_digits_cnn_trains(tmp_path: Path, args: tuple[str, ...]) -> None:
-    # 3 epochs of 23 steps: about 0.87 validation accuracy with DDG on 2 stages and 0.9 with backpropagation
-    # (chance is 0.1); one epoch reaches only about 0.5, too close to any threshold to be a robust check
-    result = _run(str(EXAMPLE), "--log-dir", str(tmp_path / "logs"), "--max-epochs", "3", *args)
+def test_digits_cnn_trains(jobs, request, args: tuple[str, ...]) -> None:
+    tmp_path, result = result_of(jobs, request)
     assert result.returncode == 0, f"exit code {result.returncode}\nstderr:\n{result.stderr[-5000:]}"
 
     lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
@@ -45,12 +74,9 @@ def test_digits_cnn_trains(tmp_path: Path, args: tuple[str, ...]) -> None:
     assert len(list((tmp_path / "logs").rglob("*.ckpt"))) == 1
 
 
-def test_lightning_cli_takes_the_strategy_name(tmp_path: Path) -> None:
-    trainer_args = ["--trainer.strategy", "ddg", "--trainer.devices", "2", "--trainer.max_epochs", "1"]
-    trainer_args += ["--trainer.limit_train_batches", "8", "--trainer.limit_val_batches", "2"]
-    result = _run(
-        str(EXAMPLE.with_name("digits_cli.py")), "fit", *trainer_args, "--trainer.default_root_dir", str(tmp_path)
-    )
+@pytest.mark.timeout(3 * TIMEOUT_S)
+def test_lightning_cli_takes_the_strategy_name(jobs, request) -> None:
+    tmp_path, result = result_of(jobs, request)
     assert result.returncode == 0, f"exit code {result.returncode}\nstderr:\n{result.stderr[-5000:]}"
     assert len(list(tmp_path.rglob("*.ckpt"))) == 1
 
@@ -66,10 +92,9 @@ def test_paper_comparison_runs_and_writes_its_table(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "curves.png").stat().st_size > 0
 
 
-def test_causal_lm_fine_tunes_offline() -> None:
-    pytest.importorskip("transformers")
-    script = REPO / "examples" / "causal_lm.py"
-    result = _run(str(script), "--layers", "2", "--max-steps", "4", "--block", "32", "--devices", "2")
+@pytest.mark.timeout(3 * TIMEOUT_S)
+def test_causal_lm_fine_tunes_offline(jobs, request) -> None:
+    result = result_of(jobs, request)
     assert result.returncode == 0, f"exit code {result.returncode}\nstderr:\n{result.stderr[-5000:]}"
     last = result.stdout.strip().splitlines()[-1]
     match = re.match(r"^final train_loss=(\d+\.\d+)$", last)

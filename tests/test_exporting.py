@@ -92,3 +92,36 @@ def test_nn_transformer_with_masks_is_cut_between_its_layers() -> None:
     assert partition.parameter_names(1)[0].startswith("transformer.encoder.layers.1.")
     assert partition.parameter_names(2)[0].startswith("transformer.decoder.layers.1.")
     torch.testing.assert_close(_run(partition.train, *args), model(*args))
+
+
+class Dropping(nn.Module):
+    """GPT-2 (dropout in its layers, which run as written), with or without dropout in the forward that is traced."""
+
+    def __init__(self, reads_training: bool) -> None:
+        super().__init__()
+        config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+        self.model = transformers.GPT2LMHeadModel(config)
+        self.reads_training = reads_training
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=input_ids).logits
+        return nn.functional.dropout(logits, 0.5, self.training) if self.reads_training else logits
+
+
+@pytest.mark.parametrize("reads_training", [False, True])
+def test_one_export_serves_both_modes_unless_the_traced_code_reads_a_training_flag(reads_training: bool) -> None:
+    torch.manual_seed(0)
+    model = Dropping(reads_training)
+    ids = torch.randint(0, 64, (2, 8))
+    # given the modules a plan opens, only the stages' graph is exported
+    opened = ["model", "model.transformer", "model.transformer.h"]
+    partition = split_module(model, ["model.transformer.h.1"], example_input=(ids,), opened=opened)
+    assert partition.opened == opened
+    assert (partition.eval[1] is partition.train[1]) is not reads_training
+    model.eval()
+    torch.testing.assert_close(_run(partition.eval, ids), model(ids))
+    model.train()
+    torch.manual_seed(1)
+    outputs = _run(partition.train, ids)
+    torch.manual_seed(1)
+    torch.testing.assert_close(outputs, model(ids))

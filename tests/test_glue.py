@@ -1,18 +1,27 @@
-"""The plain parts the strategy hands work to, without a Trainer: example batches, loaders, the forward."""
+"""The plain parts the strategy hands work to, without a Trainer: example batches, loaders, the forward, stopping,
+a meta-device build, joining the job."""
 
 from __future__ import annotations
 
 import inspect
+import signal
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_ddg import Topology, build_stage
+from lightning_ddg.comm import PipelineStopped
 from lightning_ddg.example_input import forward_arguments
 from lightning_ddg.forward import PipelinedForward
+from lightning_ddg.launchers import launched_ranks
 from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling
-from tests.models import batches, mlp
+from lightning_ddg.local import LockStep, local_links
+from lightning_ddg.rendezvous import needs_rendezvous
+from lightning_ddg.shard import rng_states
+from lightning_ddg.state import StageStates
+from lightning_ddg.stopping import JobStop
+from tests.models import batches, mlp, split_points_for
 
 
 def _forward(x: torch.Tensor, mask: torch.Tensor | None = None) -> None: ...
@@ -61,3 +70,54 @@ def test_the_pipelined_forward_runs_once_per_training_step() -> None:
         forward(x)
     with pytest.raises(RuntimeError, match="never called"), forward.training_step():
         pass
+
+
+def test_a_stop_before_a_batch_ends_the_pipeline_on_the_first_stage_and_reaches_the_next() -> None:
+    model = mlp()
+    pipeline = LockStep(model, split_points_for(model, 3))
+    first, middle, _ = pipeline.stages
+    stop, requeued = JobStop(), []
+    assert stop.before_batch(first, None) == 0  # nothing asked
+    stop.on_signal(signal.SIGUSR1, None)
+    assert stop.before_batch(middle, None) == 0  # only the first stage, whose forward the others wait for
+    assert stop.before_batch(first, None) == signal.SIGUSR1
+    with pytest.raises(PipelineStopped) as stopped:
+        middle.forward()
+    assert stopped.value.signum == signal.SIGUSR1
+    stop.requeue = lambda signum, frame: requeued.append(signum)
+    stop.after_stop()
+    assert requeued == []  # not stopped yet
+    stop.stopped(signal.SIGUSR1, report=False, step=0)
+    stop.after_stop()
+    assert requeued == [signal.SIGUSR1]  # the requeue signal saves the requeue checkpoint
+    stop.reset()
+    stop.stopped(signal.SIGTERM, report=False, step=0)
+    stop.after_stop()
+    assert requeued == [signal.SIGUSR1]  # SIGTERM does not
+
+
+def test_a_model_built_on_meta_is_materialised_for_its_stage_as_a_whole_build_would_be() -> None:
+    whole = mlp(seed=3, dtype=torch.float32)
+    with torch.device("meta"):
+        model = mlp(seed=3, dtype=torch.float32)
+    # taken after the build, as the strategy takes them: initialising meta tensors draws no random numbers
+    states = rng_states(torch.device("cpu"))
+    torch.rand(7)  # the global stream moves on before the stage is built: the states taken must be the ones used
+    topology, links = Topology(num_stages=2), local_links(2)[1]  # rank 0 runs stage 1: the last layers
+    points = split_points_for(model, 2)
+    built = build_stage(model, topology, 0, split_points=points, links=links, keep_only=True, init_rng_states=states)
+    own = dict(built.module.named_parameters())
+    assert own and not any(p.is_meta for p in own.values())
+    expected = dict(whole.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, expected[name])
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in whole.parameters())
+
+
+def test_the_plain_parts_of_joining_a_job() -> None:
+    topology = Topology(num_stages=3, num_replicas=2)
+    assert [topology.describe(r) for r in (0, 2, 4)] == ["stage 2 (rank 0)", "stage 0 (rank 2)", "stage 1 (rank 4)"]
+    assert not needs_rendezvous(1) and needs_rendezvous(2)  # no process group in this process
+    assert launched_ranks(first_rank=1) == {}  # this process launched none
+    states = StageStates.of(mlp(), topology, rank=0, world_size=6)
+    assert states.state_dict_keys[:2] == ["0.weight", "0.bias"] and states.parameter_order == states.state_dict_keys

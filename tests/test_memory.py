@@ -209,6 +209,7 @@ def test_a_streamed_checkpoint_is_an_ordinary_file(tmp_path, monkeypatch) -> Non
 def test_the_memory_benchmark_reports_every_stage_within_its_formula(tmp_path: Path) -> None:
     out = tmp_path / "memory.json"
     command = ["benchmarks/memory.py", "--width", "1024", "--steps", "4", "--stages", "2", "--memory", "stash"]
+    command += ["--plan", "memory"]  # DDGStrategy(balance_by="memory"): fewer layers on the stage with weight copies
     result = run_job(*command, "--out", str(out), timeout=280)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -217,6 +218,7 @@ def test_the_memory_benchmark_reports_every_stage_within_its_formula(tmp_path: P
         ("init", 1),
     ]
     phases = ["setup", "train", "save", "resume", "end"]
+    assert [r["layers"] for r in sorted(rows, key=lambda r: (r["build"], r["stage"]))] == [6, 10, 6, 10]
     for row in rows:
         # private memory (resident less the shared library pages) is part of the resident memory
         assert all(0 < row[f"{p}_private_peak_mib"] < row[f"{p}_peak_mib"] for p in phases), row

@@ -349,3 +349,11 @@ def test_balance_to_split_points_names_a_nested_trunk() -> None:
     partition = split_module(wrapper, split_points=points)
     x = torch.randn(3, 4)
     assert torch.equal(_compose(partition.train, x), wrapper(x))
+
+
+def test_stages_traced_for_training_only_refuse_to_evaluate() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    partition = split_module(model, ["2"], evaluation=False)
+    assert partition.train[0](torch.randn(3, 4))[0].shape == (3, 8)
+    with pytest.raises(RuntimeError, match="traced for training only"):
+        partition.eval[0](torch.randn(3, 4))

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs import REPO, finish_job, start_job
+from tests.jobs import REPO, finish_job, result_of, run_ahead, start_job
 from tests.preloaded import PreloadedJob, Preloader
 
 FAILING_JOB = REPO / "tests" / "reliability_job.py"
 REPEAT_JOB = REPO / "tests" / "repeat_job.py"
 LIMIT_S = 30  # from a failure until every process of the job has gone
-JOB_TIMEOUT_S = 150
+JOB_TIMEOUT_S = 240  # two jobs share the cores (run_ahead)
+AHEAD_TIMEOUT_S = 8 * JOB_TIMEOUT_S  # the first test that reads the jobs run ahead waits for all of them, two at a time
 
 
 @dataclass
@@ -109,7 +110,27 @@ def _assert_failed_once(job: Job, error: str, stage: str | None, devices: int, s
         assert job.gone_at - job.failed_at < LIMIT_S, report
 
 
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+@pytest.fixture(scope="module")
+def jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The jobs of this module's tests that run one job each, two at a time (``tests/jobs.py``)."""
+    runs = {
+        "test_a_failure_ends_every_process_and_shows_its_error_once": lambda tmp, args, **_: run_failing_job(
+            tmp, *args
+        ),
+        "test_a_stage_killed_with_sigkill_ends_the_job": lambda tmp: run_failing_job(
+            tmp, "--devices", "3", "--fail", "kill", "--rank", "1"
+        ),
+        "test_seeded_runs_give_bitwise_identical_weights": lambda tmp, devices: _seeded_digests(devices),
+        "test_a_script_fits_and_tests_again_after_a_fit": lambda tmp: _repeat(devices=2, runs=3),
+        "test_a_job_killed_while_it_saves_keeps_the_last_complete_checkpoint": _killed_while_saving,
+        "test_a_rank_that_does_not_arrive_is_named_when_the_rendezvous_times_out": lambda tmp: run_failing_job(
+            tmp, "--devices", "2", "--hold", "rendezvous", "--rank", "1", "--rendezvous-timeout", "3"
+        ),
+    }
+    return run_ahead(request, tmp_path_factory, runs)
+
+
+@pytest.mark.timeout(AHEAD_TIMEOUT_S)
 @pytest.mark.parametrize(
     ("args", "error", "stage"),
     [
@@ -166,17 +187,17 @@ def _assert_failed_once(job: Job, error: str, stage: str | None, devices: int, s
         ),
     ],
 )
-def test_a_failure_ends_every_process_and_shows_its_error_once(tmp_path: Path, args: tuple, error, stage) -> None:
-    job = run_failing_job(tmp_path, *args)
+def test_a_failure_ends_every_process_and_shows_its_error_once(jobs, request, args: tuple, error, stage) -> None:
+    job = result_of(jobs, request)
     devices = int(args[args.index("--devices") + 1])
     _assert_failed_once(job, error, stage, devices, spawn="ddg_spawn" in args)
     if "oom" in args:
         assert "this stage ran out of memory. DDGStrategy(memory='recompute')" in job.output
 
 
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_a_stage_killed_with_sigkill_ends_the_job(tmp_path: Path) -> None:
-    job = run_failing_job(tmp_path, "--devices", "3", "--fail", "kill", "--rank", "1")
+@pytest.mark.timeout(AHEAD_TIMEOUT_S)
+def test_a_stage_killed_with_sigkill_ends_the_job(jobs, request) -> None:
+    job = result_of(jobs, request)
     report = f"exit code {job.returncode}\n{job.output[-6000:]}"
     assert job.returncode == 1, report
     assert job.output.count("lightning-ddg: stage 1 (rank 1) was killed by SIGKILL; stopping stage") == 2, report
@@ -200,19 +221,22 @@ def _repeat(devices: int, runs: int) -> tuple[list[str], list[tuple[int, int]], 
     return [d for d, _, _ in runs_found], [(int(t), int(f)) for _, t, f in runs_found], evaluated[0]
 
 
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-@pytest.mark.parametrize("devices", [1, 3, pytest.param(4, marks=pytest.mark.slow)])
-def test_seeded_runs_give_bitwise_identical_weights(devices: int) -> None:
+def _seeded_digests(devices: int) -> list[str]:
     if devices == 3:  # two runs in separate processes
-        digests = [_repeat(devices, runs=1)[0][0] for _ in range(2)]
-    else:  # two runs in the same processes, one after the other
-        digests = _repeat(devices, runs=2)[0]
+        return [_repeat(devices, runs=1)[0][0] for _ in range(2)]
+    return _repeat(devices, runs=2)[0]  # two runs in the same processes, one after the other
+
+
+@pytest.mark.timeout(AHEAD_TIMEOUT_S)
+@pytest.mark.parametrize("devices", [1, 3, pytest.param(4, marks=pytest.mark.slow)])
+def test_seeded_runs_give_bitwise_identical_weights(jobs, request, devices: int) -> None:
+    digests = result_of(jobs, request)
     assert digests[0] == digests[1]
 
 
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_a_script_fits_and_tests_again_after_a_fit() -> None:
-    digests, resources, evaluated = _repeat(devices=2, runs=3)
+@pytest.mark.timeout(AHEAD_TIMEOUT_S)
+def test_a_script_fits_and_tests_again_after_a_fit(jobs, request) -> None:
+    digests, resources, evaluated = result_of(jobs, request)
     assert len(set(digests)) == 1  # each fit started from the same state, and the third is as good as the first
     (threads_2, fds_2), (threads_3, fds_3) = resources[1:]
     # nothing piles up from one fit to the next: no watchdog thread, no process group left behind
@@ -452,34 +476,45 @@ def test_the_covering_cells_cover_every_pair() -> None:
     assert pairs == {(m, s) for m in MODES for s in STOPS}
 
 
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_a_job_killed_while_it_saves_keeps_the_last_complete_checkpoint(tmp_path: Path) -> None:
+def _killed_while_saving(tmp_path: Path) -> tuple[Stopped, Path, tuple[int, list[str]], Job]:
+    """The job killed half-way through a save; the checkpoint's step and the leftover temporary files then; and
+    the job resumed from ``ckpt_path="last"``."""
     import torch
 
     checkpoints = tmp_path / "checkpoints"
     args = ("--checkpoint-dir", str(checkpoints), "--max-steps", "8")
     stopped = _stop_at(tmp_path, "save", 0, signal.SIGKILL, "launcher", *args)
+    try:
+        step = torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"]
+    except Exception as error:  # noqa: BLE001 - a torn file, reported by the test
+        step = f"{type(error).__name__}: {error}"
+    left = sorted(p.name for p in checkpoints.glob(".*.tmp"))
+    (tmp_path / "resumed").mkdir()
+    resume = ("--checkpoint-dir", str(checkpoints), "--ckpt-path", "last", "--max-steps", "4", "--devices", "2")
+    return stopped, checkpoints, (step, left), run_failing_job(tmp_path / "resumed", *resume)
+
+
+@pytest.mark.timeout(AHEAD_TIMEOUT_S)
+def test_a_job_killed_while_it_saves_keeps_the_last_complete_checkpoint(jobs, request) -> None:
+    import torch
+
+    stopped, checkpoints, (step, left), resumed = result_of(jobs, request)
     report = f"exit code {stopped.returncode}\n{stopped.output[-6000:]}"
     assert stopped.returncode == -signal.SIGKILL, report
     # the second save of last.ckpt (step 4) was cut short: the first one (step 2) is still there, whole
-    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 2, report
-    assert len(list(checkpoints.glob(".last.ckpt.*.tmp"))) == 1, report  # what the stopped save left
-    # ckpt_path="last" resumes from it, and the first save of the resumed run removes the stopped save's leftover
-    (tmp_path / "resumed").mkdir()
-    resume = ("--checkpoint-dir", str(checkpoints), "--ckpt-path", "last", "--max-steps", "4", "--devices", "2")
-    resumed = run_failing_job(tmp_path / "resumed", *resume)
+    assert step == 2, report
+    assert len(left) == 1 and left[0].startswith(".last.ckpt."), report  # what the stopped save left
+    # ckpt_path="last" resumed from it, and the first save of the resumed run removed the stopped save's leftover
     report = f"exit code {resumed.returncode}\n{resumed.output[-6000:]}"
     assert resumed.returncode == 0 and "fit starts at step 2" in resumed.output, report
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 4, report
     assert not list(checkpoints.glob(".*.tmp")), report
 
 
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_a_rank_that_does_not_arrive_is_named_when_the_rendezvous_times_out(tmp_path: Path) -> None:
+@pytest.mark.timeout(AHEAD_TIMEOUT_S)
+def test_a_rank_that_does_not_arrive_is_named_when_the_rendezvous_times_out(jobs, request) -> None:
     # rank 1 holds before the rendezvous (or is still importing when rank 0 gives up): both end
-    job = run_failing_job(
-        tmp_path, "--devices", "2", "--hold", "rendezvous", "--rank", "1", "--rendezvous-timeout", "3"
-    )
+    job = result_of(jobs, request)
     report = f"exit code {job.returncode}\n{job.output[-6000:]}"
     assert job.returncode != 0, report
     assert "RendezvousTimeout: stage 0 (rank 1) did not arrive at the rendezvous within 3 s" in job.output, report

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.jobs import REPO, finish_job, start_job
+from tests.jobs import REPO, finish_job, result_of, run_ahead, start_job
 from tests.test_reliability import LIMIT_S, _wait_until_gone
 from tests.test_scale_out import _free_port
 
 STOP_JOB = REPO / "tests" / "stop_job.py"
-TIMEOUT_S = 150
+TIMEOUT_S = 240  # two jobs share the cores (run_ahead)
+AHEAD_TIMEOUT_S = 3 * TIMEOUT_S + 60  # the first test to read the jobs run ahead waits for all, two at a time
 
 
 def _stopped_steps(out: Path, devices: int) -> list[int]:
@@ -48,57 +49,32 @@ def _check_checkpoint(path: Path, step: int) -> None:
     assert len(checkpoint["optimizer_states"][0]["state"]) in (0, len(names))
 
 
-@pytest.mark.timeout(TIMEOUT_S + 60)
-@pytest.mark.parametrize(
-    ("strategy", "rank"),
-    [
-        pytest.param("ddg", 2, id="first-stage-popen", marks=pytest.mark.slow),
-        pytest.param("ddg", 1, id="middle-stage-popen"),
-        pytest.param("ddg_spawn", 0, id="last-stage-spawn"),
-    ],
-)
-def test_sigterm_to_any_stage_stops_every_stage_after_the_same_step(tmp_path: Path, strategy: str, rank: int) -> None:
-    args = (str(STOP_JOB), str(tmp_path), "--strategy", strategy, "--rank", str(rank))
-    proc = start_job(*args, stderr=subprocess.STDOUT)
+def _run(tmp_path: Path, *args: str) -> tuple[str, int]:
+    """Run the stop job with ``args``; its output and exit code once every process of it has gone."""
+    proc = start_job(str(STOP_JOB), str(tmp_path), *args, stderr=subprocess.STDOUT)
     output, _ = finish_job(proc, TIMEOUT_S)
-    pids = [int(p) for name in ("launcher", "pids") for p in (tmp_path / name).read_text().split()]
-    _wait_until_gone(pids, within=LIMIT_S)
-    step = _check_stopped_alike(tmp_path, output, proc.returncode, devices=3)
-    assert step >= 4
-    _check_checkpoint(tmp_path / "on_exception.ckpt", step)
+    _wait_until_gone(_pids(tmp_path), within=LIMIT_S)
+    return output, proc.returncode
 
 
-@pytest.mark.timeout(TIMEOUT_S + 60)
-def test_sigterm_to_one_replica_stops_every_replica_after_the_same_step(tmp_path: Path) -> None:
-    # 2 stages x 2 replicas: rank 3 runs the first stage of replica 1
-    args = (str(STOP_JOB), str(tmp_path), "--devices", "4", "--num-stages", "2", "--rank", "3")
-    proc = start_job(*args, stderr=subprocess.STDOUT)
-    output, _ = finish_job(proc, TIMEOUT_S)
-    pids = [int(p) for name in ("launcher", "pids") for p in (tmp_path / name).read_text().split()]
-    _wait_until_gone(pids, within=LIMIT_S)
-    _check_checkpoint(tmp_path / "on_exception.ckpt", _check_stopped_alike(tmp_path, output, proc.returncode, 4))
+def _pids(out: Path) -> list[int]:
+    return [int(p) for name in ("launcher", "pids") for p in (out / name).read_text().split()]
 
 
-@pytest.mark.timeout(TIMEOUT_S + 60)
-@pytest.mark.parametrize("strategy", [pytest.param("ddg", marks=pytest.mark.slow), "ddg_spawn"])
-def test_sigterm_to_the_launcher_stops_every_stage(tmp_path: Path, strategy: str) -> None:
-    args = (str(STOP_JOB), str(tmp_path), "--devices", "2", "--strategy", strategy)
-    proc = start_job(*args, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
+def _stop_the_launcher(tmp_path: Path, strategy: str) -> tuple[str, int, float]:
+    """Send SIGTERM to the launching process once every stage has started; also how long the job took to go."""
+    proc = start_job(str(STOP_JOB), str(tmp_path), "--devices", "2", "--strategy", strategy, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + TIMEOUT_S - 30  # a busy machine starts slowly
     while len(list(tmp_path.glob("started.*"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     signalled_at = time.monotonic()
     output, _ = finish_job(proc, TIMEOUT_S)
-    pids = [int(p) for name in ("launcher", "pids") for p in (tmp_path / name).read_text().split()]
-    _wait_until_gone(pids, within=LIMIT_S)
-    assert time.monotonic() - signalled_at < LIMIT_S
-    assert proc.returncode == 128 + signal.SIGTERM
-    _check_checkpoint(tmp_path / "on_exception.ckpt", _check_stopped_alike(tmp_path, output, proc.returncode, 2))
+    _wait_until_gone(_pids(tmp_path), within=LIMIT_S)
+    return output, proc.returncode, time.monotonic() - signalled_at
 
 
-@pytest.mark.timeout(TIMEOUT_S + 60)
-def test_slurm_requeue_signal_saves_the_requeue_checkpoint_on_every_stage(tmp_path: Path) -> None:
+def _requeue(tmp_path: Path) -> tuple[str, list[int]]:
     """Two processes with the variables ``srun`` sets stand for a SLURM job with auto-requeue; stage 0 (rank 1)
     gets SIGUSR1, as ``sbatch --signal=USR1@90`` sends it before the time limit."""
     job = {
@@ -118,7 +94,66 @@ def test_slurm_requeue_signal_saves_the_requeue_checkpoint_on_every_stage(tmp_pa
         output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
         procs.append(subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, **output))
     outputs = [finish_job(proc, TIMEOUT_S)[0] for proc in procs]
-    output = "\n".join(outputs)
-    assert all(proc.returncode == 128 + signal.SIGUSR1 for proc in procs), output[-6000:]
-    step = _check_stopped_alike(tmp_path, output, 1, devices=2, name="SIGUSR1")
-    _check_checkpoint(tmp_path / "hpc_ckpt_1.ckpt", step)
+    return "\n".join(outputs), [proc.returncode for proc in procs]
+
+
+@pytest.fixture(scope="module")
+def jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Every selected test's job, two at a time (``tests/jobs.py``); each test checks its own."""
+    runs = {
+        "test_sigterm_to_any_stage_stops_every_stage_after_the_same_step": lambda tmp, strategy, rank, devices: (
+            tmp,
+            *_run(tmp, "--devices", str(devices), "--strategy", strategy, "--rank", str(rank)),
+        ),
+        "test_sigterm_to_one_replica_stops_every_replica_after_the_same_step": lambda tmp: (
+            tmp,
+            *_run(tmp, "--devices", "4", "--num-stages", "2", "--rank", "3"),  # rank 3: stage 0 of replica 1
+        ),
+        "test_sigterm_to_the_launcher_stops_every_stage": lambda tmp, strategy: (
+            tmp,
+            *_stop_the_launcher(tmp, strategy),
+        ),
+        "test_slurm_requeue_signal_saves_the_requeue_checkpoint_on_every_stage": lambda tmp: (tmp, *_requeue(tmp)),
+    }
+    return run_ahead(request, tmp_path_factory, runs)
+
+
+@pytest.mark.timeout(AHEAD_TIMEOUT_S)
+@pytest.mark.parametrize(
+    ("strategy", "rank", "devices"),
+    [
+        pytest.param("ddg", 2, 3, id="first-stage-popen", marks=pytest.mark.slow),
+        pytest.param("ddg", 1, 3, id="middle-stage-popen"),
+        pytest.param("ddg_spawn", 0, 2, id="last-stage-spawn"),  # rank 0 runs the last stage
+    ],
+)
+def test_sigterm_to_any_stage_stops_every_stage_after_the_same_step(
+    jobs, request, strategy: str, rank: int, devices: int
+) -> None:
+    out, output, returncode = result_of(jobs, request)
+    step = _check_stopped_alike(out, output, returncode, devices=devices)
+    assert step >= 4
+    _check_checkpoint(out / "on_exception.ckpt", step)
+
+
+@pytest.mark.timeout(AHEAD_TIMEOUT_S)
+def test_sigterm_to_one_replica_stops_every_replica_after_the_same_step(jobs, request) -> None:
+    out, output, returncode = result_of(jobs, request)
+    _check_checkpoint(out / "on_exception.ckpt", _check_stopped_alike(out, output, returncode, 4))
+
+
+@pytest.mark.timeout(AHEAD_TIMEOUT_S)
+@pytest.mark.parametrize("strategy", [pytest.param("ddg", marks=pytest.mark.slow), "ddg_spawn"])
+def test_sigterm_to_the_launcher_stops_every_stage(jobs, request, strategy: str) -> None:
+    out, output, returncode, seconds = result_of(jobs, request)
+    assert seconds < LIMIT_S
+    assert returncode == 128 + signal.SIGTERM
+    _check_checkpoint(out / "on_exception.ckpt", _check_stopped_alike(out, output, returncode, 2))
+
+
+@pytest.mark.timeout(AHEAD_TIMEOUT_S)
+def test_slurm_requeue_signal_saves_the_requeue_checkpoint_on_every_stage(jobs, request) -> None:
+    out, output, returncodes = result_of(jobs, request)
+    assert all(code == 128 + signal.SIGUSR1 for code in returncodes), output[-6000:]
+    step = _check_stopped_alike(out, output, 1, devices=2, name="SIGUSR1")
+    _check_checkpoint(out / "hpc_ckpt_1.ckpt", step)

@@ -1,0 +1,88 @@
+"""Where the strategy cuts a LightningModule: the plan made on one rank with what the Trainer knows, and shown.
+
+The plan itself (:func:`lightning_ddg.plan`) is plain PyTorch. What the Trainer adds: the example batch
+(:mod:`lightning_ddg.example_input`), the precision's forward context to measure in, and where the plan is shown:
+the model summary's printout, the loggers' hyperparameters and a warning for an unbalanced cut.
+
+Example, on rank 0 when a fit begins::
+
+    points = given_split_points(module, split_points=None, balance=[3, 2], num_stages=2)
+    chosen = make_plan(trainer, module, 2, points, balance_by=None, device=device)
+    show_plan(trainer, chosen)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+from lightning_ddg.balance import BalanceBy
+from lightning_ddg.checks import check_balance_length
+from lightning_ddg.example_input import example_forward_input
+from lightning_ddg.partition import balance_to_split_points
+from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
+from lightning_ddg.shard import on_meta
+from lightning_ddg.stage import MemoryMode
+
+__all__ = ["given_split_points", "make_plan", "show_plan"]
+
+
+def given_split_points(
+    module: pl.LightningModule, split_points: Sequence[str] | None, balance: Sequence[int] | None, num_stages: int
+) -> list[str] | None:
+    """The cuts the user gave, as module names (``balance`` counts layers of a sequential); ``None``: none given."""
+    if balance is not None:
+        check_balance_length(list(balance), num_stages)
+        return balance_to_split_points(module, list(balance))
+    return list(split_points) if split_points is not None else None
+
+
+def make_plan(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    num_stages: int,
+    split_points: list[str] | None,
+    balance_by: BalanceBy | None,
+    device: torch.device,
+    forward_context: Callable[[], AbstractContextManager] = nullcontext,
+    memory: MemoryMode = "stash",
+) -> Plan:
+    """The plan of the cuts (``split_points`` described, or chosen), measured with the Trainer's example batch. By
+    default by time, and by FLOPs under ``Trainer(deterministic=True)``, whose runs must cut alike; a model built
+    on the meta device is measured there. ``memory``: the strategy's memory mode, which what a stage holds
+    depends on."""
+    example = example_forward_input(trainer, module)
+    with forward_context():
+        return plan(
+            module,
+            example,
+            None if split_points is not None else num_stages,
+            split_points=split_points,
+            balance_by=balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time"),
+            device=torch.device("meta") if on_meta(module) else device,
+            memory=memory,
+        )
+
+
+def show_plan(trainer: pl.Trainer, plan: Plan) -> None:
+    """Print the plan as a table (with the Trainer's model summary), log it to the loggers' hyperparameters, and
+    warn of a stage that costs more than ``IMBALANCE_WARNING`` times the mean. On one rank."""
+    if any(isinstance(c, ModelSummary) for c in trainer.callbacks):
+        last = plan.num_stages - 1
+        rank_zero_info(f"DDG plan: {plan.num_stages} stages, stage k on rank {last} - k of each pipeline\n{plan}")
+    for logger in trainer.loggers:
+        logger.log_hyperparams(plan.to_dict())
+    if plan.imbalance > IMBALANCE_WARNING and plan.balance_by != "memory":  # memory: the stages' speeds differ
+        slowest = max(plan.stages, key=lambda s: s.cost)
+        rank_zero_warn(
+            f"stage {slowest.index} of the DDG pipeline costs {plan.imbalance:.2f}x the mean stage "
+            f"({plan.balance_by}); the pipeline runs at the speed of its slowest stage. Move its split points "
+            "(split_points=[...]) or leave the cuts to the strategy (balance_by='time').",
+            category=PossibleUserWarning,
+        )
