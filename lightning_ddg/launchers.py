@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -52,9 +53,16 @@ from lightning_ddg._compat import (
     interrupt_here,
     set_num_threads_if_needed,
 )
-from lightning_ddg.lifeline import LAUNCHER_PID, SignalWatch, stop_processes, watch_launcher
+from lightning_ddg.lifeline import LAUNCHER_PID, SignalWatch, end_if_launcher_gone, stop_processes, watch_launcher
 
-__all__ = ["DDGScriptLauncher", "DDGSpawnLauncher", "launched_processes", "launched_ranks", "pause_observer"]
+__all__ = [
+    "DDGScriptLauncher",
+    "DDGSpawnLauncher",
+    "launched_processes",
+    "launched_ranks",
+    "pause_observer",
+    "run_ended",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,7 @@ EXIT_GRACE_S = 10.0
 
 _STOPPED_TOGETHER = 2  # in DDGSpawnLauncher._started: the stage stopped after the same step as the others
 _observer: ChildObserver | None = None  # this process's watch over the ranks it launched, if it launched any
+_ended: tuple[Any, int] | None = None  # in a process DDGSpawnLauncher started: where to mark that its run ended
 
 
 def launched_processes() -> list[subprocess.Popen]:
@@ -82,8 +91,35 @@ def pause_observer(paused: bool) -> None:
         _observer.paused = paused
 
 
+def run_ended() -> None:
+    """This process's run (a fit, validate, test, predict) has ended on every stage, its watchdog stopped: the
+    watch over the launched ranks resumes, and a launched process that dies from here on is reported as having
+    died after the run, whose checkpoints are then complete (every save takes every stage)."""
+    if _observer is not None:
+        _observer.ended = True
+        _observer.paused = False
+    if _ended is not None:
+        flags, index = _ended
+        flags[index] = 1
+
+
+def _died(name: str, pid: int, code: int, ended: bool) -> str:
+    """The job's one line for a launched process that died."""
+    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    after = " after the run had ended" if ended else ""
+    return f"lightning-ddg: {name}, process {pid}, {how}{after}; stopping the job."
+
+
 class DDGScriptLauncher(SubprocessScriptLauncher):
-    """Re-launches the script for every other rank; see the module's documentation."""
+    """Re-launches the script for every other rank; see the module's documentation.
+
+    Args:
+        describe: names a global rank in messages (``"stage 0 (rank 1)"``).
+    """
+
+    def __init__(self, *args: Any, describe: Callable[[int], str] = lambda rank: f"rank {rank}", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.describe = describe
 
     @override
     def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
@@ -95,7 +131,8 @@ class DDGScriptLauncher(SubprocessScriptLauncher):
                 self._call_children_scripts()
             finally:
                 del os.environ[LAUNCHER_PID]
-            _observer = ChildObserver(self.procs)
+            first = self.cluster_environment.node_rank() * self.num_processes + 1
+            _observer = ChildObserver(self.procs, describe=lambda i: self.describe(first + i))
             _observer.start()
             atexit.register(_wait_for, _observer, EXIT_GRACE_S)
         set_num_threads_if_needed(num_processes=self.num_processes)
@@ -108,6 +145,9 @@ class DDGScriptLauncher(SubprocessScriptLauncher):
         )
         if _observer is None:
             return function(*args, **kwargs)
+        if _observer.lost:
+            raise RuntimeError("a launched process died after the last run (said above): the job cannot run again")
+        _observer.ended = False
         with SignalWatch(stop=lambda: stop_processes(launched_processes())):
             _observer.failed = True  # until the fit returns: the ranks are not waited for at exit
             result = function(*args, **kwargs)
@@ -118,15 +158,35 @@ class DDGScriptLauncher(SubprocessScriptLauncher):
 class ChildObserver(threading.Thread):
     """Ends the job when a launched process exits with an error, unless ``paused`` (while a watchdog runs).
 
-    The launching process may be blocked in a collective with the process that died, so it kills itself too.
+    During a run the launching process may be blocked in a collective with the process that died, so it kills
+    itself too. After a run that ended (``ended``), it goes on (the script may have more to do here) and exits
+    with code 1 at its end.
     """
 
-    def __init__(self, children: list[subprocess.Popen], period: float = 1.0) -> None:
+    def __init__(
+        self, children: list[subprocess.Popen], period: float = 1.0, describe: Callable[[int], str] = str
+    ) -> None:
         super().__init__(daemon=True, name="lightning-ddg-child-observer")
         self.children = children
         self.period = period
+        self.describe = describe  # names the i-th launched process
         self.paused = False
         self.failed = False  # the last fit raised: at exit, the launched ranks are not waited for
+        self.ended = False  # the last run ended on every stage
+        self.lost = ""  # the line said for a launched process that died
+        self._saying = threading.Lock()
+
+    def say_died(self) -> bool:
+        """Say, once, that a launched process died (the first one found); whether one has."""
+        with self._saying:
+            if not self.lost:
+                died = [(i, child) for i, child in enumerate(self.children) if child.poll()]
+                if not died:
+                    return False
+                i, child = died[0]
+                self.lost = _died(self.describe(i), child.pid, child.returncode, self.ended)
+                print(self.lost, file=sys.stderr, flush=True)
+            return True
 
     @override
     def run(self) -> None:
@@ -137,20 +197,14 @@ class ChildObserver(threading.Thread):
             codes = [child.poll() for child in self.children]
             if all(code == 0 for code in codes):
                 return
-            failed = [(i, code) for i, code in enumerate(codes) if code]
-            if failed:
-                i, code = failed[0]
-                child = self.children[i]
-                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-                print(
-                    f"lightning-ddg: local rank {i + 1} (process {child.pid}) {how}; stopping the job.",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            ended = self.ended
+            if self.say_died():
                 for other in self.children:
                     if other.poll() is None:
                         other.kill()
-                os.kill(os.getpid(), signal.SIGKILL)
+                if not ended:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return
 
 
 class DDGSpawnLauncher(MultiProcessingLauncher):
@@ -166,6 +220,7 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
 
     _global_states: GlobalStateSnapshot | None = None
     _started: Any = None
+    _ended: Any = None
     _environment: dict[str, str] = {}
 
     @override
@@ -179,7 +234,9 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
             multiprocessing.set_forkserver_preload(["__main__", "lightning_ddg", "lightning_ddg._server"])
             self._global_states = GlobalStateSnapshot.capture()
         # which processes have started to run the stage's code: pickled with this launcher, in shared memory
-        self._started = multiprocessing.get_context(self._start_method).RawArray("b", self._strategy.num_processes)
+        context = multiprocessing.get_context(self._start_method)
+        self._started = context.RawArray("b", self._strategy.num_processes)
+        self._ended = context.RawArray("b", self._strategy.num_processes)  # which processes' runs ended (run_ended)
         log.info("launch: %d processes started with %s", self._strategy.num_processes, self._start_method)
         try:
             with SignalWatch(stop=self._stop_stages):
@@ -191,12 +248,9 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
             if exited.exit_code < 0:  # killed by a signal: it printed nothing, and its traceback would say nothing
                 if any(p.exitcode == 1 for p in self.procs):
                     raise SystemExit(1) from None  # a stage's watchdog found it dead, and said so
-                print(
-                    f"lightning-ddg: rank {exited.error_index} (process {exited.error_pid}) was killed by "
-                    f"{exited.signal_name}; stopping the job.",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                rank, ended = exited.error_index, bool(self._ended[exited.error_index])
+                name = self._strategy.topology.describe(self._strategy.node_rank * self._strategy.num_processes + rank)
+                print(_died(name, exited.error_pid, exited.exit_code, ended), file=sys.stderr, flush=True)
                 raise SystemExit(1) from None
             if not 128 < exited.exit_code < 128 + signal.NSIG:
                 raise
@@ -223,8 +277,10 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
 
     @override
     def _wrapping_function(self, process_idx: int, trainer: Any, function: Any, args: Any, *rest: Any) -> None:
+        global _ended
         watch_launcher(None, f"rank {process_idx}")  # first: this process ends with the launching one
         self._started[process_idx] = 1
+        _ended = self._ended, process_idx
         if self._global_states is not None:
             os.environ.clear()
             os.environ.update(self._environment)
@@ -234,6 +290,7 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
             args = disable_module_memory_sharing(args)
         try:
             super()._wrapping_function(process_idx, trainer, function, args, *rest)
+            end_if_launcher_gone()  # the run ended as the launching process went: the job still says so, once
         except SIGTERMException as stop:
             if getattr(getattr(self._strategy, "_stop", None), "stopped_by", None) is not None:  # after a step
                 self._started[process_idx] = _STOPPED_TOGETHER
@@ -248,7 +305,7 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
 
 def _wait_for(observer: ChildObserver, grace: float) -> None:
     """At the launching process's exit after fits that went well: give the launched ranks, which end the same
-    script, the time to end."""
+    script, the time to end; if one of them died, say so (once) and exit with code 1."""
     if observer.failed:
         return  # they end by themselves once this process has gone (lifeline.py)
     deadline = time.monotonic() + grace
@@ -257,3 +314,6 @@ def _wait_for(observer: ChildObserver, grace: float) -> None:
             process.wait(timeout=max(deadline - time.monotonic(), 0.01))
         except subprocess.TimeoutExpired:
             pass  # they end by themselves once this process has gone (lifeline.py)
+    if observer.say_died():
+        sys.stdout.flush()
+        os._exit(1)  # atexit cannot change the exit code otherwise

@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import signal
@@ -118,6 +119,9 @@ def watch_launcher(launcher_pid: int | None, name: str) -> None:
     if launcher_pid is not None and os.getppid() != launcher_pid:
         run()  # the launcher ended before this process got this far
     threading.Thread(target=run, name="lightning-ddg-launcher-watch", daemon=True).start()
+    # a process that ends (its run over) between the launcher's end and the watch's next look says so too; one
+    # started by multiprocessing runs no atexit handlers: its launcher calls this as the process's last act
+    atexit.register(end_if_launcher_gone)
 
 
 def _exit_quietly(signum: int, frame: object) -> None:

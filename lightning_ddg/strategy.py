@@ -75,7 +75,7 @@ from lightning_ddg.checks import (
 from lightning_ddg.comm import PipelineStopped
 from lightning_ddg.cutting import given_split_points, make_plan, show_plan
 from lightning_ddg.forward import PipelinedForward, StageDone
-from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launched_ranks, pause_observer
+from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launched_ranks, pause_observer, run_ended
 from lightning_ddg.lifeline import end_if_launcher_gone
 from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling, shuffle_seed
 from lightning_ddg.metrics import quiet_epoch_sync_advice, scope_metrics
@@ -254,7 +254,9 @@ class DDGStrategy(ParallelStrategy):
         # here, when the Trainer is built, no process has been started yet: the error is shown once
         check_stage_count(self.num_nodes * self.num_processes, self.split_points, self.balance, self.num_stages)
         if self._start_method == "popen":
-            self._launcher = DDGScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = DDGScriptLauncher(
+                self.cluster_environment, self.num_processes, self.num_nodes, describe=self.topology.describe
+            )
         else:
             self._launcher = DDGSpawnLauncher(self, start_method=self._start_method)
 
@@ -682,7 +684,7 @@ class DDGStrategy(ParallelStrategy):
                 dist.barrier()  # every stage has run its on_exception callbacks before any exits
             if self._watchdog is not None:
                 self._watchdog.stop()
-                pause_observer(False)
+                run_ended()
         self._links = self._watchdog = None
         for loader in self._batch_loaders:
             loader.release()

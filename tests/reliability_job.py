@@ -147,6 +147,10 @@ class Hold(Callback):
     def setup(self, trainer, pl_module, stage) -> None:
         self._at(trainer, "planning")  # the split is planned next
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.args.ckpt_path and trainer.is_global_zero:
+            print(f"fit starts at step {trainer.global_step}", flush=True)
+
     def on_train_batch_start(self, trainer, *args) -> None:
         self._at(trainer, "first-steps")
 
@@ -251,6 +255,7 @@ def main() -> None:
     parser.add_argument("--started-file", default="")
     parser.add_argument("--hold", default="", choices=("", *HOLDS))
     parser.add_argument("--checkpoint-dir", default="")
+    parser.add_argument("--ckpt-path", default=None, help="resume from this checkpoint (or 'last')")
     parser.add_argument("--rendezvous-timeout", type=float, default=180.0)
     args = parser.parse_args()
     if "LOCAL_RANK" not in os.environ:  # the launching process, before it starts the others
@@ -291,7 +296,9 @@ def main() -> None:
             val_check_interval=4 if args.hold == "validation" else None,
         )
         validation = DataLoader(data, batch_size=4) if args.hold == "validation" else None
-        trainer.fit(Job(args, fails=fit == args.fits - 1), DataLoader(data, batch_size=4), validation)
+        trainer.fit(
+            Job(args, fails=fit == args.fits - 1), DataLoader(data, batch_size=4), validation, ckpt_path=args.ckpt_path
+        )
     if trainer.is_global_zero:
         print("job done", flush=True)
 

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.jobs import REPO, finish_job, result_of, run_ahead, start_job
+from tests.preloaded import PreloadedJob, Preloader
 
 FAILING_JOB = REPO / "tests" / "reliability_job.py"
 REPEAT_JOB = REPO / "tests" / "repeat_job.py"
@@ -32,17 +34,34 @@ class Job:
     gone_at: float  # when the last process of the job had gone
 
 
-def _start(script: Path, *args: str, pid_file: Path) -> subprocess.Popen:
-    command = [str(script), *args]
-    if script == FAILING_JOB:
-        command += ["--pid-file", str(pid_file)]
-    return start_job(*command, stderr=subprocess.STDOUT)
+_preloader: Preloader | None = None  # starts this module's failing jobs: their launching processes skip imports
+_preloading = threading.Lock()
 
 
-def _wait(proc: subprocess.Popen, pid_file: Path) -> Job:
+@pytest.fixture(autouse=True, scope="module")
+def _end_preloader():
+    global _preloader
+    yield
+    if _preloader is not None:
+        _preloader.close()
+        _preloader = None
+
+
+def _start(script: Path, *args: str, pid_file: Path) -> subprocess.Popen | PreloadedJob:
+    global _preloader
+    if script != FAILING_JOB:
+        return start_job(str(script), *args, stderr=subprocess.STDOUT)
+    with _preloading:
+        _preloader = _preloader or Preloader()
+    command = [str(script.relative_to(REPO)), *args, "--pid-file", str(pid_file)]
+    return _preloader.start(command, pid_file.parent / "job")
+
+
+def _wait(proc: subprocess.Popen | PreloadedJob, pid_file: Path) -> Job:
     output, _ = finish_job(proc, JOB_TIMEOUT_S)
     pids = [int(p) for p in pid_file.read_text().split()] if pid_file.exists() else []
     gone_at = _wait_until_gone(pids, within=LIMIT_S)
+    output = proc.output() if isinstance(proc, PreloadedJob) else output  # with what the last ones said
     failed = pid_file.with_name(pid_file.name + ".failed")
     failed_at = float(failed.read_text()) if failed.exists() else None
     return Job(proc.returncode, output, pids, failed_at, gone_at)
@@ -246,6 +265,7 @@ class Stopped:
     returncode: int
     output: str
     seconds: float  # from the signal until every process of the job had gone
+    reached: float = 0.0  # from the start until the held process reached its phase
 
 
 def _stop_at(tmp_path: Path, phase: str, rank: int, signum: int | None, target: str, *args: str) -> Stopped:
@@ -255,6 +275,7 @@ def _stop_at(tmp_path: Path, phase: str, rank: int, signum: int | None, target: 
     pid_file = tmp_path / "pids"
     proc = _start(FAILING_JOB, "--devices", "2", "--hold", phase, "--rank", str(rank), *args, pid_file=pid_file)
     marker = pid_file.with_name("pids.at")
+    started = time.monotonic()
     deadline = time.monotonic() + 120
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -267,9 +288,10 @@ def _stop_at(tmp_path: Path, phase: str, rank: int, signum: int | None, target: 
         os.kill(proc.pid if target == "launcher" else int(held), signum)
     signalled = time.monotonic()
     pid_file.with_name("pids.go").touch()
-    output, _ = finish_job(proc, LIMIT_S)  # its output closes when the last process holding it has gone
+    output, _ = finish_job(proc, LIMIT_S)
     _assert_all_gone(proc.pid, signalled + LIMIT_S, output)
-    return Stopped(proc.returncode, output, time.monotonic() - signalled)
+    output = proc.output()  # with what the last processes said
+    return Stopped(proc.returncode, output, time.monotonic() - signalled, signalled - started)
 
 
 def _assert_all_gone(group: int, deadline: float, output: str) -> None:
@@ -308,9 +330,17 @@ class Cell:
     @property
     def held_rank(self) -> int:
         """The rank held in the phase: ddg's launching process (rank 0) when it is the one signalled, in a phase it
-        goes through; otherwise rank 1, a launched process (in ``imports``: the first launched process)."""
+        goes through; otherwise rank 1, a launched process (in ``imports``: the first launched process). In
+        ``save``, rank 0, which writes the checkpoint files."""
         launcher = self.mode == "ddg" and self.stop != "SIGKILL-stage" and self.phase != "imports"
-        return 0 if launcher else 1
+        return 0 if launcher or self.phase == "save" else 1
+
+    @property
+    def says(self) -> str:
+        """The line that says what stopped the job: a stage killed in ``save`` with ``ddg`` is rank 0, the
+        launching process, and the job says what it says when the launching process is killed."""
+        launcher_killed = self.stop == "SIGKILL-stage" and self.mode == "ddg" and self.phase == "save"
+        return SAYS["SIGKILL"] if launcher_killed else SAYS[self.stop]
 
 
 def covering_cells() -> list[Cell]:
@@ -329,6 +359,19 @@ def phase_cells() -> list[Cell]:
     ]
 
 
+def default_cells() -> list[Cell]:
+    """The cells of the default test run: :func:`phase_cells`, and four more so that every launch mode meets
+    every stop (SIGKILL of ddg's launching process is the save test's), among them a stage killed in teardown with
+    each kind of launcher."""
+    extra = [
+        Cell("ddg", "SIGKILL-stage", "teardown"),
+        Cell("ddg_spawn", "SIGINT", "first-steps"),
+        Cell("forkserver", "SIGTERM", "planning"),
+        Cell("forkserver", "SIGKILL-stage", "teardown"),
+    ]
+    return phase_cells() + extra
+
+
 def all_cells() -> list[Cell]:
     return [Cell(mode, stop, phase) for phase in PHASES for mode in MODES for stop in STOPS]
 
@@ -338,18 +381,26 @@ def _stop_cell(tmp_path: Path, cell: Cell) -> str | None:
     tmp_path.mkdir()
     signum = signal.SIGKILL if cell.stop.startswith("SIGKILL") else getattr(signal, cell.stop)
     target = "stage" if cell.stop == "SIGKILL-stage" else "launcher"
-    args = ["--strategy", cell.mode, "--max-steps", "100"]  # once let go, 0.05 s a step: a stop comes first
+    # once let go, 0.05 s a step: a stop comes first; the drain and teardown come after the last step
+    steps = "8" if cell.phase in ("drain", "teardown") else "100"
+    args = ["--strategy", cell.mode, "--max-steps", steps]
     if cell.phase == "save":
         args += ["--checkpoint-dir", str(tmp_path / "checkpoints")]
     try:
         stopped = _stop_at(tmp_path, cell.phase, cell.held_rank, signum, target, *args)
     except pytest.fail.Exception as failed:
         return f"{cell}: {failed}"
-    says = len(re.findall(SAYS[cell.stop], stopped.output))
-    # ddg's launching process, killed in teardown, may be the last process of the job: no one is left to say it
-    lines = (0, 1) if (cell.mode, cell.stop, cell.phase) == ("ddg", "SIGKILL", "teardown") else (1,)
+    says = len(re.findall(cell.says, stopped.output))
+    # the launching process killed in teardown, once the run has ended: the processes left end as they would have
+    # (ddg's launching process may be the last one), and one of them may say that the launching process has gone
+    lines = (0, 1) if (cell.stop, cell.phase) == ("SIGKILL", "teardown") else (1,)
+    # a stage killed once the run has ended on it: the line says so, and the job still fails
+    after = (
+        cell.stop == "SIGKILL-stage" and cell.phase == "teardown" and "after the run had ended" not in stopped.output
+    )
     problems = [
         *(["exit code 0"] if stopped.returncode == 0 else []),
+        *(["no line says that the run had ended"] if after else []),
         *([f"the line that says what stopped it appears {says} times"] if says not in lines else []),
         *(["a traceback"] if "Traceback" in stopped.output else []),
         *(_torn_checkpoints(tmp_path / "checkpoints") if cell.phase == "save" else []),
@@ -385,9 +436,9 @@ def _run_cells(tmp_path: Path, cells: list[Cell], at_once: int = 2) -> None:
 
 @pytest.mark.timeout(900)
 def test_a_job_stopped_in_any_phase_leaves_nothing_and_says_why_once(tmp_path: Path) -> None:
-    """One cell per phase (every stop and every launch mode among them): every process gone within 30 s of the
+    """The default cells (each phase, each launch mode with each stop): every process gone within 30 s of the
     signal, a non-zero exit, and one line that says what stopped the job, with no traceback."""
-    _run_cells(tmp_path, phase_cells())
+    _run_cells(tmp_path, default_cells())
 
 
 @pytest.mark.slow
@@ -419,23 +470,45 @@ def test_the_covering_cells_cover_every_pair() -> None:
     once = phase_cells()
     assert {c.phase for c in once} == set(PHASES) and {c.stop for c in once} == set(STOPS)
     assert {c.mode for c in once} == set(MODES) and set(once) <= set(cells)
+    default = default_cells()
+    assert len(set(default)) == len(default) and set(default) <= set(all_cells())
+    pairs = {(c.mode, c.stop) for c in default} | {("ddg", "SIGKILL")}  # the save test kills ddg's launcher
+    assert pairs == {(m, s) for m in MODES for s in STOPS}
 
 
-def _killed_while_saving(tmp_path: Path) -> tuple[Stopped, Path]:
+def _killed_while_saving(tmp_path: Path) -> tuple[Stopped, Path, tuple[int, list[str]], Job]:
+    """The job killed half-way through a save; the checkpoint's step and the leftover temporary files then; and
+    the job resumed from ``ckpt_path="last"``."""
+    import torch
+
     checkpoints = tmp_path / "checkpoints"
     args = ("--checkpoint-dir", str(checkpoints), "--max-steps", "8")
-    return _stop_at(tmp_path, "save", 0, signal.SIGKILL, "launcher", *args), checkpoints
+    stopped = _stop_at(tmp_path, "save", 0, signal.SIGKILL, "launcher", *args)
+    try:
+        step = torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"]
+    except Exception as error:  # noqa: BLE001 - a torn file, reported by the test
+        step = f"{type(error).__name__}: {error}"
+    left = sorted(p.name for p in checkpoints.glob(".*.tmp"))
+    (tmp_path / "resumed").mkdir()
+    resume = ("--checkpoint-dir", str(checkpoints), "--ckpt-path", "last", "--max-steps", "4", "--devices", "2")
+    return stopped, checkpoints, (step, left), run_failing_job(tmp_path / "resumed", *resume)
 
 
 @pytest.mark.timeout(AHEAD_TIMEOUT_S)
 def test_a_job_killed_while_it_saves_keeps_the_last_complete_checkpoint(jobs, request) -> None:
     import torch
 
-    stopped, checkpoints = result_of(jobs, request)
+    stopped, checkpoints, (step, left), resumed = result_of(jobs, request)
     report = f"exit code {stopped.returncode}\n{stopped.output[-6000:]}"
     assert stopped.returncode == -signal.SIGKILL, report
     # the second save of last.ckpt (step 4) was cut short: the first one (step 2) is still there, whole
-    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 2, report
+    assert step == 2, report
+    assert len(left) == 1 and left[0].startswith(".last.ckpt."), report  # what the stopped save left
+    # ckpt_path="last" resumed from it, and the first save of the resumed run removed the stopped save's leftover
+    report = f"exit code {resumed.returncode}\n{resumed.output[-6000:]}"
+    assert resumed.returncode == 0 and "fit starts at step 2" in resumed.output, report
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 4, report
+    assert not list(checkpoints.glob(".*.tmp")), report
 
 
 @pytest.mark.timeout(AHEAD_TIMEOUT_S)
