@@ -12,7 +12,10 @@ from tests.zoo_job import ZOO
 JOB_TIMEOUT_S = 420
 
 
-@pytest.mark.parametrize("devices", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
+# the default run trains them on 3 processes, where every model is cut twice; 2 and 4 run with -m slow
+@pytest.mark.parametrize(
+    "devices", [pytest.param(2, marks=pytest.mark.slow), 3, pytest.param(4, marks=pytest.mark.slow)]
+)
 def test_every_model_of_the_zoo_trains_with_no_options(devices: int) -> None:
     job = run_job("tests/zoo_job.py", str(devices), timeout=JOB_TIMEOUT_S)
     out, output = job.stdout, job.stdout + job.stderr
