@@ -14,7 +14,10 @@ Lightning's in two ways:
   after a grace period (Lightning would otherwise wait for them to finish training); a process still starting,
   which has nothing to stop, is killed at once rather than interrupted in the middle of its imports.
 - A stage killed by a signal (SIGKILL, the out-of-memory killer) ends the job with one line, not a
-  ``ProcessExitedException`` traceback; none if a stage's watchdog has already said it.
+  ``ProcessExitedException`` traceback; none if a stage's watchdog has already said it. The launching process
+  sees such a death at once (the process's sentinel), and during a run it tells the other stages of the host
+  through memory they share with it (:func:`stage_killed_watch`): their watchdogs end the job within a beat,
+  rather than once the killed stage's heartbeat has been missing for 10 s.
 - When the stages stopped together because the job was asked to (a SIGTERM; they exit with ``128 + signal``),
   the launching process ends the same way, without a traceback, and saves no checkpoint of its own: it trained
   nothing, and the stages have saved theirs.
@@ -30,8 +33,10 @@ Example::
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import subprocess
@@ -62,6 +67,7 @@ __all__ = [
     "launched_ranks",
     "pause_observer",
     "run_ended",
+    "stage_killed_watch",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,6 +79,8 @@ EXIT_GRACE_S = 10.0
 _STOPPED_TOGETHER = 2  # in DDGSpawnLauncher._started: the stage stopped after the same step as the others
 _observer: ChildObserver | None = None  # this process's watch over the ranks it launched, if it launched any
 _ended: tuple[Any, int] | None = None  # in a process DDGSpawnLauncher started: where to mark that its run ended
+_killed: tuple[Any, int] | None = None  # in a process DDGSpawnLauncher started: where its launcher says a stage died,
+# and the global rank of the host's first process
 
 
 def launched_processes() -> list[subprocess.Popen]:
@@ -101,6 +109,21 @@ def run_ended() -> None:
     if _ended is not None:
         flags, index = _ended
         flags[index] = 1
+
+
+def stage_killed_watch() -> Callable[[], tuple[int, int, int] | None] | None:
+    """In a process ``DDGSpawnLauncher`` started: a function that returns the stage of this host that the launching
+    process saw killed by a signal while its run was on, as (global rank, pid, exit code), or None (the watchdog
+    asks it every beat). None in other processes."""
+    if _killed is None:
+        return None
+    record, first = _killed
+
+    def killed() -> tuple[int, int, int] | None:
+        index, code, pid = record[:]
+        return (first + index - 1, pid, code) if index else None
+
+    return killed
 
 
 def _died(name: str, pid: int, code: int, ended: bool) -> str:
@@ -221,6 +244,8 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
     _global_states: GlobalStateSnapshot | None = None
     _started: Any = None
     _ended: Any = None
+    _killed: Any = None
+    _stopping = False
     _environment: dict[str, str] = {}
 
     @override
@@ -237,7 +262,15 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
         context = multiprocessing.get_context(self._start_method)
         self._started = context.RawArray("b", self._strategy.num_processes)
         self._ended = context.RawArray("b", self._strategy.num_processes)  # which processes' runs ended (run_ended)
+        # a stage killed by a signal during its run: 1 + its index, its exit code, its pid (stage_killed_watch)
+        self._killed = context.RawArray("q", 3)
+        self.procs = []  # set by the launch once the processes have started
+        self._stopping = False  # this process stops the stages itself (a signal to it): their deaths are not news
         log.info("launch: %d processes started with %s", self._strategy.num_processes, self._start_method)
+        launched = threading.Event()
+        watch = threading.Thread(target=self._watch_stages, args=(launched,), name="lightning-ddg-stage-watch")
+        watch.daemon = True
+        watch.start()
         try:
             with SignalWatch(stop=self._stop_stages):
                 return super().launch(function, *args, trainer=trainer, **kwargs)
@@ -245,6 +278,9 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
             self._interrupt(getattr(self, "procs", []))
             raise
         except ProcessExitedException as exited:
+            # the job has ended, and this process with it, but for the collection Python makes as it exits, which
+            # walks every object torch and Lightning made: seconds on a busy machine, none once they are frozen
+            gc.freeze()
             if exited.exit_code < 0:  # killed by a signal: it printed nothing, and its traceback would say nothing
                 if any(p.exitcode == 1 for p in self.procs):
                     raise SystemExit(1) from None  # a stage's watchdog found it dead, and said so
@@ -256,16 +292,44 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
                 raise
             self._strategy.stopped_elsewhere(exited.exit_code - 128)
             raise SIGTERMException(exited.exit_code) from None
+        finally:
+            launched.set()
+            watch.join(timeout=5)
+
+    def _watch_stages(self, launched: threading.Event) -> None:
+        """Until the launch returns: when a stage is killed by a signal while its run is on, say so in ``_killed``,
+        where the other stages' watchdogs look every beat (:func:`stage_killed_watch`). They would otherwise find out
+        only once its heartbeat had been missing for 10 s: the launch's own answer, SIGTERM to every other stage,
+        reaches processes that are training, which take it for a request to stop after the next step, and wait.
+
+        The exit code is read once the launch's join has collected it (it reaps the process, or reads the code
+        from the forkserver): reading it here too could take it from the join."""
+        while not self.procs and not launched.wait(0.05):
+            pass
+        sentinels = {process.sentinel: (i, process) for i, process in enumerate(self.procs)}
+        while sentinels and not launched.is_set():
+            for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=0.2):
+                i, process = sentinels.pop(sentinel)
+                deadline = time.monotonic() + 2.0
+                while process._popen.returncode is None and time.monotonic() < deadline and not launched.is_set():
+                    time.sleep(0.005)
+                code = process._popen.returncode
+                if code is not None and code < 0 and not self._ended[i] and not self._stopping:
+                    self._killed[1], self._killed[2] = code, process.pid
+                    self._killed[0] = i + 1  # last: a reader that sees the index sees the rest
+                    return
 
     def _stop_stages(self) -> bool:
         """Stop the stages (SIGTERM, then SIGKILL); whether they said why: rank 0 marks in ``_started`` that every
         stage stopped after the same step, which it has printed."""
+        self._stopping = True
         stop_processes(getattr(self, "procs", []))
         return self._started[0] == _STOPPED_TOGETHER
 
     def _interrupt(self, processes: list) -> None:
         """Ctrl-C: SIGINT to the stages, which stop as Lightning stops a run; a process still starting (importing
         the script) is killed instead, as it has nothing to stop and would print a traceback from its imports."""
+        self._stopping = True
         starting = [p for i, p in enumerate(processes) if not self._started[i]]
         stop_processes(starting, 0.0, signal.SIGKILL)
         stop_processes([p for p in processes if p not in starting], INTERRUPT_GRACE_S, signal.SIGINT)
@@ -277,10 +341,11 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
 
     @override
     def _wrapping_function(self, process_idx: int, trainer: Any, function: Any, args: Any, *rest: Any) -> None:
-        global _ended
+        global _ended, _killed
         watch_launcher(None, f"rank {process_idx}")  # first: this process ends with the launching one
         self._started[process_idx] = 1
         _ended = self._ended, process_idx
+        _killed = self._killed, self._strategy.node_rank * self._strategy.num_processes
         if self._global_states is not None:
             os.environ.clear()
             os.environ.update(self._environment)

@@ -75,7 +75,14 @@ from lightning_ddg.checks import (
 from lightning_ddg.comm import PipelineStopped
 from lightning_ddg.cutting import given_split_points, make_plan, show_plan
 from lightning_ddg.forward import PipelinedForward, StageDone
-from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launched_ranks, pause_observer, run_ended
+from lightning_ddg.launchers import (
+    DDGScriptLauncher,
+    DDGSpawnLauncher,
+    launched_ranks,
+    pause_observer,
+    run_ended,
+    stage_killed_watch,
+)
 from lightning_ddg.lifeline import end_if_launcher_gone
 from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling, shuffle_seed
 from lightning_ddg.metrics import quiet_epoch_sync_advice, scope_metrics
@@ -283,7 +290,13 @@ class DDGStrategy(ParallelStrategy):
             pause_observer(True)  # the watchdog watches the launched ranks now
             watch_parent = self._start_method != "popen" or self.local_rank > 0
             self._watchdog = Watchdog.for_job(
-                env.main_address, env.main_port, self.global_rank, self.world_size, watch_parent=watch_parent, **job
+                env.main_address,
+                env.main_port,
+                self.global_rank,
+                self.world_size,
+                watch_parent=watch_parent,
+                killed=stage_killed_watch(),  # what a spawning launcher saw
+                **job,
             )
 
     def set_world_ranks(self) -> None:

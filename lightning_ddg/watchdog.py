@@ -8,8 +8,9 @@ every ``interval`` seconds:
 - it *beats*: it increments this process's counter;
 - it *watches* for the failure another process published, for a peer whose counter stopped moving (a process
   killed with SIGKILL, or by the out-of-memory killer), for the store going away (its server lives in global
-  rank 0), for the process that launched this one going away and, in a launching process, for a launched
-  process that exited with an error;
+  rank 0), for the process that launched this one going away, in a launching process for a launched process
+  that exited with an error and, in a process a spawning launcher started, for the launcher's word that another
+  stage of the host was killed (which it sees at once, where a missing heartbeat takes ``stale_after``);
 - it carries a *stop request* (:meth:`Watchdog.request_stop`: a scheduler's SIGTERM reached this process) to the
   store, and picks up one made anywhere in the job as :attr:`Watchdog.stop_requested`, so that the stage that
   decides where the pipeline stops learns of it within a beat or two, whichever process got the signal;
@@ -101,6 +102,8 @@ class Watchdog:
         children: processes this one launched, by global rank; the watchdog notices when one exits with an
             error, and stops the others before this process exits.
         watch_parent: end the job when the process that launched this one goes away.
+        killed: the launching process's word on a process of this job that it saw killed by a signal, as
+            (global rank, pid, exit code), or None; asked every beat.
 
     Example::
 
@@ -118,6 +121,7 @@ class Watchdog:
         exit_grace: float = 10.0,
         children: Mapping[int, subprocess.Popen] | None = None,
         watch_parent: bool = False,
+        killed: Callable[[], tuple[int, int, int] | None] | None = None,
     ) -> None:
         self.rank = rank
         self.world_size = world_size
@@ -128,6 +132,7 @@ class Watchdog:
         self._store = dist.PrefixStore(f"lightning_ddg/watchdog/{next(_generations)}/", store)
         self._children = dict(children or {})
         self._parent = os.getppid() if watch_parent else None
+        self._killed = killed
         self._beats: dict[int, tuple[int, float]] = {}  # rank -> (last count seen, when it last changed)
         self._rank0_done = False
         self._reported = False
@@ -247,7 +252,7 @@ class Watchdog:
             except _STORE_ERRORS as err:
                 if self._stopping.is_set() or self._reported or self._rank0_done:
                     continue  # rank 0 has finished (or this process failed) and the store has gone with it
-                failure = _store_lost(self.describe, err)
+                failure = self._seen_killed(wait=True) or _store_lost(self.describe, err)
             if failure is not None:
                 self._end_job(failure)
 
@@ -267,6 +272,9 @@ class Watchdog:
             if code:
                 message = f"{self.describe(rank)} {_exit_text(code)}"
                 return self._publish(Failure(rank, message, pid=child.pid, host=socket.gethostname()))
+        killed = self._seen_killed()
+        if killed is not None:
+            return self._publish(killed)  # for the stages of other hosts
         if self._parent is not None and os.getppid() != self._parent:
             return self._publish(Failure(-1, f"the process that launched {self.describe(self.rank)} has exited"))
         if not self._rank0_done and self.rank != 0:
@@ -296,9 +304,23 @@ class Watchdog:
 
     def _published_or_lost(self) -> Failure | None:
         try:
-            return self.published()
+            return self.published() or self._seen_killed()
         except _STORE_ERRORS as err:
-            return _store_lost(self.describe, err)
+            return self._seen_killed(wait=True) or _store_lost(self.describe, err)
+
+    def _seen_killed(self, wait: bool = False) -> Failure | None:
+        """The stage the launching process saw killed, if it said so (``killed``). With ``wait``, for the store
+        lost: the launching process gets a moment to say that rank 0 was killed, a more useful line than the
+        store's loss."""
+        if self._killed is None:
+            return None
+        deadline = time.monotonic() + (2 * self.interval if wait else 0.0)
+        while (seen := self._killed()) is None and time.monotonic() < deadline:
+            time.sleep(self.interval / 10)
+        if seen is None or seen[0] == self.rank:
+            return None
+        rank, pid, code = seen
+        return Failure(rank, f"{self.describe(rank)} {_exit_text(code)}", pid=pid, host=socket.gethostname())
 
     def _publish(self, failure: Failure) -> Failure:
         """Publish ``failure`` unless one was published before; return the one that stands."""
