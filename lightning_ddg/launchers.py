@@ -168,8 +168,13 @@ class DDGScriptLauncher(SubprocessScriptLauncher):
         )
         if _observer is None:
             return function(*args, **kwargs)
-        if _observer.lost:
-            raise RuntimeError("a launched process died after the last run (said above): the job cannot run again")
+        # after a run that ended: a launched rank that has died since is found here, not by the watch's next look
+        if _observer.lost or (_observer.ended and _observer.say_died()):
+            raise RuntimeError(
+                "a launched process died after the last run (said above): the job cannot run again in this process, "
+                "whose later fits run on the processes it launched for its first. Start the script again (with "
+                "ckpt_path='last' and a ModelCheckpoint(save_last=True), it resumes from the last checkpoint)."
+            )
         _observer.ended = False
         with SignalWatch(stop=lambda: stop_processes(launched_processes())):
             _observer.failed = True  # until the fit returns: the ranks are not waited for at exit

@@ -117,7 +117,19 @@ class PoisonGradient(nn.Module):
         return poison_gradient(x)
 
 
-FAILURES = ("none", "raise", "shape", "oom", "kill", "nan-loss", "nan-grad", "empty", "not-a-tensor", "uneven")
+FAILURES = (
+    "none",
+    "raise",
+    "shape",
+    "oom",
+    "kill",
+    "nan-loss",
+    "nan-grad",
+    "empty",
+    "not-a-tensor",
+    "uneven",
+    "kill-between-fits",
+)
 
 
 class HoldingStrategy(DDGStrategy):
@@ -239,6 +251,32 @@ class Job(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def kill_between_fits(args: argparse.Namespace, rank: int) -> None:
+    """Rank ``args.rank`` kills itself once its fit has ended; rank 0 goes on to the next fit once that process
+    has gone, as a script that does more between its fits would."""
+    killed = Path(f"{args.pid_file}.killed")
+    if rank == args.rank:
+        Path(f"{args.pid_file}.failed").write_text(f"{time.time()}\n")
+        killed.with_suffix(".tmp").write_text(f"{os.getpid()}\n")
+        killed.with_suffix(".tmp").rename(killed)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if rank == 0:
+        deadline = time.monotonic() + 60
+        while not killed.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pid = int(killed.read_text())
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie nobody has reaped yet has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", default="ddg", choices=["ddg", "ddg_spawn", "forkserver"])
@@ -299,6 +337,8 @@ def main() -> None:
         trainer.fit(
             Job(args, fails=fit == args.fits - 1), DataLoader(data, batch_size=4), validation, ckpt_path=args.ckpt_path
         )
+        if args.fail == "kill-between-fits" and fit < args.fits - 1:
+            kill_between_fits(args, trainer.global_rank)
     if trainer.is_global_zero:
         print("job done", flush=True)
 

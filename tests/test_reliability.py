@@ -129,6 +129,9 @@ def jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         "test_a_rank_that_does_not_arrive_is_named_when_the_rendezvous_times_out": lambda tmp: run_failing_job(
             tmp, "--devices", "2", "--hold", "rendezvous", "--rank", "1", "--rendezvous-timeout", "3"
         ),
+        "test_a_fit_after_a_launched_rank_died_raises_at_once": lambda tmp: run_failing_job(
+            tmp, "--devices", "2", "--fail", "kill-between-fits", "--rank", "1", "--fits", "2", "--max-steps", "4"
+        ),
     }
     return run_ahead(request, tmp_path_factory, runs)
 
@@ -196,6 +199,22 @@ def test_a_failure_ends_every_process_and_shows_its_error_once(jobs, request, ar
     _assert_failed_once(job, error, stage, devices, spawn="ddg_spawn" in args)
     if "oom" in args:
         assert "this stage ran out of memory. DDGStrategy(memory='recompute')" in job.output
+
+
+@pytest.mark.timeout(AHEAD_TIMEOUT_S)
+def test_a_fit_after_a_launched_rank_died_raises_at_once(jobs, request) -> None:
+    """With ``strategy="ddg"`` a script's later fits run on the ranks launched for its first: once one of them has
+    died after a fit, the next fit (a new Trainer's) fails at its start with an error that says what to do, rather
+    than waiting for the dead rank."""
+    job = result_of(jobs, request)
+    report = f"exit code {job.returncode}\n{job.output[-6000:]}"
+    assert job.returncode != 0 and "job done" not in job.output, report
+    died = re.findall(r"stage 0 \(rank 1\), process \d+, was killed by SIGKILL after the run had ended", job.output)
+    assert len(died) == 1, report
+    assert "RuntimeError: a launched process died after the last run (said above)" in job.output, report
+    assert "Start the script again" in job.output, report
+    assert job.output.count("Traceback (most recent call last)") == 1, report  # the launching process's, alone
+    assert job.gone_at - job.failed_at < STAGE_KILLED_S, report
 
 
 @pytest.mark.timeout(AHEAD_TIMEOUT_S)
