@@ -261,12 +261,14 @@ def kill_between_fits(args: argparse.Namespace, rank: int) -> None:
         killed.with_suffix(".tmp").rename(killed)
         os.kill(os.getpid(), signal.SIGKILL)
     if rank == 0:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not killed.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-        pid = int(killed.read_text())
+        pid, deadline = int(killed.read_text()), time.monotonic() + 30
         while not _gone(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
+        if not _gone(pid):
+            print(f"rank 0 went on to the next fit while process {pid} still ran", flush=True)
 
 
 def _gone(pid: int) -> bool:
