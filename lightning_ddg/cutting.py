@@ -4,7 +4,12 @@ The plan itself (:func:`lightning_ddg.plan`) is plain PyTorch. What the Trainer 
 (:mod:`lightning_ddg.example_input`), the precision's forward context to measure in, and where the plan is shown:
 the model summary's printout, the loggers' hyperparameters and a warning for an unbalanced cut.
 
-Example, on rank 0 when a fit begins::
+Example, on every rank when a fit begins (a collective: rank 0 plans, the others receive its plan)::
+
+    partition, chosen = cut_module(trainer, module, 2, None, balance=[3, 2], balance_by=None, rank=rank,
+                                   device=device, broadcast=strategy.broadcast)
+
+or, its parts on rank 0::
 
     points = given_split_points(module, split_points=None, balance=[3, 2], num_stages=2)
     chosen = make_plan(trainer, module, 2, points, balance_by=None, device=device)
@@ -13,8 +18,10 @@ Example, on rank 0 when a fit begins::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -25,12 +32,48 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning_ddg.balance import BalanceBy
 from lightning_ddg.checks import check_balance_length
 from lightning_ddg.example_input import example_forward_input
-from lightning_ddg.partition import balance_to_split_points
+from lightning_ddg.partition import Partition, balance_to_split_points, split_module
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
 from lightning_ddg.shard import on_meta
 from lightning_ddg.stage import MemoryMode
 
-__all__ = ["given_split_points", "make_plan", "show_plan"]
+__all__ = ["cut_module", "given_split_points", "make_plan", "show_plan"]
+
+log = logging.getLogger(__name__)
+
+
+def cut_module(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    num_stages: int,
+    split_points: Sequence[str] | None,
+    balance: Sequence[int] | None,
+    balance_by: BalanceBy | None,
+    rank: int,
+    device: torch.device,
+    broadcast: Callable[[Any], Any],
+    forward_context: Callable[[], AbstractContextManager] = nullcontext,
+    memory: MemoryMode = "stash",
+) -> tuple[Partition, Plan | None]:
+    """``module`` cut into ``num_stages`` stages, and the plan of the cuts (``None`` with one stage). Rank 0 plans
+    (:func:`make_plan`: the cuts given, measured, or chosen) and shows the plan; ``broadcast`` gives every rank its
+    plan, so that every stage cuts the model at the same places. A collective."""
+    points = given_split_points(module, split_points, balance, num_stages)
+    chosen = None
+    if num_stages > 1:
+        made = None
+        if rank == 0:
+            made = make_plan(trainer, module, num_stages, points, balance_by, device, forward_context, memory)
+        chosen = broadcast(made)
+        points = chosen.split_points
+        log.info("plan: %d stages cut at %s (by %s)", num_stages, points, chosen.balance_by)
+        if rank == 0:
+            show_plan(trainer, chosen)
+    example = chosen.example_input if chosen is not None else None  # what torch.export opens with
+    opened = chosen.opened_modules if chosen is not None and chosen.exported else None
+    # the stages are traced in eval mode too, even for a fit without validation_step: a callback may call the
+    # model outside training_step
+    return split_module(module, points, num_stages, example, opened), chosen
 
 
 def given_split_points(
