@@ -1,12 +1,10 @@
-"""``DDGStrategy``: Lightning's adapter to the DDG stage runtime.
+"""``DDGStrategy``: Lightning's adapter to the DDG stage runtime, hooks only.
 
-Each process runs one stage. The strategy cuts the LightningModule's ``forward`` into stages, keeps only this
-rank's stage parameters in the module (so ``configure_optimizers`` sees only those), and replaces ``forward``
-with the pipeline: inside ``training_step``, ``self(x)`` forwards batch ``t`` through this stage; on every stage
-but the last, the rest of ``training_step`` is skipped (there is no loss there). The loss computed on the last
-stage drives the delayed backward of every stage (:class:`~lightning_ddg.stage.DDGStage`); each stage steps its
-own optimizer when its accumulation window is complete. When fit ends, the pipeline drains and the full trained
-weights are gathered back into the LightningModule on every rank.
+Each process runs one stage. The hooks hand their work to plain-PyTorch objects: the cut to
+:func:`~lightning_ddg.cutting.cut_module`, this rank's stage while it runs (the pipelined ``forward``, the delayed
+backward and step, the drain, the whole module put back) to :class:`~lightning_ddg.stage_run.StageRun`, the whole
+model's state to :class:`~lightning_ddg.state.StageStates`, stop signals to :class:`~lightning_ddg.stopping.JobStop`
+(see ``docs/architecture.md``).
 
 Example::
 
@@ -476,83 +474,67 @@ class DDGStrategy(ParallelStrategy):
         assert self._run is not None
         self._run.finish()
 
-    # --- checkpoints (state.py) ----------------------------------------------------------------------------
+    # --- checkpoints (state.py): only this stage's tensors are real; other stages' are placeholders, which
+    # save_checkpoint fills from their owners as rank 0 writes the file. Every saving hook is a collective.
     @property
     def states(self) -> StageStates:
         """Gathers the whole model's state from the stages (:mod:`lightning_ddg.state`)."""
-        if self._run is not None:
-            return self._run.states
-        return StageStates(self.topology, self.global_rank, self.world_size)  # holds nothing of a run
+        run = self._run
+        return run.states if run is not None else StageStates(self.topology, self.global_rank, self.world_size)
 
     @property
     def _whole(self) -> bool:
         return self._run is None or self._run.whole  # the module holds every stage's tensors
 
     def full_state_dict(self, rank: int = 0) -> dict[str, Tensor] | None:
-        """The whole model's state dict, with its original names, on global rank ``rank`` (``None`` on the others):
-        each stage of the first replica sends its own tensors there, one at a time. A collective: every rank calls
-        it, e.g. after fit of a model built in ``configure_model``, whose ranks each keep only their stage::
-
-            state = trainer.strategy.full_state_dict()
-            if trainer.is_global_zero:
-                torch.save(state, "model.pt")
-
-        Rank ``rank`` then holds the whole model; :meth:`save_full_state_dict` writes it without holding it.
-        """
+        """The whole model's state dict, with its original names, on global rank ``rank`` (``None`` elsewhere), e.g.
+        after fit of a model built in ``configure_model``, whose ranks each keep only their stage. A collective:
+        every rank calls it (see "Memory: each process holds its own stage" in ``docs/usage.md``)."""
         assert self.lightning_module is not None
         return self.states.full_state_dict(self.lightning_module, dst=rank, whole=self._whole)
 
     def save_full_state_dict(self, path: Any, rank: int = 0) -> None:
-        """Write the whole model's state dict (as :meth:`full_state_dict` returns it) with ``torch.save`` to ``path``
-        on global rank ``rank``, without any process holding more than its own stage and one piece of a tensor in
-        flight. A collective: every rank calls it."""
+        """Write :meth:`full_state_dict` with ``torch.save`` to ``path`` on global rank ``rank``, no process holding
+        more than its own stage and one piece of a tensor in flight. A collective: every rank calls it."""
         assert self.lightning_module is not None
         self.states.save_full_state_dict(self.lightning_module, path, dst=rank, whole=self._whole)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        # every rank calls it: the owners of the placeholders in checkpoint stream them to rank 0 as it writes the
-        # file, under a temporary name renamed when complete (a job stopped while it saves keeps the last file)
         if self._stop.stopped_by is not None and self.partition is None:
             return  # see stopped_elsewhere
-        if self.is_global_zero:
+        if self.is_global_zero:  # under a temporary name, renamed when whole: a stopped save leaves the last file
             self.checkpoint_io = atomic(self.checkpoint_io)
         self.states.save_checkpoint(checkpoint, filepath, self.checkpoint_io, storage_options)
 
     @property
     @override
     def restore_checkpoint_after_setup(self) -> bool:
-        # each process reads the checkpoint into its own stage, once it is cut (and materialised, for a model built
-        # on the meta device): it reads only its stage's tensors, never the whole model
-        return True
+        return True  # into each stage once it is cut (and materialised): a process reads its own tensors only
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        # mapped from the file where it is an ordinary local file: a process reads its own stage's tensors only
         if not writes_local_torch_files(self.checkpoint_io, checkpoint_path):
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        return load_mapped(checkpoint_path, weights_only=weights_only)
+        return load_mapped(checkpoint_path, weights_only=weights_only)  # mmap: only this stage's tensors are read
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
         assert self.lightning_module is not None
-        if self._whole:  # the whole module: its own load_state_dict, hooks and all
+        if self._whole:  # its own load_state_dict, hooks and all
             return super().load_model_state_dict(checkpoint, strict=strict)
-        load_stage_state(self.lightning_module, checkpoint["state_dict"], strict=strict)  # this stage's part
+        load_stage_state(self.lightning_module, checkpoint["state_dict"], strict=strict)
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        # the whole state dict with the original names (a collective): other stages' tensors are placeholders,
-        # which save_checkpoint fills from their owners as it writes the file
+        assert self.lightning_module is not None
         if self._whole:
             return super().lightning_module_state_dict()
-        assert self.lightning_module is not None
         return self.states.module_state_dict(self.lightning_module)
 
     @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        # the whole model's, as one device would hold it (a collective), so that checkpoints resume on any number
-        # of stages (checkpoint.py); other stages' tensors are placeholders until saved
+        # the whole model's, as one device would hold it, so that checkpoints resume on any number of stages
         assert self.lightning_module is not None
         names = parameter_names(self.lightning_module)
         return self.states.optimizer_state(unwrapped_optimizer(optimizer), names, placeholders=not self._whole)
