@@ -6,9 +6,9 @@ training step through the stage, the delayed backward and the optimizer step whe
 at the end, the whole module put back together, and the close. The Lightning strategy is a thin adapter over it,
 as Lightning's ``DDPStrategy`` is over ``DistributedDataParallel``. This module is plain PyTorch.
 
-Example, in each of ``K`` processes (or ``K`` runs over :func:`~lightning_ddg.local.local_links` in one)::
+Example, in each of 2 processes (or in one, over :func:`~lightning_ddg.local.local_links`)::
 
-    run = StageRun.start(model, Topology(num_stages=K), rank, partition=split_module(model, ["model.4"]))
+    run = StageRun.start(model, Topology(num_stages=2), rank, partition=split_module(model, ["model.4"]))
     optimizer = torch.optim.SGD(run.stage.parameters, lr=0.1)
     for x, y in loader:
         loss = run.training_step(nullcontext, lambda: loss_fn(model(x), y))  # model(x): batch t through the stage
@@ -115,7 +115,6 @@ class StageRun:
         world_size = topology.world_size if world_size is None else world_size
         states = StageStates.of(module, topology, rank, world_size)  # the names and order of the whole module
         keep_stage = on_meta(module)  # built in configure_model: each rank keeps its stage
-        options = {"memory": memory, "accumulate_grad_batches": accumulate_grad_batches, "check_finite": check_finite}
         built = build_stage(
             module,
             topology,
@@ -125,8 +124,10 @@ class StageRun:
             links=links,
             timeout=timeout,
             keep_only=True,
+            memory=memory,
+            accumulate_grad_batches=accumulate_grad_batches,
+            check_finite=check_finite,
             init_rng_states=init_rng_states,
-            **options,
         )
         return cls(module, built, states, torch.device(device), keep_stage, on_stop)
 

@@ -1,6 +1,9 @@
 """``DDGStrategy``: Lightning's adapter to the DDG stage runtime, hooks only.
 
-Each process runs one stage. The hooks hand their work to plain-PyTorch objects: the cut to
+Each process runs one stage. ``configure_optimizers`` sees this stage's parameters only; in ``training_step``,
+``self(x)`` forwards batch ``t`` through this stage, and on every stage but the last the rest of the step is
+skipped (there is no loss there); when fit ends, the whole trained model is back in the module on every rank
+(see ``docs/usage.md``). The hooks hand their work to plain-PyTorch objects: the cut to
 :func:`~lightning_ddg.cutting.cut_module`, this rank's stage while it runs (the pipelined ``forward``, the delayed
 backward and step, the drain, the whole module put back) to :class:`~lightning_ddg.stage_run.StageRun`, the whole
 model's state to :class:`~lightning_ddg.state.StageStates`, stop signals to :class:`~lightning_ddg.stopping.JobStop`
