@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -24,7 +25,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from lightning_ddg.balance import BalanceBy
 from lightning_ddg.checks import check_balance_length
-from lightning_ddg.example_input import example_forward_input
+from lightning_ddg.example_input import example_forward_input, loading_ms, run_loader
 from lightning_ddg.partition import balance_to_split_points
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
 from lightning_ddg.shard import on_meta
@@ -52,21 +53,27 @@ def make_plan(
     device: torch.device,
     forward_context: Callable[[], AbstractContextManager] = nullcontext,
     memory: MemoryMode = "stash",
+    first_stage_loads: bool = True,
 ) -> Plan:
     """The plan of the cuts (``split_points`` described, or chosen), measured with the Trainer's example batch. By
     default by time, and by FLOPs under ``Trainer(deterministic=True)``, whose runs must cut alike; a model built
     on the meta device is measured there. ``memory``: the strategy's memory mode, which what a stage holds
-    depends on."""
+    depends on. With ``first_stage_loads`` (the strategy's ``load_once``), a cut chosen by time counts the
+    loader's time per batch in the first stage's cost."""
     example = example_forward_input(trainer, module)
+    balance_by = balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time")
+    where = torch.device("meta") if on_meta(module) else device
+    timed = balance_by == "time" and where.type != "meta" and split_points is None
     with forward_context():
         return plan(
             module,
             example,
             None if split_points is not None else num_stages,
             split_points=split_points,
-            balance_by=balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time"),
-            device=torch.device("meta") if on_meta(module) else device,
+            balance_by=balance_by,
+            device=where,
             memory=memory,
+            loading_ms=loading_ms(_loader_or_none(trainer)) if timed and first_stage_loads else 0.0,
         )
 
 
@@ -86,3 +93,10 @@ def show_plan(trainer: pl.Trainer, plan: Plan) -> None:
             "(split_points=[...]) or leave the cuts to the strategy (balance_by='time').",
             category=PossibleUserWarning,
         )
+
+
+def _loader_or_none(trainer: pl.Trainer) -> Any:
+    try:
+        return run_loader(trainer)
+    except Exception:  # noqa: BLE001 - the example batch has warned of a loader that fails
+        return None

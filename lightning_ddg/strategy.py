@@ -379,7 +379,15 @@ class DDGStrategy(ParallelStrategy):
             if self.global_rank == 0:
                 context = self.precision_plugin.forward_context
                 chosen = make_plan(
-                    trainer, module, num_stages, split_points, self.balance_by, self.root_device, context, self.memory
+                    trainer,
+                    module,
+                    num_stages,
+                    split_points,
+                    self.balance_by,
+                    self.root_device,
+                    context,
+                    self.memory,
+                    self.load_once,
                 )
             self.plan = self.broadcast(chosen)
             split_points = self.plan.split_points

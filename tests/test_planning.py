@@ -84,6 +84,32 @@ def test_a_time_split_is_checked_against_its_stages_timed_whole() -> None:
     assert [round(stage.cost, -1) for stage in chosen.stages] == [70, 90]  # the stages' own measured times
 
 
+class _Sleeps(nn.Module):
+    """Takes ``ms`` milliseconds forward, whatever its input."""
+
+    def __init__(self, ms: float) -> None:
+        super().__init__()
+        self.ms, self.scale = ms, nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # control flow on x: traced as one module
+        if x.dim():
+            time.sleep(self.ms / 1000)
+        return x * self.scale
+
+
+def test_the_first_stage_pays_for_loading_the_batch() -> None:
+    # six layers of 10 ms cut 3 | 3; when loading a batch takes the first stage 40 ms, 1 | 5 balances (50 / 50)
+    model, x = nn.Sequential(*[_Sleeps(10) for _ in range(6)]), torch.randn(4, 3)
+    assert plan(model, x, 2).split_points == ["3"]
+    loaded = plan(model, x, 2, loading_ms=40.0)
+    assert loaded.split_points == ["1"] and loaded.loading_ms == 40.0
+    assert [round(stage.cost, -1) for stage in loaded.stages] == [50, 50]  # the first stage's cost includes it
+    assert "includes 40 ms per batch of loading it" in str(loaded)
+    assert loaded.to_dict()["ddg/stage0/loading_ms"] == 40.0
+    # milliseconds add to time alone
+    assert plan(model, x, 2, balance_by="params", loading_ms=40.0).split_points == ["3"]
+
+
 def test_a_plan_describes_its_stages() -> None:
     model = torchvision.models.resnet18(num_classes=10)
     x = torch.randn(2, 3, 32, 32)
