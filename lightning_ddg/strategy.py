@@ -294,7 +294,7 @@ class DDGStrategy(ParallelStrategy):
         context, rank, device = self.precision_plugin.forward_context, self.global_rank, self.root_device
         self.partition, self.plan = cut_module(  # cutting.py: rank 0 plans, every rank cuts alike
             trainer, module, self.topology.num_stages, self.split_points, self.balance, self.balance_by, rank,
-            device, self.broadcast, context, self.memory,
+            device, self.broadcast, context, self.memory, self.load_once,
         )  # fmt: skip
         check_stages_have_parameters(self.partition.train, self.partition.split_points)
         check_tied_clipping(self.partition.tied, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
