@@ -253,7 +253,7 @@ class Job(L.LightningModule):
 
 def kill_between_fits(args: argparse.Namespace, rank: int) -> None:
     """Rank ``args.rank`` kills itself once its fit has ended; rank 0 goes on to the next fit once that process
-    has gone, as a script that does more between its fits would."""
+    has gone, as a script that does more between its fits would (``strategy="ddg"``: rank 0 launched the others)."""
     killed = Path(f"{args.pid_file}.killed")
     if rank == args.rank:
         Path(f"{args.pid_file}.failed").write_text(f"{time.time()}\n")
@@ -272,11 +272,13 @@ def kill_between_fits(args: argparse.Namespace, rank: int) -> None:
 
 
 def _gone(pid: int) -> bool:
-    """Whether process ``pid`` has exited (a zombie nobody has reaped yet has)."""
+    """Whether process ``pid``, a child of this one (rank 0 launched it), has exited as this process can tell: it
+    can be reaped (``WNOWAIT`` leaves that to the launcher). Its state in ``/proc`` would say so too early: the main
+    thread of a killed process shows as a zombie while its other threads still end."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True  # reaped already
 
 
 def main() -> None:
