@@ -317,12 +317,18 @@ def _no_stack_traces() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _swap_fixed() -> Iterator[None]:
-    """``torch.export``'s module swap, with two changes: a called module receives the constant arguments the export
-    recorded (the swap passes ``None`` for every one: ``past_key_values_length=0``, ``output_attentions=False``),
-    and the result of one module call is not handed to the next as it is when their flattened values match (a
-    ``ModelOutput`` would reach a module that takes its first item): :func:`_folded` takes the containers
+    """``torch.export``'s module swap, with three changes: a called module receives the constant arguments the export
+    recorded (the swap passes ``None`` for every one: ``past_key_values_length=0``, ``output_attentions=False``);
+    each value the module computed is replaced by the item of its result that the module returned it as (the swap
+    takes them in the order the graph computes them, which hands a T5 block's position bias on as its hidden
+    states); and the result of one module call is not handed to the next as it is when their flattened values match
+    (a ``ModelOutput`` would reach a module that takes its first item): :func:`_folded` takes the containers
     apart instead."""
-    construct, shortcut = _swap._construct_inputs, _swap._remove_extraneous_pytrees
+    construct, shortcut, deconstruct = (
+        _swap._construct_inputs,
+        _swap._remove_extraneous_pytrees,
+        _swap._deconstruct_outputs,
+    )
 
     def with_constants(gm: fx.GraphModule, signature: Any, node_name_map: dict[str, fx.Node]) -> Any:
         result = construct(gm, signature, node_name_map)
@@ -334,11 +340,27 @@ def _swap_fixed() -> Iterator[None]:
         unflatten.args = (leaves, *unflatten.args[1:])
         return result
 
+    def as_returned(
+        gm: fx.GraphModule, signature: Any, module_node: fx.Node, names: dict[str, fx.Node], computed: tuple
+    ) -> None:
+        returned = [getattr(argument, "name", None) for argument in signature.outputs]
+        if any(node.name not in returned for node in computed):
+            raise RuntimeError(f"a value computed inside {module_node.target} and used after it is not returned by it")
+        from torch.export.unflatten import _generate_flatten_spec  # where the swap is (torch >= 2.5)
+
+        flat = _generate_flatten_spec(gm, module_node, signature.out_spec)
+        for node in computed:
+            item = fx.Proxy(flat)[returned.index(node.name)].node
+            node.replace_all_uses_with(item, propagate_meta=True)
+            names[node.name] = item
+
     _swap._construct_inputs, _swap._remove_extraneous_pytrees = with_constants, lambda gm: None
+    _swap._deconstruct_outputs = as_returned
     try:
         yield
     finally:
         _swap._construct_inputs, _swap._remove_extraneous_pytrees = construct, shortcut
+        _swap._deconstruct_outputs = deconstruct
 
 
 def _concrete(t: torch.Tensor, device: torch.device) -> torch.Tensor:
