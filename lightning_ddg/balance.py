@@ -127,34 +127,49 @@ def run_segments(segments: Sequence[nn.Module], inputs: Sequence[Any], device: t
 def segment_times(
     segments: Sequence[nn.Module], inputs: Sequence[Sequence[Any]], device: torch.device, repeats: int = 3
 ) -> list[float]:
-    """Seconds of forward + backward per segment, the fastest of ``repeats`` runs after one warm-up run."""
+    """Seconds of forward + backward per segment, the fastest of ``repeats`` runs after one warm-up run.
+
+    ``segments`` run in forward order from the model's input: the first one's backward computes no gradient for
+    that input, as the first stage of a pipeline does not. On the CPU a run counts the CPU time this process
+    spent in it where that is less than the wall time: on a machine busy with other work, the wall time of each
+    run grows by however long the process waited for a core, which differs from piece to piece, and the CPU time
+    does not."""
+    on_cpu = device.type == "cpu"
     times = []
-    for segment, args in zip(segments, inputs, strict=True):
+    for index, (segment, args) in enumerate(zip(segments, inputs, strict=True)):
         with _on(segment, device):
             best = float("inf")
             for run in range(repeats + 1):
                 _synchronize(device)
-                begin = time.perf_counter()
-                _forward_backward(segment, args)
+                begin, cpu_begin = time.perf_counter(), time.process_time()
+                _forward_backward(segment, args, input_grads=index > 0)
                 _synchronize(device)
+                took = time.perf_counter() - begin
+                if on_cpu:
+                    took = min(took, time.process_time() - cpu_begin)
                 if run:  # the first run warms caches and allocators up
-                    best = min(best, time.perf_counter() - begin)
+                    best = min(best, took)
             times.append(best)
     return times
 
 
 def segment_flops(segments: Sequence[nn.Module], inputs: Sequence[Sequence[Any]], device: torch.device) -> list[int]:
-    """Floating-point operations of forward + backward per segment."""
+    """Floating-point operations of forward + backward per segment (the first one's without its input's gradient, as
+    in :func:`segment_times`)."""
     flops = []
-    for segment, args in zip(segments, inputs, strict=True):
+    for index, (segment, args) in enumerate(zip(segments, inputs, strict=True)):
         with _on(segment, device), FlopCounterMode(display=False) as counter:
-            _forward_backward(segment, args)
+            _forward_backward(segment, args, input_grads=index > 0)
         flops.append(counter.get_total_flops())
     return flops
 
 
-def _forward_backward(segment: nn.Module, args: Sequence[Any]) -> None:
-    leaves = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in args]
+def _forward_backward(segment: nn.Module, args: Sequence[Any], input_grads: bool = True) -> None:
+    # without input_grads (the model's own input), the backward stops at the parameters, as the first stage's does
+    leaves = [
+        x.detach().requires_grad_(input_grads and x.is_floating_point()) if isinstance(x, torch.Tensor) else x
+        for x in args
+    ]
     out, _ = tree_flatten(segment(*leaves))
     outputs = [o for o in out if isinstance(o, torch.Tensor) and o.requires_grad]
     wrt = [p for p in segment.parameters() if p.requires_grad]

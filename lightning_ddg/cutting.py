@@ -4,7 +4,12 @@ The plan itself (:func:`lightning_ddg.plan`) is plain PyTorch. What the Trainer 
 (:mod:`lightning_ddg.example_input`), the precision's forward context to measure in, and where the plan is shown:
 the model summary's printout, the loggers' hyperparameters and a warning for an unbalanced cut.
 
-Example, on rank 0 when a fit begins::
+Example, on every rank when a fit begins (a collective: rank 0 plans, the others receive its plan)::
+
+    partition, chosen = cut_module(trainer, module, 2, None, balance=[3, 2], balance_by=None, rank=rank,
+                                   device=device, broadcast=strategy.broadcast)
+
+or, its parts on rank 0::
 
     points = given_split_points(module, split_points=None, balance=[3, 2], num_stages=2)
     chosen = make_plan(trainer, module, 2, points, balance_by=None, device=device)
@@ -13,8 +18,10 @@ Example, on rank 0 when a fit begins::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -24,13 +31,53 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from lightning_ddg.balance import BalanceBy
 from lightning_ddg.checks import check_balance_length
-from lightning_ddg.example_input import example_forward_input
-from lightning_ddg.partition import balance_to_split_points
+from lightning_ddg.example_input import example_forward_input, loading_ms, run_loader
+from lightning_ddg.partition import Partition, balance_to_split_points, split_module
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
 from lightning_ddg.shard import on_meta
 from lightning_ddg.stage import MemoryMode
 
-__all__ = ["given_split_points", "make_plan", "show_plan"]
+__all__ = ["cut_module", "given_split_points", "make_plan", "show_plan"]
+
+log = logging.getLogger(__name__)
+
+
+def cut_module(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    num_stages: int,
+    split_points: Sequence[str] | None,
+    balance: Sequence[int] | None,
+    balance_by: BalanceBy | None,
+    rank: int,
+    device: torch.device,
+    broadcast: Callable[[Any], Any],
+    forward_context: Callable[[], AbstractContextManager] = nullcontext,
+    memory: MemoryMode = "stash",
+    first_stage_loads: bool = True,
+) -> tuple[Partition, Plan | None]:
+    """``module`` cut into ``num_stages`` stages, and the plan of the cuts (``None`` with one stage). Rank 0 plans
+    (:func:`make_plan`: the cuts given, measured, or chosen) and shows the plan; ``broadcast`` gives every rank its
+    plan, so that every stage cuts the model at the same places. A collective. ``first_stage_loads``: as for
+    :func:`make_plan`."""
+    points = given_split_points(module, split_points, balance, num_stages)
+    chosen = None
+    if num_stages > 1:
+        made = None
+        if rank == 0:
+            made = make_plan(
+                trainer, module, num_stages, points, balance_by, device, forward_context, memory, first_stage_loads
+            )
+        chosen = broadcast(made)
+        points = chosen.split_points
+        log.info("plan: %d stages cut at %s (by %s)", num_stages, points, chosen.balance_by)
+        if rank == 0:
+            show_plan(trainer, chosen)
+    example = chosen.example_input if chosen is not None else None  # what torch.export opens with
+    opened = chosen.opened_modules if chosen is not None and chosen.exported else None
+    # the stages are traced in eval mode too, even for a fit without validation_step: a callback may call the
+    # model outside training_step
+    return split_module(module, points, num_stages, example, opened), chosen
 
 
 def given_split_points(
@@ -52,21 +99,27 @@ def make_plan(
     device: torch.device,
     forward_context: Callable[[], AbstractContextManager] = nullcontext,
     memory: MemoryMode = "stash",
+    first_stage_loads: bool = True,
 ) -> Plan:
     """The plan of the cuts (``split_points`` described, or chosen), measured with the Trainer's example batch. By
     default by time, and by FLOPs under ``Trainer(deterministic=True)``, whose runs must cut alike; a model built
     on the meta device is measured there. ``memory``: the strategy's memory mode, which what a stage holds
-    depends on."""
+    depends on. With ``first_stage_loads`` (the strategy's ``load_once``), a cut chosen by time counts the
+    loader's time per batch in the first stage's cost."""
     example = example_forward_input(trainer, module)
+    balance_by = balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time")
+    where = torch.device("meta") if on_meta(module) else device
+    timed = balance_by == "time" and where.type != "meta" and split_points is None
     with forward_context():
         return plan(
             module,
             example,
             None if split_points is not None else num_stages,
             split_points=split_points,
-            balance_by=balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time"),
-            device=torch.device("meta") if on_meta(module) else device,
+            balance_by=balance_by,
+            device=where,
             memory=memory,
+            loading_ms=loading_ms(_loader_or_none(trainer)) if timed and first_stage_loads else 0.0,
         )
 
 
@@ -86,3 +139,10 @@ def show_plan(trainer: pl.Trainer, plan: Plan) -> None:
             "(split_points=[...]) or leave the cuts to the strategy (balance_by='time').",
             category=PossibleUserWarning,
         )
+
+
+def _loader_or_none(trainer: pl.Trainer) -> Any:
+    try:
+        return run_loader(trainer)
+    except Exception:  # noqa: BLE001 - the example batch has warned of a loader that fails
+        return None

@@ -1,7 +1,8 @@
-"""The example input the stages are measured with when the strategy chooses the cuts.
+"""The example input the stages are measured with when the strategy chooses the cuts, and what loading a batch costs.
 
 :func:`forward_arguments` (plain PyTorch) picks, from one batch, the part that fits a ``forward`` signature;
-:func:`example_forward_input` finds that batch in a Trainer run without running any user step code.
+:func:`example_forward_input` finds that batch in a Trainer run without running any user step code;
+:func:`loading_ms` times a loader, which the first stage iterates for every stage (:mod:`lightning_ddg.batches`).
 
 Example::
 
@@ -12,7 +13,13 @@ Example::
 from __future__ import annotations
 
 import inspect
+import itertools
+import random
+import sys
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,7 +29,9 @@ from torch import Tensor
 
 from lightning_ddg._compat import data_source
 
-__all__ = ["example_forward_input", "forward_arguments"]
+__all__ = ["example_forward_input", "forward_arguments", "loading_ms", "run_loader"]
+
+_TIMED_BATCHES = 3  # after the first, which pays for starting the iteration
 
 _LOOP_OF = {
     TrainerFn.FITTING: "fit_loop",
@@ -42,16 +51,11 @@ def example_forward_input(trainer: pl.Trainer, module: pl.LightningModule) -> tu
         if isinstance(example, dict):
             return tuple(signature.bind(**example).args)
         return example if isinstance(example, tuple) else (example,)
-    source = data_source(getattr(trainer, _LOOP_OF.get(trainer.state.fn, "fit_loop")))
-    if source is None:
-        return None
     try:
-        with torch.random.fork_rng(devices=[]):  # a shuffling sampler draws its order from the global stream
-            if not source.is_defined():
+        with _random_states_kept():
+            loader = run_loader(trainer)
+            if loader is None:
                 return None
-            loaders = source.dataloader()
-            loader = next(iter(loaders.values())) if isinstance(loaders, dict) else loaders
-            loader = loader[0] if isinstance(loader, (list, tuple)) else loader
             batch = next(iter(loader))
     except Exception as err:  # noqa: BLE001 - the user's loader: any error means no example
         warnings.warn(
@@ -63,6 +67,50 @@ def example_forward_input(trainer: pl.Trainer, module: pl.LightningModule) -> tu
         )
         return None
     return forward_arguments(batch, signature)
+
+
+def loading_ms(loader: Any) -> float:
+    """Milliseconds per batch that iterating ``loader`` takes in this process: what the first stage pays for each
+    batch besides its layers. 0.0 for a loader whose workers do the work in processes of their own, for ``None``,
+    or for one that cannot be iterated again (a stream, say). The random streams are left as they were."""
+    if loader is None or getattr(loader, "num_workers", 0) != 0:
+        return 0.0
+    try:
+        with _random_states_kept():
+            batches = iter(loader)
+            next(batches)  # pays for starting the iteration
+            start = time.perf_counter()
+            timed = sum(1 for _ in itertools.islice(batches, _TIMED_BATCHES))
+            return 1000 * (time.perf_counter() - start) / timed if timed else 0.0
+    except Exception:  # noqa: BLE001 - the user's loader: no figure rather than a failed fit
+        return 0.0
+
+
+def run_loader(trainer: pl.Trainer) -> Any:
+    """The loader this run's loop iterates first (the first of several), or ``None``; it may raise (the user's
+    ``*_dataloader`` hook runs)."""
+    source = data_source(getattr(trainer, _LOOP_OF.get(trainer.state.fn, "fit_loop")))
+    if source is None or not source.is_defined():
+        return None
+    loaders = source.dataloader()
+    loader = next(iter(loaders.values())) if isinstance(loaders, dict) else loaders
+    return loader[0] if isinstance(loader, (list, tuple)) else loader
+
+
+@contextmanager
+def _random_states_kept() -> Iterator[None]:
+    """Draw batches without changing the run: a shuffling sampler draws its order from torch's global stream, and
+    augmentations from it, Python's or NumPy's."""
+    python = random.getstate()
+    numpy = sys.modules.get("numpy")
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(python)
+        if numpy is not None:
+            numpy.random.set_state(numpy_state)
 
 
 def forward_arguments(batch: Any, signature: inspect.Signature) -> tuple | None:

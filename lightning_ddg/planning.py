@@ -112,6 +112,7 @@ class Plan:
     # the example input's shapes and dtypes (meta tensors), with which every rank opens what torch.fx cannot
     example_input: tuple | None = field(default=None, repr=False, compare=False)
     exported: bool = False  # opened with torch.export: split_module(..., opened=opened_modules) exports only the stages
+    loading_ms: float = 0.0  # per batch, in the first stage's cost: loading it outside the model
 
     @property
     def num_stages(self) -> int:
@@ -132,6 +133,8 @@ class Plan:
             "ddg/imbalance": round(self.imbalance, 3),
             "ddg/opened": ", ".join(self.opened_modules),
         }
+        if self.loading_ms:
+            out["ddg/stage0/loading_ms"] = round(self.loading_ms, 3)
         for s in self.stages:
             out[f"ddg/stage{s.index}/modules"] = _span(s.modules)
             out[f"ddg/stage{s.index}/parameters"] = s.parameters
@@ -173,6 +176,8 @@ class Plan:
         lines.append(f"{'largest' if self.balance_by == 'memory' else 'slowest'} stage: {self.imbalance:.2f}x the mean")
         if self.note:
             lines.append(self.note)
+        if self.loading_ms:
+            lines.append(f"stage 0's cost includes {self.loading_ms:.3g} ms per batch of loading it")
         if self.opened_modules:
             lines.append(f"opened for the cuts (traced, not called): {', '.join(self.opened_modules)}")
         if self.whole_modules:
@@ -190,6 +195,7 @@ def plan(
     device: torch.device | str | None = None,
     memory: str = "stash",
     optimizer_states: float = 2.0,
+    loading_ms: float = 0.0,
 ) -> Plan:
     """Choose where to cut ``module.forward`` into ``num_stages`` stages, or describe the cut ``split_points``.
 
@@ -209,6 +215,9 @@ def plan(
         memory: the memory mode the stages will run in (``DDGStrategy(memory=...)``), for what they hold.
         optimizer_states: the optimizer's state per parameter, in parameter sizes, for what the stages hold:
             2 for Adam and AdamW, 1 for SGD with momentum, 0 for plain SGD.
+        loading_ms: milliseconds per batch that the first stage spends loading it, outside the model (the data
+            loader's work when it runs in the training process): by time, the first stage's cost includes it, so
+            that a loader that decodes and augments moves layers off the first stage.
     """
     if balance_by not in BALANCE_BY:
         raise ValueError(f"balance_by={balance_by!r} is not one of {BALANCE_BY}")
@@ -272,7 +281,8 @@ def plan(
     if by_memory:
         used = "memory"
         note = f"balanced by memory without the activations: {unmeasured}" if unmeasured else None
-    costs = _Costs(values, held, by_memory, wanted, memory, optimizer_states)
+    loading = loading_ms if used == "time" else 0.0  # milliseconds add to nothing but time
+    costs = _Costs(values, held, by_memory, wanted, memory, optimizer_states, loading)
     if cut_bytes is None:  # without an input, the number of values crossing stands in for their size
         cut_bytes = [float(_placeholders(s)) for s in segments[1:]]
     if split_points is None:
@@ -310,6 +320,7 @@ def plan(
     if example_runs and not on_meta:  # meta tensors hold no values to compare
         _check_split(module, split_points, args, where, found, opened if exported else None)
     described = _describe(gm, body, positions, starts, split_points, costs, cut_bytes, used, note, args, opened)
+    described.loading_ms = loading
     described.example_input = example_spec(args) if args else None
     described.exported = exported
     return described
@@ -385,7 +396,7 @@ def _as_written(
     slowest, best = kept_costs.slowest(kept_starts), costs.slowest(starts)
     if slowest > best * (1 + AS_WRITTEN_TOLERANCE):
         return positions, costs, cut_bytes, starts
-    mean = sum(costs.values) / wanted
+    mean = (sum(costs.values) + costs.loading) / wanted
     if balanced and not costs.by_memory and slowest > IMBALANCE_WARNING * mean >= best:
         return positions, costs, cut_bytes, starts
     return [positions[j] for j in keep], kept_costs, kept_bytes, kept_starts
@@ -406,7 +417,7 @@ class _Costs:
 
     ``values`` are the segments' costs (time, FLOPs or parameters), which a stage sums; ``held`` what each segment
     brings to a stage's memory. By memory, a stage costs what it holds (:func:`stage_memory`), which depends on its
-    delay and so on its index.
+    delay and so on its index. ``loading``: what the first stage costs besides its segments (loading the batch).
     """
 
     def __init__(
@@ -417,8 +428,9 @@ class _Costs:
         num_stages: int,
         memory: str,
         optimizer_states: float,
+        loading: float = 0.0,
     ) -> None:
-        self.values, self.held, self.by_memory = values, held, by_memory
+        self.values, self.held, self.by_memory, self.loading = values, held, by_memory, loading
         self.num_stages, self.memory, self.optimizer_states = num_stages, memory, optimizer_states
         self._sums = [_prefix(values)] + [
             _prefix([getattr(h, f) for h in held]) for f in ("parameter_bytes", "trainable_bytes", "activation_bytes")
@@ -437,7 +449,9 @@ class _Costs:
 
     def stage(self, k: int, i: int, j: int) -> float:
         """What segments ``i..j-1`` cost as stage ``k``, in the plan's unit."""
-        return self.holds(k, i, j) / _MIB if self.by_memory else self._sums[0][j] - self._sums[0][i]
+        if self.by_memory:
+            return self.holds(k, i, j) / _MIB
+        return self._sums[0][j] - self._sums[0][i] + (self.loading if k == 0 else 0.0)
 
     def solve(self, cut_bytes: list[float], tolerance: float) -> list[int]:
         """The cut whose largest stage cost is least; among those within ``tolerance`` of it by time, FLOPs or
@@ -482,7 +496,7 @@ class _Costs:
         return self._like(values, self.held)
 
     def _like(self, values: list[float], held: list[SegmentMemory]) -> _Costs:
-        return _Costs(values, held, self.by_memory, self.num_stages, self.memory, self.optimizer_states)
+        return _Costs(values, held, self.by_memory, self.num_stages, self.memory, self.optimizer_states, self.loading)
 
 
 def _prefix(values: Sequence[float]) -> list[float]:
@@ -706,7 +720,7 @@ def _refined(
             total = sum(costs[bounds[k] : bounds[k + 1]])
             for i in range(bounds[k], bounds[k + 1]):
                 scaled[i] = costs[i] * stage_time / total if total > 0 else stage_time / (bounds[k + 1] - bounds[k])
-        measured[key] = (max(times), scaled)
+        measured[key] = (max(times[0] + chosen_by.loading, *times[1:]), scaled)
         starts = chosen_by.with_values(scaled).solve(cut_bytes, _TIE_TOLERANCE["time"])
     best = min(measured, key=lambda key: measured[key][0])
     return list(best), measured[best][1]

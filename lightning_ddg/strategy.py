@@ -1,12 +1,13 @@
-"""``DDGStrategy``: Lightning's adapter to the DDG stage runtime.
+"""``DDGStrategy``: Lightning's adapter to the DDG stage runtime, hooks only.
 
-Each process runs one stage. The strategy cuts the LightningModule's ``forward`` into stages, keeps only this
-rank's stage parameters in the module (so ``configure_optimizers`` sees only those), and replaces ``forward``
-with the pipeline: inside ``training_step``, ``self(x)`` forwards batch ``t`` through this stage; on every stage
-but the last, the rest of ``training_step`` is skipped (there is no loss there). The loss computed on the last
-stage drives the delayed backward of every stage (:class:`~lightning_ddg.stage.DDGStage`); each stage steps its
-own optimizer when its accumulation window is complete. When fit ends, the pipeline drains and the full trained
-weights are gathered back into the LightningModule on every rank.
+Each process runs one stage. ``configure_optimizers`` sees this stage's parameters only; in ``training_step``,
+``self(x)`` forwards batch ``t`` through this stage, and on every stage but the last the rest of the step is
+skipped (there is no loss there); when fit ends, the whole trained model is back in the module on every rank
+(see ``docs/usage.md``). The hooks hand their work to plain-PyTorch objects: the cut to
+:func:`~lightning_ddg.cutting.cut_module`, this rank's stage while it runs (the pipelined ``forward``, the delayed
+backward and step, the drain, the whole module put back) to :class:`~lightning_ddg.stage_run.StageRun`, the whole
+model's state to :class:`~lightning_ddg.state.StageStates`, stop signals to :class:`~lightning_ddg.stopping.JobStop`
+(see ``docs/architecture.md``).
 
 Example::
 
@@ -20,11 +21,11 @@ Example::
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
+from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -56,14 +57,11 @@ from lightning_ddg._compat import (
     unwrapped_optimizer,
 )
 from lightning_ddg.balance import BalanceBy
-from lightning_ddg.batches import ReceivedBatches, SentBatches, carried_batches
-from lightning_ddg.build import build_stage
 from lightning_ddg.callbacks import add_stage_callbacks
 from lightning_ddg.checkpoint_io import atomic, load_mapped, writes_local_torch_files
 from lightning_ddg.checks import (
     ONE_OPTIMIZER,
     check_automatic_optimization,
-    check_finite,
     check_no_loss_scaling,
     check_options,
     check_same_lengths,
@@ -72,21 +70,20 @@ from lightning_ddg.checks import (
     check_tied_clipping,
     check_train_loader,
 )
-from lightning_ddg.comm import PipelineStopped
-from lightning_ddg.cutting import given_split_points, make_plan, show_plan
-from lightning_ddg.forward import PipelinedForward, StageDone
+from lightning_ddg.cutting import cut_module
 from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher, launched_ranks, pause_observer, run_ended
 from lightning_ddg.lifeline import end_if_launcher_gone
 from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling, shuffle_seed
 from lightning_ddg.metrics import quiet_epoch_sync_advice, scope_metrics
-from lightning_ddg.partition import Partition, split_module
+from lightning_ddg.partition import Partition
 from lightning_ddg.planning import Plan
 from lightning_ddg.rendezvous import init_process_group, needs_rendezvous
-from lightning_ddg.shard import Removed, on_meta, put_back, rng_states
+from lightning_ddg.shard import rng_states
 from lightning_ddg.stage import DDGStage, MemoryMode
+from lightning_ddg.stage_run import StageRun
 from lightning_ddg.state import StageStates, load_stage_state, parameter_names
 from lightning_ddg.stopping import JobStop
-from lightning_ddg.topology import StageLinks, Topology
+from lightning_ddg.topology import Topology
 from lightning_ddg.watchdog import Watchdog
 
 __all__ = ["DDGStrategy"]
@@ -183,20 +180,12 @@ class DDGStrategy(ParallelStrategy):
         self._rendezvous_timeout = rendezvous_timeout
         self._start_method = start_method
         self._num_nodes = 1
-        self._links: StageLinks | None = None
-        self.stage: DDGStage | None = None
+        self._run: StageRun | None = None  # this rank's stage and what runs it, from setup on
         self.partition: Partition | None = None
         self.plan: Plan | None = None  # the split of the last setup, with its costs
-        self._removed: list[Removed] = []
-        self._states: StageStates | None = None  # gathers the whole model's state from the stages
-        self._forward: PipelinedForward | None = None  # the module's forward while a stage runs
-        self._update_due = False
         self._shuffle_seed = 0
         self._stop = JobStop()
-        self._batch_loaders: list[SentBatches | ReceivedBatches] = []  # this run's loaders, reading over links
         self._init_rng_states: dict[str, Tensor] | None = None  # when configure_model began building on meta
-        self._keep_stage_after_fit = False  # a model built on the meta device stays cut after fit
-        self._finished = True  # no stage is running
 
     # --- layout ------------------------------------------------------------------------------------------
     @property
@@ -302,35 +291,25 @@ class DDGStrategy(ParallelStrategy):
         module = self.lightning_module
         self._check_supported(module)
         self.model = self.precision_plugin.convert_module(module)
-        self.partition = self._split(trainer, module)
+        context, rank, device = self.precision_plugin.forward_context, self.global_rank, self.root_device
+        self.partition, self.plan = cut_module(  # cutting.py: rank 0 plans, every rank cuts alike
+            trainer, module, self.topology.num_stages, self.split_points, self.balance, self.balance_by, rank,
+            device, self.broadcast, context, self.memory, self.load_once,
+        )  # fmt: skip
         check_stages_have_parameters(self.partition.train, self.partition.split_points)
         check_tied_clipping(self.partition.tied, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         self._shuffle_seed = self.broadcast(shuffle_seed())
-        self._states = StageStates.of(module, self.topology, self.global_rank, self.world_size)
-        self._keep_stage_after_fit = on_meta(module)  # built in configure_model: each rank keeps its stage
-        self._finished = False
-        built = build_stage(
-            module,
-            self.topology,
-            self.global_rank,
-            partition=self.partition,
-            device=self.root_device,
-            links=self._links,
-            timeout=self._timeout,
-            keep_only=True,
-            memory=self.memory,
-            accumulate_grad_batches=trainer.accumulate_grad_batches,
-            check_finite=self._checks_finite(trainer),
-            init_rng_states=self._init_rng_states,
-        )
-        self.stage, self._links, self._removed = built.stage, built.links, built.removed
-        self._forward = PipelinedForward(self.stage, inspect.signature(module.forward))
-        module.forward = self._forward  # instance attribute: shadows the class's forward
+        finite = self.check_finite if self.check_finite is not None else detect_anomaly(trainer)
+        self._run = StageRun.start(  # stage_run.py: this rank's stage built, the module's forward the pipeline
+            module, self.topology, rank, partition=self.partition, world_size=self.world_size, device=device,
+            timeout=self._timeout, memory=self.memory, accumulate_grad_batches=trainer.accumulate_grad_batches,
+            check_finite=finite, init_rng_states=self._init_rng_states, on_stop=self._stopping,
+        )  # fmt: skip
         if self.world_size > 1:
             self._stop.reset()
             replace_per_step_sigterm_broadcast(trainer, self._stop_if_requested)
             self._stop.requeue = replace_signal_handlers(trainer, self._on_stop_signal)
-        scope_metrics(module, self._links.replica_group if self._links else None)
+        scope_metrics(module, self._run.replica_group)
         quiet_epoch_sync_advice(everything=self.topology.num_replicas == 1)
         add_stage_callbacks(trainer)
         if trainer.state.fn == TrainerFn.FITTING:
@@ -338,6 +317,11 @@ class DDGStrategy(ParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             optimizers_to_device(self.optimizers, self.root_device)
+
+    @property
+    def stage(self) -> DDGStage | None:
+        """This rank's stage while a run is on (:class:`~lightning_ddg.stage_run.StageRun`)."""
+        return self._run.stage if self._run is not None else None
 
     @contextmanager
     @override
@@ -369,32 +353,6 @@ class DDGStrategy(ParallelStrategy):
             # Lightning's advice, manual optimization, is refused too (_check_supported)
             raise MisconfigurationException(ONE_OPTIMIZER) from None
 
-    def _split(self, trainer: pl.Trainer, module: pl.LightningModule) -> Partition:
-        num_stages = self.topology.num_stages
-        split_points = given_split_points(module, self.split_points, self.balance, num_stages)
-        self.plan = None
-        if num_stages > 1:
-            # one rank measures and chooses (cutting.py), so that every stage cuts the model at the same places
-            chosen = None
-            if self.global_rank == 0:
-                context = self.precision_plugin.forward_context
-                chosen = make_plan(
-                    trainer, module, num_stages, split_points, self.balance_by, self.root_device, context, self.memory
-                )
-            self.plan = self.broadcast(chosen)
-            split_points = self.plan.split_points
-            log.info("plan: %d stages cut at %s (by %s)", num_stages, split_points, self.plan.balance_by)
-            if self.global_rank == 0:
-                show_plan(trainer, self.plan)
-        example = self.plan.example_input if self.plan is not None else None  # what torch.export opens with
-        opened = self.plan.opened_modules if self.plan is not None and self.plan.exported else None
-        # the stages are traced in eval mode too only where something evaluates
-        # eval graphs even for a fit without validation_step: a callback may call the model outside training_step
-        return split_module(module, split_points, num_stages, example, opened)
-
-    def _checks_finite(self, trainer: pl.Trainer) -> bool:
-        return self.check_finite if self.check_finite is not None else detect_anomaly(trainer)
-
     @override
     def model_to_device(self) -> None:
         assert self.model is not None
@@ -418,56 +376,32 @@ class DDGStrategy(ParallelStrategy):
             raise MisconfigurationException(str(err)) from None
         if topology.num_stages > 1:
             seed_shuffling(dataloader, self._shuffle_seed)
-        return self._load_once(dataloader)
-
-    def _load_once(self, dataloader: object) -> object:
-        """Only the first stage iterates the loader; it carries each batch to the later stages (``batches.py``)."""
-        links = self._links
-        if links is None or self.topology.num_stages == 1 or not self.load_once:
+        # prediction writers read the batch indices off the loader's own sampler
+        if self._run is None or not self.load_once or (trainer and trainer.state.fn == TrainerFn.PREDICTING):
             return dataloader
-        module = self.lightning_module
-        if module is not None and module.trainer.state.fn == TrainerFn.PREDICTING:
-            return dataloader  # prediction writers read the batch indices off the loader's own sampler
-        last = self.stage_index == self.topology.num_stages - 1
-        wrapped = carried_batches(dataloader, links, last=last, on_stop=self._stopping)
-        self._batch_loaders.append(wrapped)
-        return wrapped
+        return self._run.carried(dataloader)  # only the first stage iterates it (batches.py)
 
-    # --- the pipelined forward (forward.py) -------------------------------------------------------------
+    # --- the pipelined forward (forward.py, stage_run.py) ------------------------------------------------
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        assert self.lightning_module is not None and self._forward is not None
-        try:
-            with self._forward.training_step(), self.precision_plugin.train_step_context():
-                output = self.lightning_module.training_step(*args, **kwargs)
-        except StageDone:
-            output = None
-        except PipelineStopped as stopped:
-            raise self._stopping(stopped.signum) from None
-        if output is None:
-            # stages before the last have no loss; Lightning still expects a tensor to pass to backward
-            return torch.zeros((), device=self.root_device)
-        return output
-
-    def _eval_step(self, name: str, context: Callable, *args: Any, **kwargs: Any) -> Any:
-        assert self.lightning_module is not None
-        try:
-            with context():
-                return getattr(self.lightning_module, name)(*args, **kwargs)
-        except StageDone:
-            return None
+        assert self.lightning_module is not None and self._run is not None
+        step, context = self.lightning_module.training_step, self.precision_plugin.train_step_context
+        return self._run.training_step(context, step, *args, **kwargs)
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._eval_step("validation_step", self.precision_plugin.val_step_context, *args, **kwargs)
+        step, context = self.lightning_module.validation_step, self.precision_plugin.val_step_context
+        return StageRun.evaluation_step(context, step, *args, **kwargs)
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._eval_step("test_step", self.precision_plugin.test_step_context, *args, **kwargs)
+        step, context = self.lightning_module.test_step, self.precision_plugin.test_step_context
+        return StageRun.evaluation_step(context, step, *args, **kwargs)
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._eval_step("predict_step", self.precision_plugin.predict_step_context, *args, **kwargs)
+        step, context = self.lightning_module.predict_step, self.precision_plugin.predict_step_context
+        return StageRun.evaluation_step(context, step, *args, **kwargs)
 
     # --- stopping when asked (stopping.py) ---------------------------------------------------------------
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
@@ -480,10 +414,8 @@ class DDGStrategy(ParallelStrategy):
 
     def _stop_if_requested(self) -> None:
         # where Lightning would broadcast rank 0's SIGTERM flag before every training batch
-        assert self.stage is not None
-        group = self._links.replica_group if self._links is not None else None
-        src = self.topology.rank_of(0, replica=0)
-        if signum := self._stop.before_batch(self.stage, self._watchdog, group, src, self.root_device):
+        assert self._run is not None
+        if signum := self._run.before_batch(self._stop, self._watchdog):
             raise self._stopping(signum)
 
     def stopped_elsewhere(self, signum: int) -> None:
@@ -497,19 +429,13 @@ class DDGStrategy(ParallelStrategy):
         self._stop.stopped(signum, report=self.global_rank == 0, step=step)
         return SIGTERMException(128 + signum)
 
-    # --- delayed backward and stepping -------------------------------------------------------------------
+    # --- delayed backward and stepping (stage_run.py) ----------------------------------------------------
     @override
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        assert self.stage is not None and self.lightning_module is not None
-        if self.stage.is_last and self.stage.check_finite:
-            check_finite(
-                [closure_loss],
-                f"the loss at step {self.lightning_module.trainer.global_step}",
-                "Lower the learning rate, clip gradients (gradient_clip_val), or look for NaN in the batch.",
-            )
+        assert self._run is not None and self.lightning_module is not None
+        self._run.check_loss(closure_loss, self.lightning_module.trainer.global_step)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
-        if self.stage.backward(closure_loss if self.stage.is_last else None):
-            self._update_due = True
+        self._run.backward(closure_loss)
         return self.precision_plugin.post_backward(closure_loss, self.lightning_module)
 
     @override
@@ -517,26 +443,20 @@ class DDGStrategy(ParallelStrategy):
         # the closure runs training_step and the delayed backward; a step follows only when this stage's
         # accumulation window is complete (never during warm-up)
         result = closure()
-        if self._update_due:
-            self._update(optimizer, model)
+        if self._run is not None and self._run.update_due:
+            self._run.update(partial(self._step, optimizer, model))
         return result
 
-    def _update(self, optimizer: Any, model: Any = None) -> None:
-        assert self.stage is not None
-        self._update_due = False
-        self.stage.install_gradients()
+    def _step(self, optimizer: Any, model: Any = None) -> None:
         # through the precision plugin, so on_before_optimizer_step hooks and gradient clipping run as usual
         self.precision_plugin.optimizer_step(optimizer, model=model or self.lightning_module, closure=_no_closure)
 
     # --- end of a run ------------------------------------------------------------------------------------
     @override
     def on_train_end(self) -> None:
-        assert self.stage is not None
-        optimizer = self.optimizers[0] if self.optimizers else None
-        for ready in self.stage.drain():
-            if ready and optimizer is not None:
-                self._update(optimizer)
-        self._finish()
+        assert self._run is not None
+        self._run.drain(partial(self._step, self.optimizers[0]) if self.optimizers else None)
+        self._run.finish()
 
     @override
     def on_validation_end(self) -> None:
@@ -552,113 +472,87 @@ class DDGStrategy(ParallelStrategy):
         self._finish()
 
     def _finish(self) -> None:
-        """Close the channels and put the full module back together on every rank, unless the model was built in
-        ``configure_model`` (it may not fit one process): then each rank keeps its stage, and
-        :meth:`full_state_dict` collects the whole state on one rank on request."""
-        module = self.lightning_module
-        assert module is not None
-        if self._links is not None:
-            self._links.close()
-        if not self._keep_stage_after_fit:
-            put_back(self._removed, self.states.gather_tensors(module), self.root_device)
-            self._removed = []
-        self._finished = True
-        module.__dict__.pop("forward", None)
+        # the channels closed and the whole module back on every rank, unless it was built in configure_model (it
+        # may not fit one process): then each rank keeps its stage, and full_state_dict collects it on request
+        assert self._run is not None
+        self._run.finish()
 
+    # --- checkpoints (state.py): only this stage's tensors are real; other stages' are placeholders, which
+    # save_checkpoint fills from their owners as rank 0 writes the file. Every saving hook is a collective.
     @property
     def states(self) -> StageStates:
         """Gathers the whole model's state from the stages (:mod:`lightning_ddg.state`)."""
-        if self._states is None:
-            self._states = StageStates(self.topology, self.global_rank, self.world_size)
-        return self._states
+        run = self._run
+        return run.states if run is not None else StageStates(self.topology, self.global_rank, self.world_size)
+
+    @property
+    def _whole(self) -> bool:
+        return self._run is None or self._run.whole  # the module holds every stage's tensors
 
     def full_state_dict(self, rank: int = 0) -> dict[str, Tensor] | None:
-        """The whole model's state dict, with its original names, on global rank ``rank`` (``None`` on the others):
-        each stage of the first replica sends its own tensors there, one at a time. A collective: every rank calls
-        it, e.g. after fit of a model built in ``configure_model``, whose ranks each keep only their stage::
-
-            state = trainer.strategy.full_state_dict()
-            if trainer.is_global_zero:
-                torch.save(state, "model.pt")
-
-        Rank ``rank`` then holds the whole model; :meth:`save_full_state_dict` writes it without holding it.
-        """
+        """The whole model's state dict, with its original names, on global rank ``rank`` (``None`` elsewhere), e.g.
+        after fit of a model built in ``configure_model``, whose ranks each keep only their stage. A collective:
+        every rank calls it (see "Memory: each process holds its own stage" in ``docs/usage.md``)."""
         assert self.lightning_module is not None
-        return self.states.full_state_dict(self.lightning_module, dst=rank, whole=not self._removed)
+        return self.states.full_state_dict(self.lightning_module, dst=rank, whole=self._whole)
 
     def save_full_state_dict(self, path: Any, rank: int = 0) -> None:
-        """Write the whole model's state dict (as :meth:`full_state_dict` returns it) with ``torch.save`` to ``path``
-        on global rank ``rank``, without any process holding more than its own stage and one piece of a tensor in
-        flight. A collective: every rank calls it."""
+        """Write :meth:`full_state_dict` with ``torch.save`` to ``path`` on global rank ``rank``, no process holding
+        more than its own stage and one piece of a tensor in flight. A collective: every rank calls it."""
         assert self.lightning_module is not None
-        self.states.save_full_state_dict(self.lightning_module, path, dst=rank, whole=not self._removed)
+        self.states.save_full_state_dict(self.lightning_module, path, dst=rank, whole=self._whole)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        """Every rank calls it: the owners of the placeholders in ``checkpoint`` stream them to rank 0 as it writes
-        the file (:meth:`StageStates.save_checkpoint`). Written under a temporary name and renamed: a job stopped
-        while it saves leaves the last complete file."""
         if self._stop.stopped_by is not None and self.partition is None:
             return  # see stopped_elsewhere
-        if self.is_global_zero:
+        if self.is_global_zero:  # under a temporary name, renamed when whole: a stopped save leaves the last file
             self.checkpoint_io = atomic(self.checkpoint_io)
         self.states.save_checkpoint(checkpoint, filepath, self.checkpoint_io, storage_options)
 
     @property
     @override
     def restore_checkpoint_after_setup(self) -> bool:
-        # each process reads the checkpoint into its own stage, once it is cut (and materialised, for a model built
-        # on the meta device): it reads only its stage's tensors, never the whole model
-        return True
+        return True  # into each stage once it is cut (and materialised): a process reads its own tensors only
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """The checkpoint, its tensors mapped from the file (``mmap=True``) where it is an ordinary local file, so
-        that a process reads from disk only the tensors of its own stage."""
         if not writes_local_torch_files(self.checkpoint_io, checkpoint_path):
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        return load_mapped(checkpoint_path, weights_only=weights_only)
+        return load_mapped(checkpoint_path, weights_only=weights_only)  # mmap: only this stage's tensors are read
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
-        """Load this stage's parameters and buffers from the whole model's state dict."""
         assert self.lightning_module is not None
-        if not self._removed:  # the whole module: its own load_state_dict, hooks and all
+        if self._whole:  # its own load_state_dict, hooks and all
             return super().load_model_state_dict(checkpoint, strict=strict)
         load_stage_state(self.lightning_module, checkpoint["state_dict"], strict=strict)
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The full state dict with the original names (a collective: every rank calls it when saving). Only this
-        stage's tensors are real; those of other stages are placeholders of their shape and dtype, which
-        :meth:`save_checkpoint` fills from their owners as it writes the file."""
-        if not self._removed:
-            return super().lightning_module_state_dict()
         assert self.lightning_module is not None
+        if self._whole:
+            return super().lightning_module_state_dict()
         return self.states.module_state_dict(self.lightning_module)
 
     @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        """The optimizer state of the whole model, as one device would hold it (a collective: every rank calls
-        it when saving), so that checkpoints resume on any number of stages; see :mod:`lightning_ddg.checkpoint`.
-        As in :meth:`lightning_module_state_dict`, other stages' tensors are placeholders until saved."""
+        # the whole model's, as one device would hold it, so that checkpoints resume on any number of stages
         assert self.lightning_module is not None
-        optimizer = unwrapped_optimizer(optimizer)  # a LightningOptimizer wraps the real one
-        return self.states.optimizer_state(
-            optimizer, parameter_names(self.lightning_module), placeholders=bool(self._removed)
-        )
+        names = parameter_names(self.lightning_module)
+        return self.states.optimizer_state(unwrapped_optimizer(optimizer), names, placeholders=not self._whole)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        module = self.lightning_module
-        assert module is not None
+        assert self.lightning_module is not None
         for optimizer, full in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             try:
-                self.states.load_optimizer_state(optimizer, full, module)
+                self.states.load_optimizer_state(optimizer, full, self.lightning_module)
             except ValueError as err:
                 raise MisconfigurationException(f"cannot resume the optimizer from this checkpoint: {err}") from None
         optimizers_to_device(self.optimizers, self.root_device)
 
+    # --- failure and teardown ----------------------------------------------------------------------------
     @override
     def on_exception(self, exception: BaseException) -> None:
         if self._stop.stopped_by is not None and isinstance(exception, SIGTERMException):
@@ -674,30 +568,27 @@ class DDGStrategy(ParallelStrategy):
     def teardown(self) -> None:
         log.info("teardown: rank %d (%s)", self.global_rank, "failed" if self._failed else "closing its channels")
         end_if_launcher_gone()  # a run that ended as its launcher went still says so, once
+        if self._run is not None:  # a stopped pipeline leaves messages in flight: its channels to the process's exit
+            self._run.close(clean=not self._failed and self._stop.stopped_by is None)
         if not self._failed:
-            # a stopped pipeline leaves messages in flight: its channels are left to the process's exit
-            if not self._finished and self.stage is not None and self._stop.stopped_by is None:
-                self._finish()  # a fit without a training batch never reached on_train_end
-            if self._links is not None and self._stop.stopped_by is None:
-                self._links.destroy()
             if self._stop.stopped_by is not None and self.partition is not None:
                 dist.barrier()  # every stage has run its on_exception callbacks before any exits
             if self._watchdog is not None:
                 self._watchdog.stop()
                 run_ended()
-        self._links = self._watchdog = None
-        for loader in self._batch_loaders:
-            loader.release()
-        self._batch_loaders = []
+        self._watchdog = None
         if self.lightning_module is not None:
             self.lightning_module.__dict__.pop("forward", None)
             trainer = trainer_if_attached(self.lightning_module)
             if trainer is not None:
                 restore_signal_handlers(trainer)
-        self.stage = None
         super().teardown()
 
     # --- collectives -------------------------------------------------------------------------------------
+    @property
+    def _replica_group(self) -> Any:
+        return self._run.replica_group if self._run is not None else None
+
     @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         if distributed_is_initialized():
@@ -714,14 +605,14 @@ class DDGStrategy(ParallelStrategy):
     @override
     def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
         # logged values exist only on the last stage: they are reduced over its replicas, never across stages
-        group = group if group is not None else (self._links.replica_group if self._links else None)
+        group = group if group is not None else self._replica_group
         if not isinstance(tensor, Tensor) or group is None:
             return tensor
         return sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
 
     @override
     def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
-        group = group if group is not None else (self._links.replica_group if self._links else None)
+        group = group if group is not None else self._replica_group
         if group is None:
             return tensor
         return super().all_gather(tensor, group=group, sync_grads=sync_grads)

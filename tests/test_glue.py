@@ -4,15 +4,17 @@ a meta-device build, joining the job."""
 from __future__ import annotations
 
 import inspect
+import random
 import signal
+import time
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from lightning_ddg import Topology, build_stage
 from lightning_ddg.comm import PipelineStopped
-from lightning_ddg.example_input import forward_arguments
+from lightning_ddg.example_input import forward_arguments, loading_ms
 from lightning_ddg.forward import PipelinedForward
 from lightning_ddg.launchers import launched_ranks
 from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling
@@ -39,6 +41,31 @@ def test_forward_arguments_take_the_inputs_of_a_batch() -> None:
     assert forward_arguments({"x": x, "mask": y, "labels": y}, one) == (x, y)
     assert forward_arguments({"labels": y}, one) is None
     assert forward_arguments((x,), two) is None
+
+
+class _Augmented(Dataset):
+    """Each sample takes a millisecond and draws from Python's and torch's random streams, as augmentations do."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        time.sleep(0.001)
+        return torch.full((2,), float(i)) * random.random() * torch.rand(())
+
+
+def test_loading_a_batch_is_timed_where_the_process_loads_it() -> None:
+    random.seed(1)
+    torch.manual_seed(1)
+    expected = (random.random(), torch.rand(()))
+    random.seed(1)
+    torch.manual_seed(1)
+    ms = loading_ms(DataLoader(_Augmented(), batch_size=8, shuffle=True))
+    assert 8 <= ms < 500  # eight samples of a millisecond each
+    assert (random.random(), torch.rand(())) == expected  # the run draws what it would have drawn
+    assert loading_ms(DataLoader(_Augmented(), batch_size=8, num_workers=1)) == 0.0  # its worker pays, not the stage
+    assert loading_ms(None) == 0.0
+    assert loading_ms(DataLoader(_Augmented(), batch_size=64)) == 0.0  # one batch: nothing to time after the first
 
 
 def test_loaders_are_seeded_alike_and_sharded_over_replicas_only() -> None:

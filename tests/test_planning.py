@@ -62,6 +62,13 @@ def test_timing_sees_the_cost_that_parameter_counts_miss() -> None:
     assert by_time.balance_by == "time" and by_time.note is None
 
 
+def _busy(ms: float) -> None:
+    """Compute for ``ms`` milliseconds of this process's CPU time (what timing counts on a busy machine)."""
+    end = time.process_time() + ms / 1000
+    while time.process_time() < end:
+        pass
+
+
 class _CostlyAtAStart(nn.Module):
     """Takes ``ms`` milliseconds, and 20 more when its input is a leaf of the autograd graph: as it is in every
     segment timed alone, but in a stage that runs whole only at the stage's start."""
@@ -71,7 +78,7 @@ class _CostlyAtAStart(nn.Module):
         self.ms, self.scale = ms, nn.Parameter(torch.ones(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # control flow on x: traced as one module
-        time.sleep((self.ms + 20 if x.is_leaf else self.ms) / 1000)
+        _busy(self.ms + 20 if x.is_leaf else self.ms)
         return x * self.scale
 
 
@@ -82,6 +89,32 @@ def test_a_time_split_is_checked_against_its_stages_timed_whole() -> None:
     chosen = plan(model, torch.randn(4, 3), 2)
     assert chosen.split_points == ["5"]
     assert [round(stage.cost, -1) for stage in chosen.stages] == [70, 90]  # the stages' own measured times
+
+
+class _Takes(nn.Module):
+    """Takes ``ms`` milliseconds forward, whatever its input."""
+
+    def __init__(self, ms: float) -> None:
+        super().__init__()
+        self.ms, self.scale = ms, nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # control flow on x: traced as one module
+        if x.dim():
+            _busy(self.ms)
+        return x * self.scale
+
+
+def test_the_first_stage_pays_for_loading_the_batch() -> None:
+    # six layers of 10 ms cut 3 | 3; when loading a batch takes the first stage 40 ms, 1 | 5 balances (50 / 50)
+    model, x = nn.Sequential(*[_Takes(10) for _ in range(6)]), torch.randn(4, 3)
+    assert plan(model, x, 2).split_points == ["3"]
+    loaded = plan(model, x, 2, loading_ms=40.0)
+    assert loaded.split_points == ["1"] and loaded.loading_ms == 40.0
+    assert [round(stage.cost, -1) for stage in loaded.stages] == [50, 50]  # the first stage's cost includes it
+    assert "includes 40 ms per batch of loading it" in str(loaded)
+    assert loaded.to_dict()["ddg/stage0/loading_ms"] == 40.0
+    # milliseconds add to time alone
+    assert plan(model, x, 2, balance_by="params", loading_ms=40.0).split_points == ["3"]
 
 
 def test_a_plan_describes_its_stages() -> None:

@@ -548,3 +548,32 @@ def test_the_plan_is_shown_logged_and_warns_of_a_slow_stage(tmp_path, caplog) ->
     )
     assert "DDG plan: 2 stages" in caplog.text and "model.0 … model.7" in caplog.text
     assert (tmp_path / "run" / "version_0" / "hparams.yaml").read_text().count("ddg/") == len(chosen.to_dict())
+
+
+def test_a_cut_chosen_by_time_counts_the_batches_the_first_stage_loads() -> None:
+    from lightning_ddg.cutting import make_plan
+
+    class SlowToLoad(torch.utils.data.Dataset):
+        def __init__(self, data) -> None:
+            self.data = data
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __getitem__(self, i: int):
+            time.sleep(0.002)  # decoding and augmenting, say
+            return self.data[i]
+
+    class Planned(L.Callback):
+        def on_fit_start(self, trainer, pl_module) -> None:
+            for first_stage_loads in (True, False):
+                chosen = make_plan(
+                    trainer, pl_module, 2, None, None, torch.device("cpu"), first_stage_loads=first_stage_loads
+                )
+                self.loading = getattr(self, "loading", []) + [chosen.loading_ms]
+
+    planned = Planned()
+    batches = DataLoader(SlowToLoad(loader().dataset), batch_size=8)
+    _trainer("auto", 1, max_steps=1, callbacks=[planned]).fit(MLPClassifier(optimizer="sgd"), batches)
+    assert planned.loading[0] >= 16  # eight samples of 2 ms per batch, in the first stage's cost
+    assert planned.loading[1] == 0.0  # with load_once=False every stage loads: no stage pays more than another

@@ -1,0 +1,249 @@
+"""One rank's stage while a fit (or a validation, test or prediction) runs: what the strategy's hooks hand work to.
+
+:class:`StageRun` holds what :func:`~lightning_ddg.build.build_stage` made for this process — the stage, its links,
+the other stages' tensors taken out of the module — and the module's pipelined ``forward``, and runs them: a
+training step through the stage, the delayed backward and the optimizer step when a window is complete, the drain
+at the end, the whole module put back together, and the close. The Lightning strategy is a thin adapter over it,
+as Lightning's ``DDPStrategy`` is over ``DistributedDataParallel``. This module is plain PyTorch.
+
+Example, in each of 2 processes (or in one, over :func:`~lightning_ddg.local.local_links`)::
+
+    run = StageRun.start(model, Topology(num_stages=2), rank, partition=split_module(model, ["model.4"]))
+    optimizer = torch.optim.SGD(run.stage.parameters, lr=0.1)
+    for x, y in loader:
+        loss = run.training_step(nullcontext, lambda: loss_fn(model(x), y))  # model(x): batch t through the stage
+        if run.backward(loss):
+            run.update(optimizer.step)
+    run.drain(optimizer.step)
+    run.finish()  # the whole model on every rank again (a collective)
+    run.close()
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ddg.batches import ReceivedBatches, SentBatches, carried_batches
+from lightning_ddg.build import BuiltStage, build_stage
+from lightning_ddg.checks import check_finite
+from lightning_ddg.comm import PipelineStopped
+from lightning_ddg.forward import PipelinedForward, StageDone
+from lightning_ddg.partition import Partition
+from lightning_ddg.shard import on_meta, put_back
+from lightning_ddg.stage import DDGStage, MemoryMode
+from lightning_ddg.state import StageStates
+from lightning_ddg.stopping import JobStop
+from lightning_ddg.topology import StageLinks, Topology
+from lightning_ddg.watchdog import Watchdog
+
+__all__ = ["StageRun"]
+
+Step = Callable[[], object]
+
+
+class StageRun:
+    """This process's stage of ``module``, running: made by :meth:`start`, ended by :meth:`close`.
+
+    Args:
+        module: the whole module, cut: it holds this stage's tensors only (unless :attr:`whole`), and its
+            ``forward`` is :attr:`forward`, the pipeline.
+        built: what :func:`~lightning_ddg.build.build_stage` made.
+        states: gathers the whole module's state from the stages (:mod:`lightning_ddg.state`).
+        device: where the stage runs.
+        keep_stage: the module was built on the meta device: it may not fit one process, so :meth:`finish` leaves
+            each rank its stage (:meth:`StageStates.full_state_dict` collects the whole on request).
+        on_stop: the exception to raise when the first stage stopped the pipeline for a signal, else
+            :class:`~lightning_ddg.comm.PipelineStopped` is raised.
+
+    Example::
+
+        run = StageRun.start(model, topology, rank, partition=partition, device=device)
+        loss = run.training_step(nullcontext, lambda: loss_fn(model(x), y))
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        built: BuiltStage,
+        states: StageStates,
+        device: torch.device,
+        keep_stage: bool = False,
+        on_stop: Callable[[int], BaseException] | None = None,
+    ) -> None:
+        self.module = module
+        self.stage: DDGStage | None = built.stage  # None once closed
+        self.links: StageLinks | None = built.links  # None once closed
+        self.removed = built.removed  # other stages' tensors taken out of the module; [] once put back
+        self.states = states
+        self.device = device
+        self.keep_stage = keep_stage
+        self.on_stop = on_stop
+        self.forward = PipelinedForward(built.stage, inspect.signature(module.forward))
+        module.forward = self.forward  # an instance attribute: shadows the class's forward
+        self.update_due = False  # the last backward completed this stage's accumulation window
+        self.finished = False  # finish() ran: the channels are closed
+        self.loaders: list[SentBatches | ReceivedBatches] = []  # this run's loaders, reading over links
+
+    @classmethod
+    def start(
+        cls,
+        module: nn.Module,
+        topology: Topology,
+        rank: int,
+        *,
+        partition: Partition,
+        world_size: int | None = None,
+        device: torch.device | str = "cpu",
+        links: StageLinks | None = None,
+        timeout: timedelta = timedelta(minutes=30),
+        memory: MemoryMode = "stash",
+        accumulate_grad_batches: int = 1,
+        check_finite: bool = False,
+        init_rng_states: dict[str, Tensor] | None = None,
+        on_stop: Callable[[int], BaseException] | None = None,
+    ) -> StageRun:
+        """Build global rank ``rank``'s stage of ``module`` cut as ``partition`` (:func:`build_stage`, keeping only
+        this stage's tensors in ``module``) and make ``module``'s ``forward`` the pipeline. A collective where the
+        links are created. ``world_size``: the job's processes, by default ``topology``'s."""
+        world_size = topology.world_size if world_size is None else world_size
+        states = StageStates.of(module, topology, rank, world_size)  # the names and order of the whole module
+        keep_stage = on_meta(module)  # built in configure_model: each rank keeps its stage
+        built = build_stage(
+            module,
+            topology,
+            rank,
+            partition=partition,
+            device=device,
+            links=links,
+            timeout=timeout,
+            keep_only=True,
+            memory=memory,
+            accumulate_grad_batches=accumulate_grad_batches,
+            check_finite=check_finite,
+            init_rng_states=init_rng_states,
+        )
+        return cls(module, built, states, torch.device(device), keep_stage, on_stop)
+
+    @property
+    def replica_group(self) -> Any:
+        """The process group of this stage's replicas (``None`` without replicas, or once closed)."""
+        return self.links.replica_group if self.links is not None else None
+
+    @property
+    def whole(self) -> bool:
+        """The module holds every stage's tensors (one stage, or after :meth:`finish` put them back)."""
+        return not self.removed
+
+    # --- steps ---------------------------------------------------------------------------------------------
+    def training_step(
+        self, context: Callable[[], AbstractContextManager], step: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """``step(*args, **kwargs)`` in ``context()``: the user's training step, whose one call of the module's
+        ``forward`` runs this stage on the next batch. Stages before the last have no loss: a zero tensor instead,
+        for the backward."""
+        try:
+            with self.forward.training_step(), context():
+                output = step(*args, **kwargs)
+        except StageDone:
+            output = None
+        except PipelineStopped as stopped:
+            if self.on_stop is None:
+                raise
+            raise self.on_stop(stopped.signum) from None
+        if output is None:
+            return torch.zeros((), device=self.device)
+        return output
+
+    @staticmethod
+    def evaluation_step(
+        context: Callable[[], AbstractContextManager], step: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """``step(*args, **kwargs)`` in ``context()`` (validation, test, prediction); ``None`` on the stages before
+        the last."""
+        try:
+            with context():
+                return step(*args, **kwargs)
+        except StageDone:
+            return None
+
+    def before_batch(self, stop: JobStop, watchdog: Watchdog | None) -> int:
+        """Before a training batch: the signal the first stage stopped the pipeline for, else 0
+        (:meth:`JobStop.before_batch`, decided by the first stage of replica 0 for every replica)."""
+        assert self.stage is not None
+        src = self.states.topology.rank_of(0, replica=0)
+        return stop.before_batch(self.stage, watchdog, self.replica_group, src, self.device)
+
+    def check_loss(self, loss: Tensor, step: int) -> None:
+        """On the last stage, with ``check_finite``: raise ``FloatingPointError`` for a loss that is not finite."""
+        assert self.stage is not None
+        if self.stage.is_last and self.stage.check_finite:
+            advice = "Lower the learning rate, clip gradients (gradient_clip_val), or look for NaN in the batch."
+            check_finite([loss], f"the loss at step {step}", advice)
+
+    def backward(self, loss: Tensor) -> bool:
+        """The delayed backward of the batch due (from ``loss`` on the last stage, which the others ignore);
+        ``True`` when this stage's accumulation window is complete: :meth:`update` is due."""
+        assert self.stage is not None
+        if self.stage.backward(loss if self.stage.is_last else None):
+            self.update_due = True
+        return self.update_due
+
+    def update(self, step: Step) -> None:
+        """Install the window's gradients and call ``step``, which steps the optimizer."""
+        assert self.stage is not None
+        self.update_due = False
+        self.stage.install_gradients()
+        step()
+
+    def drain(self, step: Step | None) -> None:
+        """Backward every batch still in flight, with an :meth:`update` when a window completes (none without
+        ``step``: there is no optimizer)."""
+        assert self.stage is not None
+        for ready in self.stage.drain():
+            if ready and step is not None:
+                self.update(step)
+
+    # --- loaders -------------------------------------------------------------------------------------------
+    def carried(self, loader: Any) -> Any:
+        """``loader`` read once, on the first stage, which carries each batch to the later stages
+        (:mod:`lightning_ddg.batches`); with one stage, ``loader`` itself."""
+        if self.links is None or self.stage is None or self.stage.num_stages == 1:
+            return loader
+        wrapped = carried_batches(loader, self.links, last=self.stage.is_last, on_stop=self.on_stop)
+        self.loaders.append(wrapped)
+        return wrapped
+
+    # --- the end -------------------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Close the channels and put the whole module back together on every rank (a collective), unless
+        :attr:`keep_stage`; the module's own ``forward`` again."""
+        if self.links is not None:
+            self.links.close()
+        if not self.keep_stage:
+            put_back(self.removed, self.states.gather_tensors(self.module), self.device)
+            self.removed = []
+        self.finished = True
+        self.module.__dict__.pop("forward", None)
+
+    def close(self, clean: bool = True) -> None:
+        """End the run. ``clean``: it neither failed nor stopped, so a run not finished yet (a fit without a
+        training batch) is finished now and the links' process groups are released; a stopped pipeline leaves
+        messages in flight, and a failed one peers that may be gone: their channels are left to the process's
+        exit."""
+        if clean and not self.finished and self.stage is not None:
+            self.finish()
+        if clean and self.links is not None:
+            self.links.destroy()
+        self.links = None
+        for loader in self.loaders:
+            loader.release()
+        self.loaders = []
+        self.module.__dict__.pop("forward", None)
+        self.stage = None

@@ -1,0 +1,68 @@
+"""``StageRun``, what the strategy's hooks hand work to, driven as the hooks drive it, without a Trainer: the stages
+of a pipeline in one thread over in-memory channels, checked against the single-process reference."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from lightning_ddg import DDGReference, Topology, split_module
+from lightning_ddg.local import local_links
+from lightning_ddg.stage_run import StageRun
+from tests.models import batches, mlp, split_points_for
+
+LOSS = nn.functional.cross_entropy
+
+
+def test_stage_runs_train_as_the_reference_and_give_the_module_back() -> None:
+    model, data = mlp(seed=3), batches(5)
+    points, topology, links = split_points_for(model, 2), Topology(num_stages=2), local_links(2)
+    modules = [copy.deepcopy(model) for _ in range(2)]  # stage k's process holds its own copy
+    runs = [
+        StageRun.start(modules[k], topology, topology.rank_of(k), partition=split_module(modules[k], points), links=own)
+        for k, own in enumerate(links)
+    ]
+    optimizers = [torch.optim.SGD(run.stage.parameters, lr=0.1) for run in runs]
+    for x, y in data:
+        losses = [
+            run.training_step(nullcontext, lambda m=m, x=x, y=y: LOSS(m(x), y))  # m(x): this stage on batch t
+            for run, m in zip(runs, modules, strict=True)
+        ]
+        assert losses[0].shape == () and losses[0].item() == 0  # no loss before the last stage
+        for run, optimizer in reversed(list(zip(runs, optimizers, strict=True))):
+            if run.backward(losses[-1]):
+                run.update(optimizer.step)
+    for run, optimizer in reversed(list(zip(runs, optimizers, strict=True))):
+        run.drain(optimizer.step)
+    trained = {n: p for m in modules for n, p in m.named_parameters()}  # each copy holds its own stage's only
+
+    reference = mlp(seed=3)
+    stages = split_module(reference, points).train
+    ref = DDGReference(stages, [torch.optim.SGD(s.parameters(), lr=0.1) for s in stages], LOSS)
+    for x, y in data:
+        ref.step(x, y)
+    ref.finish()
+    expected = dict(reference.named_parameters())
+    assert set(trained) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-7)
+
+    for run, module in zip(runs, modules, strict=True):
+        run.close(clean=False)  # a clean close would put the module back together: a collective across processes
+        assert "forward" not in module.__dict__ and run.stage is None and run.links is None
+
+
+def test_a_one_stage_run_finishes_whole_with_its_own_forward() -> None:
+    model, (x, y) = mlp(seed=4), batches(1)[0]
+    run = StageRun.start(model, Topology(num_stages=1), 0, partition=split_module(model, []))
+    assert model.forward is run.forward and run.whole
+    loss = run.training_step(nullcontext, lambda: LOSS(model(x), y))
+    assert run.backward(loss)  # one stage: no delay, every batch completes a window
+    run.update(lambda: None)
+    assert not run.update_due and all(p.grad is not None for p in model.parameters())
+    run.close()  # finishes a run that was not finished
+    assert run.finished and "forward" not in model.__dict__
+    torch.testing.assert_close(model(x), mlp(seed=4)(x))  # its own forward, on weights that were never stepped
