@@ -37,7 +37,7 @@ import os
 import sys
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -51,9 +51,19 @@ from torch.utils import _pytree as pytree
 from lightning_ddg._compat import export_swap as _swap
 from lightning_ddg.layer_stacks import STACKS, stack_forward
 
-__all__ = ["export_trace", "example_spec", "no_cache", "READS_TRAINING_KEY"]
+__all__ = [
+    "export_trace",
+    "example_spec",
+    "no_cache",
+    "with_repeated",
+    "READS_TRAINING_KEY",
+    "REPEATED_KEY",
+    "OPENED_KEY",
+]
 
 READS_TRAINING_KEY = "lightning_ddg_reads_training"  # in an export's meta: whether its code read a ``training`` flag
+REPEATED_KEY = "lightning_ddg_repeated"  # in a full export's meta: the modules the forward calls more than once
+OPENED_KEY = "lightning_ddg_opened"  # in a selective export's meta: the modules it traced into
 
 _SCALARS = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
 
@@ -86,13 +96,36 @@ def export_trace(
     dynamic = pytree.tree_map(
         lambda d: d if isinstance(d, dict) else None, dynamic, is_leaf=lambda d: isinstance(d, dict)
     )
-    called = {} if opened is None else _called_whole(module, opened)
-    try:
-        return _exported(module, args, dynamic, train, called, owner or module, signature)
-    except Exception:  # noqa: BLE001 - torch.export could not keep these calls whole: trace into them too
-        if not called:
-            raise
+    if opened is None:
         return _exported(module, args, dynamic, train, {}, owner or module, signature)
+    opened = set(opened)
+    try:
+        try:
+            result = _exported(module, args, dynamic, train, _called_whole(module, opened), owner or module, signature)
+        except _CalledTwice as twice:  # a module called twice cannot be kept whole: traced into instead
+            opened = with_repeated(module, opened, twice.modules)
+            result = _exported(module, args, dynamic, train, _called_whole(module, opened), owner or module, signature)
+    except Exception:  # noqa: BLE001 - torch.export could not keep these calls whole: trace into them too
+        result = _exported(module, args, dynamic, train, {}, owner or module, signature)
+        opened = {name for name, _ in module.named_modules()}
+    result.meta[OPENED_KEY] = sorted(opened)
+    return result
+
+
+def with_repeated(module: nn.Module, opened: set[str], repeated: Sequence[str]) -> set[str]:
+    """``opened`` with the modules of ``repeated`` (called more than once by the forward) that it would keep whole,
+    and those that opening them would keep whole in turn: ``torch.export`` keeps a module whole where it is
+    called once only."""
+    opened, repeated = set(opened), set(repeated)
+    while twice := repeated.intersection(_called_whole(module, opened)):
+        opened |= twice
+    return opened
+
+
+class _CalledTwice(Exception):
+    def __init__(self, modules: list[str]) -> None:
+        super().__init__(f"called more than once: {modules}")
+        self.modules = modules
 
 
 def _exported(
@@ -104,7 +137,12 @@ def _exported(
     owner: nn.Module,
     signature: inspect.Signature,
 ) -> fx.GraphModule:
-    ep, reads_training = _export(module, args, dynamic, train, tuple(called))
+    ep, reads_training, repeated = _export(module, args, dynamic, train, tuple(called))
+    if not called:
+        repeated = _repeated_calls(ep.graph)
+    elif repeated:
+        raise _CalledTwice(repeated)
+    _sizes_out_of_calls(ep.graph, set(called))
     with warnings.catch_warnings(), _swap_fixed():
         warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node with no underlying reference")
         gm = _swap._swap_modules(ep, {name: owner.get_submodule(name) for name in called})
@@ -117,19 +155,51 @@ def _exported(
     result.graph.lint()
     result.recompile()
     result.meta[READS_TRAINING_KEY] = reads_training
+    result.meta[REPEATED_KEY] = repeated
     return result
 
 
-_CACHE: OrderedDict[tuple, tuple[torch.export.ExportedProgram, bool]] = OrderedDict()
+def _repeated_calls(graph: fx.Graph) -> list[str]:
+    """The modules a full export saw called more than once: their second call's nodes are tagged ``path@1``."""
+    return sorted(
+        {path for n in graph.nodes for key, (path, _) in (n.meta.get("nn_module_stack") or {}).items() if "@" in key}
+    )
+
+
+def _sizes_out_of_calls(graph: fx.Graph, called: set[str]) -> None:
+    """Take the sizes computed inside a module to be kept whole, and used outside it too, out of that module.
+
+    The export records a size (``sym_size(input, 0) * 2``) where it was first needed, often inside a module, and
+    reuses it after; swapping the module for its call would make the size one of the module's outputs, which it
+    is not. A size computed from the module's own tensors stays: then the export is traced into the module.
+    """
+
+    def call_of(node: fx.Node) -> str | None:
+        paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+        return next((p for p in paths if p in called), None)
+
+    for node in reversed(graph.nodes):
+        where = call_of(node)
+        if where is None or not _is_size(node) or all(call_of(u) == where for u in node.users):
+            continue
+        if any(call_of(a) == where and not _is_size(a) for a in node.all_input_nodes):
+            continue
+        stack = node.meta["nn_module_stack"]
+        outer = list(stack)[: [path for path, _ in stack.values()].index(where)]
+        node.meta["nn_module_stack"] = {key: stack[key] for key in outer}
+
+
+_CACHE: OrderedDict[tuple, tuple[torch.export.ExportedProgram, bool, list[str]]] = OrderedDict()
 _CACHE_SIZE = 4
 
 
 def _export(
     module: nn.Module, args: tuple, dynamic: Any, train: bool, called: tuple[str, ...]
-) -> tuple[torch.export.ExportedProgram, bool]:
-    """``torch.export.export``, and whether the code it traced read a module's ``training`` flag
-    (:func:`_training_reads`); remembered for the last few modules: planning and building the stages export the
-    same forward (or a copy of it that shares its tensors) several times."""
+) -> tuple[torch.export.ExportedProgram, bool, list[str]]:
+    """``torch.export.export``, whether the code it traced read a module's ``training`` flag
+    (:func:`_training_reads`), and which of the ``called`` modules it called more than once; remembered for the
+    last few modules: planning and building the stages export the same forward (or a copy of it that shares its
+    tensors) several times."""
     shapes = pytree.tree_map_only(torch.Tensor, lambda t: (tuple(t.shape), t.dtype), args)
     key = (type(module), tuple(id(p) for p in module.parameters()), train, called, repr(shapes))
     if key in _CACHE:
@@ -139,17 +209,36 @@ def _export(
     module.train(train)
     try:
         with no_cache(module), _stacks_as_loops(module), _no_stack_traces(), torch.random.fork_rng(devices=[]):
-            with _training_reads(module, called) as reads:
+            with _training_reads(module, called) as reads, _calls(module, called) as calls:
                 ep = torch.export.export(
                     module, args, strict=False, dynamic_shapes=dynamic, preserve_module_call_signature=called
                 )
     finally:
         for m, mode in modes.items():
             m.training = mode
-    _CACHE[key] = ep, bool(reads)
+    _CACHE[key] = ep, bool(reads), sorted(name for name, n in calls.items() if n > 1)
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
-    return ep, bool(reads)
+    return _CACHE[key]
+
+
+@contextlib.contextmanager
+def _calls(module: nn.Module, names: tuple[str, ...]) -> Iterator[dict[str, int]]:
+    """Yields how many times each module of ``names`` is called while inside the ``with``."""
+    counts = dict.fromkeys(names, 0)
+
+    def counter(name: str) -> Callable[..., None]:
+        def count(*_: Any) -> None:
+            counts[name] += 1
+
+        return count
+
+    handles = [module.get_submodule(name).register_forward_pre_hook(counter(name)) for name in names]
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # where torch.export's own code reads training flags (a GraphModule takes its root's), outside the traced code
@@ -228,12 +317,18 @@ def _no_stack_traces() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _swap_fixed() -> Iterator[None]:
-    """``torch.export``'s module swap, with two changes: a called module receives the constant arguments the export
-    recorded (the swap passes ``None`` for every one: ``past_key_values_length=0``, ``output_attentions=False``),
-    and the result of one module call is not handed to the next as it is when their flattened values match (a
-    ``ModelOutput`` would reach a module that takes its first item): :func:`_folded` takes the containers
+    """``torch.export``'s module swap, with three changes: a called module receives the constant arguments the export
+    recorded (the swap passes ``None`` for every one: ``past_key_values_length=0``, ``output_attentions=False``);
+    each value the module computed is replaced by the item of its result that the module returned it as (the swap
+    takes them in the order the graph computes them, which hands a T5 block's position bias on as its hidden
+    states); and the result of one module call is not handed to the next as it is when their flattened values match
+    (a ``ModelOutput`` would reach a module that takes its first item): :func:`_folded` takes the containers
     apart instead."""
-    construct, shortcut = _swap._construct_inputs, _swap._remove_extraneous_pytrees
+    construct, shortcut, deconstruct = (
+        _swap._construct_inputs,
+        _swap._remove_extraneous_pytrees,
+        _swap._deconstruct_outputs,
+    )
 
     def with_constants(gm: fx.GraphModule, signature: Any, node_name_map: dict[str, fx.Node]) -> Any:
         result = construct(gm, signature, node_name_map)
@@ -245,11 +340,27 @@ def _swap_fixed() -> Iterator[None]:
         unflatten.args = (leaves, *unflatten.args[1:])
         return result
 
+    def as_returned(
+        gm: fx.GraphModule, signature: Any, module_node: fx.Node, names: dict[str, fx.Node], computed: tuple
+    ) -> None:
+        returned = [getattr(argument, "name", None) for argument in signature.outputs]
+        if any(node.name not in returned for node in computed):
+            raise RuntimeError(f"a value computed inside {module_node.target} and used after it is not returned by it")
+        from torch.export.unflatten import _generate_flatten_spec  # where the swap is (torch >= 2.5)
+
+        flat = _generate_flatten_spec(gm, module_node, signature.out_spec)
+        for node in computed:
+            item = fx.Proxy(flat)[returned.index(node.name)].node
+            node.replace_all_uses_with(item, propagate_meta=True)
+            names[node.name] = item
+
     _swap._construct_inputs, _swap._remove_extraneous_pytrees = with_constants, lambda gm: None
+    _swap._deconstruct_outputs = as_returned
     try:
         yield
     finally:
         _swap._construct_inputs, _swap._remove_extraneous_pytrees = construct, shortcut
+        _swap._deconstruct_outputs = deconstruct
 
 
 def _concrete(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -52,7 +52,7 @@ import torch.fx as fx
 from torch import nn
 
 from lightning_ddg._compat import buffer_table, parameter_table, pytree
-from lightning_ddg.exporting import READS_TRAINING_KEY, export_trace
+from lightning_ddg.exporting import OPENED_KEY, READS_TRAINING_KEY, REPEATED_KEY, export_trace, with_repeated
 from lightning_ddg.layer_stacks import STACKS, stack_forward
 from lightning_ddg.opening import opened_by
 
@@ -273,7 +273,9 @@ def trace(
         return gm
     _hoist_item_access(exported.graph)
     exported.recompile()
-    exported.meta.update({WHOLE_KEY: [], STRUCTURES_KEY: {}, ENTERED_KEY: [], EXPORTED_KEY: True})
+    # modules traced into though not opened: those called more than once, which the export cannot keep whole
+    entered = set(exported.meta.get(OPENED_KEY, ())) - set(opened or ()) - {""}
+    exported.meta.update({WHOLE_KEY: [], STRUCTURES_KEY: {}, ENTERED_KEY: sorted(entered), EXPORTED_KEY: True})
     return exported
 
 
@@ -691,6 +693,8 @@ def split_module(
                 for i, name in zip(_cut_indices(body, split_points, known), split_points, strict=True)
             ]
             opening = {m for name in begins for m in opened_by(name)}
+            if full.meta.get(EXPORTED_KEY):  # a module called twice cannot be kept whole by torch.export
+                opening = with_repeated(module, opening, full.meta.get(REPEATED_KEY, ()))
             structures = full.meta[STRUCTURES_KEY]
         gm = trace(module, train=mode, opened=opening, structures=structures, example_input=example_input)
         found |= (opening - {""}) | set(gm.meta[ENTERED_KEY])

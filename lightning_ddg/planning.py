@@ -45,7 +45,7 @@ from lightning_ddg.balance import (
     solve_stages,
 )
 from lightning_ddg.checks import crossing_tensors
-from lightning_ddg.exporting import example_spec, no_cache
+from lightning_ddg.exporting import REPEATED_KEY, example_spec, no_cache, with_repeated
 from lightning_ddg.opening import Frozen, frozen_python, opened_by
 from lightning_ddg.partition import (
     EXPORTED_KEY,
@@ -309,8 +309,11 @@ def plan(
         split_points = list(split_points)
         starts = [positions.index(index) + 1 for index, name in names.items() if name in split_points]
         starts.sort()
-    opened = sorted({m for s in starts for m in opened_by(begins[positions[s - 1]])} - {""})
+    opened_set = {m for s in starts for m in opened_by(begins[positions[s - 1]])}
     exported = bool(gm.meta.get(EXPORTED_KEY))
+    if exported:  # a module the forward calls twice cannot be kept whole by torch.export: it is traced into too
+        opened_set = with_repeated(module, opened_set | {""}, gm.meta.get(REPEATED_KEY, ()))
+    opened = sorted(opened_set - {""})
     found = frozen.opened_by("") + [f for m in opened for f in frozen.of(m)]
     if found:
         warnings.warn(_frozen_warning(found, split_points, begins, positions, starts), stacklevel=2)
@@ -357,6 +360,12 @@ def _frozen_warning(
             )
             continue
         cuts = [p for p, s in zip(split_points, starts, strict=True) if module in opened_by(begins[positions[s - 1]])]
+        if not cuts:  # opened because the forward calls it more than once
+            lines.append(
+                f"{module!r} is called more than once, so torch.export traces into it: this Python in it runs once, "
+                f"at trace time, not at every step: {code}. Call it once, or cut the model elsewhere."
+            )
+            continue
         lines.append(
             f"The cut at {cuts[0]!r} opens {module!r}: its forward is traced into the stage, so this Python in it runs "
             f"once, at trace time, not at every step: {code}. To run {module!r} as written, cut before it or after "

@@ -1,18 +1,19 @@
 """Fit the ecosystem's models (Hugging Face, timm, torchvision, Lightning's demo) with plain
 ``Trainer(strategy="ddg", devices=K)``: tiny configs, random weights, no split points, no hints.
 
-``python tests/ecosystem_job.py K [NAME ...]`` fits each model of :data:`ZOO` for a few steps on K CPU processes,
-one after the other in the same processes; for each, rank 0 prints one line ``ecosystem NAME {json}`` with the
-fit's plan, the plan by FLOPs (which a loaded machine does not change), what the fit did to the weights, or
-``ecosystem NAME {"skipped": reason}`` for a model that cannot be cut yet. The LightningModules are written the
-way their libraries' users write them: a dict batch given to the model as keyword arguments, ``labels`` in the
-batch and ``outputs.loss`` from the model, an ``attention_mask``, gradient checkpointing switched on.
+``python tests/ecosystem_job.py K [--timed] [NAME ...]`` fits each model of :data:`ZOO` for a few steps on K CPU
+processes, one after the other in the same processes; for each, rank 0 prints one line ``ecosystem NAME {json}``
+with the fit's plan and what the fit did to the weights, or ``ecosystem NAME {"skipped": reason}`` for a model that
+cannot be cut yet. The fits run under ``Trainer(deterministic=True)``, where the strategy balances the stages by
+FLOPs, which a loaded machine does not change; with ``--timed``, by time, as it does by default. The
+LightningModules are written the way their libraries' users write them: a dict batch given to the model as keyword
+arguments, ``labels`` in the batch and ``outputs.loss`` from the model, an ``attention_mask``, gradient
+checkpointing switched on.
 """
 
 from __future__ import annotations
 
 import gc
-import inspect
 import json
 import math
 import os
@@ -31,8 +32,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_ddg  # noqa: F401 - registers strategy="ddg"
-from lightning_ddg.example_input import forward_arguments
-from lightning_ddg.planning import plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.zoo_job import Classifier  # noqa: E402
@@ -219,7 +218,7 @@ ZOO: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], Dataset], 
 }
 
 
-def main(devices: int, names: list[str]) -> None:
+def main(devices: int, names: list[str], timed: bool = False) -> None:
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
     gc.freeze()  # the libraries' objects: each fit's garbage collection then scans only what the fits made
@@ -234,12 +233,6 @@ def main(devices: int, names: list[str]) -> None:
         torch.manual_seed(0)
         model = build()
         loader = DataLoader(data(STEPS * BATCH), batch_size=BATCH)
-        flops = None
-        if rank == 0:
-            # the balance by FLOPs the cut candidates allow, which a loaded machine does not change; it opens the
-            # model as the fit's own plan does, which finds the export done
-            example = forward_arguments(next(iter(loader)), inspect.signature(model.forward))
-            flops = plan(model, example, devices, balance_by="flops")
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         trainer = L.Trainer(
             strategy="ddg",
@@ -251,6 +244,7 @@ def main(devices: int, names: list[str]) -> None:
             enable_progress_bar=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
+            deterministic=not timed,  # the strategy then balances by FLOPs
         )
         trainer.fit(model, loader)
         if trainer.is_global_zero:
@@ -260,8 +254,6 @@ def main(devices: int, names: list[str]) -> None:
                 "split_points": used.split_points,
                 "imbalance": used.imbalance,
                 "balance_by": used.balance_by,
-                "flops_split_points": flops.split_points,
-                "flops_imbalance": flops.imbalance,
                 "opened": used.opened_modules,
                 "loss": float(trainer.callback_metrics["train_loss"]),
                 "unchanged": [n for n in before if torch.equal(before[n], after[n])],
@@ -273,4 +265,4 @@ def main(devices: int, names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2:])
+    main(int(sys.argv[1]), [a for a in sys.argv[2:] if a != "--timed"], timed="--timed" in sys.argv)

@@ -1,14 +1,16 @@
 """The ecosystem's models (Hugging Face, timm, torchvision, Lightning's demo) train balanced with plain
-``Trainer(strategy="ddg", devices=K)``: one job per K fits them all (``tests/ecosystem_job.py``)."""
+``Trainer(strategy="ddg", devices=K)``: one job per K fits them all (``tests/ecosystem_job.py``), the jobs for
+K=2 and K=3 at the same time."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.jobs import run_job
+from tests.jobs import result_of, run_ahead, run_job
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
@@ -19,25 +21,36 @@ JOB_TIMEOUT_S = 540  # within pytest's limit, so that a job too slow fails with 
 IMBALANCE = 1.25  # the plan's slowest stage over the mean, at most
 
 
-# K=3 takes about 5 minutes on a 2-core machine, beyond what the default run can spend: it runs with -m slow
-@pytest.mark.parametrize("devices", [2, pytest.param(3, marks=pytest.mark.slow)])
-def test_every_model_of_the_ecosystem_trains_balanced_with_no_options(devices: int) -> None:
-    # each fit uses the plan it makes by default (timed); the balance is checked on the plan by FLOPs, which the
-    # load of the machine does not change
-    for name, report in _fit_the_zoo(devices).items():
-        assert report["flops_imbalance"] <= IMBALANCE, (name, report)
+@pytest.fixture(scope="module")
+def jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every selected test's job, two at a time (``tests/jobs.py``); each test checks its own."""
+    runs = {
+        "test_every_model_of_the_ecosystem_trains_balanced_with_no_options": _fit_the_zoo,
+        "test_the_fits_own_timed_plans_are_balanced": lambda tmp_path, devices: _fit_the_zoo(tmp_path, devices, True),
+    }
+    return run_ahead(request, tmp_path_factory, runs)
+
+
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S)  # the two jobs run before the first test
+@pytest.mark.parametrize("devices", [2, 3])
+def test_every_model_of_the_ecosystem_trains_balanced_with_no_options(jobs, request, devices: int) -> None:
+    # under Trainer(deterministic=True) the fit's own plan balances by FLOPs, which the load of the machine does not
+    # change
+    for name, report in result_of(jobs, request).items():
+        assert report["balance_by"] == "flops" and report["imbalance"] <= IMBALANCE, (name, report)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
 @pytest.mark.parametrize("devices", [2, 3])
-def test_the_fits_own_timed_plans_are_balanced(devices: int) -> None:
-    # timings are only as steady as the machine: run this one on a quiet machine
-    for name, report in _fit_the_zoo(devices).items():
+def test_the_fits_own_timed_plans_are_balanced(jobs, request, devices: int) -> None:
+    # the plan the strategy makes by default, by time: only as steady as the machine, run it on a quiet one
+    for name, report in result_of(jobs, request).items():
         assert report["balance_by"] == "time" and report["imbalance"] <= IMBALANCE, (name, report)
 
 
-def _fit_the_zoo(devices: int) -> dict[str, dict[str, Any]]:
-    job = run_job("tests/ecosystem_job.py", str(devices), *ZOO, timeout=JOB_TIMEOUT_S)
+def _fit_the_zoo(tmp_path: Path, devices: int, timed: bool = False) -> dict[str, dict[str, Any]]:
+    job = run_job("tests/ecosystem_job.py", str(devices), *(["--timed"] if timed else []), *ZOO, timeout=JOB_TIMEOUT_S)
     out, output = job.stdout, job.stdout + job.stderr
     assert job.returncode == 0, output[-4000:]
     reports = {
@@ -50,7 +63,7 @@ def _fit_the_zoo(devices: int) -> dict[str, dict[str, Any]]:
         # every parameter was updated, none is NaN
         assert report["unchanged"] == [] and report["not_finite"] == [], (name, report)
     # the decoder-only models are cut between their decoder layers, not inside one
-    for point in reports["hf_llama"]["split_points"] + reports["hf_llama"]["flops_split_points"]:
+    for point in reports["hf_llama"]["split_points"]:
         assert point.startswith("model.model.layers.") and point.count(".") == 3, point
     # nn.Transformer with masks is cut between its layers
     assert all(".layers." in p for p in reports["lightning_demo_transformer"]["split_points"])

@@ -125,3 +125,45 @@ def test_one_export_serves_both_modes_unless_the_traced_code_reads_a_training_fl
     outputs = _run(partition.train, ids)
     torch.manual_seed(1)
     torch.testing.assert_close(outputs, model(ids))
+
+
+class Twice(nn.Module):
+    """A forward torch.fx cannot trace (it branches on a size) that calls one module on two inputs, and reuses
+    after its layers a size they compute too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.layers = nn.ModuleList(Flat() for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > 1:
+            x = x.flip(1)
+        h = self.embed(x) + self.embed(y)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h).reshape(x.shape[0] * x.shape[1], 2)
+
+
+class Flat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h.reshape(h.shape[0] * h.shape[1], 8)).relu().reshape(h.shape)
+
+
+def test_a_module_called_twice_is_traced_into_and_the_others_still_run_as_written() -> None:
+    torch.manual_seed(0)
+    model = Twice()
+    x, y = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    partition = split_module(model, ["layers.1"], example_input=(x, y), evaluation=False)
+    # the export keeps a module whole where it is called once only: embed is traced into, the layers are called
+    assert partition.opened == ["embed", "layers"]
+    called = [[str(n.target) for n in s.graph.nodes if n.op == "call_module"] for s in partition.train]
+    assert called == [["layers.0"], ["layers.1", "layers.2", "head"]]
+    for shape in [(2, 3, 4), (3, 5, 4)]:
+        x, y = torch.randn(shape), torch.randn(shape)
+        torch.testing.assert_close(_run(partition.train, x, y), model(x, y))
