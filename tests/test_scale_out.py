@@ -169,6 +169,7 @@ def test_two_nodes_launched_with_torchrun(tmp_path) -> None:
     _assert_two_nodes_trained_as_one_pipeline_on_the_union_batch(tmp_path, "TorchElasticEnvironment")
 
 
+@pytest.mark.slow  # the two-node path runs by default through torchrun; this checks SLURM's environment
 def test_two_nodes_launched_by_slurm(tmp_path) -> None:
     """Four processes with the variables ``srun`` sets for ``--nodes=2 --ntasks-per-node=2`` stand for a SLURM job
     (SLURMEnvironment): SLURM gives each process its rank, and Lightning launches none."""
