@@ -106,10 +106,12 @@ def make_plan(
     on the meta device is measured there. ``memory``: the strategy's memory mode, which what a stage holds
     depends on. With ``first_stage_loads`` (the strategy's ``load_once``), a cut chosen by time counts the
     loader's time per batch in the first stage's cost."""
-    example = example_forward_input(trainer, module)
     balance_by = balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time")
     where = torch.device("meta") if on_meta(module) else device
-    timed = balance_by == "time" and where.type != "meta" and split_points is None
+    loads = first_stage_loads and balance_by == "time" and where.type != "meta" and split_points is None
+    # the user's *_dataloader hook runs once for both the example batch and the loading time
+    loader = _loader_or_none(trainer) if loads or module.example_input_array is None else None
+    example = example_forward_input(trainer, module, loader)
     with forward_context():
         return plan(
             module,
@@ -119,7 +121,7 @@ def make_plan(
             balance_by=balance_by,
             device=where,
             memory=memory,
-            loading_ms=loading_ms(_loader_or_none(trainer)) if timed and first_stage_loads else 0.0,
+            loading_ms=loading_ms(loader) if loads else 0.0,
         )
 
 

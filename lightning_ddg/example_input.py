@@ -41,10 +41,11 @@ _LOOP_OF = {
 }
 
 
-def example_forward_input(trainer: pl.Trainer, module: pl.LightningModule) -> tuple | None:
+def example_forward_input(trainer: pl.Trainer, module: pl.LightningModule, loader: Any = None) -> tuple | None:
     """What ``forward`` takes, for measuring the stages: ``example_input_array``, or else the part of this run's
     first batch that fits ``forward``'s parameters (``x`` of ``(x, y)``, the named items of a dict). ``None``
-    when neither can be had (a warning says why when the loader fails); no user step code runs for it."""
+    when neither can be had (a warning says why when the loader fails); no user step code runs for it.
+    ``loader``: the run's loader (:func:`run_loader`) if the caller has it already."""
     signature = inspect.signature(module.forward)
     example = module.example_input_array
     if example is not None:
@@ -53,7 +54,7 @@ def example_forward_input(trainer: pl.Trainer, module: pl.LightningModule) -> tu
         return example if isinstance(example, tuple) else (example,)
     try:
         with _random_states_kept():
-            loader = run_loader(trainer)
+            loader = loader if loader is not None else run_loader(trainer)
             if loader is None:
                 return None
             batch = next(iter(loader))
@@ -88,11 +89,12 @@ def loading_ms(loader: Any) -> float:
 
 def run_loader(trainer: pl.Trainer) -> Any:
     """The loader this run's loop iterates first (the first of several), or ``None``; it may raise (the user's
-    ``*_dataloader`` hook runs)."""
+    ``*_dataloader`` hook runs, leaving the random streams as they were)."""
     source = data_source(getattr(trainer, _LOOP_OF.get(trainer.state.fn, "fit_loop")))
     if source is None or not source.is_defined():
         return None
-    loaders = source.dataloader()
+    with _random_states_kept():
+        loaders = source.dataloader()
     loader = next(iter(loaders.values())) if isinstance(loaders, dict) else loaders
     return loader[0] if isinstance(loader, (list, tuple)) else loader
 

@@ -59,6 +59,7 @@ from lightning_ddg._compat import (
     set_num_threads_if_needed,
 )
 from lightning_ddg.lifeline import LAUNCHER_PID, SignalWatch, end_if_launcher_gone, stop_processes, watch_launcher
+from lightning_ddg.watchdog import exit_text
 
 __all__ = [
     "DDGScriptLauncher",
@@ -128,9 +129,8 @@ def stage_killed_watch() -> Callable[[], tuple[int, int, int] | None] | None:
 
 def _died(name: str, pid: int, code: int, ended: bool) -> str:
     """The job's one line for a launched process that died."""
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     after = " after the run had ended" if ended else ""
-    return f"lightning-ddg: {name}, process {pid}, {how}{after}; stopping the job."
+    return f"lightning-ddg: {name}, process {pid}, {exit_text(code)}{after}; stopping the job."
 
 
 class DDGScriptLauncher(SubprocessScriptLauncher):

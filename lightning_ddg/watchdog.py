@@ -56,7 +56,7 @@ import torch.distributed as dist
 
 from lightning_ddg.lifeline import claim_end, launcher_gone
 
-__all__ = ["Failure", "Watchdog"]
+__all__ = ["Failure", "Watchdog", "exit_text"]
 
 # a job that runs several fits in the same processes gets fresh keys for each; every process creates its
 # watchdogs in the same order, so the numbers agree
@@ -270,7 +270,7 @@ class Watchdog:
         for rank, child in self._children.items():
             code = child.poll()
             if code:
-                message = f"{self.describe(rank)} {_exit_text(code)}"
+                message = f"{self.describe(rank)} {exit_text(code)}"
                 return self._publish(Failure(rank, message, pid=child.pid, host=socket.gethostname()))
         killed = self._seen_killed()
         if killed is not None:
@@ -320,7 +320,7 @@ class Watchdog:
         if seen is None or seen[0] == self.rank:
             return None
         rank, pid, code = seen
-        return Failure(rank, f"{self.describe(rank)} {_exit_text(code)}", pid=pid, host=socket.gethostname())
+        return Failure(rank, f"{self.describe(rank)} {exit_text(code)}", pid=pid, host=socket.gethostname())
 
     def _publish(self, failure: Failure) -> Failure:
         """Publish ``failure`` unless one was published before; return the one that stands."""
@@ -413,7 +413,8 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _exit_text(code: int) -> str:
+def exit_text(code: int) -> str:
+    """How a process ended, from its exit code (negative: the signal that killed it)."""
     if code < 0:
         try:
             return f"was killed by {signal.Signals(-code).name}"

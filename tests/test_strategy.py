@@ -564,16 +564,26 @@ def test_a_cut_chosen_by_time_counts_the_batches_the_first_stage_loads() -> None
             time.sleep(0.002)  # decoding and augmenting, say
             return self.data[i]
 
+    class Loads(MLPClassifier):
+        loaders_made = 0
+
+        def train_dataloader(self):
+            self.loaders_made += 1
+            return DataLoader(SlowToLoad(loader().dataset), batch_size=8)
+
     class Planned(L.Callback):
         def on_fit_start(self, trainer, pl_module) -> None:
+            self.loading, self.loaders_made = [], []
             for first_stage_loads in (True, False):
+                made = pl_module.loaders_made
                 chosen = make_plan(
                     trainer, pl_module, 2, None, None, torch.device("cpu"), first_stage_loads=first_stage_loads
                 )
-                self.loading = getattr(self, "loading", []) + [chosen.loading_ms]
+                self.loading.append(chosen.loading_ms)
+                self.loaders_made.append(pl_module.loaders_made - made)
 
     planned = Planned()
-    batches = DataLoader(SlowToLoad(loader().dataset), batch_size=8)
-    _trainer("auto", 1, max_steps=1, callbacks=[planned]).fit(MLPClassifier(optimizer="sgd"), batches)
+    _trainer("auto", 1, max_steps=1, callbacks=[planned]).fit(Loads(optimizer="sgd"))
     assert planned.loading[0] >= 16  # eight samples of 2 ms per batch, in the first stage's cost
     assert planned.loading[1] == 0.0  # with load_once=False every stage loads: no stage pays more than another
+    assert planned.loaders_made == [1, 1]  # the user's hook runs once for the example batch and the loading time
