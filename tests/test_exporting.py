@@ -69,6 +69,28 @@ def test_a_model_torch_fx_cannot_trace_is_cut_between_its_layers_and_calls_them_
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_where_the_layers_cannot_be_kept_whole_every_module_is_traced_into(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the fallback of an export that cannot call the layers as written: one that traces into every module
+    from lightning_ddg import exporting
+
+    def refuse(module: nn.Module, args: tuple, dynamic, train: bool, called, *rest):
+        if called:
+            raise RuntimeError("these modules cannot be kept whole")
+        return exported(module, args, dynamic, train, called, *rest)
+
+    exported = exporting._exported
+    monkeypatch.setattr(exporting, "_exported", refuse)
+    torch.manual_seed(0)
+    model = CausalLM()
+    partition = split_module(model, ["model.model.layers.1", "model.model.layers.2"], example_input=(_batch(2, 8),))
+    assert not any(n.op == "call_module" for stage in partition.train for n in stage.graph.nodes)
+    for size, length in [(2, 8), (3, 5)]:
+        batch = _batch(size, length)
+        expected, outputs = model(batch), _run(partition.train, batch)
+        torch.testing.assert_close(outputs.loss, expected.loss)
+        torch.testing.assert_close(outputs.logits, expected.logits)
+
+
 def test_nn_transformer_with_masks_is_cut_between_its_layers() -> None:
     class Seq2Seq(nn.Module):
         def __init__(self) -> None:
