@@ -399,7 +399,9 @@ class DDGStage:
         watching = nullcontext()
         if replicas is not None:  # the lists only when a window's all-reduce starts: this is the per-step path
             watching = replicas.watch([weights[i] for i in self._own], [self._grads[i] for i in self._own])
-        with watching:
+        # a layer that runs its forward again during backward (gradient checkpointing) reads the batch's own weights
+        stashed = [(slot, item.weights[i]) for slot, i in self._weight_slots] if item.weights is not None else []
+        with watching, _swapped(stashed):
             grads = _gradients([t for t, _ in pairs], [g for _, g in pairs], leaves)
         weight_grads = grads[: len(weights)]
         for copy in self._tied:  # summed apart from the window, and over every owner before an update

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class Recomputed(nn.Module):
+    """A layer that runs its forward again in backward (``torch.utils.checkpoint``), as gradient checkpointing does."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.layer, x, use_reentrant=False)
 
 
 def mlp(
@@ -13,11 +25,15 @@ def mlp(
     batchnorm: bool = False,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
+    recomputed: bool = False,
 ) -> nn.Module:
+    """``recomputed``: a checkpointed linear layer after each tanh."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Linear(8, width)]
     for _ in range(depth - 1):
         layers.append(nn.Tanh())
+        if recomputed:
+            layers.append(Recomputed(nn.Sequential(nn.Linear(width, width), nn.Tanh())))
         if batchnorm:
             layers.append(nn.BatchNorm1d(width))
         if dropout:

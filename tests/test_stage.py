@@ -34,7 +34,12 @@ def _model(options: dict) -> nn.Module:
         return PassingThrough(dtype)
     if options.get("model") == "tied lm":
         return TiedLM(dtype, tie_blocks=options.get("tie_blocks", False), dropout=options.get("dropout", 0.0))
-    return mlp(dropout=options.get("dropout", 0.0), batchnorm=options.get("batchnorm", False), dtype=dtype)
+    return mlp(
+        dropout=options.get("dropout", 0.0),
+        batchnorm=options.get("batchnorm", False),
+        dtype=dtype,
+        recomputed=options.get("recomputed", False),
+    )
 
 
 def _batches(options: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -178,6 +183,13 @@ def test_stash_and_recompute_match_reference_with_sgd_and_adam(num_stages: int) 
         for dtype in (torch.float32, torch.float64)
     ]
     _check(num_stages, *cases)
+
+
+def test_a_layer_that_recomputes_in_backward_uses_the_weights_of_its_batch() -> None:
+    # gradient checkpointing runs a layer's forward again during its backward: on a stage with a delay, that must be
+    # on the weights the batch's forward used, not on those updated since
+    cases = ({"memory": m, "optimizer": "sgd", "batches": 6, "seed": 2, "recomputed": True} for m in MEMORY_MODES)
+    _check(3, *cases)
 
 
 # over the real transport, one launch of three gloo processes serves three tests (a launch costs more than them)
