@@ -37,6 +37,7 @@ import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import signal
 import subprocess
@@ -58,7 +59,14 @@ from lightning_ddg._compat import (
     interrupt_here,
     set_num_threads_if_needed,
 )
-from lightning_ddg.lifeline import LAUNCHER_PID, SignalWatch, end_if_launcher_gone, stop_processes, watch_launcher
+from lightning_ddg.lifeline import (
+    LAUNCHER_PID,
+    SignalWatch,
+    end_if_launcher_gone,
+    launcher_claim,
+    stop_processes,
+    watch_launcher,
+)
 from lightning_ddg.watchdog import exit_text
 
 __all__ = [
@@ -269,6 +277,9 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
         self._ended = context.RawArray("b", self._strategy.num_processes)  # which processes' runs ended (run_ended)
         # a stage killed by a signal during its run: 1 + its index, its exit code, its pid (stage_killed_watch)
         self._killed = context.RawArray("q", 3)
+        # which of the processes left behind says that this one has gone: decided by a file named after it, named
+        # now, while it runs (a process still starting when it is killed could no longer read its start time)
+        self._claim = launcher_claim(os.getpid())
         self.procs = []  # set by the launch once the processes have started
         self._stopping = False  # this process stops the stages itself (a signal to it): their deaths are not news
         log.info("launch: %d processes started with %s", self._strategy.num_processes, self._start_method)
@@ -335,6 +346,14 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
         """Ctrl-C: SIGINT to the stages, which stop as Lightning stops a run; a process still starting (importing
         the script) is killed instead, as it has nothing to stop and would print a traceback from its imports."""
         self._stopping = True
+        if self._start_method == "forkserver":  # one forked as the interrupt came, its pid not known here yet
+            known = {p.pid for p in processes}
+            for pid in _forked_by_server():
+                if pid not in known:
+                    _kill(pid)
+        if not processes:  # interrupted while the launch was starting them: none has got further than its imports
+            stop_processes(multiprocessing.active_children(), 0.0, signal.SIGKILL)
+            return
         starting = [p for i, p in enumerate(processes) if not self._started[i]]
         stop_processes(starting, 0.0, signal.SIGKILL)
         stop_processes([p for p in processes if p not in starting], INTERRUPT_GRACE_S, signal.SIGINT)
@@ -347,7 +366,7 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
     @override
     def _wrapping_function(self, process_idx: int, trainer: Any, function: Any, args: Any, *rest: Any) -> None:
         global _ended, _killed
-        watch_launcher(None, f"rank {process_idx}")  # first: this process ends with the launching one
+        watch_launcher(None, f"rank {process_idx}", self._claim)  # first: this process ends with the launching one
         self._started[process_idx] = 1
         _ended = self._ended, process_idx
         _killed = self._killed, self._strategy.node_rank * self._strategy.num_processes
@@ -371,6 +390,30 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
         except BaseException as error:
             self._strategy.on_exception(error)
             raise
+
+
+def _forked_by_server() -> list[int]:
+    """The processes this process's forkserver has forked and that still run (read from ``/proc``; none elsewhere)."""
+    server = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_forkserver_pid", None)
+    if not server or not os.path.isdir("/proc"):
+        return []
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == server:
+            pids.append(int(entry))
+    return pids
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _wait_for(observer: ChildObserver, grace: float) -> None:

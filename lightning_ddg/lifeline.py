@@ -48,6 +48,7 @@ __all__ = [
     "LAUNCHER_PID",
     "SignalWatch",
     "claim_end",
+    "launcher_claim",
     "launcher_gone",
     "watch_launcher",
     "watch_launcher_from_environment",
@@ -79,11 +80,13 @@ def watch_launcher_from_environment() -> None:
         signal.signal(signal.SIGINT, _exit_quietly)
 
 
-def watch_launcher(launcher_pid: int | None, name: str) -> None:
+def watch_launcher(launcher_pid: int | None, name: str, claim: str | None = None) -> None:
     """End this process, with one line on stderr, when the process that launched it has gone.
 
     ``launcher_pid`` is the launching process, this process's parent; ``None`` in a process started by
-    multiprocessing, whose parent's sentinel tells when it has gone. One watch per process: later calls do nothing.
+    multiprocessing, whose parent's sentinel tells when it has gone. ``claim``: the launcher's
+    :func:`launcher_claim`, taken while it ran (by default read now, which a launcher already gone leaves
+    ``None``: then this process speaks whatever the others do). One watch per process: later calls do nothing.
     """
     global _watching, _gone
     parent = multiprocessing.parent_process() if launcher_pid is None else None
@@ -99,7 +102,7 @@ def watch_launcher(launcher_pid: int | None, name: str) -> None:
         return  # not a launched process
     _watching = os.getpid()
     pid = launcher_pid if launcher_pid is not None else parent.pid  # type: ignore[union-attr]
-    claim = _claim_file(pid)
+    claim = claim or launcher_claim(pid)
 
     def gone() -> bool:
         if parent is not None:
@@ -153,7 +156,7 @@ def end_if_launcher_gone() -> None:
         _end_for_launcher(*_end_line)
 
 
-def _claim_file(launcher_pid: int) -> str | None:
+def launcher_claim(launcher_pid: int) -> str | None:
     """The file whose creation decides which of the processes a launcher leaves behind says so: named after the
     launcher's pid and start time (read while it runs), so that a later job with the same pid has its own."""
     try:
