@@ -114,6 +114,8 @@ class LockStep:
         seed: each stage's random number streams start from ``torch.manual_seed(seed)``, as in a process of its
             own (and as :class:`~lightning_ddg.reference.DDGReference` gives each stage its own stream).
         memory, accumulate_grad_batches, check_finite: as for :class:`~lightning_ddg.stage.DDGStage`.
+        example_input: one batch of what ``forward`` takes, for a model ``torch.fx`` cannot trace (see
+            :func:`~lightning_ddg.partition.split_module`).
     """
 
     def __init__(
@@ -126,10 +128,11 @@ class LockStep:
         memory: MemoryMode = "stash",
         accumulate_grad_batches: int = 1,
         check_finite: bool = False,
+        example_input: tuple | None = None,
     ) -> None:
         num_stages = len(split_points) + 1
         topology = Topology(num_stages=num_stages)
-        partition = split_module(module, split_points=list(split_points), num_stages=num_stages)
+        partition = split_module(module, list(split_points), num_stages, example_input=example_input)
         links = local_links(num_stages, device)
         self.device = torch.device(device)
         self.stages: list[DDGStage] = [

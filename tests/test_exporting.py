@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
+from lightning_ddg import DDGReference
 from lightning_ddg.checks import crossing_tensors
+from lightning_ddg.local import LockStep
 from lightning_ddg.partition import split_module
 
 transformers = pytest.importorskip("transformers")
@@ -67,6 +71,34 @@ def test_a_model_torch_fx_cannot_trace_is_cut_between_its_layers_and_calls_them_
         torch.testing.assert_close(outputs.logits, expected.logits)
     outputs.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+class CausalLMByName(CausalLM):
+    """The batch's items as arguments (``self(**batch)``), as ``DDGReference`` takes a stage's inputs."""
+
+    def forward(self, input_ids, attention_mask, labels):  # type: ignore[override]
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def test_gradient_checkpointing_in_a_hugging_face_model_matches_the_reference() -> None:
+    # the layers recompute their forward in backward: on the first stage (delay 1), on the weights its batch used
+    torch.manual_seed(0)
+    model = CausalLMByName()
+    model.model.gradient_checkpointing_enable()
+    reference_model = copy.deepcopy(model)
+    batches = [tuple(_batch(2, 8).values()) for _ in range(5)]
+    split = ["model.model.layers.2"]
+    pipeline = LockStep(model, split, example_input=batches[0])
+    optimizers = [torch.optim.SGD(stage.parameters, lr=0.5) for stage in pipeline.stages]
+    stages = split_module(reference_model, split, example_input=batches[0]).train
+    reference = DDGReference(stages, [torch.optim.SGD(s.parameters(), lr=0.5) for s in stages], lambda out, _: out.loss)
+    for batch in batches:
+        pipeline.step(batch, lambda out: out.loss, optimizers)
+        reference.step(batch, None)
+    pipeline.drain(optimizers)
+    reference.finish()
+    for (name, trained), expected in zip(model.named_parameters(), reference_model.parameters(), strict=True):
+        torch.testing.assert_close(trained, expected, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_where_the_layers_cannot_be_kept_whole_every_module_is_traced_into(monkeypatch: pytest.MonkeyPatch) -> None:
