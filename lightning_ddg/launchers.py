@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import logging
 import multiprocessing
@@ -60,10 +61,10 @@ from lightning_ddg._compat import (
     set_num_threads_if_needed,
 )
 from lightning_ddg.lifeline import (
-    LAUNCHER_PID,
     SignalWatch,
     end_if_launcher_gone,
     launcher_claim,
+    naming_this_launcher,
     stop_processes,
     watch_launcher,
 )
@@ -157,11 +158,8 @@ class DDGScriptLauncher(SubprocessScriptLauncher):
         global _observer
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
-            os.environ[LAUNCHER_PID] = str(os.getpid())  # the launched ranks watch this process
-            try:
+            with naming_this_launcher():  # the launched ranks watch this process
                 self._call_children_scripts()
-            finally:
-                del os.environ[LAUNCHER_PID]
             first = self.cluster_environment.node_rank() * self.num_processes + 1
             _observer = ChildObserver(self.procs, describe=lambda i: self.describe(first + i))
             _observer.start()
@@ -288,7 +286,9 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
         watch.daemon = True
         watch.start()
         try:
-            with SignalWatch(stop=self._stop_stages):
+            # a spawned stage watches this process from its first import: named here, in case it is gone by then
+            naming = naming_this_launcher() if self._start_method == "spawn" else contextlib.nullcontext()
+            with SignalWatch(stop=self._stop_stages), naming:
                 return super().launch(function, *args, trainer=trainer, **kwargs)
         except KeyboardInterrupt:
             self._interrupt(getattr(self, "procs", []))
@@ -339,24 +339,35 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
         """Stop the stages (SIGTERM, then SIGKILL); whether they said why: rank 0 marks in ``_started`` that every
         stage stopped after the same step, which it has printed."""
         self._stopping = True
-        stop_processes(getattr(self, "procs", []))
+        if not self.procs:
+            self._kill_starting()
+        stop_processes(self.procs)
         return self._started[0] == _STOPPED_TOGETHER
 
     def _interrupt(self, processes: list) -> None:
         """Ctrl-C: SIGINT to the stages, which stop as Lightning stops a run; a process still starting (importing
         the script) is killed instead, as it has nothing to stop and would print a traceback from its imports."""
         self._stopping = True
-        if self._start_method == "forkserver":  # one forked as the interrupt came, its pid not known here yet
-            known = {p.pid for p in processes}
-            for pid in _forked_by_server():
-                if pid not in known:
-                    _kill(pid)
-        if not processes:  # interrupted while the launch was starting them: none has got further than its imports
-            stop_processes(multiprocessing.active_children(), 0.0, signal.SIGKILL)
+        if not processes:
+            self._kill_starting()
             return
         starting = [p for i, p in enumerate(processes) if not self._started[i]]
         stop_processes(starting, 0.0, signal.SIGKILL)
         stop_processes([p for p in processes if p not in starting], INTERRUPT_GRACE_S, signal.SIGINT)
+
+    def _kill_starting(self) -> None:
+        """Stopped while the launch was starting the stages: none has got further than its imports, and each is
+        killed. A forkserver may not have forked the last one asked for yet, whose pid is not known here but whose
+        data, sent already, it would read once this process has gone: the server is stopped first, so that it forks
+        no more, and then killed with every process it forked."""
+        server = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+        if self._start_method == "forkserver" and server:
+            _signal(server, signal.SIGSTOP)
+            _wait_until_stopped(server)  # the signal takes effect once a fork under way has ended
+            for pid in _forked_by(server):
+                _signal(pid, signal.SIGKILL)
+            _signal(server, signal.SIGKILL)
+        stop_processes(multiprocessing.active_children(), 0.0, signal.SIGKILL)
 
     @override
     def __getstate__(self) -> dict[str, Any]:
@@ -392,26 +403,36 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
             raise
 
 
-def _forked_by_server() -> list[int]:
-    """The processes this process's forkserver has forked and that still run (read from ``/proc``; none elsewhere)."""
-    server = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_forkserver_pid", None)
-    if not server or not os.path.isdir("/proc"):
+def _forked_by(parent: int) -> list[int]:
+    """The processes ``parent`` has forked and that still run (read from ``/proc``; none elsewhere)."""
+    if not os.path.isdir("/proc"):
         return []
     pids = []
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
+                    pids.append(int(entry))
         except (OSError, ValueError, IndexError):
             continue
-        if parent == server:
-            pids.append(int(entry))
     return pids
 
 
-def _kill(pid: int) -> None:
+def _wait_until_stopped(pid: int, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in "TtZX":
+                    return
+        except OSError:
+            return
+        time.sleep(0.001)
+
+
+def _signal(pid: int, signum: int) -> None:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signum)
     except ProcessLookupError:
         pass
 

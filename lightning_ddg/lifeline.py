@@ -41,7 +41,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "claim_end",
     "launcher_claim",
     "launcher_gone",
+    "naming_this_launcher",
     "watch_launcher",
     "watch_launcher_from_environment",
 ]
@@ -57,6 +59,7 @@ __all__ = [
 # set by the "ddg" launcher for the ranks it re-launches, and taken out of the environment by them (so that their
 # own children, data loader workers say, do not take themselves for ranks)
 LAUNCHER_PID = "LIGHTNING_DDG_LAUNCHER_PID"
+LAUNCHER_CLAIM = "LIGHTNING_DDG_LAUNCHER_CLAIM"  # and the launcher's claim (launcher_claim), named while it runs
 POLL_S = 0.2
 STUCK_S = 10.0  # after a SIGTERM another handler takes, how long the main thread may stay in one place
 CLAIM_S = 1.0  # how long the process that speaks for the others keeps its claim
@@ -69,15 +72,32 @@ def watch_launcher_from_environment() -> None:
     """Start the watch of a process that imports ``lightning_ddg`` as a launched one: a rank re-launched by
     ``strategy="ddg"`` (the environment names its launcher), or a process started with multiprocessing's
     "spawn" that is still importing the script (multiprocessing marks it as inheriting)."""
-    launcher = os.environ.pop(LAUNCHER_PID, None)
+    launcher, claim = os.environ.pop(LAUNCHER_PID, None), os.environ.pop(LAUNCHER_CLAIM, None)
+    launcher_pid = int(launcher) if launcher and launcher.isdigit() and int(launcher) != os.getpid() else None
     current = multiprocessing.current_process()
-    if launcher and launcher.isdigit() and int(launcher) != os.getpid():
-        watch_launcher(int(launcher), f"rank {os.environ.get('LOCAL_RANK', '?')}")
-    elif getattr(current, "_inheriting", False) and current.name != "MainProcess":  # not a forkserver preloading
-        watch_launcher(os.getppid(), f"process {os.getpid()}, which was still starting")
+    if getattr(current, "_inheriting", False) and current.name != "MainProcess":  # not a forkserver preloading
+        # named by the launcher: one that died as this process started has left it with another parent already
+        watch_launcher(launcher_pid or os.getppid(), f"process {os.getpid()}, which was still starting", claim)
         # Ctrl-C in the launching process reaches its stages as SIGINT (launchers.py): one still starting has
         # nothing to stop gracefully, and a KeyboardInterrupt would print a traceback from inside its imports
         signal.signal(signal.SIGINT, _exit_quietly)
+    elif launcher_pid is not None:
+        watch_launcher(launcher_pid, f"rank {os.environ.get('LOCAL_RANK', '?')}", claim)
+
+
+@contextmanager
+def naming_this_launcher() -> Iterator[str | None]:
+    """While in it, the processes this one starts inherit its pid and its claim in their environment, and watch it
+    from their first import of lightning_ddg (:func:`watch_launcher_from_environment`); yields the claim."""
+    claim = launcher_claim(os.getpid())
+    os.environ[LAUNCHER_PID] = str(os.getpid())
+    if claim is not None:
+        os.environ[LAUNCHER_CLAIM] = claim
+    try:
+        yield claim
+    finally:
+        os.environ.pop(LAUNCHER_PID, None)
+        os.environ.pop(LAUNCHER_CLAIM, None)
 
 
 def watch_launcher(launcher_pid: int | None, name: str, claim: str | None = None) -> None:

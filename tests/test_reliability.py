@@ -393,8 +393,11 @@ def phase_cells() -> list[Cell]:
 def default_cells() -> list[Cell]:
     """The cells of the default test run: :func:`phase_cells`, and six more so that every launch mode meets
     every stop (SIGKILL of ddg's launching process is the save test's), among them a stage killed in teardown with
-    each kind of launcher, and one killed mid-run with each (ddg's is a phase cell)."""
+    each kind of launcher, one killed mid-run with each (ddg's is a phase cell), and a spawning launcher stopped as
+    it starts its stages, with each start method."""
     extra = [
+        Cell("ddg_spawn", "SIGKILL", "imports"),
+        Cell("forkserver", "SIGINT", "imports"),
         Cell("ddg", "SIGKILL-stage", "teardown"),
         Cell("ddg_spawn", "SIGINT", "first-steps"),
         Cell("forkserver", "SIGTERM", "planning"),
