@@ -33,7 +33,7 @@ from lightning_ddg.balance import BalanceBy
 from lightning_ddg.checks import check_balance_length
 from lightning_ddg.example_input import example_forward_input, loading_ms, run_loader
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
-from lightning_ddg.planning import IMBALANCE_WARNING, Plan, plan
+from lightning_ddg.planning import IMBALANCE_WARNING, Plan, check_split, plan
 from lightning_ddg.shard import on_meta
 from lightning_ddg.stage import MemoryMode
 
@@ -63,15 +63,19 @@ def cut_module(
     points = given_split_points(module, split_points, balance, num_stages)
     chosen = None
     if num_stages > 1:
-        made = None
+        made = planned_with = None
         if rank == 0:
-            made = make_plan(
+            made, planned_with = _plan_unchecked(
                 trainer, module, num_stages, points, balance_by, device, forward_context, memory, first_stage_loads
             )
         chosen = broadcast(made)
         points = chosen.split_points
         log.info("plan: %d stages cut at %s (by %s)", num_stages, points, chosen.balance_by)
         if rank == 0:
+            # checked once sent: the other ranks build their stages meanwhile (an export each, for a model torch.fx
+            # cannot trace); a check that fails ends the job from here, as a failed plan would
+            with forward_context():
+                check_split(module, chosen, planned_with, _planned_on(module, device))
             show_plan(trainer, chosen)
     example = chosen.example_input if chosen is not None else None  # what torch.export opens with
     opened = chosen.opened_modules if chosen is not None and chosen.exported else None
@@ -106,14 +110,32 @@ def make_plan(
     on the meta device is measured there. ``memory``: the strategy's memory mode, which what a stage holds
     depends on. With ``first_stage_loads`` (the strategy's ``load_once``), a cut chosen by time counts the
     loader's time per batch in the first stage's cost."""
+    args = (trainer, module, num_stages, split_points, balance_by, device, forward_context, memory, first_stage_loads)
+    return _plan_unchecked(*args, check=True)[0]
+
+
+def _plan_unchecked(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    num_stages: int,
+    split_points: list[str] | None,
+    balance_by: BalanceBy | None,
+    device: torch.device,
+    forward_context: Callable[[], AbstractContextManager] = nullcontext,
+    memory: MemoryMode = "stash",
+    first_stage_loads: bool = True,
+    check: bool = False,
+) -> tuple[Plan, Any]:
+    """:func:`make_plan`, and the example input it was made with; unless ``check``, the split is not yet run on it
+    (:func:`lightning_ddg.planning.check_split`)."""
     balance_by = balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time")
-    where = torch.device("meta") if on_meta(module) else device
+    where = _planned_on(module, device)
     loads = first_stage_loads and balance_by == "time" and where.type != "meta" and split_points is None
     # the user's *_dataloader hook runs once for both the example batch and the loading time
     loader = _loader_or_none(trainer) if loads or module.example_input_array is None else None
     example = example_forward_input(trainer, module, loader)
     with forward_context():
-        return plan(
+        planned = plan(
             module,
             example,
             None if split_points is not None else num_stages,
@@ -122,7 +144,13 @@ def make_plan(
             device=where,
             memory=memory,
             loading_ms=loading_ms(loader) if loads else 0.0,
+            check=check,
         )
+    return planned, example
+
+
+def _planned_on(module: pl.LightningModule, device: torch.device) -> torch.device:
+    return torch.device("meta") if on_meta(module) else device
 
 
 def show_plan(trainer: pl.Trainer, plan: Plan) -> None:

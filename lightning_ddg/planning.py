@@ -64,7 +64,15 @@ from lightning_ddg.partition import (
 from lightning_ddg.schedule import delay
 from lightning_ddg.stage_memory import SegmentMemory, segment_memory, stage_memory
 
-__all__ = ["Plan", "StagePlan", "plan", "balanced_split_points", "IMBALANCE_WARNING", "AS_WRITTEN_TOLERANCE"]
+__all__ = [
+    "Plan",
+    "StagePlan",
+    "plan",
+    "check_split",
+    "balanced_split_points",
+    "IMBALANCE_WARNING",
+    "AS_WRITTEN_TOLERANCE",
+]
 
 IMBALANCE_WARNING = 1.25  # the slowest stage's cost over the mean above which a plan is called unbalanced
 AS_WRITTEN_TOLERANCE = IMBALANCE_WARNING - 1  # how much slower a slowest stage may be to leave modules as written
@@ -112,6 +120,8 @@ class Plan:
     # the example input's shapes and dtypes (meta tensors), with which every rank opens what torch.fx cannot
     example_input: tuple | None = field(default=None, repr=False, compare=False)
     exported: bool = False  # opened with torch.export: split_module(..., opened=opened_modules) exports only the stages
+    # the example input ran through the pieces between the cuts, off the meta device: check_split can run the split
+    example_runs: bool = field(default=False, repr=False, compare=False)
     loading_ms: float = 0.0  # per batch, in the first stage's cost: loading it outside the model
 
     @property
@@ -196,6 +206,7 @@ def plan(
     memory: str = "stash",
     optimizer_states: float = 2.0,
     loading_ms: float = 0.0,
+    check: bool = True,
 ) -> Plan:
     """Choose where to cut ``module.forward`` into ``num_stages`` stages, or describe the cut ``split_points``.
 
@@ -218,6 +229,8 @@ def plan(
         loading_ms: milliseconds per batch that the first stage spends loading it, outside the model (the data
             loader's work when it runs in the training process): by time, the first stage's cost includes it, so
             that a loader that decodes and augments moves layers off the first stage.
+        check: run the split once on the example input before returning (:func:`check_split`); ``False`` leaves
+            that to the caller, who may hand the plan on first.
     """
     if balance_by not in BALANCE_BY:
         raise ValueError(f"balance_by={balance_by!r} is not one of {BALANCE_BY}")
@@ -317,13 +330,30 @@ def plan(
     found = frozen.opened_by("") + [f for m in opened for f in frozen.of(m)]
     if found:
         warnings.warn(_frozen_warning(found, split_points, begins, positions, starts), stacklevel=2)
-    if example_runs and not on_meta:  # meta tensors hold no values to compare
-        _check_split(module, split_points, args, where, found, opened if exported else None)
     described = _describe(gm, body, positions, starts, split_points, costs, cut_bytes, used, note, args, opened)
     described.loading_ms = loading
     described.example_input = example_spec(args) if args else None
     described.exported = exported
+    described.example_runs = example_runs and not on_meta  # meta tensors hold no values to compare
+    if check:
+        check_split(module, described, args, where)
     return described
+
+
+def check_split(module: nn.Module, planned: Plan, example_input: Any, device: torch.device | str | None = None) -> None:
+    """Run the split of ``planned`` once on ``example_input`` (the one it was planned with), in train mode, and
+    compare it with the unsplit forward, as :func:`plan` does last unless told not to: a value other than a tensor
+    that would cross a cut raises the error the stage would raise at its first step; an output that differs is
+    warned about. The strategy runs it on the rank that planned once it has sent the plan to the others, so that
+    they build their stages meanwhile (an export each, for a model ``torch.fx`` cannot trace)."""
+    if not planned.example_runs:
+        return
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    where = torch.device(device) if device is not None else _device_of(module)
+    frozen = _FrozenOpened(module)
+    found = frozen.opened_by("") + [f for m in planned.opened_modules for f in frozen.of(m)]
+    opened = planned.opened_modules if planned.exported else None
+    _check_split(module, planned.split_points, args, where, found, opened)
 
 
 class _FrozenOpened:

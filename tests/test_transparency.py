@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_ddg import DDGReference, DDGStrategy, plan, split_module
 from lightning_ddg.opening import frozen_python
+from lightning_ddg.planning import check_split
 from tests.lightning_models import cpu_trainer, loader
 from tests.transparency_models import (
     Counting,
@@ -184,6 +185,13 @@ def test_a_split_that_does_not_reproduce_the_forward_is_warned_about() -> None:
         plan(model, torch.randn(2, 4), split_points=["1"])  # the module is called, as written
     with pytest.warns(UserWarning, match=r"split at \['1.second'\], the model does not reproduce its own forward"):
         plan(model, torch.randn(2, 4), split_points=["1.second"])  # traced with gradients on, checked without
+    # the strategy's order: the plan first (sent to the other ranks), then the check, which warns the same
+    example = torch.randn(2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unchecked = plan(model, example, split_points=["1.second"], check=False)
+    with pytest.warns(UserWarning, match=r"split at \['1.second'\], the model does not reproduce its own forward"):
+        check_split(model, unchecked, example)
 
 
 # --- planning leaves the module as it was -----------------------------------------------------------------
