@@ -65,7 +65,7 @@ def cut_module(
     if num_stages > 1:
         made = planned_with = None
         if rank == 0:
-            made, planned_with = _plan_unchecked(
+            made, planned_with = _plan_and_example(
                 trainer, module, num_stages, points, balance_by, device, forward_context, memory, first_stage_loads
             )
         chosen = broadcast(made)
@@ -111,10 +111,10 @@ def make_plan(
     depends on. With ``first_stage_loads`` (the strategy's ``load_once``), a cut chosen by time counts the
     loader's time per batch in the first stage's cost."""
     args = (trainer, module, num_stages, split_points, balance_by, device, forward_context, memory, first_stage_loads)
-    return _plan_unchecked(*args, check=True)[0]
+    return _plan_and_example(*args, check=True)[0]
 
 
-def _plan_unchecked(
+def _plan_and_example(
     trainer: pl.Trainer,
     module: pl.LightningModule,
     num_stages: int,
