@@ -13,7 +13,8 @@ at the last step of the drain), every owner sums the gradients all owners comput
 
 Memory modes (see ``docs/semantics.md``):
 
-- ``"stash"``: keep each in-flight batch's autograd graph, built on a private copy of the weights.
+- ``"stash"``: keep each in-flight batch's autograd graph, built on a private copy of the weights (of those its
+  backward reads: not an embedding's).
 - ``"recompute"``: keep the stage input, the weight copy and the RNG state; redo the forward at backward.
 - ``"replay"``: keep the stage input and RNG state; redo the forward with the *current* weights (inexact).
 
@@ -149,7 +150,10 @@ class DDGStage:
         self._weight_slots = _slots(module, parameter_table, [p for _, p in named])
         self._buffer_slots = _slots(module, buffer_table, list(module.buffers()))
         self.parameters = [p for _, p in named]
-        self._weight_bytes = sum(p.numel() * p.element_size() for p in self.parameters)  # of one weight copy
+        # a batch's weights hold the live tensor, not a copy, where its backward reads no value (an embedding's)
+        unread = _unread_by_backward(module, self.parameters) if keeps_graph(memory, self.delay) else set()
+        self._stashed = [i for i in range(len(self.parameters)) if i not in unread]
+        self._weight_bytes = sum(self.parameters[i].numel() * self.parameters[i].element_size() for i in self._stashed)
         self._inflight: deque[_InFlight] = deque()
         self._spare_copies: list[list[torch.Tensor]] = []
         self._grads: list[torch.Tensor | None] = [None] * len(self.parameters)
@@ -431,9 +435,12 @@ class DDGStage:
         if self._spare_copies:
             copy = self._spare_copies.pop()
         else:
-            copy = [torch.empty_like(p, memory_format=torch.preserve_format).requires_grad_() for p in self.parameters]
-        with torch.no_grad():
-            foreach_copy_(copy, self.parameters)
+            copy = list(self.parameters)
+            for i in self._stashed:
+                copy[i] = torch.empty_like(copy[i], memory_format=torch.preserve_format).requires_grad_()
+        if self._stashed:  # a stage of embeddings alone copies nothing
+            with torch.no_grad():
+                foreach_copy_([copy[i] for i in self._stashed], [self.parameters[i] for i in self._stashed])
         return copy
 
     def _recompute(self, item: _InFlight) -> list[torch.Tensor]:
@@ -559,6 +566,36 @@ def _gradients(
 
 
 _Slot = tuple[dict, str]  # a module's _parameters or _buffers table, and the attribute name
+
+
+def _unread_by_backward(module: nn.Module, parameters: list[torch.Tensor]) -> set[int]:
+    """The indices of ``parameters`` whose values no backward reads, so that a batch's stash needs no copy of them:
+    the weight of an ``nn.Embedding`` (its gradient scatters the output's gradient by the indices alone) held by
+    nothing else, which the stage's graph calls directly and never from inside a module it calls whole, and in
+    a graph that calls no checkpoint (a recomputed forward would read it). Empty for a module that is no graph."""
+    graph = getattr(module, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return set()
+    if any(node.op == "call_function" and "checkpoint" in str(node.target) for node in graph.nodes):
+        return set()
+    called = {node.target for node in graph.nodes if node.op == "call_module"}
+    holders: dict[int, list[tuple[str, str, nn.Module]]] = {}
+    index = {id(p): i for i, p in enumerate(parameters)}
+    for name, m in module.named_modules(remove_duplicate=False):
+        for attr, t in parameter_table(m).items():
+            if t is not None and id(t) in index:
+                holders.setdefault(index[id(t)], []).append((name, attr, m))
+    unread = set()
+    for i, held in holders.items():
+        embedding = all(
+            type(m) is nn.Embedding and attr == "weight" and m.max_norm is None and name in called
+            for name, attr, m in held
+        )
+        # a module called whole whose code calls the embedding may run it under a checkpoint of its own
+        inside = any(c != name and name.startswith(c + ".") for name, _, _ in held for c in called)
+        if embedding and not inside:
+            unread.add(i)
+    return unread
 
 
 def _slots(

@@ -5,7 +5,7 @@ Stage ``k`` of ``K`` has delay ``d_k = K-1-k`` and holds, besides what every pro
 - its parameters, their gradients and the optimizer's state;
 - in ``"stash"`` and ``"recompute"``, the weight copies of its in-flight batches: ``d_k + 1`` on a stage with
   ``d_k > 0`` (the batch being forwarded and the ``d_k`` whose backward is still to come), none on the last stage
-  and in ``"replay"``;
+  and in ``"replay"`` (an upper bound in ``"stash"``: a stage copies no weight of an embedding it calls itself);
 - the activations of its ``d_k + 1`` in-flight batches: what autograd saves for the backward in ``"stash"`` (and on
   the last stage); in ``"recompute"`` and ``"replay"`` only their inputs, and one batch's saved activations while
   it is recomputed.

@@ -64,15 +64,17 @@ class PassingThrough(nn.Module):
 
 
 class TiedLM(nn.Module):
-    """A tiny language model whose output head shares the input embedding's weight, as GPT-2's does; with
-    ``tie_blocks``, the third block also shares the first block's weight. Cut at ``SPLIT_POINTS[K]``: the
-    embedding and the head then lie in the first and the last stage, and with three stages the tied blocks in the
-    first and the second."""
+    """A tiny language model whose output head shares the input embedding's weight, as GPT-2's does (unless not
+    ``tie_head``); with ``tie_blocks``, the third block also shares the first block's weight. Cut at
+    ``SPLIT_POINTS[K]``: the embedding and the head then lie in the first and the last stage, and with three stages
+    the tied blocks in the first and the second."""
 
     SPLIT_POINTS = {2: ["blocks.2"], 3: ["blocks.2", "blocks.4"]}
     VOCAB = 11
 
-    def __init__(self, dtype: torch.dtype = torch.float64, tie_blocks: bool = False, dropout: float = 0.0) -> None:
+    def __init__(
+        self, dtype: torch.dtype = torch.float64, tie_blocks: bool = False, dropout: float = 0.0, tie_head: bool = True
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Embedding(self.VOCAB, 16)
@@ -81,7 +83,8 @@ class TiedLM(nn.Module):
             layers += [nn.Linear(16, 16), nn.Dropout(dropout) if dropout else nn.Tanh()]
         self.blocks = nn.Sequential(*layers)
         self.head = nn.Linear(16, self.VOCAB, bias=False)
-        self.head.weight = self.embed.weight
+        if tie_head:
+            self.head.weight = self.embed.weight
         if tie_blocks:
             self.blocks[2].weight = self.blocks[0].weight
         self.to(dtype)

@@ -33,7 +33,12 @@ def _model(options: dict) -> nn.Module:
     if options.get("model") == "passing through":
         return PassingThrough(dtype)
     if options.get("model") == "tied lm":
-        return TiedLM(dtype, tie_blocks=options.get("tie_blocks", False), dropout=options.get("dropout", 0.0))
+        return TiedLM(
+            dtype,
+            tie_blocks=options.get("tie_blocks", False),
+            dropout=options.get("dropout", 0.0),
+            tie_head=options.get("tie_head", True),
+        )
     return mlp(
         dropout=options.get("dropout", 0.0),
         batchnorm=options.get("batchnorm", False),
@@ -190,6 +195,41 @@ def test_a_layer_that_recomputes_in_backward_uses_the_weights_of_its_batch() -> 
     # on the weights the batch's forward used, not on those updated since
     cases = ({"memory": m, "optimizer": "sgd", "batches": 6, "seed": 2, "recomputed": True} for m in MEMORY_MODES)
     _check(3, *cases)
+
+
+class _CheckpointedEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(TiedLM.VOCAB, 16)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.embed, tokens, use_reentrant=False)
+
+
+def test_an_embedding_weight_is_not_copied_for_the_batches_in_flight() -> None:
+    # its gradient reads the indices, not the weight: a stage with a delay keeps the embedding itself for each batch
+    # in flight, not a copy, and trains as the reference does (tied to the head on another stage: the test above)
+    _check(3, {"model": "tied lm", "memory": "stash", "optimizer": "adam", "batches": 6, "seed": 4, "tie_head": False})
+    for memory in MEMORY_MODES:
+        first = LockStep(TiedLM(tie_head=False), TiedLM.SPLIT_POINTS[3], memory=memory).stages[0]
+        copied = first._copy_weights()
+        kept = [name for name, p, c in zip(first._names, first.parameters, copied, strict=True) if c is p]
+        assert kept == (["embed.weight"] if memory == "stash" else []), memory  # recompute runs the forward again
+    # a first stage of the embedding alone copies nothing, and trains
+    model = TiedLM(tie_head=False)
+    pipeline = LockStep(model, ["blocks.0", "blocks.4"], memory="stash")
+    first = pipeline.stages[0]
+    assert [c is p for c, p in zip(first._copy_weights(), first.parameters, strict=True)] == [True]
+    optimizers = [make_optimizer("sgd", stage.parameters) for stage in pipeline.stages]
+    before = model.embed.weight.detach().clone()
+    for x, y in token_batches(4):
+        pipeline.step(x, lambda out, y=y: lm_loss(out, y), optimizers)
+    pipeline.drain(optimizers)
+    assert not torch.equal(model.embed.weight, before)
+    # an embedding that a module called whole runs under a checkpoint is read again in backward: copied
+    model = nn.Sequential(_CheckpointedEmbedding(), nn.Linear(16, 16), nn.Linear(16, 16))
+    first = LockStep(model, ["2"], memory="stash").stages[0]
+    assert all(c is not p for p, c in zip(first.parameters, first._copy_weights(), strict=True))
 
 
 # over the real transport, one launch of three gloo processes serves three tests (a launch costs more than them)
