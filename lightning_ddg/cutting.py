@@ -12,7 +12,7 @@ Example, on every rank when a fit begins (a collective: rank 0 plans, the others
 or, its parts on rank 0::
 
     points = given_split_points(module, split_points=None, balance=[3, 2], num_stages=2)
-    chosen = make_plan(trainer, module, 2, points, balance_by=None, device=device)
+    chosen, _ = make_plan(trainer, module, 2, points, balance_by=None, device=device)
     show_plan(trainer, chosen)
 """
 
@@ -65,8 +65,17 @@ def cut_module(
     if num_stages > 1:
         made = planned_with = None
         if rank == 0:
-            made, planned_with = _plan_and_example(
-                trainer, module, num_stages, points, balance_by, device, forward_context, memory, first_stage_loads
+            made, planned_with = make_plan(
+                trainer,
+                module,
+                num_stages,
+                points,
+                balance_by,
+                device,
+                forward_context,
+                memory,
+                first_stage_loads,
+                check=False,
             )
         chosen = broadcast(made)
         points = chosen.split_points
@@ -104,30 +113,14 @@ def make_plan(
     forward_context: Callable[[], AbstractContextManager] = nullcontext,
     memory: MemoryMode = "stash",
     first_stage_loads: bool = True,
-) -> Plan:
-    """The plan of the cuts (``split_points`` described, or chosen), measured with the Trainer's example batch. By
-    default by time, and by FLOPs under ``Trainer(deterministic=True)``, whose runs must cut alike; a model built
-    on the meta device is measured there. ``memory``: the strategy's memory mode, which what a stage holds
-    depends on. With ``first_stage_loads`` (the strategy's ``load_once``), a cut chosen by time counts the
-    loader's time per batch in the first stage's cost."""
-    args = (trainer, module, num_stages, split_points, balance_by, device, forward_context, memory, first_stage_loads)
-    return _plan_and_example(*args, check=True)[0]
-
-
-def _plan_and_example(
-    trainer: pl.Trainer,
-    module: pl.LightningModule,
-    num_stages: int,
-    split_points: list[str] | None,
-    balance_by: BalanceBy | None,
-    device: torch.device,
-    forward_context: Callable[[], AbstractContextManager] = nullcontext,
-    memory: MemoryMode = "stash",
-    first_stage_loads: bool = True,
-    check: bool = False,
+    check: bool = True,
 ) -> tuple[Plan, Any]:
-    """:func:`make_plan`, and the example input it was made with; unless ``check``, the split is not yet run on it
-    (:func:`lightning_ddg.planning.check_split`)."""
+    """The plan of the cuts (``split_points`` described, or chosen), measured with the Trainer's example batch, and
+    that batch's forward input. By default by time, and by FLOPs under ``Trainer(deterministic=True)``, whose runs
+    must cut alike; a model built on the meta device is measured there. ``memory``: the strategy's memory mode,
+    which what a stage holds depends on. With ``first_stage_loads`` (the strategy's ``load_once``), a cut chosen by
+    time counts the loader's time per batch in the first stage's cost. Without ``check``, the split is not yet run
+    on the example (:func:`lightning_ddg.planning.check_split`)."""
     balance_by = balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time")
     where = _planned_on(module, device)
     loads = first_stage_loads and balance_by == "time" and where.type != "meta" and split_points is None

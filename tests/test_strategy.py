@@ -576,7 +576,7 @@ def test_a_cut_chosen_by_time_counts_the_batches_the_first_stage_loads() -> None
             self.loading, self.loaders_made = [], []
             for first_stage_loads in (True, False):
                 made = pl_module.loaders_made
-                chosen = make_plan(
+                chosen, _ = make_plan(
                     trainer, pl_module, 2, None, None, torch.device("cpu"), first_stage_loads=first_stage_loads
                 )
                 self.loading.append(chosen.loading_ms)
