@@ -65,6 +65,7 @@ from lightning_ddg.lifeline import (
     end_if_launcher_gone,
     launcher_claim,
     naming_this_launcher,
+    proc_stat,
     stop_processes,
     watch_launcher,
 )
@@ -407,25 +408,19 @@ def _forked_by(parent: int) -> list[int]:
     """The processes ``parent`` has forked and that still run (read from ``/proc``; none elsewhere)."""
     if not os.path.isdir("/proc"):
         return []
-    pids = []
+    children = []
     for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
-                    pids.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return pids
+        fields = proc_stat(int(entry)) if entry.isdigit() else None
+        if fields is not None and int(fields[1]) == parent:
+            children.append(int(entry))
+    return children
 
 
 def _wait_until_stopped(pid: int, timeout: float = 2.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in "TtZX":
-                    return
-        except OSError:
+        fields = proc_stat(pid)
+        if fields is None or fields[0] in "TtZX":  # stopped, or gone
             return
         time.sleep(0.001)
 

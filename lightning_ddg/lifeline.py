@@ -52,6 +52,7 @@ __all__ = [
     "launcher_claim",
     "launcher_gone",
     "naming_this_launcher",
+    "proc_stat",
     "watch_launcher",
     "watch_launcher_from_environment",
 ]
@@ -86,15 +87,15 @@ def watch_launcher_from_environment() -> None:
 
 
 @contextmanager
-def naming_this_launcher() -> Iterator[str | None]:
+def naming_this_launcher() -> Iterator[None]:
     """While in it, the processes this one starts inherit its pid and its claim in their environment, and watch it
-    from their first import of lightning_ddg (:func:`watch_launcher_from_environment`); yields the claim."""
+    from their first import of lightning_ddg (:func:`watch_launcher_from_environment`)."""
     claim = launcher_claim(os.getpid())
     os.environ[LAUNCHER_PID] = str(os.getpid())
     if claim is not None:
         os.environ[LAUNCHER_CLAIM] = claim
     try:
-        yield claim
+        yield
     finally:
         os.environ.pop(LAUNCHER_PID, None)
         os.environ.pop(LAUNCHER_CLAIM, None)
@@ -176,15 +177,23 @@ def end_if_launcher_gone() -> None:
         _end_for_launcher(*_end_line)
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command's name (state, parent pid, ...: ``man 5 proc``, from the
+    third on); None for a process that has gone, or where there is no ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def launcher_claim(launcher_pid: int) -> str | None:
     """The file whose creation decides which of the processes a launcher leaves behind says so: named after the
     launcher's pid and start time (read while it runs), so that a later job with the same pid has its own."""
-    try:
-        with open(f"/proc/{launcher_pid}/stat") as f:
-            started = f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+    fields = proc_stat(launcher_pid)
+    if fields is None:
         return None  # not Linux, or the launcher has already gone: this process speaks
-    return os.path.join(tempfile.gettempdir(), f"lightning-ddg-launcher-{launcher_pid}-{started}")
+    return os.path.join(tempfile.gettempdir(), f"lightning-ddg-launcher-{launcher_pid}-{fields[19]}")
 
 
 def _end_for_launcher(claim: str | None, line: str) -> None:

@@ -335,8 +335,8 @@ def plan(
     described.example_input = example_spec(args) if args else None
     described.exported = exported
     described.example_runs = example_runs and not on_meta  # meta tensors hold no values to compare
-    if check:
-        check_split(module, described, args, where)
+    if check and described.example_runs:
+        _check_split(module, split_points, args, where, found, opened if exported else None)
     return described
 
 

@@ -153,7 +153,8 @@ class DDGStage:
         # a batch's weights hold the live tensor, not a copy, where its backward reads no value (an embedding's)
         unread = _unread_by_backward(module, self.parameters) if keeps_graph(memory, self.delay) else set()
         self._stashed = [i for i in range(len(self.parameters)) if i not in unread]
-        self._weight_bytes = sum(self.parameters[i].numel() * self.parameters[i].element_size() for i in self._stashed)
+        self._stashed_parameters = [self.parameters[i] for i in self._stashed]
+        self._weight_bytes = sum(p.numel() * p.element_size() for p in self._stashed_parameters)  # of one stash
         self._inflight: deque[_InFlight] = deque()
         self._spare_copies: list[list[torch.Tensor]] = []
         self._grads: list[torch.Tensor | None] = [None] * len(self.parameters)
@@ -439,8 +440,9 @@ class DDGStage:
             for i in self._stashed:
                 copy[i] = torch.empty_like(copy[i], memory_format=torch.preserve_format).requires_grad_()
         if self._stashed:  # a stage of embeddings alone copies nothing
+            copies = copy if len(self._stashed) == len(copy) else [copy[i] for i in self._stashed]
             with torch.no_grad():
-                foreach_copy_([copy[i] for i in self._stashed], [self.parameters[i] for i in self._stashed])
+                foreach_copy_(copies, self._stashed_parameters)
         return copy
 
     def _recompute(self, item: _InFlight) -> list[torch.Tensor]:
