@@ -2,7 +2,9 @@
 
 - :class:`ShareLastStageMetrics` copies what the last stage logged to every stage, so that monitoring callbacks
   (``EarlyStopping``, ``ModelCheckpoint(monitor=...)``) decide alike everywhere.
-- :class:`LogStageFigures` logs each stage's throughput, time and memory figures as ``ddg/stage{k}/...``.
+- :class:`LogStageFigures` logs each stage's throughput, time and memory figures as ``ddg/stage{k}/...``, and
+  at the end of training how evenly the stages were loaded (``ddg/measured_imbalance``), with a warning that names
+  a stage slower than the plan allows.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_ddg._compat import should_update_logs
+from lightning_ddg.planning import IMBALANCE_WARNING, Plan
 from lightning_ddg.schedule import delay
 from lightning_ddg.stage import DDGStage
-from lightning_ddg.stats import Snapshot, StageCounters, interval_figures
+from lightning_ddg.stats import Snapshot, StageCounters, interval_figures, measured_imbalance
 
 __all__ = ["LogStageFigures", "ShareLastStageMetrics", "add_stage_callbacks"]
 
@@ -57,6 +62,11 @@ class LogStageFigures(Callback):
 
     The figures reach the last stage in the headers of the activations it receives, so logging them costs no
     message and no synchronisation. Evaluation time is left out.
+
+    When training ends, it logs ``ddg/measured_imbalance``: the slowest stage's time per step over the mean (waits
+    left out, see :func:`~lightning_ddg.stats.measured_imbalance`), what the pipeline made of the plan's estimate
+    (``ddg/imbalance``). Above the plan's own warning threshold, a warning names the slowest stage: the plan's
+    measurements, each piece of the model timed alone, missed what the pipeline sees.
 
     Example::
 
@@ -98,6 +108,21 @@ class LogStageFigures(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log(trainer, pl_module, on_step=False)
 
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = self._stage(trainer)
+        if stage is None or not stage.is_last or not trainer.is_global_zero:
+            return
+        measured = measured_imbalance(stage.snapshots())
+        if measured is None:
+            return
+        imbalance, per_step_ms = measured
+        for logger in trainer.loggers:
+            logger.log_metrics({"ddg/measured_imbalance": imbalance}, step=trainer.global_step)
+        plan = getattr(trainer.strategy, "plan", None)
+        if imbalance > IMBALANCE_WARNING and (plan is None or plan.balance_by != "memory"):  # memory: by design
+            rank_zero_warn(_slow_stage_advice(imbalance, per_step_ms, plan), category=PossibleUserWarning)
+
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         stage = self._stage(trainer)
         if stage is None or not stage.is_last or not trainer.is_global_zero:
@@ -111,6 +136,19 @@ class LogStageFigures(Callback):
         self._logged = snapshots
         if figures:
             pl_module.log_dict(figures, on_step=on_step, on_epoch=not on_step, rank_zero_only=True)
+
+
+def _slow_stage_advice(imbalance: float, per_step_ms: list[float], plan: Plan | None) -> str:
+    slowest = per_step_ms.index(max(per_step_ms))
+    expected = f", where the plan expected {plan.imbalance:.2f}x ({plan.balance_by})" if plan is not None else ""
+    times = ", ".join(f"{ms:.1f}" for ms in per_step_ms)
+    return (
+        f"in this fit, stage {slowest} of the DDG pipeline took {imbalance:.2f}x the mean stage's time per step "
+        f"(waits left out; stages 0..{len(per_step_ms) - 1}: {times} ms){expected}. The pipeline runs at the speed "
+        f"of its slowest stage: give stage {slowest} less of the model (split_points=[...]; the plan's table lists "
+        f"each stage's modules), and see its ddg/stage{slowest}/... figures for where its time goes ('Reading the "
+        "per-stage figures' in docs/performance.md)."
+    )
 
 
 def add_stage_callbacks(trainer: pl.Trainer) -> None:

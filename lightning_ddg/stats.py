@@ -20,7 +20,17 @@ from __future__ import annotations
 import time
 from dataclasses import astuple, dataclass, field, fields
 
-__all__ = ["StageCounters", "Snapshot", "interval_figures", "encode_snapshots", "decode_snapshots"]
+__all__ = [
+    "MEASURED_STEPS",
+    "StageCounters",
+    "Snapshot",
+    "decode_snapshots",
+    "encode_snapshots",
+    "interval_figures",
+    "measured_imbalance",
+]
+
+MEASURED_STEPS = 20  # over fewer steps, the pipeline's start weighs more than the stages' own speeds
 
 
 @dataclass(frozen=True)
@@ -98,3 +108,15 @@ def interval_figures(before: Snapshot | None, after: Snapshot, delay: int) -> di
         "stashed_weights_mb": after.stashed_weight_bytes / 2**20,
         "activations_mb": after.activation_bytes / 2**20,
     }
+
+
+def measured_imbalance(snapshots: list[Snapshot]) -> tuple[float, list[float]] | None:
+    """How unevenly the pipeline's stages were loaded: the slowest stage's time per step over the mean, with every
+    stage's time per step (ms). A stage's time is what it spent on its own work, its waits on its neighbours left
+    out: compute, sending, the optimizer step, loading and Lightning's loop; in a pipeline the others wait for the
+    slowest. ``None`` with one stage, or before :data:`MEASURED_STEPS` steps on every stage."""
+    if len(snapshots) < 2 or min(s.steps for s in snapshots) < MEASURED_STEPS:
+        return None
+    work = [max(s.active_us - s.wait_us, 0) / 1e3 / s.steps for s in snapshots]
+    mean = sum(work) / len(work)
+    return (max(work) / mean if mean > 0 else 1.0), work

@@ -135,7 +135,8 @@ class DDGStrategy(ParallelStrategy):
     A failure in any stage ends every process of the job; see "Reliability" in ``docs/usage.md``.
 
     At the start of every fit the plan of the split is printed as a table (with ``enable_model_summary``) and
-    logged to the loggers' hyperparameters; a warning names a stage that costs more than 1.25× the mean.
+    logged to the loggers' hyperparameters; a warning names a stage that costs more than 1.25× the mean, and,
+    when training ends, a stage that the pipeline measured that much slower (``ddg/measured_imbalance``).
 
     Example::
 

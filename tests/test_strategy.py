@@ -6,8 +6,10 @@ import copy
 import functools
 import os
 import pickletools
+import re
 import struct
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -17,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import lightning_ddg
-from lightning_ddg import DDGReference, DDGStrategy, split_module
-from lightning_ddg.planning import balanced_split_points
+from lightning_ddg import DDGReference, DDGStrategy, split_module, stats
+from lightning_ddg.planning import IMBALANCE_WARNING, balanced_split_points
 from tests.lightning_models import MLPClassifier, cpu_trainer, loader, make_optimizer
 
 EPOCHS = 2
@@ -226,6 +228,69 @@ def test_last_stage_metrics_reach_the_logger_and_checkpoints_are_whole(tmp_path)
     loaded = MLPClassifier.load_from_checkpoint(checkpoint)
     before_drain = _reference(MLPClassifier(optimizer="sgd"), split_points, drain=False)
     _assert_same(dict(loaded.state_dict()), before_drain)
+
+
+class _SlowLayer(torch.nn.Module):
+    """Stands for a part of a model that is slower in the pipeline than it was when the plan timed it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.01)
+        return x
+
+
+class _SlowLastStage(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = torch.nn.Sequential(*self.model, _SlowLayer())
+
+
+class _RecordWarnings(L.Callback):
+    """Writes the warnings each stage process gives while it trains to ``rank{r}.txt``, one a line."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self.caught, self.recording = directory, [], None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.recording = warnings.catch_warnings(record=True)
+        self.caught = self.recording.__enter__()
+        warnings.simplefilter("always")
+
+    def on_train_end(self, trainer, pl_module) -> None:  # after the strategy's own callbacks
+        self.recording.__exit__(None, None, None)
+        lines = [str(w.message).replace("\n", " ") for w in self.caught]
+        (self.directory / f"rank{trainer.global_rank}.txt").write_text("\n".join(lines))
+
+
+def test_a_stage_slower_than_the_others_is_measured_and_named(tmp_path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = _trainer(
+        DDGStrategy(start_method="forkserver", balance_by="flops"),  # FLOPs miss the sleep
+        2,
+        logger=CSVLogger(tmp_path, name="run"),
+        callbacks=[_RecordWarnings(tmp_path)],
+        max_epochs=-1,
+        max_steps=stats.MEASURED_STEPS + 4,
+    )
+    trainer.fit(_SlowLastStage(), loader())
+    rows = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("ddg/measured_imbalance")
+    (measured,) = [float(row.split(",")[column]) for row in rows[1:] if row.split(",")[column]]
+    assert measured > IMBALANCE_WARNING  # stage 1 sleeps 10 ms a step, where each stage computes well under 1 ms
+    expected = re.compile(r"in this fit, stage 1 of the DDG pipeline took (\S+)x .* the plan expected (\S+)x")
+    (advice,) = [m for line in (tmp_path / "rank0.txt").read_text().splitlines() if (m := expected.search(line))]
+    assert float(advice[1]) == pytest.approx(measured, abs=0.005) and float(advice[2]) < IMBALANCE_WARNING
+    assert not expected.search((tmp_path / "rank1.txt").read_text())  # global rank 0 alone says it
+
+
+def test_the_measured_imbalance_needs_enough_steps_on_every_stage() -> None:
+    def snapshot(steps: int, active_ms: float, wait_ms: float) -> stats.Snapshot:
+        return stats.Snapshot(steps, 8 * steps, 0, int(wait_ms * 1e3), 0, int(active_ms * 1e3), 0, 0)
+
+    steps = stats.MEASURED_STEPS
+    assert stats.measured_imbalance([snapshot(steps - 1, 100, 0), snapshot(steps, 300, 200)]) is None
+    imbalance, per_step = stats.measured_imbalance([snapshot(steps, 300, 200), snapshot(steps, 300, 0)])
+    assert per_step == pytest.approx([100 / steps, 300 / steps]) and imbalance == pytest.approx(1.5)
 
 
 def _pickled_globals(path: Path) -> list[str]:
