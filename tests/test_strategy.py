@@ -258,6 +258,7 @@ class _RecordWarnings(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:  # after the strategy's own callbacks
         self.recording.__exit__(None, None, None)
         lines = [str(w.message).replace("\n", " ") for w in self.caught]
+        lines.append(f"plan {trainer.strategy.plan.split_points}")
         (self.directory / f"rank{trainer.global_rank}.txt").write_text("\n".join(lines))
 
 
@@ -277,9 +278,15 @@ def test_a_stage_slower_than_the_others_is_measured_and_named(tmp_path) -> None:
     column = rows[0].split(",").index("ddg/measured_imbalance")
     (measured,) = [float(row.split(",")[column]) for row in rows[1:] if row.split(",")[column]]
     assert measured > IMBALANCE_WARNING  # stage 1 sleeps 10 ms a step, where each stage computes well under 1 ms
-    expected = re.compile(r"in this fit, stage 1 of the DDG pipeline took (\S+)x .* the plan expected (\S+)x")
-    (advice,) = [m for line in (tmp_path / "rank0.txt").read_text().splitlines() if (m := expected.search(line))]
+    expected = re.compile(
+        r"in this fit, stage 1 of the DDG pipeline took (\S+)x .* the plan expected (\S+)x .*"
+        r"DDGStrategy\(split_points=\['model\.(\d)'\]\) balances the times measured here"
+    )
+    lines = (tmp_path / "rank0.txt").read_text().splitlines()
+    (advice,) = [m for line in lines if (m := expected.search(line))]
     assert float(advice[1]) == pytest.approx(measured, abs=0.005) and float(advice[2]) < IMBALANCE_WARNING
+    (planned,) = re.findall(r"^plan \['model\.(\d)'\]$", "\n".join(lines), re.MULTILINE)
+    assert int(advice[3]) > int(planned)  # more of the model on the first stage, which waited for the second
     assert not expected.search((tmp_path / "rank1.txt").read_text())  # global rank 0 alone says it
 
 
