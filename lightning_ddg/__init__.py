@@ -16,6 +16,7 @@ watch_launcher_from_environment()
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_ddg.build import BuiltStage, build_stage
+from lightning_ddg.cutting import measured_split_points
 from lightning_ddg.partition import Partition, TiedWeight, split_module
 from lightning_ddg.planning import Plan, StagePlan, plan
 from lightning_ddg.reference import DDGReference
@@ -37,6 +38,7 @@ __all__ = [
     "TiedWeight",
     "Topology",
     "build_stage",
+    "measured_split_points",
     "plan",
     "split_module",
 ]

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -76,6 +77,32 @@ class LogStageFigures(Callback):
     def __init__(self) -> None:
         self._evaluation_start: float | None = None
         self._logged: list[Snapshot] = []
+        self._trainer: pl.Trainer | None = None  # for state_dict, which Lightning calls without it
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this fit's figures: each stage's time per step so far (waits left out), the
+        split points they were measured with and the plan's pieces, from which
+        :func:`~lightning_ddg.cutting.measured_split_points` cuts a resumed fit where those times balance. Plain
+        values; nothing before :data:`~lightning_ddg.stats.MEASURED_STEPS` steps, nor on the ranks that do not
+        write the checkpoint."""
+        trainer = self._trainer
+        measured = self._measured(trainer) if trainer is not None else None
+        plan = getattr(trainer.strategy, "plan", None) if trainer is not None else None
+        if measured is None or plan is None or plan.pieces is None:
+            return {}
+        pieces = dataclasses.asdict(plan.pieces)
+        return {"stage_ms": measured[1], "split_points": list(plan.split_points), "pieces": pieces}
+
+    def _measured(self, trainer: pl.Trainer) -> tuple[float, list[float]] | None:
+        stage = self._stage(trainer)
+        if stage is None or not stage.is_last or not trainer.is_global_zero:
+            return None
+        return measured_imbalance(stage.snapshots())
 
     @staticmethod
     def _stage(trainer: pl.Trainer) -> DDGStage | None:
@@ -87,6 +114,7 @@ class LogStageFigures(Callback):
         if (stage := self._stage(trainer)) is not None:
             stage.counters = StageCounters()  # training time starts now, not at setup
         self._logged = []
+        self._trainer = trainer  # added by the strategy's setup, after Lightning called the callbacks' setup
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -110,10 +138,7 @@ class LogStageFigures(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stage = self._stage(trainer)
-        if stage is None or not stage.is_last or not trainer.is_global_zero:
-            return
-        measured = measured_imbalance(stage.snapshots())
+        measured = self._measured(trainer)
         if measured is None:
             return
         imbalance, per_step_ms = measured
@@ -143,7 +168,7 @@ def _slow_stage_advice(imbalance: float, per_step_ms: list[float], plan: Plan | 
     expected = f", where the plan expected {plan.imbalance:.2f}x ({plan.balance_by})" if plan is not None else ""
     times = ", ".join(f"{ms:.1f}" for ms in per_step_ms)
     advice = f"give stage {slowest} less of the model (split_points=[...]; the plan's table lists each stage's modules)"
-    better = rebalanced(plan, per_step_ms) if plan is not None else None
+    better = rebalanced(plan.pieces, per_step_ms) if plan is not None and plan.pieces is not None else None
     if better is not None and better[0] != plan.split_points and better[1] < imbalance:
         advice = f"DDGStrategy(split_points={better[0]}) balances the times measured here (about {better[1]:.2f}x)"
     return (

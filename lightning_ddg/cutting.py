@@ -19,6 +19,7 @@ or, its parts on rank 0::
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -30,14 +31,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from lightning_ddg.balance import BalanceBy
+from lightning_ddg.checkpoint_io import load_mapped
 from lightning_ddg.checks import check_balance_length
 from lightning_ddg.example_input import example_forward_input, loading_ms, run_loader
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
-from lightning_ddg.planning import IMBALANCE_WARNING, Plan, check_split, plan
+from lightning_ddg.planning import IMBALANCE_WARNING, Pieces, Plan, check_split, plan, rebalanced
 from lightning_ddg.shard import on_meta
 from lightning_ddg.stage import MemoryMode
 
-__all__ = ["cut_module", "given_split_points", "make_plan", "show_plan"]
+__all__ = ["cut_module", "given_split_points", "make_plan", "measured_split_points", "show_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,36 @@ def given_split_points(
         check_balance_length(list(balance), num_stages)
         return balance_to_split_points(module, list(balance))
     return list(split_points) if split_points is not None else None
+
+
+def measured_split_points(
+    checkpoint_path: str | os.PathLike | None, num_stages: int | None = None, least_gain: float = 0.05
+) -> list[str] | None:
+    """Where to cut a fit resumed from ``checkpoint_path`` so that the stage times measured before it was saved
+    balance, for ``DDGStrategy(split_points=...)``: the plan's candidate cuts, each stage's pieces scaled by what
+    it measured (:func:`lightning_ddg.planning.rebalanced`). ``None`` (the strategy then plans as usual) without a
+    checkpoint, for one saved before 20 steps or without ``strategy="ddg"``, for another number of stages than
+    ``num_stages``, and where the new cut would make the slowest stage less than ``least_gain`` (a fraction of the
+    mean) faster. A resumed fit may be cut anywhere: every stage reads its own tensors from the checkpoint.
+
+    Example::
+
+        last = "checkpoints/last.ckpt" if os.path.exists("checkpoints/last.ckpt") else None
+        strategy = DDGStrategy(split_points=measured_split_points(last, num_stages=4))
+        L.Trainer(strategy=strategy, devices=4).fit(model, ckpt_path=last)
+    """
+    if checkpoint_path is None or not os.path.isfile(checkpoint_path):
+        return None
+    figures = load_mapped(checkpoint_path).get("callbacks", {}).get("LogStageFigures", {})
+    times = figures.get("stage_ms")
+    if not times or (num_stages is not None and len(times) != num_stages):
+        return None
+    measured = max(times) / (sum(times) / len(times))
+    found = rebalanced(Pieces(**figures["pieces"]), times)
+    if found is None or found[0] == figures["split_points"] or found[1] > measured - least_gain:
+        return None
+    log.info("cut at %s: balances the stage times %s ms measured before %s", found[0], times, checkpoint_path)
+    return found[0]
 
 
 def make_plan(

@@ -65,6 +65,7 @@ from lightning_ddg.schedule import delay
 from lightning_ddg.stage_memory import SegmentMemory, segment_memory, stage_memory
 
 __all__ = [
+    "Pieces",
     "Plan",
     "StagePlan",
     "plan",
@@ -109,6 +110,19 @@ class StagePlan:
 
 
 @dataclass
+class Pieces:
+    """The pieces of a model that a plan's cuts were chosen among, for cutting it anew on the times a pipeline
+    measured (:func:`rebalanced`): where each piece after the first begins (a candidate split point), what each
+    costs in the plan's unit, the first piece of every stage after the first, and the first stage's loading time
+    (``Plan.loading_ms``). Plain values: a checkpoint keeps them."""
+
+    cuts: list[str]
+    costs: list[float]
+    stage_starts: list[int]
+    loading_ms: float = 0.0
+
+
+@dataclass
 class Plan:
     """The stages of a split, with what each costs. ``str(plan)`` is a table."""
 
@@ -124,11 +138,7 @@ class Plan:
     # the example input ran through the pieces between the cuts, off the meta device: check_split can run the split
     example_runs: bool = field(default=False, repr=False, compare=False)
     loading_ms: float = 0.0  # per batch, in the first stage's cost: loading it outside the model
-    # the pieces the cuts were chosen among, for re-cutting on measured times (rebalanced): where each piece after
-    # the first begins, what each cost, and the index of each later stage's first piece
-    segment_cuts: list[str] = field(default_factory=list, repr=False, compare=False)
-    segment_costs: list[float] = field(default_factory=list, repr=False, compare=False)
-    stage_starts: list[int] = field(default_factory=list, repr=False, compare=False)
+    pieces: Pieces | None = field(default=None, repr=False, compare=False)  # what the cuts were chosen among
 
     @property
     def num_stages(self) -> int:
@@ -341,28 +351,30 @@ def plan(
     described.example_input = example_spec(args) if args else None
     described.exported = exported
     described.example_runs = example_runs and not on_meta  # meta tensors hold no values to compare
-    described.segment_cuts = [names[index] for index in positions]
-    described.segment_costs, described.stage_starts = [float(v) for v in costs.values], list(starts)
+    if used != "memory":  # stages balanced by memory are unequal in time on purpose
+        cuts, values = [names[i] for i in positions], [float(v) for v in costs.values]
+        described.pieces = Pieces(cuts, values, list(starts), loading)
     if check and described.example_runs:
         _check_split(module, split_points, args, where, found, opened if exported else None)
     return described
 
 
-def rebalanced(plan: Plan, measured_ms: Sequence[float]) -> tuple[list[str], float] | None:
-    """The split points that balance the stage times a pipeline measured with ``plan``'s cut (``measured_ms``: each
+def rebalanced(pieces: Pieces, measured_ms: Sequence[float]) -> tuple[list[str], float] | None:
+    """The split points that balance the stage times a pipeline measured with a plan's cut (``measured_ms``: each
     stage's time per step, waits left out, as :func:`lightning_ddg.stats.measured_imbalance` gives them), and the
-    slowest stage's time over the mean they should give. Each stage's pieces of the model are scaled by what the
-    stage measured over what the plan expected of it, so that what the plan's timings missed (its optimizer step,
-    Lightning's loop, processes contending for the machine) stays with the pieces that cost it; the stages are then
-    cut anew among the plan's candidate cuts. ``None`` for a plan balanced by memory or made without pieces."""
-    costs, starts = plan.segment_costs, plan.stage_starts
-    if plan.balance_by == "memory" or not costs or len(measured_ms) != plan.num_stages:
+    slowest stage's time over the mean they should give; ``pieces`` are the plan's (``Plan.pieces``). Each stage's
+    pieces are scaled by what the stage measured over what the plan expected of it, so that what the plan's
+    timings missed (the optimizer step, Lightning's loop, processes contending for the machine) stays with the
+    pieces that cost it; the stages are then cut anew among the plan's candidate cuts. ``None`` without a time for
+    every stage."""
+    costs, starts = pieces.costs, pieces.stage_starts
+    if len(measured_ms) != len(starts) + 1:
         return None
     bounds = [0, *starts, len(costs)]
     scaled: list[float] = []
     loading = 0.0  # the first stage's loading of the batch stays with the first stage
     for k, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
-        fixed = plan.loading_ms if k == 0 else 0.0
+        fixed = pieces.loading_ms if k == 0 else 0.0
         expected = sum(costs[a:b]) + fixed
         factor = measured_ms[k] / expected if expected > 0 else 0.0
         scaled += [c * factor if expected > 0 else measured_ms[k] / (b - a) for c in costs[a:b]]
@@ -376,7 +388,7 @@ def rebalanced(plan: Plan, measured_ms: Sequence[float]) -> tuple[list[str], flo
     new_bounds = [0, *new_starts, len(scaled)]
     times = [stage_ms(k, i, j) for k, (i, j) in enumerate(zip(new_bounds, new_bounds[1:], strict=False))]
     mean = sum(times) / len(times)
-    return [plan.segment_cuts[s - 1] for s in new_starts], (max(times) / mean if mean > 0 else 1.0)
+    return [pieces.cuts[s - 1] for s in new_starts], (max(times) / mean if mean > 0 else 1.0)
 
 
 def check_split(module: nn.Module, planned: Plan, example_input: Any, device: torch.device | str | None = None) -> None:

@@ -231,17 +231,30 @@ def test_last_stage_metrics_reach_the_logger_and_checkpoints_are_whole(tmp_path)
 
 
 class _SlowLayer(torch.nn.Module):
-    """Stands for a part of a model that is slower in the pipeline than it was when the plan timed it."""
+    """Stands for a part of a model that is slower in the pipeline than it was when the plan timed it: it sleeps
+    10 ms a call, where each stage computes well under 1 ms, while ``slow``."""
+
+    def __init__(self, slow: bool) -> None:
+        super().__init__()
+        self.slow = slow
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(0.01)
+        if self.slow:
+            time.sleep(0.01)
         return x
 
 
 class _SlowLastStage(MLPClassifier):
-    def __init__(self) -> None:
+    def __init__(self, slow: bool = True) -> None:
         super().__init__()
-        self.model = torch.nn.Sequential(*self.model, _SlowLayer())
+        self.model = torch.nn.Sequential(*self.model, _SlowLayer(slow))
+
+
+class _SlowInTraining(L.Callback):
+    """Makes the slow layer slow once training starts: the plan, made before, timed it fast."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        pl_module.model[-1].slow = True
 
 
 class _RecordWarnings(L.Callback):
@@ -277,7 +290,7 @@ def test_a_stage_slower_than_the_others_is_measured_and_named(tmp_path) -> None:
     rows = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()
     column = rows[0].split(",").index("ddg/measured_imbalance")
     (measured,) = [float(row.split(",")[column]) for row in rows[1:] if row.split(",")[column]]
-    assert measured > IMBALANCE_WARNING  # stage 1 sleeps 10 ms a step, where each stage computes well under 1 ms
+    assert measured > IMBALANCE_WARNING
     expected = re.compile(
         r"in this fit, stage 1 of the DDG pipeline took (\S+)x .* the plan expected (\S+)x .*"
         r"DDGStrategy\(split_points=\['model\.(\d)'\]\) balances the times measured here"
@@ -379,23 +392,26 @@ def test_early_stopping_drains_and_the_best_checkpoint_alone_remains(tmp_path) -
 SPLITS = {1: [], 2: ["model.4"], 3: ["model.2", "model.6"]}
 
 
-def _checkpointing_trainer(tmp_path, devices: int, epochs: int) -> L.Trainer:
+def _checkpointing_trainer(tmp_path, devices: int, epochs: int, split_points=None, callbacks=()) -> L.Trainer:
     """A DDG trainer on ``devices`` stages saving ``last.ckpt``; one device is a plain Lightning run."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    strategy = DDGStrategy(start_method="forkserver", split_points=SPLITS[devices]) if devices > 1 else "auto"
+    split_points = SPLITS[devices] if split_points is None else split_points
+    strategy = DDGStrategy(start_method="forkserver", split_points=split_points) if devices > 1 else "auto"
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    return _trainer(strategy, devices, max_epochs=epochs, callbacks=[checkpoint], enable_checkpointing=True)
+    callbacks = [checkpoint, *callbacks]
+    return _trainer(strategy, devices, max_epochs=epochs, callbacks=callbacks, enable_checkpointing=True)
 
 
-def _continue_from(checkpoint: dict, devices: int, step_lr: bool = False) -> dict:
+def _continue_from(checkpoint: dict, devices: int, step_lr: bool = False, split_points=None) -> dict:
     """The reference of one more epoch: a new pipeline from the saved weights, momentum buffers, learning rate and
     scheduler."""
     model = MLPClassifier(optimizer="sgd")
     model.load_state_dict(checkpoint["state_dict"])
     state = checkpoint["optimizer_states"][0]
     momentum = {name: state["state"][i]["momentum_buffer"] for i, (name, _) in enumerate(model.named_parameters())}
-    stages = split_module(model, split_points=SPLITS[devices]).train if devices > 1 else [model]
+    split_points = SPLITS[devices] if split_points is None else split_points
+    stages = split_module(model, split_points=split_points).train if devices > 1 else [model]
     optimizers = [make_optimizer("sgd", s.parameters()) for s in stages]
     for stage, optimizer in zip(stages, optimizers, strict=True):
         for name, p in stage.named_parameters():
@@ -434,6 +450,26 @@ def test_resume_on_any_number_of_stages(tmp_path, saved_on: int, resumed_on: int
     resumed = MLPClassifier(optimizer="sgd", step_lr=step_lr)
     _checkpointing_trainer(tmp_path, resumed_on, 2).fit(resumed, loader(), loader(), ckpt_path=tmp_path / "last.ckpt")
     _assert_same(dict(resumed.state_dict()), _continue_from(checkpoint, resumed_on, step_lr))
+
+
+def test_a_fit_resumed_where_the_measured_stage_times_balance_continues_the_method(tmp_path) -> None:
+    """A checkpoint keeps the stage times the pipeline measured; lightning_ddg.measured_split_points cuts the resumed
+    fit where they balance, and the resumed fit is the method on that cut, from the saved state."""
+    epochs = -(-stats.MEASURED_STEPS // len(loader()))  # enough steps to be measured
+    _checkpointing_trainer(tmp_path, 2, epochs, callbacks=[_SlowInTraining()]).fit(_SlowLastStage(slow=False), loader())
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    figures = checkpoint["callbacks"]["LogStageFigures"]
+    assert figures["split_points"] == SPLITS[2] and figures["stage_ms"][1] > figures["stage_ms"][0] + 5  # ms: the sleep
+    assert not [name for name in _pickled_globals(tmp_path / "last.ckpt") if name.startswith("lightning_ddg")]
+    balanced = lightning_ddg.measured_split_points(tmp_path / "last.ckpt", num_stages=2)
+    assert balanced is not None and int(balanced[0].split(".")[1]) > int(SPLITS[2][0].split(".")[1])
+    assert lightning_ddg.measured_split_points(tmp_path / "last.ckpt", num_stages=3) is None
+    assert lightning_ddg.measured_split_points(None) is None  # a first run: the strategy plans as usual
+
+    resumed = _SlowLastStage(slow=False)
+    trainer = _checkpointing_trainer(tmp_path, 2, epochs + 1, split_points=balanced)
+    trainer.fit(resumed, loader(), ckpt_path=tmp_path / "last.ckpt")
+    _assert_same(dict(resumed.state_dict()), _continue_from(checkpoint, 2, split_points=balanced))
 
 
 class _WithTorchmetrics(MLPClassifier):
