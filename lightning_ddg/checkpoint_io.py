@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,29 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
+# a streamed checkpoint's bytes are written after torch.save wrote the file, which must then carry no checksums:
+# torch.serialization.set_crc32_options, from torch 2.5 on
+CAN_STREAM = hasattr(torch.serialization, "set_crc32_options")
+_told_cannot_stream = False
+
+
+def can_stream() -> bool:
+    """Whether this torch can write a checkpoint whose tensors arrive after the file (:func:`save_streamed`); where
+    it cannot (torch 2.4), says once that rank 0 receives the whole checkpoint instead."""
+    global _told_cannot_stream
+    if not CAN_STREAM and not _told_cannot_stream:
+        _told_cannot_stream = True
+        warnings.warn(
+            f"torch {torch.__version__} cannot save a checkpoint file without checksums, which writing each stage's "
+            "tensors into it as they arrive needs (torch.serialization.set_crc32_options, torch >= 2.5): rank 0 "
+            "receives the whole checkpoint and saves it. Use torch >= 2.5 for checkpoints that no process holds "
+            "whole.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return CAN_STREAM
+
+
 def save_streamed(
     checkpoint: dict[str, Any],
     path: Any,
@@ -95,13 +119,22 @@ def save_streamed(
     ``receive(i, buffer)`` fills ``buffer`` (a flat ``uint8`` tensor: the next piece of item ``i``'s place in the
     file, mapped into memory) with those bytes, and the piece's pages are unmapped once written, so that the
     writer holds one piece's pages at most (the sender sends ``chunks(bytes)`` one message each). Written under a
-    temporary name and renamed, as :class:`AtomicCheckpointIO` does.
+    temporary name and renamed, as :class:`AtomicCheckpointIO` does. With a torch that cannot write a file without
+    checksums (2.4, :func:`can_stream`), the tensors are received into their placeholders first and the file is
+    written whole.
 
     Example::
 
         checkpoint = {"state_dict": {"a": mine, "b": torch.empty(shape_of_b)}}   # b belongs to another process
         save_streamed(checkpoint, "last.ckpt", [("state_dict", "b")], lambda i, buf: dist.recv(buf, src=1))
     """
+    if not can_stream():  # the streamed tensors received first, into their placeholders, then the file written
+        for i, key_path in enumerate(streamed):
+            for piece in chunks(_at(checkpoint, key_path).reshape(-1).view(torch.uint8)):
+                receive(i, piece)
+        with _replacing(path) as temporary:
+            torch.save(checkpoint, temporary)
+        return
     crc = torch.serialization.get_crc32_options()
     mmap_flags = torch.serialization.get_default_mmap_options()
     with _replacing(path) as temporary:
