@@ -194,11 +194,28 @@ def replace_per_step_sigterm_broadcast(trainer: pl.Trainer, check: Callable[[], 
 
     That broadcast (``_TrainingEpochLoop._broadcast_sigterm_tensor``, Lightning >= 2.5) is a collective per step:
     every stage would wait for the last one before each batch, which undoes the pipeline. If Lightning renames
-    it, the per-step collective comes back and ``tests/test_per_step.py`` fails.
+    it, the per-step collective comes back and ``tests/test_per_step.py`` fails. Lightning 2.4 has none (each
+    process stops by itself where it got the signal): there ``check`` runs in ``on_train_batch_start``, after the
+    batch is fetched, before it is trained on.
     """
     loop = trainer.fit_loop.epoch_loop
     if hasattr(type(loop), "_broadcast_sigterm_tensor"):
         loop._broadcast_sigterm_tensor = check  # an instance attribute shadows the method
+        return
+    before = next((c for c in trainer.callbacks if isinstance(c, _BeforeEachBatch)), None)
+    if before is None:
+        before = _BeforeEachBatch()
+        trainer.callbacks.append(before)
+    before.check = check
+
+
+class _BeforeEachBatch(pl.Callback):
+    """Runs ``check`` before each training batch (Lightning 2.4: :func:`replace_per_step_sigterm_broadcast`)."""
+
+    check: Callable[[], None] = staticmethod(lambda: None)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.check()
 
 
 def replace_signal_handlers(trainer: pl.Trainer, handler: Callable[[int, Any], None]) -> Callable[[int, Any], None]:
