@@ -21,7 +21,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_ddg._compat import should_update_logs
-from lightning_ddg.planning import IMBALANCE_WARNING, Plan, rebalanced
+from lightning_ddg.planning import IMBALANCE_WARNING, Plan, better_cut
 from lightning_ddg.schedule import delay
 from lightning_ddg.stage import DDGStage
 from lightning_ddg.stats import Snapshot, StageCounters, interval_figures, measured_imbalance
@@ -168,8 +168,8 @@ def _slow_stage_advice(imbalance: float, per_step_ms: list[float], plan: Plan | 
     expected = f", where the plan expected {plan.imbalance:.2f}x ({plan.balance_by})" if plan is not None else ""
     times = ", ".join(f"{ms:.1f}" for ms in per_step_ms)
     advice = f"give stage {slowest} less of the model (split_points=[...]; the plan's table lists each stage's modules)"
-    better = rebalanced(plan.pieces, per_step_ms) if plan is not None and plan.pieces is not None else None
-    if better is not None and better[0] != plan.split_points and better[1] < imbalance:
+    better = better_cut(plan.pieces, plan.split_points, per_step_ms) if plan and plan.pieces else None
+    if better is not None:
         advice = f"DDGStrategy(split_points={better[0]}) balances the times measured here (about {better[1]:.2f}x)"
     return (
         f"in this fit, stage {slowest} of the DDG pipeline took {imbalance:.2f}x the mean stage's time per step "

@@ -35,7 +35,7 @@ from lightning_ddg.checkpoint_io import load_mapped
 from lightning_ddg.checks import check_balance_length
 from lightning_ddg.example_input import example_forward_input, loading_ms, run_loader
 from lightning_ddg.partition import Partition, balance_to_split_points, split_module
-from lightning_ddg.planning import IMBALANCE_WARNING, Pieces, Plan, check_split, plan, rebalanced
+from lightning_ddg.planning import IMBALANCE_WARNING, Pieces, Plan, better_cut, check_split, plan
 from lightning_ddg.shard import on_meta
 from lightning_ddg.stage import MemoryMode
 
@@ -127,9 +127,8 @@ def measured_split_points(
     times = figures.get("stage_ms")
     if not times or (num_stages is not None and len(times) != num_stages):
         return None
-    measured = max(times) / (sum(times) / len(times))
-    found = rebalanced(Pieces(**figures["pieces"]), times)
-    if found is None or found[0] == figures["split_points"] or found[1] > measured - least_gain:
+    found = better_cut(Pieces(**figures["pieces"]), figures["split_points"], times, least_gain)
+    if found is None:
         return None
     log.info("cut at %s: balances the stage times %s ms measured before %s", found[0], times, checkpoint_path)
     return found[0]

@@ -63,6 +63,7 @@ from lightning_ddg.partition import (
 )
 from lightning_ddg.schedule import delay
 from lightning_ddg.stage_memory import SegmentMemory, segment_memory, stage_memory
+from lightning_ddg.stats import slowest_over_mean
 
 __all__ = [
     "Pieces",
@@ -73,6 +74,7 @@ __all__ = [
     "balanced_split_points",
     "IMBALANCE_WARNING",
     "rebalanced",
+    "better_cut",
     "AS_WRITTEN_TOLERANCE",
 ]
 
@@ -147,9 +149,7 @@ class Plan:
     @property
     def imbalance(self) -> float:
         """The slowest stage's cost over the mean stage cost: 1.0 is perfectly balanced."""
-        costs = [s.cost for s in self.stages]
-        mean = sum(costs) / len(costs)
-        return max(costs) / mean if mean > 0 else 1.0
+        return slowest_over_mean([s.cost for s in self.stages])
 
     def to_dict(self) -> dict[str, Any]:
         """Flat values for a logger's hyperparameters."""
@@ -387,8 +387,18 @@ def rebalanced(pieces: Pieces, measured_ms: Sequence[float]) -> tuple[list[str],
     new_starts = solve_stages(stage_ms, len(scaled), [0.0] * (len(scaled) - 1), len(bounds) - 1)
     new_bounds = [0, *new_starts, len(scaled)]
     times = [stage_ms(k, i, j) for k, (i, j) in enumerate(zip(new_bounds, new_bounds[1:], strict=False))]
-    mean = sum(times) / len(times)
-    return [pieces.cuts[s - 1] for s in new_starts], (max(times) / mean if mean > 0 else 1.0)
+    return [pieces.cuts[s - 1] for s in new_starts], slowest_over_mean(times)
+
+
+def better_cut(
+    pieces: Pieces, split_points: Sequence[str], measured_ms: Sequence[float], least_gain: float = 0.05
+) -> tuple[list[str], float] | None:
+    """:func:`rebalanced`, where it moves the cut ``split_points`` that the stages were measured with and makes the
+    slowest stage at least ``least_gain`` (a fraction of the mean) faster; else ``None``."""
+    found = rebalanced(pieces, measured_ms)
+    if found is None or found[0] == list(split_points):
+        return None
+    return found if found[1] <= slowest_over_mean(list(measured_ms)) - least_gain else None
 
 
 def check_split(module: nn.Module, planned: Plan, example_input: Any, device: torch.device | str | None = None) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "encode_snapshots",
     "interval_figures",
     "measured_imbalance",
+    "slowest_over_mean",
 ]
 
 MEASURED_STEPS = 20  # over fewer steps, the pipeline's start weighs more than the stages' own speeds
@@ -118,5 +119,10 @@ def measured_imbalance(snapshots: list[Snapshot]) -> tuple[float, list[float]] |
     if len(snapshots) < 2 or min(s.steps for s in snapshots) < MEASURED_STEPS:
         return None
     work = [max(s.active_us - s.wait_us, 0) / 1e3 / s.steps for s in snapshots]
-    mean = sum(work) / len(work)
-    return (max(work) / mean if mean > 0 else 1.0), work
+    return slowest_over_mean(work), work
+
+
+def slowest_over_mean(costs: list[float]) -> float:
+    """How unbalanced stages of these costs are: the largest over the mean; 1.0 is perfectly balanced."""
+    mean = sum(costs) / len(costs)
+    return max(costs) / mean if mean > 0 else 1.0

@@ -13,7 +13,7 @@ from torch import nn
 import lightning_ddg
 from lightning_ddg import plan, split_module
 from lightning_ddg.balance import run_segments
-from lightning_ddg.planning import rebalanced
+from lightning_ddg.planning import better_cut, rebalanced
 from tests.zoo_job import ResidualSpan, TransformerClassifier
 
 
@@ -275,6 +275,10 @@ def test_a_plan_is_cut_anew_on_the_stage_times_a_pipeline_measured() -> None:
     assert rebalanced(pieces, [10.0, 20.0]) == (["5"], pytest.approx(1.0))
     later, imbalance = rebalanced(pieces, [30.0, 10.0])
     assert later == ["3"] and 1.0 < imbalance < 1.25
+    # a cut worth moving to: another than the one measured, and at least 5% of the mean faster
+    assert better_cut(pieces, ["4"], [10.0, 10.0]) is None
+    assert better_cut(pieces, ["4"], [10.0, 20.0]) == (["5"], pytest.approx(1.0))
+    assert better_cut(pieces, ["4"], [10.0, 20.0], least_gain=0.4) is None  # 1.33x to 1.0x
     three = plan(model, torch.randn(16, 64), 3, balance_by="flops")
     assert rebalanced(three.pieces, [10.0, 10.0]) is None  # a time for every stage, or none
     assert rebalanced(three.pieces, [10.0, 10.0, 10.0])[0] == three.split_points
