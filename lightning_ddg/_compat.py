@@ -261,6 +261,34 @@ def should_update_logs(trainer: pl.Trainer) -> bool:
     return bool(connector.should_update_logs)
 
 
+def record_resumed_checkpoint(trainer: pl.Trainer, record: Callable[[Any], None]) -> None:
+    """Call ``record`` with the checkpoint the next run of ``trainer`` resumes from (``None``: none), as the Trainer
+    resolves ``ckpt_path`` (``"last"``, ``"hpc"``, a path) before the strategy's setup; Lightning hands the path to
+    the strategy only after it. Wraps ``trainer._checkpoint_connector._select_ckpt_path``; if it moves, nothing is
+    recorded (a resumed fit is planned as a new one) and a warning says so."""
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    select = getattr(connector, "_select_ckpt_path", None)
+    if select is None:
+        _warn_once(
+            "Trainer._checkpoint_connector._select_ckpt_path",
+            "a resumed fit is planned anew, not cut where the stage times its checkpoint kept balance",
+        )
+        return
+    connector._select_ckpt_path = _RecordedSelection(getattr(select, "select", select), record)
+
+
+class _RecordedSelection:
+    """``_select_ckpt_path`` that also hands its answer to ``record`` (:func:`record_resumed_checkpoint`)."""
+
+    def __init__(self, select: Callable[..., Any], record: Callable[[Any], None]) -> None:
+        self.select, self.record = select, record
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        path = self.select(*args, **kwargs)
+        self.record(path)
+        return path
+
+
 def detect_anomaly(trainer: pl.Trainer) -> bool:
     """``Trainer(detect_anomaly=...)``, which turns the stages' finite checks on by default. Lightning keeps it
     in ``trainer._detect_anomaly`` only; if it moves, the checks stay off unless ``check_finite=True`` is given,

@@ -39,7 +39,15 @@ from lightning_ddg.planning import IMBALANCE_WARNING, Pieces, Plan, better_cut, 
 from lightning_ddg.shard import on_meta
 from lightning_ddg.stage import MemoryMode
 
-__all__ = ["cut_module", "given_split_points", "make_plan", "measured_split_points", "show_plan"]
+__all__ = [
+    "cut_module",
+    "given_split_points",
+    "make_plan",
+    "measured_split_points",
+    "planned_by",
+    "resumed_split_points",
+    "show_plan",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +65,19 @@ def cut_module(
     forward_context: Callable[[], AbstractContextManager] = nullcontext,
     memory: MemoryMode = "stash",
     first_stage_loads: bool = True,
+    resumed_from: str | os.PathLike | None = None,
 ) -> tuple[Partition, Plan | None]:
     """``module`` cut into ``num_stages`` stages, and the plan of the cuts (``None`` with one stage). Rank 0 plans
     (:func:`make_plan`: the cuts given, measured, or chosen) and shows the plan; ``broadcast`` gives every rank its
     plan, so that every stage cuts the model at the same places. A collective. ``first_stage_loads``: as for
-    :func:`make_plan`."""
+    :func:`make_plan`. ``resumed_from``: the checkpoint a fit resumes from; where the cuts are left to a plan by
+    time, they are those of :func:`resumed_split_points`, when it has any."""
     points = given_split_points(module, split_points, balance, num_stages)
     chosen = None
     if num_stages > 1:
         made = planned_with = None
+        if rank == 0 and points is None and resumed_from is not None and planned_by(balance_by) == "time":
+            points = resumed_split_points(resumed_from, num_stages)
         if rank == 0:
             made, planned_with = make_plan(
                 trainer,
@@ -113,7 +125,8 @@ def measured_split_points(
     it measured (:func:`lightning_ddg.planning.rebalanced`). ``None`` (the strategy then plans as usual) without a
     checkpoint, for one saved before 20 steps or without ``strategy="ddg"``, for another number of stages than
     ``num_stages``, and where the new cut would make the slowest stage less than ``least_gain`` (a fraction of the
-    mean) faster. A resumed fit may be cut anywhere: every stage reads its own tensors from the checkpoint.
+    mean) faster. A resumed fit may be cut anywhere: every stage reads its own tensors from the checkpoint. A fit
+    whose cuts the strategy plans by time does this itself when it resumes (:func:`resumed_split_points`).
 
     Example::
 
@@ -121,17 +134,50 @@ def measured_split_points(
         strategy = DDGStrategy(split_points=measured_split_points(last, num_stages=4))
         L.Trainer(strategy=strategy, devices=4).fit(model, ckpt_path=last)
     """
+    figures = _measured_figures(checkpoint_path, num_stages)
+    if figures is None:
+        return None
+    found = better_cut(Pieces(**figures["pieces"]), figures["split_points"], figures["stage_ms"], least_gain)
+    if found is None:
+        return None
+    times = figures["stage_ms"]
+    log.info("cut at %s: balances the stage times %s ms measured before %s", found[0], times, checkpoint_path)
+    return found[0]
+
+
+def resumed_split_points(checkpoint_path: str | os.PathLike, num_stages: int) -> list[str] | None:
+    """The cuts of a fit resumed from ``checkpoint_path`` that the strategy plans by time: where the stage times
+    measured before it was saved balance (:func:`measured_split_points`), or, when no other cut is enough faster,
+    the cuts they were measured on; ``None`` (a new plan) where the checkpoint kept no such times for
+    ``num_stages`` stages. Measured over the fit's steps, those times see what timing each piece once misses."""
+    figures = _measured_figures(checkpoint_path, num_stages)
+    if figures is None:
+        return None
+    found = better_cut(Pieces(**figures["pieces"]), figures["split_points"], figures["stage_ms"])
+    points = found[0] if found is not None else list(figures["split_points"])
+    rank_zero_info(
+        f"DDG: resuming from {checkpoint_path}: cut at {points}, where the stage times measured before it was saved "
+        f"({', '.join(f'{ms:.1f}' for ms in figures['stage_ms'])} ms per step on {figures['split_points']}) balance"
+    )
+    return points
+
+
+def _measured_figures(checkpoint_path: str | os.PathLike | None, num_stages: int | None) -> dict[str, Any] | None:
+    """The stage times a checkpoint kept (``LogStageFigures``' state), with the cuts and the pieces they were
+    measured on; ``None`` for none, or for another number of stages than ``num_stages``."""
     if checkpoint_path is None or not os.path.isfile(checkpoint_path):
         return None
     figures = load_mapped(checkpoint_path).get("callbacks", {}).get("LogStageFigures", {})
     times = figures.get("stage_ms")
     if not times or (num_stages is not None and len(times) != num_stages):
         return None
-    found = better_cut(Pieces(**figures["pieces"]), figures["split_points"], times, least_gain)
-    if found is None:
-        return None
-    log.info("cut at %s: balances the stage times %s ms measured before %s", found[0], times, checkpoint_path)
-    return found[0]
+    return figures
+
+
+def planned_by(balance_by: BalanceBy | None) -> BalanceBy:
+    """What a plan balances when ``balance_by`` is not given: time, and FLOPs under ``Trainer(deterministic=True)``,
+    whose runs must cut alike."""
+    return balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time")
 
 
 def make_plan(
@@ -152,7 +198,7 @@ def make_plan(
     which what a stage holds depends on. With ``first_stage_loads`` (the strategy's ``load_once``), a cut chosen by
     time counts the loader's time per batch in the first stage's cost. Without ``check``, the split is not yet run
     on the example (:func:`lightning_ddg.planning.check_split`)."""
-    balance_by = balance_by or ("flops" if torch.are_deterministic_algorithms_enabled() else "time")
+    balance_by = planned_by(balance_by)
     where = _planned_on(module, device)
     loads = first_stage_loads and balance_by == "time" and where.type != "meta" and split_points is None
     # the user's *_dataloader hook runs once for both the example batch and the loading time

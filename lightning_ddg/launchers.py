@@ -58,6 +58,7 @@ from lightning_ddg._compat import (
     SubprocessScriptLauncher,
     disable_module_memory_sharing,
     interrupt_here,
+    record_resumed_checkpoint,
     set_num_threads_if_needed,
 )
 from lightning_ddg.lifeline import (
@@ -166,6 +167,7 @@ class DDGScriptLauncher(SubprocessScriptLauncher):
             _observer.start()
             atexit.register(_wait_for, _observer, EXIT_GRACE_S)
         set_num_threads_if_needed(num_processes=self.num_processes)
+        _record_resume(trainer)
         log.info(
             "launch: %d processes per node on %d node(s), this one pid %d, %d started by it",
             self.num_processes,
@@ -389,6 +391,7 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
             # tensors passed to a forked process arrive in memory shared by every stage and with this process
             # (the replicas of a stage would step the same weights): each process gets its own copy
             args = disable_module_memory_sharing(args)
+        _record_resume(trainer)
         try:
             super()._wrapping_function(process_idx, trainer, function, args, *rest)
             end_if_launcher_gone()  # the run ended as the launching process went: the job still says so, once
@@ -402,6 +405,16 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
         except BaseException as error:
             self._strategy.on_exception(error)
             raise
+
+
+def _record_resume(trainer: Any) -> None:
+    # in the process that runs the stage, before the Trainer resolves ckpt_path: the plan of a resumed fit reads the
+    # stage times its checkpoint kept (cutting.cut_module)
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is None:
+        return
+    strategy.resumed_from = None
+    record_resumed_checkpoint(trainer, lambda path: setattr(strategy, "resumed_from", path))
 
 
 def _forked_by(parent: int) -> list[int]:

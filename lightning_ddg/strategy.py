@@ -118,6 +118,8 @@ class DDGStrategy(ParallelStrategy):
             is the module's ``example_input_array``, or else the part of the first batch that fits ``forward``
             (``x`` of a batch ``(x, y)``, the items of a dict batch named like ``forward``'s parameters).
             ``"memory"``: the cuts minimise the largest stage's memory instead (see ``docs/performance.md``).
+            A fit planned by time that resumes from a checkpoint which kept the stage times the pipeline measured
+            is cut where those times balance (:func:`lightning_ddg.cutting.resumed_split_points`).
         memory: ``"stash"`` (default, exact), ``"recompute"`` (exact, keeps no activations) or ``"replay"``
             (inexact, keeps no weight copies); see ``docs/semantics.md``.
         timeout: how long any wait for another stage may take before the run fails.
@@ -191,6 +193,7 @@ class DDGStrategy(ParallelStrategy):
         self._run: StageRun | None = None  # this rank's stage and what runs it, from setup on
         self.partition: Partition | None = None
         self.plan: Plan | None = None  # the split of the last setup, with its costs
+        self.resumed_from: Any = None  # the checkpoint the run resumes from, as the Trainer chose it (launchers.py)
         self._shuffle_seed = 0
         self._stop = JobStop()
         self._init_rng_states: dict[str, Tensor] | None = None  # when configure_model began building on meta
@@ -309,6 +312,7 @@ class DDGStrategy(ParallelStrategy):
         self.partition, self.plan = cut_module(  # cutting.py: rank 0 plans, every rank cuts alike
             trainer, module, self.topology.num_stages, self.split_points, self.balance, self.balance_by, rank,
             device, self.broadcast, context, self.memory, self.load_once,
+            self.resumed_from if trainer.state.fn == TrainerFn.FITTING else None,
         )  # fmt: skip
         check_stages_have_parameters(self.partition.train, self.partition.split_points)
         check_tied_clipping(self.partition.tied, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)

@@ -37,6 +37,19 @@ def test_the_trainer_attributes_read() -> None:
     assert callable(_interrupt) and callable(trainer._teardown)
 
 
+def test_the_checkpoint_a_fit_resumes_from_is_recorded_as_the_trainer_selects_it(tmp_path) -> None:
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    recorded = []
+    for _ in range(2):  # a second run of the same Trainer records once, not twice
+        _compat.record_resumed_checkpoint(trainer, recorded.append)
+    path = tmp_path / "last.ckpt"
+    select = trainer._checkpoint_connector._select_ckpt_path
+    assert select(TrainerFn.FITTING, path, model_provided=True, model_connected=False) == path
+    assert recorded == [path]
+
+
 def test_the_torch_internals_used() -> None:
     module = nn.BatchNorm1d(3, track_running_stats=True)
     module.register_buffer("scratch", torch.zeros(1), persistent=False)

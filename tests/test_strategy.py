@@ -257,6 +257,16 @@ class _SlowInTraining(L.Callback):
         pl_module.model[-1].slow = True
 
 
+class _RecordCut(L.Callback):
+    """Writes the split points each stage process was cut at to ``cut{rank}.txt``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        (self.directory / f"cut{trainer.global_rank}.txt").write_text(" ".join(trainer.strategy.plan.split_points))
+
+
 class _RecordWarnings(L.Callback):
     """Writes the warnings each stage process gives while it trains to ``rank{r}.txt``, one a line."""
 
@@ -392,11 +402,14 @@ def test_early_stopping_drains_and_the_best_checkpoint_alone_remains(tmp_path) -
 SPLITS = {1: [], 2: ["model.4"], 3: ["model.2", "model.6"]}
 
 
-def _checkpointing_trainer(tmp_path, devices: int, epochs: int, split_points=None, callbacks=()) -> L.Trainer:
-    """A DDG trainer on ``devices`` stages saving ``last.ckpt``; one device is a plain Lightning run."""
+def _checkpointing_trainer(
+    tmp_path, devices: int, epochs: int, split_points=None, callbacks=(), planned: bool = False
+) -> L.Trainer:
+    """A DDG trainer on ``devices`` stages saving ``last.ckpt``, cut at ``split_points`` (by default ``SPLITS``;
+    ``planned``: where the strategy's plan cuts); one device is a plain Lightning run."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    split_points = SPLITS[devices] if split_points is None else split_points
+    split_points = None if planned else SPLITS[devices] if split_points is None else split_points
     strategy = DDGStrategy(start_method="forkserver", split_points=split_points) if devices > 1 else "auto"
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     callbacks = [checkpoint, *callbacks]
@@ -453,8 +466,9 @@ def test_resume_on_any_number_of_stages(tmp_path, saved_on: int, resumed_on: int
 
 
 def test_a_fit_resumed_where_the_measured_stage_times_balance_continues_the_method(tmp_path) -> None:
-    """A checkpoint keeps the stage times the pipeline measured; lightning_ddg.measured_split_points cuts the resumed
-    fit where they balance, and the resumed fit is the method on that cut, from the saved state."""
+    """A checkpoint keeps the stage times the pipeline measured; a resumed fit whose cuts the strategy plans is cut
+    where they balance (lightning_ddg.measured_split_points names that cut), and it is the method on that cut, from
+    the saved state."""
     epochs = -(-stats.MEASURED_STEPS // len(loader()))  # enough steps to be measured
     _checkpointing_trainer(tmp_path, 2, epochs, callbacks=[_SlowInTraining()]).fit(_SlowLastStage(slow=False), loader())
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
@@ -466,9 +480,10 @@ def test_a_fit_resumed_where_the_measured_stage_times_balance_continues_the_meth
     assert lightning_ddg.measured_split_points(tmp_path / "last.ckpt", num_stages=3) is None
     assert lightning_ddg.measured_split_points(None) is None  # a first run: the strategy plans as usual
 
-    resumed = _SlowLastStage(slow=False)
-    trainer = _checkpointing_trainer(tmp_path, 2, epochs + 1, split_points=balanced)
-    trainer.fit(resumed, loader(), ckpt_path=tmp_path / "last.ckpt")
+    resumed = _SlowLastStage(slow=False)  # timed alone, its pieces would be cut where the first fit was
+    trainer = _checkpointing_trainer(tmp_path, 2, epochs + 1, callbacks=[_RecordCut(tmp_path)], planned=True)
+    trainer.fit(resumed, loader(), ckpt_path="last")
+    assert [(tmp_path / f"cut{r}.txt").read_text().split() for r in (0, 1)] == [balanced, balanced]
     _assert_same(dict(resumed.state_dict()), _continue_from(checkpoint, 2, split_points=balanced))
 
 
