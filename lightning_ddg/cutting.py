@@ -153,13 +153,19 @@ def resumed_split_points(checkpoint_path: str | os.PathLike, num_stages: int) ->
     figures = _measured_figures(checkpoint_path, num_stages)
     if figures is None:
         return None
-    found = better_cut(Pieces(**figures["pieces"]), figures["split_points"], figures["stage_ms"])
-    points = found[0] if found is not None else list(figures["split_points"])
+    measured_on, times = list(figures["split_points"]), ", ".join(f"{ms:.1f}" for ms in figures["stage_ms"])
+    found = better_cut(Pieces(**figures["pieces"]), measured_on, figures["stage_ms"])
+    if found is None:
+        rank_zero_info(
+            f"DDG: resuming from {checkpoint_path}: cut at {measured_on} again, where the stage times measured before "
+            f"it was saved ({times} ms per step) are as balanced as any cut would make them"
+        )
+        return measured_on
     rank_zero_info(
-        f"DDG: resuming from {checkpoint_path}: cut at {points}, where the stage times measured before it was saved "
-        f"({', '.join(f'{ms:.1f}' for ms in figures['stage_ms'])} ms per step on {figures['split_points']}) balance"
+        f"DDG: resuming from {checkpoint_path}: cut at {found[0]}, where the stage times measured before it was saved "
+        f"({times} ms per step, cut at {measured_on}) balance (the slowest stage about {found[1]:.2f}x the mean)"
     )
-    return points
+    return found[0]
 
 
 def _measured_figures(checkpoint_path: str | os.PathLike | None, num_stages: int | None) -> dict[str, Any] | None:
