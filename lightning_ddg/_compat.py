@@ -274,7 +274,9 @@ def record_resumed_checkpoint(trainer: pl.Trainer, record: Callable[[Any], None]
             "a resumed fit is planned anew, not cut where the stage times its checkpoint kept balance",
         )
         return
-    connector._select_ckpt_path = _RecordedSelection(getattr(select, "select", select), record)
+    if isinstance(select, _RecordedSelection):  # a later run of the same Trainer: one wrapper, the latest record
+        select = select.select
+    connector._select_ckpt_path = _RecordedSelection(select, record)
 
 
 class _RecordedSelection:

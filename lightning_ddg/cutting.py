@@ -134,15 +134,14 @@ def measured_split_points(
         strategy = DDGStrategy(split_points=measured_split_points(last, num_stages=4))
         L.Trainer(strategy=strategy, devices=4).fit(model, ckpt_path=last)
     """
-    figures = _measured_figures(checkpoint_path, num_stages)
-    if figures is None:
+    measured = _measured_cut(checkpoint_path, num_stages, least_gain)
+    if measured is None or measured[1] is None:
         return None
-    found = better_cut(Pieces(**figures["pieces"]), figures["split_points"], figures["stage_ms"], least_gain)
-    if found is None:
-        return None
-    times = figures["stage_ms"]
-    log.info("cut at %s: balances the stage times %s ms measured before %s", found[0], times, checkpoint_path)
-    return found[0]
+    figures, (points, _) = measured
+    log.info(
+        "cut at %s: balances the stage times %s ms measured before %s", points, figures["stage_ms"], checkpoint_path
+    )
+    return points
 
 
 def resumed_split_points(checkpoint_path: str | os.PathLike, num_stages: int) -> list[str] | None:
@@ -150,11 +149,11 @@ def resumed_split_points(checkpoint_path: str | os.PathLike, num_stages: int) ->
     measured before it was saved balance (:func:`measured_split_points`), or, when no other cut is enough faster,
     the cuts they were measured on; ``None`` (a new plan) where the checkpoint kept no such times for
     ``num_stages`` stages. Measured over the fit's steps, those times see what timing each piece once misses."""
-    figures = _measured_figures(checkpoint_path, num_stages)
-    if figures is None:
+    measured = _measured_cut(checkpoint_path, num_stages)
+    if measured is None:
         return None
+    figures, found = measured
     measured_on, times = list(figures["split_points"]), ", ".join(f"{ms:.1f}" for ms in figures["stage_ms"])
-    found = better_cut(Pieces(**figures["pieces"]), measured_on, figures["stage_ms"])
     if found is None:
         rank_zero_info(
             f"DDG: resuming from {checkpoint_path}: cut at {measured_on} again, where the stage times measured before "
@@ -168,16 +167,19 @@ def resumed_split_points(checkpoint_path: str | os.PathLike, num_stages: int) ->
     return found[0]
 
 
-def _measured_figures(checkpoint_path: str | os.PathLike | None, num_stages: int | None) -> dict[str, Any] | None:
-    """The stage times a checkpoint kept (``LogStageFigures``' state), with the cuts and the pieces they were
-    measured on; ``None`` for none, or for another number of stages than ``num_stages``."""
+def _measured_cut(
+    checkpoint_path: str | os.PathLike | None, num_stages: int | None, least_gain: float = 0.05
+) -> tuple[dict[str, Any], tuple[list[str], float] | None] | None:
+    """The stage times a checkpoint kept (``LogStageFigures``' state: the times, the cuts and the plan's pieces they
+    were measured on) and the better cut they give (:func:`~lightning_ddg.planning.better_cut`, ``None``: none);
+    ``None`` for a checkpoint without them, or with times of another number of stages than ``num_stages``."""
     if checkpoint_path is None or not os.path.isfile(checkpoint_path):
         return None
     figures = load_mapped(checkpoint_path).get("callbacks", {}).get("LogStageFigures", {})
     times = figures.get("stage_ms")
     if not times or (num_stages is not None and len(times) != num_stages):
         return None
-    return figures
+    return figures, better_cut(Pieces(**figures["pieces"]), figures["split_points"], times, least_gain)
 
 
 def planned_by(balance_by: BalanceBy | None) -> BalanceBy:
