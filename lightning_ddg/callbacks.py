@@ -116,6 +116,11 @@ class LogStageFigures(Callback):
         self._logged = []
         self._trainer = trainer  # added by the strategy's setup, after Lightning called the callbacks' setup
 
+    def restart(self) -> None:
+        """The stages were built anew in the middle of the fit (:mod:`lightning_ddg.rebalancing`): their figures
+        count from zero."""
+        self._logged = []
+
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._evaluation_start = time.perf_counter()

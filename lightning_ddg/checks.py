@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lightning_ddg.balance import BALANCE_BY
 from lightning_ddg.partition import CUT_KEY
+from lightning_ddg.stats import MEASURED_STEPS
 
 __all__ = [
     "check_options",
@@ -42,6 +43,7 @@ def check_options(
     memory: str = "stash",
     balance_by: str | None = None,
     start_method: str = "popen",
+    rebalance_after_steps: int | None = None,
 ) -> None:
     """Reject option values that cannot name a partition or a run, before any process starts."""
     from lightning_ddg.stage import MEMORY_MODES  # stage.py imports this module
@@ -56,6 +58,8 @@ def check_options(
         )
     if split_points is not None and balance is not None:
         raise ValueError("give either split_points or balance, not both: they are two ways to name the same cuts")
+    if rebalance_after_steps is not None:
+        _check_rebalancing(rebalance_after_steps, split_points, balance, balance_by)
     if isinstance(split_points, str):
         raise TypeError(
             f"split_points={split_points!r} is a string; give a list of module names, e.g. "
@@ -81,6 +85,38 @@ def check_options(
                 f"num_stages={num_stages} contradicts {option}, which makes {named} stages: give one of them, "
                 "or make them agree"
             )
+
+
+def _check_rebalancing(after: Any, split_points: Any, balance: Any, balance_by: str | None) -> None:
+    if not isinstance(after, int) or isinstance(after, bool) or after < MEASURED_STEPS:
+        raise ValueError(
+            f"rebalance_after_steps={after!r}: the stages' times are measured over {MEASURED_STEPS} training batches "
+            f"at least; give a number of batches of {MEASURED_STEPS} or more"
+        )
+    if split_points is not None or balance is not None or balance_by == "memory":
+        given = "balance_by='memory'" if split_points is None and balance is None else "split_points or balance"
+        raise ValueError(
+            f"rebalance_after_steps cuts anew among the cuts a plan by time, FLOPs or parameters was chosen among, "
+            f"and {given} leaves none: leave the cut to the plan (no split_points, no balance), or leave "
+            "rebalance_after_steps unset"
+        )
+
+
+def check_rebalancing_setup(deterministic: bool, on_meta: bool) -> None:
+    """``rebalance_after_steps`` where the fit's setup rules it out: cuts chosen on measured times differ from run
+    to run; a model built in ``configure_model`` is never held whole by one process."""
+    if deterministic:
+        raise ValueError(
+            "rebalance_after_steps cuts where the times measured in this run balance, so that two runs may cut "
+            "differently, which Trainer(deterministic=True) rules out: leave one of them unset"
+        )
+    if on_meta:
+        raise ValueError(
+            "rebalance_after_steps moves modules between stages through a whole copy of the model on every "
+            "process, and this model is built in configure_model, so that no process need hold it whole: leave "
+            "rebalance_after_steps unset; a fit resumed from a checkpoint is cut where the measured times balance "
+            "(docs/usage.md)"
+        )
 
 
 def check_stage_count(processes: int, split_points: Any, balance: Any, num_stages: int | None) -> None:

@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import sys
 import warnings
@@ -74,6 +75,7 @@ __all__ = [
     "balanced_split_points",
     "IMBALANCE_WARNING",
     "rebalanced",
+    "replanned",
     "better_cut",
     "AS_WRITTEN_TOLERANCE",
 ]
@@ -122,6 +124,14 @@ class Pieces:
     costs: list[float]
     stage_starts: list[int]
     loading_ms: float = 0.0
+
+    def stage_costs(self, starts: Sequence[int]) -> list[float]:
+        """What each stage costs when the stages begin at pieces ``starts`` (the first one at piece 0)."""
+        bounds = [0, *starts, len(self.costs)]
+        return [
+            sum(self.costs[i:j]) + (self.loading_ms if k == 0 else 0.0)
+            for k, (i, j) in enumerate(zip(bounds, bounds[1:], strict=False))
+        ]
 
 
 @dataclass
@@ -367,6 +377,22 @@ def rebalanced(pieces: Pieces, measured_ms: Sequence[float]) -> tuple[list[str],
     timings missed (the optimizer step, Lightning's loop, processes contending for the machine) stays with the
     pieces that cost it; the stages are then cut anew among the plan's candidate cuts. ``None`` without a time for
     every stage."""
+    measured = _measured_pieces(pieces, measured_ms)
+    if measured is None:
+        return None
+    sums = _prefix(measured.costs)
+
+    def stage_ms(k: int, i: int, j: int) -> float:
+        return sums[j] - sums[i] + (measured.loading_ms if k == 0 else 0.0)
+
+    pieces_count = len(measured.costs)
+    new_starts = solve_stages(stage_ms, pieces_count, [0.0] * (pieces_count - 1), len(measured_ms))
+    return [pieces.cuts[s - 1] for s in new_starts], slowest_over_mean(measured.stage_costs(new_starts))
+
+
+def _measured_pieces(pieces: Pieces, measured_ms: Sequence[float]) -> Pieces | None:
+    """``pieces`` in milliseconds: each stage's pieces (and the first stage's loading) scaled by what the stage
+    measured (``measured_ms``) over what the plan expected of it. ``None`` without a time for every stage."""
     costs, starts = pieces.costs, pieces.stage_starts
     if len(measured_ms) != len(starts) + 1:
         return None
@@ -379,15 +405,39 @@ def rebalanced(pieces: Pieces, measured_ms: Sequence[float]) -> tuple[list[str],
         factor = measured_ms[k] / expected if expected > 0 else 0.0
         scaled += [c * factor if expected > 0 else measured_ms[k] / (b - a) for c in costs[a:b]]
         loading = fixed * factor if k == 0 else loading
-    sums = _prefix(scaled)
+    return Pieces(pieces.cuts, scaled, list(starts), loading)
 
-    def stage_ms(k: int, i: int, j: int) -> float:
-        return sums[j] - sums[i] + (loading if k == 0 else 0.0)
 
-    new_starts = solve_stages(stage_ms, len(scaled), [0.0] * (len(scaled) - 1), len(bounds) - 1)
-    new_bounds = [0, *new_starts, len(scaled)]
-    times = [stage_ms(k, i, j) for k, (i, j) in enumerate(zip(new_bounds, new_bounds[1:], strict=False))]
-    return [pieces.cuts[s - 1] for s in new_starts], slowest_over_mean(times)
+def replanned(plan: Plan, split_points: Sequence[str], measured_ms: Sequence[float], parameters: list[int]) -> Plan:
+    """The plan of ``plan``'s model cut anew at ``split_points`` (:func:`better_cut`) on the stage times the
+    pipeline measured with ``plan``'s cut: each stage costs the milliseconds those times let expect of it, and its
+    pieces are kept in milliseconds, so that times measured on the new cut compare with them. ``parameters``: each
+    new stage's parameter count. What a stage sends and holds is not known without the model's graph: ``None``."""
+    assert plan.pieces is not None
+    measured = _measured_pieces(plan.pieces, measured_ms)
+    assert measured is not None
+    starts = [plan.pieces.cuts.index(point) + 1 for point in split_points]
+    measured.stage_starts = starts
+    costs = measured.stage_costs(starts)
+    total = sum(costs) or 1.0
+    bounds = [0, *starts, len(measured.costs)]
+    stages = [
+        StagePlan(
+            index=k,
+            begins_at=split_points[k - 1] if k else None,
+            modules=[plan.pieces.cuts[i - 1] for i in range(max(a, 1), b)],  # the modules its pieces begin with
+            parameters=parameters[k],
+            cost=cost,
+            cost_share=cost / total,
+            bytes_out=None,
+        )
+        for k, (cost, a, b) in enumerate(zip(costs, bounds, bounds[1:], strict=False))
+    ]
+    note = "cut anew on the stage times the pipeline measured"
+    return dataclasses.replace(
+        plan, split_points=list(split_points), stages=stages, balance_by="time", note=note, pieces=measured,
+        loading_ms=measured.loading_ms,
+    )  # fmt: skip
 
 
 def better_cut(

@@ -220,6 +220,23 @@ class StageRun:
         self.loaders.append(wrapped)
         return wrapped
 
+    # --- a new cut, in the middle of a run -----------------------------------------------------------------
+    def recut(self, cut: Callable[[nn.Module], Partition], **options: Any) -> StageRun:
+        """This rank's stage of the same module cut anew, over the same links; call it on every rank after
+        :meth:`drain`, with nothing in flight. The module is put back together (a collective), ``cut(module)``
+        cuts it, and :meth:`start` builds the new stage with ``options``. The new run takes over this run's
+        loaders, which go on carrying batches on the same channels; this run is spent."""
+        assert self.stage is not None and self.links is not None and not self.keep_stage
+        self._put_back()
+        states = self.states
+        run = StageRun.start(
+            self.module, states.topology, states.rank, partition=cut(self.module), world_size=states.world_size,
+            device=self.device, links=self.links, on_stop=self.on_stop, **options,
+        )  # fmt: skip
+        run.loaders, self.loaders = self.loaders, []
+        self.stage = self.links = None
+        return run
+
     # --- the end -------------------------------------------------------------------------------------------
     def finish(self) -> None:
         """Close the channels and put the whole module back together on every rank (a collective), unless
@@ -227,9 +244,13 @@ class StageRun:
         if self.links is not None:
             self.links.close()
         if not self.keep_stage:
-            put_back(self.removed, self.states.gather_tensors(self.module), self.device)
-            self.removed = []
+            self._put_back()
         self.finished = True
+        self.module.__dict__.pop("forward", None)
+
+    def _put_back(self) -> None:
+        put_back(self.removed, self.states.gather_tensors(self.module), self.device)
+        self.removed = []
         self.module.__dict__.pop("forward", None)
 
     def close(self, clean: bool = True) -> None:

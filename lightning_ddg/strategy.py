@@ -64,6 +64,7 @@ from lightning_ddg.checks import (
     check_automatic_optimization,
     check_no_loss_scaling,
     check_options,
+    check_rebalancing_setup,
     check_same_lengths,
     check_stage_count,
     check_stages_have_parameters,
@@ -84,6 +85,7 @@ from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, 
 from lightning_ddg.metrics import quiet_epoch_sync_advice, scope_metrics
 from lightning_ddg.partition import Partition
 from lightning_ddg.planning import Plan
+from lightning_ddg.rebalancing import recut_where_measured
 from lightning_ddg.rendezvous import init_process_group, needs_rendezvous
 from lightning_ddg.shard import rng_states
 from lightning_ddg.stage import DDGStage, MemoryMode
@@ -133,6 +135,11 @@ class DDGStrategy(ParallelStrategy):
         load_once: only the first stage iterates the data loaders and sends each batch on (whole to the last
             stage, zero tensors of its shapes to those between); ``False``: every process iterates them, for code
             before ``self(x)`` in a step that needs the real values on every stage.
+        rebalance_after_steps: before this training batch of a fit (rounded up to whole accumulation windows),
+            cut the stages anew where the times the pipeline measured so far balance, when that makes the slowest
+            stage at least 5% of the mean faster: the pipeline drains, the modules move between stages with their
+            weights and optimizer state, and training goes on (:mod:`lightning_ddg.rebalancing`). ``None``
+            (default): the cut stays, as the method prescribes. Needs a cut the strategy plans; 20 or more.
 
     A failure in any stage ends every process of the job; see "Reliability" in ``docs/usage.md``.
 
@@ -165,6 +172,7 @@ class DDGStrategy(ParallelStrategy):
         start_method: Literal["popen", "spawn", "forkserver"] = "popen",
         check_finite: bool | None = None,
         load_once: bool = True,
+        rebalance_after_steps: int | None = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -174,8 +182,8 @@ class DDGStrategy(ParallelStrategy):
             precision_plugin=precision_plugin,
         )
         check_options(
-            split_points, balance, num_stages, memory=memory, balance_by=balance_by, start_method=start_method
-        )
+            split_points, balance, num_stages, memory, balance_by, start_method, rebalance_after_steps
+        )  # fmt: skip
         self.split_points = list(split_points) if split_points is not None else None
         self.balance = list(balance) if balance is not None else None
         self.balance_by = balance_by
@@ -183,6 +191,9 @@ class DDGStrategy(ParallelStrategy):
         self.num_stages = num_stages
         self.check_finite = check_finite
         self.load_once = load_once
+        self.rebalance_after_steps = rebalance_after_steps
+        self._recut_at: int | None = None  # the training batch of this fit before which the stages may be cut anew
+        self._batches_begun = 0
         self._watchdog: Watchdog | None = None
         self._failed = False
         self._process_group_backend = process_group_backend
@@ -318,11 +329,15 @@ class DDGStrategy(ParallelStrategy):
         check_tied_clipping(self.partition.tied, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         self._shuffle_seed = self.broadcast(shuffle_seed())
         finite = self.check_finite if self.check_finite is not None else detect_anomaly(trainer)
+        self._stage_options = {  # as the stages are built now, and again if the fit cuts them anew
+            "timeout": self._timeout, "memory": self.memory, "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "check_finite": finite,
+        }  # fmt: skip
         self._run = StageRun.start(  # stage_run.py: this rank's stage built, the module's forward the pipeline
             module, self.topology, rank, partition=self.partition, world_size=self.world_size, device=device,
-            timeout=self._timeout, memory=self.memory, accumulate_grad_batches=trainer.accumulate_grad_batches,
-            check_finite=finite, init_rng_states=self._init_rng_states, on_stop=self._stopping,
+            init_rng_states=self._init_rng_states, on_stop=self._stopping, **self._stage_options,
         )  # fmt: skip
+        self._plan_recut(trainer)
         if self.world_size > 1:
             self._stop.reset()
             replace_per_step_sigterm_broadcast(trainer, self._stop_if_requested)
@@ -335,6 +350,19 @@ class DDGStrategy(ParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             optimizers_to_device(self.optimizers, self.root_device)
+
+    def _plan_recut(self, trainer: pl.Trainer) -> None:
+        self._recut_at, self._batches_begun = None, 0
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if self.rebalance_after_steps is None or self.topology.num_stages == 1 or not fitting:
+            return
+        assert self._run is not None
+        try:
+            check_rebalancing_setup(torch.are_deterministic_algorithms_enabled(), self._run.keep_stage)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
+        windows = -(-self.rebalance_after_steps // trainer.accumulate_grad_batches)  # the drain ends no window early
+        self._recut_at = windows * trainer.accumulate_grad_batches
 
     @property
     def stage(self) -> DDGStage | None:
@@ -432,9 +460,12 @@ class DDGStrategy(ParallelStrategy):
 
     def _stop_if_requested(self) -> None:
         # where Lightning would broadcast rank 0's SIGTERM flag before every training batch
-        assert self._run is not None
+        assert self._run is not None and self.lightning_module is not None
         if signum := self._run.before_batch(self._stop, self._watchdog):
             raise self._stopping(signum)
+        if self._batches_begun == self._recut_at:  # rebalancing.py: every stage is before the same batch
+            recut_where_measured(self, self.lightning_module.trainer, self._batches_begun, self._stage_options)
+        self._batches_begun += 1
 
     def stopped_elsewhere(self, signum: int) -> None:
         """In a launching process that runs no stage: the stages stopped for ``signum`` and saved what callbacks

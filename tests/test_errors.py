@@ -16,6 +16,7 @@ from torch import nn
 from lightning_ddg import DDGStrategy, split_module
 from lightning_ddg.checks import (
     check_finite,
+    check_rebalancing_setup,
     check_stages_have_parameters,
     check_tied_clipping,
     check_train_loader,
@@ -38,6 +39,10 @@ from tests.models import TiedLM
         (dict(num_stages=2, balance=[1, 1, 7]), ValueError, "num_stages=2 contradicts balance, which makes 3"),
         (dict(memory="stashh"), ValueError, "memory='stashh' is not one of"),
         (dict(start_method="fork"), ValueError, "use 'popen'"),
+        (dict(rebalance_after_steps=5), ValueError, "measured over 20 training batches at least; give .* 20 or more"),
+        (dict(rebalance_after_steps=True), ValueError, "give a number of batches of 20 or more"),
+        (dict(rebalance_after_steps=50, split_points=["model.4"]), ValueError, "split_points or balance leaves none"),
+        (dict(rebalance_after_steps=50, balance_by="memory"), ValueError, "balance_by='memory' leaves none"),
     ],
 )
 def test_contradictory_or_malformed_options(options: dict, error: type, message: str) -> None:
@@ -123,3 +128,11 @@ def test_clipping_by_norm_is_refused_with_tied_weights() -> None:
     check_tied_clipping(tied, 1.0, "value")
     check_tied_clipping(tied, None, None)
     check_tied_clipping([], 1.0, "norm")
+
+
+def test_cutting_anew_in_a_fit_that_rules_it_out_is_refused_at_setup() -> None:
+    check_rebalancing_setup(deterministic=False, on_meta=False)
+    with pytest.raises(ValueError, match=r"two runs may cut differently, which Trainer\(deterministic=True\) rules"):
+        check_rebalancing_setup(deterministic=True, on_meta=False)
+    with pytest.raises(ValueError, match="built in configure_model, so that no process need hold it whole"):
+        check_rebalancing_setup(deterministic=False, on_meta=True)

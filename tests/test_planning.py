@@ -13,7 +13,7 @@ from torch import nn
 import lightning_ddg
 from lightning_ddg import plan, split_module
 from lightning_ddg.balance import run_segments
-from lightning_ddg.planning import better_cut, rebalanced
+from lightning_ddg.planning import better_cut, rebalanced, replanned
 from tests.zoo_job import ResidualSpan, TransformerClassifier
 
 
@@ -284,3 +284,17 @@ def test_a_plan_is_cut_anew_on_the_stage_times_a_pipeline_measured() -> None:
     assert rebalanced(three.pieces, [10.0, 10.0, 10.0])[0] == three.split_points
     # stages balanced by memory are unequal in time on purpose: nothing to cut anew from
     assert plan(model, torch.randn(16, 64), 2, balance_by="memory").pieces is None
+
+
+def test_the_plan_of_a_cut_made_anew_costs_what_the_measured_times_let_expect() -> None:
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(8)])
+    chosen = plan(model, torch.randn(16, 64), 2, balance_by="flops")
+    anew = replanned(chosen, ["5"], [10.0, 20.0], [5 * 64 * 65, 3 * 64 * 65])
+    assert anew.split_points == ["5"] and anew.balance_by == "time" and anew.note
+    # per layer 10/4 ms on the first stage's layers, 20/4 ms on the second's: 5 layers, then 3
+    assert [s.cost for s in anew.stages] == pytest.approx([10.0 + 5.0, 15.0])
+    assert [s.parameters for s in anew.stages] == [5 * 64 * 65, 3 * 64 * 65]
+    assert anew.stages[1].begins_at == "5" and anew.stages[1].modules == ["5", "6", "7"]
+    assert anew.pieces.stage_starts == [5] and anew.imbalance == pytest.approx(1.0)
+    # measured again on the new cut, as planned: nothing to move
+    assert better_cut(anew.pieces, anew.split_points, [15.0, 15.0]) is None

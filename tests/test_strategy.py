@@ -232,21 +232,22 @@ def test_last_stage_metrics_reach_the_logger_and_checkpoints_are_whole(tmp_path)
 
 class _SlowLayer(torch.nn.Module):
     """Stands for a part of a model that is slower in the pipeline than it was when the plan timed it: it sleeps
-    10 ms a call, where each stage computes well under 1 ms, while ``slow``."""
+    ``seconds`` (10 ms) a call, where each stage computes well under 1 ms, while ``slow``."""
 
     def __init__(self, slow: bool) -> None:
         super().__init__()
         self.slow = slow
+        self.seconds = 0.01
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.slow:
-            time.sleep(0.01)
+            time.sleep(self.seconds)
         return x
 
 
 class _SlowLastStage(MLPClassifier):
-    def __init__(self, slow: bool = True) -> None:
-        super().__init__()
+    def __init__(self, slow: bool = True, step_lr: bool = False) -> None:
+        super().__init__(step_lr=step_lr)
         self.model = torch.nn.Sequential(*self.model, _SlowLayer(slow))
 
 
@@ -487,6 +488,70 @@ def test_a_fit_resumed_where_the_measured_stage_times_balance_continues_the_meth
     _assert_same(dict(resumed.state_dict()), _continue_from(checkpoint, 2, split_points=balanced))
 
 
+class _RecordCuts(L.Callback):
+    """Writes the split points each stage process trains on, when training starts and when it ends, to
+    ``cuts{rank}.txt``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _write(self, trainer) -> None:
+        with open(self.directory / f"cuts{trainer.global_rank}.txt", "a") as f:
+            f.write(" ".join(trainer.strategy.partition.split_points) + "\n")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._write(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._write(trainer)
+
+
+def test_a_fit_cut_anew_where_the_measured_stage_times_balance_continues_the_method(tmp_path) -> None:
+    """With rebalance_after_steps, before that batch the stages are cut where the times measured so far balance;
+    the method is then a drain followed by a resume on the new cut: the modules that change stage take their
+    weights, momentum and learning-rate schedule with them."""
+    after, steps = stats.MEASURED_STEPS + 4, stats.MEASURED_STEPS + 14
+    model = _SlowLastStage(step_lr=True)  # the last layer sleeps on the last stage, which FLOPs miss
+    model.model[-1].seconds = 0.04  # far more than the loop's time per step, however loaded the machine
+    initial = copy.deepcopy(model)
+    strategy = DDGStrategy(start_method="forkserver", balance_by="flops", rebalance_after_steps=after)
+    trainer = _trainer(strategy, 2, max_epochs=-1, max_steps=steps, callbacks=[_RecordCuts(tmp_path)])
+    trainer.fit(model, loader())
+    (first, second), again = [(tmp_path / f"cuts{r}.txt").read_text().splitlines() for r in (0, 1)]
+    assert [first, second] == again  # every stage cut alike
+    assert int(second.split(".")[1]) > int(first.split(".")[1])  # more of the model on the first stage
+    initial.model[-1].slow = False
+    expected = _reference_cut_anew(initial, [first], [second], after, steps)
+    _assert_same(dict(model.state_dict()), expected)
+
+
+def _reference_cut_anew(model: MLPClassifier, first: list[str], second: list[str], at: int, steps: int) -> dict:
+    """The reference of a fit cut anew before batch ``at`` of ``steps``: the method on the ``first`` cut, drained,
+    then on the ``second`` from the weights, momentum buffers, learning rate and scheduler it left."""
+    batches = [batch for _ in range(-(-steps // len(loader()))) for batch in loader()][:steps]
+    momentum: dict[str, torch.Tensor] = {}
+    scheduler_state: dict | None = None
+    for split_points, run in ((first, batches[:at]), (second, batches[at:])):
+        stages = split_module(model, split_points=split_points).train
+        optimizers = [make_optimizer("sgd", s.parameters()) for s in stages]
+        schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5) for o in optimizers]
+        for stage, optimizer, scheduler in zip(stages, optimizers, schedulers, strict=True):
+            for name, p in stage.named_parameters():
+                if name in momentum:
+                    optimizer.state[p]["momentum_buffer"] = momentum[name].clone()
+            if scheduler_state is not None:
+                scheduler.load_state_dict(scheduler_state)
+                optimizer.param_groups[0]["lr"] = scheduler.get_last_lr()[0]
+        ref = DDGReference(stages, optimizers, torch.nn.functional.cross_entropy, lr_schedulers=schedulers)
+        for x, y in run:
+            ref.step(x, y)
+        ref.finish()
+        for stage, optimizer in zip(stages, optimizers, strict=True):
+            momentum |= {name: optimizer.state[p]["momentum_buffer"] for name, p in stage.named_parameters()}
+        scheduler_state = schedulers[0].state_dict()
+    return dict(model.state_dict())
+
+
 class _WithTorchmetrics(MLPClassifier):
     def __init__(self) -> None:
         super().__init__()
@@ -614,6 +679,12 @@ class _ManualOptimization(MLPClassifier):
 def test_manual_optimization_is_refused_with_advice() -> None:
     with pytest.raises(Exception, match="does not support manual optimization"):
         _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_ManualOptimization(), loader())
+
+
+def test_cutting_anew_under_deterministic_is_refused_at_setup() -> None:
+    strategy = DDGStrategy(start_method="forkserver", rebalance_after_steps=stats.MEASURED_STEPS)
+    with pytest.raises(Exception, match=r"rebalance_after_steps .* which Trainer\(deterministic=True\) rules out"):
+        _trainer(strategy, 2, deterministic=True).fit(MLPClassifier(), loader())
 
 
 class _TwoOptimizers(MLPClassifier):

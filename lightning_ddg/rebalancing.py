@@ -1,0 +1,119 @@
+"""Cutting a fit's stages anew, once, in the middle of training, where the stage times the pipeline measured balance.
+
+The plan cuts the model from its pieces timed alone, before training; the pipeline then measures what each stage
+takes per step with everything around it (the optimizer step, Lightning's loop, the other processes on the
+machine). With ``DDGStrategy(rebalance_after_steps=N)``, before training batch ``N`` of the fit the last stage
+compares those times (:func:`~lightning_ddg.planning.better_cut`); when another cut makes the slowest stage at
+least 5% of the mean faster, every stage
+
+1. drains the pipeline: every batch in flight updates every stage, as at the end of training;
+2. puts the model back together and cuts it at the new split points, over the same channels, so that the modules
+   that change stage take their weights with them (:meth:`StageRun.recut <lightning_ddg.stage_run.StageRun.recut>`);
+3. builds its optimizers anew with ``configure_optimizers``, for its new parameters, and gives them their part of
+   the whole model's optimizer state, and the schedulers theirs, as a fit resumed on another cut would;
+4. trains on from batch ``N`` with an empty pipeline, which warms up again.
+
+In terms of the method it is a drain followed by a resume on the new cut: the weights equal those of
+:class:`~lightning_ddg.reference.DDGReference` run to batch ``N`` on the first cut, finished, and continued on the
+second. It costs one broadcast when the cut stays, and a drain, a gather of the whole model and a trace of the new
+cut when it moves: once per fit, never per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+
+from lightning_ddg._compat import optimizers_to_device, unwrapped_optimizer
+from lightning_ddg.callbacks import LogStageFigures
+from lightning_ddg.partition import Partition, split_module
+from lightning_ddg.planning import Plan, better_cut, replanned
+from lightning_ddg.state import parameter_names
+from lightning_ddg.stats import measured_imbalance
+
+if TYPE_CHECKING:
+    from lightning_ddg.strategy import DDGStrategy
+
+__all__ = ["recut_where_measured"]
+
+log = logging.getLogger(__name__)
+
+
+def recut_where_measured(strategy: DDGStrategy, trainer: pl.Trainer, batch: int, stage_options: dict[str, Any]) -> None:
+    """Before training batch ``batch``, on every rank: cut the stages anew where the times measured so far balance,
+    or keep the cut (see the module's docstring). A collective. ``stage_options``: the stage's build options, as
+    :meth:`StageRun.start <lightning_ddg.stage_run.StageRun.start>` takes them."""
+    plan, old, run, module = strategy.plan, strategy.partition, strategy._run, strategy.lightning_module
+    assert plan is not None and old is not None and run is not None and module is not None
+    decided = strategy.broadcast(_better_cut(strategy, plan, batch) if strategy.global_rank == 0 else None)
+    if decided is None:
+        return
+    points, measured_ms = decided
+    optimizers = strategy.optimizers
+    run.drain(partial(strategy._step, optimizers[0]) if optimizers else None)
+    names = parameter_names(module)
+    whole = partial(strategy.states.optimizer_state, names=names, placeholders=False)  # on every rank
+    optimizer_states = [whole(unwrapped_optimizer(optimizer)) for optimizer in optimizers]
+    scheduler_states = [config.scheduler.state_dict() for config in strategy.lr_scheduler_configs]
+    made: list[Partition] = []
+
+    def cut(whole: nn.Module) -> Partition:
+        example, opened = plan.example_input, plan.opened_modules if plan.exported else None
+        partition = split_module(whole, points, old.num_stages, example, opened)
+        if not _can_run(partition, old):
+            partition = split_module(whole, old.split_points, old.num_stages, example, opened)
+        made.append(partition)
+        return partition
+
+    strategy._run = run.recut(cut, **stage_options)
+    strategy.partition = partition = made[0]
+    strategy.setup_optimizers(trainer)
+    for optimizer, state in zip(strategy.optimizers, optimizer_states, strict=True):
+        strategy.states.load_optimizer_state(unwrapped_optimizer(optimizer), state, module)
+    for config, state in zip(strategy.lr_scheduler_configs, scheduler_states, strict=True):
+        config.scheduler.load_state_dict(state)
+    optimizers_to_device(strategy.optimizers, strategy.root_device)
+    for callback in trainer.callbacks:
+        if isinstance(callback, LogStageFigures):
+            callback.restart()  # the new stages count their figures from zero
+    if partition.split_points == old.split_points:
+        rank_zero_info(f"DDG: the cut at {points} cannot run (a stage without parameters, or a weight shared by "
+                       f"other stages): the stages stay cut at {old.split_points}")  # fmt: skip
+        return
+    parameters = [sum(p.numel() for p in stage.parameters()) for stage in partition.train]
+    strategy.plan = replanned(plan, points, measured_ms, parameters)
+    log.info("recut: stage %d of the cut at %s from batch %d", strategy.stage_index, points, batch)
+
+
+def _better_cut(strategy: DDGStrategy, plan: Plan, batch: int) -> tuple[list[str], list[float]] | None:
+    """On the last stage of the first pipeline, which has every stage's figures: the better cut and the times it was
+    found on, or ``None`` to keep the cut; either is said on the console."""
+    stage = strategy.stage
+    measured = measured_imbalance(stage.snapshots()) if stage is not None else None
+    if measured is None or plan.pieces is None:
+        rank_zero_info(f"DDG: before batch {batch}, the stages have not all been measured yet: the cut stays")
+        return None
+    imbalance, measured_ms = measured
+    found = better_cut(plan.pieces, plan.split_points, measured_ms)
+    times = ", ".join(f"{ms:.1f}" for ms in measured_ms)
+    said = f"DDG: before batch {batch}, the stages took {times} ms per step (the slowest {imbalance:.2f}x the mean)"
+    if found is None:
+        rank_zero_info(f"{said}; no other cut is 5% of the mean faster: the cut stays at {plan.split_points}")
+        return None
+    rank_zero_info(
+        f"{said}: cutting at {found[0]} instead of {plan.split_points}, where they balance (about {found[1]:.2f}x "
+        "the mean); the pipeline drains first, then warms up again"
+    )
+    return found[0], measured_ms
+
+
+def _can_run(partition: Partition, old: Partition) -> bool:
+    """A new cut the stages can switch to in place: every stage has parameters (an optimizer needs some), and the
+    weights shared across stages are shared by the same stages, whose channels exist."""
+    tied = [w.stages for w in partition.tied] == [w.stages for w in old.tied]
+    return tied and all(any(True for _ in stage.parameters()) for stage in partition.train)
