@@ -421,11 +421,12 @@ def replanned(plan: Plan, split_points: Sequence[str], measured_ms: Sequence[flo
     costs = measured.stage_costs(starts)
     total = sum(costs) or 1.0
     bounds = [0, *starts, len(measured.costs)]
+    names = (plan.stages[0].modules[:1] or ["(input)"]) + plan.pieces.cuts  # the module each piece begins with
     stages = [
         StagePlan(
             index=k,
             begins_at=split_points[k - 1] if k else None,
-            modules=[plan.pieces.cuts[i - 1] for i in range(max(a, 1), b)],  # the modules its pieces begin with
+            modules=names[a:b],
             parameters=parameters[k],
             cost=cost,
             cost_share=cost / total,

@@ -294,7 +294,8 @@ def test_the_plan_of_a_cut_made_anew_costs_what_the_measured_times_let_expect() 
     # per layer 10/4 ms on the first stage's layers, 20/4 ms on the second's: 5 layers, then 3
     assert [s.cost for s in anew.stages] == pytest.approx([10.0 + 5.0, 15.0])
     assert [s.parameters for s in anew.stages] == [5 * 64 * 65, 3 * 64 * 65]
-    assert anew.stages[1].begins_at == "5" and anew.stages[1].modules == ["5", "6", "7"]
+    assert [s.modules for s in anew.stages] == [["0", "1", "2", "3", "4"], ["5", "6", "7"]]
+    assert anew.stages[1].begins_at == "5" and "cut anew on the stage times" in str(anew)
     assert anew.pieces.stage_starts == [5] and anew.imbalance == pytest.approx(1.0)
     # measured again on the new cut, as planned: nothing to move
     assert better_cut(anew.pieces, anew.split_points, [15.0, 15.0]) is None
