@@ -72,6 +72,13 @@ def _fit(engine: str, cfg: dict[str, Any], out: str) -> None:
     class Clock(L.Callback):
         def __init__(self) -> None:
             self.start = self.end = 0.0
+            self.cuts: list[list[str]] = []
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.cuts.append(_cut(trainer))
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.cuts.append(_cut(trainer))  # another, when the fit cut its stages anew
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if batch_idx == warmup - 1:
@@ -81,9 +88,12 @@ def _fit(engine: str, cfg: dict[str, Any], out: str) -> None:
     xs, ys = batches(cfg["model"], warmup + steps, batch, torch.device("cpu"))
     data = TensorDataset(xs.flatten(0, 1), ys.flatten())
     per_process = batch // stages if engine == "fit ddp" else batch
-    strategy: Any = {"fit backprop": "auto", "fit ddp": "ddp", "fit ddg": None}[engine]
+    strategy: Any = {"fit backprop": "auto", "fit ddp": "ddp"}.get(engine)
     if engine == "fit ddg":
         strategy = DDGStrategy(split_points=[f"model.{p}" for p in cfg["split_points"]])  # names under Module
+    elif engine.startswith("fit ddg "):  # benchmarks/rebalance.py: the strategy's own plan, cut anew or not
+        after = cfg["rebalance_after_steps"] if engine == "fit ddg rebalanced" else None
+        strategy = DDGStrategy(balance_by=cfg["balance_by"], rebalance_after_steps=after)
     clock = Clock()
     trainer = L.Trainer(
         strategy=strategy,
@@ -99,7 +109,12 @@ def _fit(engine: str, cfg: dict[str, Any], out: str) -> None:
     trainer.fit(Module(), DataLoader(data, batch_size=per_process))
     if trainer.global_rank == 0:
         with open(out, "w") as f:
-            json.dump({"samples_per_s": steps * batch / (clock.end - clock.start)}, f)
+            json.dump({"samples_per_s": steps * batch / (clock.end - clock.start), "cuts": clock.cuts}, f)
+
+
+def _cut(trainer: Any) -> list[str]:
+    plan = getattr(trainer.strategy, "plan", None)
+    return list(plan.split_points) if plan is not None else []
 
 
 if __name__ == "__main__":
