@@ -506,26 +506,34 @@ class _RecordCuts(L.Callback):
         self._write(trainer)
 
 
-def test_a_fit_cut_anew_where_the_measured_stage_times_balance_continues_the_method(tmp_path) -> None:
+@pytest.mark.parametrize(("devices", "accumulate"), [(2, 1), (3, 2)])
+def test_a_fit_cut_anew_where_the_measured_stage_times_balance_continues_the_method(
+    tmp_path, devices: int, accumulate: int
+) -> None:
     """With rebalance_after_steps, before that batch the stages are cut where the times measured so far balance;
     the method is then a drain followed by a resume on the new cut: the modules that change stage take their
     weights, momentum and learning-rate schedule with them."""
-    after, steps = stats.MEASURED_STEPS + 4, stats.MEASURED_STEPS + 14
+    after, epochs = stats.MEASURED_STEPS + 4, 6  # 6 batches an epoch: 12 batches on the new cut
     model = _SlowLastStage(step_lr=True)  # the last layer sleeps on the last stage, which FLOPs miss
     model.model[-1].seconds = 0.04  # far more than the loop's time per step, however loaded the machine
     initial = copy.deepcopy(model)
     strategy = DDGStrategy(start_method="forkserver", balance_by="flops", rebalance_after_steps=after)
-    trainer = _trainer(strategy, 2, max_epochs=-1, max_steps=steps, callbacks=[_RecordCuts(tmp_path)])
-    trainer.fit(model, loader())
-    (first, second), again = [(tmp_path / f"cuts{r}.txt").read_text().splitlines() for r in (0, 1)]
-    assert [first, second] == again  # every stage cut alike
-    assert int(second.split(".")[1]) > int(first.split(".")[1])  # more of the model on the first stage
+    callbacks = [_RecordCuts(tmp_path)]
+    _trainer(strategy, devices, max_epochs=epochs, accumulate_grad_batches=accumulate, callbacks=callbacks).fit(
+        model, loader()
+    )
+    cuts = [(tmp_path / f"cuts{r}.txt").read_text().splitlines() for r in range(devices)]
+    assert all(cut == cuts[0] for cut in cuts)  # every stage cut alike
+    first, second = (line.split() for line in cuts[0])
+    assert [int(p.split(".")[1]) for p in second] > [int(p.split(".")[1]) for p in first]  # more before the last
     initial.model[-1].slow = False
-    expected = _reference_cut_anew(initial, [first], [second], after, steps)
+    expected = _reference_cut_anew(initial, first, second, after, epochs * len(loader()), accumulate)
     _assert_same(dict(model.state_dict()), expected)
 
 
-def _reference_cut_anew(model: MLPClassifier, first: list[str], second: list[str], at: int, steps: int) -> dict:
+def _reference_cut_anew(
+    model: MLPClassifier, first: list[str], second: list[str], at: int, steps: int, accumulate: int = 1
+) -> dict:
     """The reference of a fit cut anew before batch ``at`` of ``steps``: the method on the ``first`` cut, drained,
     then on the ``second`` from the weights, momentum buffers, learning rate and scheduler it left."""
     batches = [batch for _ in range(-(-steps // len(loader()))) for batch in loader()][:steps]
@@ -542,7 +550,8 @@ def _reference_cut_anew(model: MLPClassifier, first: list[str], second: list[str
             if scheduler_state is not None:
                 scheduler.load_state_dict(scheduler_state)
                 optimizer.param_groups[0]["lr"] = scheduler.get_last_lr()[0]
-        ref = DDGReference(stages, optimizers, torch.nn.functional.cross_entropy, lr_schedulers=schedulers)
+        loss = torch.nn.functional.cross_entropy
+        ref = DDGReference(stages, optimizers, loss, accumulate_grad_batches=accumulate, lr_schedulers=schedulers)
         for x, y in run:
             ref.step(x, y)
         ref.finish()
