@@ -26,6 +26,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
@@ -60,18 +61,20 @@ def recut_where_measured(strategy: DDGStrategy, trainer: pl.Trainer, batch: int,
     whole = partial(strategy.states.optimizer_state, names=names, placeholders=False)  # on every rank
     optimizer_states = [whole(unwrapped_optimizer(optimizer)) for optimizer in optimizers]
     scheduler_states = [config.scheduler.state_dict() for config in strategy.lr_scheduler_configs]
-    made: list[Partition] = []
+    made: list[tuple[Partition, list[int]]] = []
 
     def cut(whole: nn.Module) -> Partition:
         example, opened = plan.example_input, plan.opened_modules if plan.exported else None
         partition = split_module(whole, points, old.num_stages, example, opened)
         if not _can_run(partition, old):
             partition = split_module(whole, old.split_points, old.num_stages, example, opened)
-        made.append(partition)
+        # counted while every stage's parameters are in the module: the stage built next keeps only its own
+        made.append((partition, [sum(p.numel() for p in stage.parameters()) for stage in partition.train]))
         return partition
 
     strategy._run = run.recut(cut, **stage_options)
-    strategy.partition = partition = made[0]
+    ((partition, parameters),) = made
+    strategy.partition = partition
     strategy.setup_optimizers(trainer)
     for optimizer, state in zip(strategy.optimizers, optimizer_states, strict=True):
         strategy.states.load_optimizer_state(unwrapped_optimizer(optimizer), state, module)
@@ -85,8 +88,9 @@ def recut_where_measured(strategy: DDGStrategy, trainer: pl.Trainer, batch: int,
         rank_zero_info(f"DDG: the cut at {points} cannot run (a stage without parameters, or a weight shared by "
                        f"other stages): the stages stay cut at {old.split_points}")  # fmt: skip
         return
-    parameters = [sum(p.numel() for p in stage.parameters()) for stage in partition.train]
     strategy.plan = replanned(plan, points, measured_ms, parameters)
+    if strategy.global_rank == 0 and any(isinstance(c, ModelSummary) for c in trainer.callbacks):
+        rank_zero_info(f"DDG plan from batch {batch}:\n{strategy.plan}")
     log.info("recut: stage %d of the cut at %s from batch %d", strategy.stage_index, points, batch)
 
 

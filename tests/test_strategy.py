@@ -498,6 +498,8 @@ class _RecordCuts(L.Callback):
     def _write(self, trainer) -> None:
         with open(self.directory / f"cuts{trainer.global_rank}.txt", "a") as f:
             f.write(" ".join(trainer.strategy.partition.split_points) + "\n")
+        plan = trainer.strategy.plan  # the plan of the cut it trains on, the parameters of each stage with it
+        (self.directory / f"plan{trainer.global_rank}.txt").write_text(" ".join(str(s.parameters) for s in plan.stages))
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._write(trainer)
@@ -525,6 +527,8 @@ def test_a_fit_cut_anew_where_the_measured_stage_times_balance_continues_the_met
     cuts = [(tmp_path / f"cuts{r}.txt").read_text().splitlines() for r in range(devices)]
     assert all(cut == cuts[0] for cut in cuts)  # every stage cut alike
     first, second = (line.split() for line in cuts[0])
+    stage_parameters = [int(n) for n in (tmp_path / "plan0.txt").read_text().split()]
+    assert sum(stage_parameters) == sum(p.numel() for p in model.parameters()) and min(stage_parameters) > 0
     assert [int(p.split(".")[1]) for p in second] > [int(p.split(".")[1]) for p in first]  # more before the last
     initial.model[-1].slow = False
     expected = _reference_cut_anew(initial, first, second, after, epochs * len(loader()), accumulate)
