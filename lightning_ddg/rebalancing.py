@@ -57,9 +57,9 @@ def recut_where_measured(strategy: DDGStrategy, trainer: pl.Trainer, batch: int,
     points, measured_ms = decided
     optimizers = strategy.optimizers
     run.drain(partial(strategy._step, optimizers[0]) if optimizers else None)
-    names = parameter_names(module)
-    whole = partial(strategy.states.optimizer_state, names=names, placeholders=False)  # on every rank
-    optimizer_states = [whole(unwrapped_optimizer(optimizer)) for optimizer in optimizers]
+    # the whole model's optimizer state, on every rank, named as in the module: each new stage takes its part
+    gathered = partial(strategy.states.optimizer_state, names=parameter_names(module), placeholders=False)
+    optimizer_states = [gathered(unwrapped_optimizer(optimizer)) for optimizer in optimizers]
     scheduler_states = [config.scheduler.state_dict() for config in strategy.lr_scheduler_configs]
     made: list[tuple[Partition, list[int]]] = []
 
@@ -75,7 +75,7 @@ def recut_where_measured(strategy: DDGStrategy, trainer: pl.Trainer, batch: int,
     strategy._run = run.recut(cut, **stage_options)
     ((partition, parameters),) = made
     strategy.partition = partition
-    strategy.setup_optimizers(trainer)
+    strategy.setup_optimizers(trainer)  # configure_optimizers, on the new stage's parameters
     for optimizer, state in zip(strategy.optimizers, optimizer_states, strict=True):
         strategy.states.load_optimizer_state(unwrapped_optimizer(optimizer), state, module)
     for config, state in zip(strategy.lr_scheduler_configs, scheduler_states, strict=True):
