@@ -694,10 +694,14 @@ def test_manual_optimization_is_refused_with_advice() -> None:
         _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_ManualOptimization(), loader())
 
 
-def test_cutting_anew_under_deterministic_is_refused_at_setup() -> None:
+def test_cutting_anew_under_deterministic_is_refused_at_setup(monkeypatch) -> None:
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # set by Trainer(deterministic=True), put back after the test
     strategy = DDGStrategy(start_method="forkserver", rebalance_after_steps=stats.MEASURED_STEPS)
-    with pytest.raises(Exception, match=r"rebalance_after_steps .* which Trainer\(deterministic=True\) rules out"):
-        _trainer(strategy, 2, deterministic=True).fit(MLPClassifier(), loader())
+    try:
+        with pytest.raises(Exception, match=r"rebalance_after_steps .* Trainer\(deterministic=True\) rules out"):
+            _trainer(strategy, 2, deterministic=True).fit(MLPClassifier(), loader())
+    finally:  # the Trainer made this process deterministic: the tests after it plan by time again
+        torch.use_deterministic_algorithms(False)
 
 
 class _TwoOptimizers(MLPClassifier):
