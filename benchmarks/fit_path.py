@@ -9,6 +9,10 @@ script), one thread per process, the same global batch:
 - ``fit ddp ×K``: ``Trainer(strategy="ddp", devices=K)``, each process on ``batch / K`` samples;
 - ``fit ddg ×K``: ``Trainer(strategy=DDGStrategy(split_points=...), devices=K)``, cut where the runtime rows are.
 
+``benchmarks/rebalance.py`` runs two more: ``fit ddg planned`` (``DDGStrategy(balance_by=...)``, the strategy's own
+plan) and ``fit ddg rebalanced`` (the same with ``rebalance_after_steps``); every fit reports the cut it trained on
+when it started and when it ended.
+
 The clock runs on global rank 0 from the end of the warm-up steps to the end of the last step.
 ``benchmarks/peers.py`` calls :func:`fit_rates` in every round, next to the runtime configurations;
 ``python benchmarks/fit_path.py ENGINE CONFIG_JSON OUT_JSON`` runs one fit.
@@ -88,12 +92,14 @@ def _fit(engine: str, cfg: dict[str, Any], out: str) -> None:
     xs, ys = batches(cfg["model"], warmup + steps, batch, torch.device("cpu"))
     data = TensorDataset(xs.flatten(0, 1), ys.flatten())
     per_process = batch // stages if engine == "fit ddp" else batch
-    strategy: Any = {"fit backprop": "auto", "fit ddp": "ddp"}.get(engine)
+    strategy: Any
     if engine == "fit ddg":
         strategy = DDGStrategy(split_points=[f"model.{p}" for p in cfg["split_points"]])  # names under Module
-    elif engine.startswith("fit ddg "):  # benchmarks/rebalance.py: the strategy's own plan, cut anew or not
+    elif engine in ("fit ddg planned", "fit ddg rebalanced"):  # benchmarks/rebalance.py: the strategy's own plan
         after = cfg["rebalance_after_steps"] if engine == "fit ddg rebalanced" else None
         strategy = DDGStrategy(balance_by=cfg["balance_by"], rebalance_after_steps=after)
+    else:
+        strategy = {"fit backprop": "auto", "fit ddp": "ddp"}[engine]
     clock = Clock()
     trainer = L.Trainer(
         strategy=strategy,
