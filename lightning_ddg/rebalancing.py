@@ -26,12 +26,16 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from lightning_ddg._compat import optimizers_to_device, unwrapped_optimizer
 from lightning_ddg.callbacks import LogStageFigures
+from lightning_ddg.checks import check_rebalancing_setup
 from lightning_ddg.partition import Partition, split_module
 from lightning_ddg.planning import Plan, better_cut, replanned
 from lightning_ddg.state import parameter_names
@@ -40,9 +44,23 @@ from lightning_ddg.stats import measured_imbalance
 if TYPE_CHECKING:
     from lightning_ddg.strategy import DDGStrategy
 
-__all__ = ["recut_where_measured"]
+__all__ = ["recut_batch", "recut_where_measured"]
 
 log = logging.getLogger(__name__)
+
+
+def recut_batch(after_steps: int | None, num_stages: int, trainer: pl.Trainer, on_meta: bool) -> int | None:
+    """The training batch of this fit before which :func:`recut_where_measured` runs: ``after_steps`` rounded up to
+    whole accumulation windows, so that the drain closes no window early; ``None`` when there is none. Raises at
+    setup where the fit rules it out (:func:`~lightning_ddg.checks.check_rebalancing_setup`)."""
+    if after_steps is None or num_stages == 1 or trainer.state.fn != TrainerFn.FITTING:
+        return None
+    try:
+        check_rebalancing_setup(torch.are_deterministic_algorithms_enabled(), on_meta)
+    except ValueError as err:
+        raise MisconfigurationException(str(err)) from None
+    windows = -(-after_steps // trainer.accumulate_grad_batches)
+    return windows * trainer.accumulate_grad_batches
 
 
 def recut_where_measured(strategy: DDGStrategy, trainer: pl.Trainer, batch: int, stage_options: dict[str, Any]) -> None:

@@ -6,8 +6,9 @@ skipped (there is no loss there); when fit ends, the whole trained model is back
 (see ``docs/usage.md``). The hooks hand their work to plain-PyTorch objects: the cut to
 :func:`~lightning_ddg.cutting.cut_module`, this rank's stage while it runs (the pipelined ``forward``, the delayed
 backward and step, the drain, the whole module put back) to :class:`~lightning_ddg.stage_run.StageRun`, the whole
-model's state to :class:`~lightning_ddg.state.StageStates`, stop signals to :class:`~lightning_ddg.stopping.JobStop`
-(see ``docs/architecture.md``).
+model's state to :class:`~lightning_ddg.state.StageStates`, stop signals to :class:`~lightning_ddg.stopping.JobStop`,
+the process group and the watchdog over the other processes to :class:`~lightning_ddg.job.JobMember` (see
+``docs/architecture.md``).
 
 Example::
 
@@ -47,7 +48,6 @@ from lightning_ddg._compat import (
     default_process_group_backend,
     detect_anomaly,
     distributed_is_initialized,
-    init_dist_connection,
     optimizers_to_device,
     replace_per_step_sigterm_broadcast,
     replace_signal_handlers,
@@ -64,7 +64,6 @@ from lightning_ddg.checks import (
     check_automatic_optimization,
     check_no_loss_scaling,
     check_options,
-    check_rebalancing_setup,
     check_same_lengths,
     check_stage_count,
     check_stages_have_parameters,
@@ -72,28 +71,19 @@ from lightning_ddg.checks import (
     check_train_loader,
 )
 from lightning_ddg.cutting import cut_module
-from lightning_ddg.launchers import (
-    DDGScriptLauncher,
-    DDGSpawnLauncher,
-    launched_ranks,
-    pause_observer,
-    run_ended,
-    stage_killed_watch,
-)
-from lightning_ddg.lifeline import end_if_launcher_gone
+from lightning_ddg.job import JobMember
+from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher
 from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling, shuffle_seed
 from lightning_ddg.metrics import quiet_epoch_sync_advice, scope_metrics
 from lightning_ddg.partition import Partition
 from lightning_ddg.planning import Plan
-from lightning_ddg.rebalancing import recut_where_measured
-from lightning_ddg.rendezvous import init_process_group, needs_rendezvous
+from lightning_ddg.rebalancing import recut_batch, recut_where_measured
 from lightning_ddg.shard import rng_states
 from lightning_ddg.stage import DDGStage, MemoryMode
 from lightning_ddg.stage_run import StageRun
 from lightning_ddg.state import StageStates, load_stage_state, parameter_names
 from lightning_ddg.stopping import JobStop
 from lightning_ddg.topology import Topology
-from lightning_ddg.watchdog import Watchdog
 
 __all__ = ["DDGStrategy"]
 
@@ -194,8 +184,7 @@ class DDGStrategy(ParallelStrategy):
         self.rebalance_after_steps = rebalance_after_steps
         self._recut_at: int | None = None  # the training batch of this fit before which the stages may be cut anew
         self._batches_begun = 0
-        self._watchdog: Watchdog | None = None
-        self._failed = False
+        self._job = JobMember()  # the process group and the watchdog (job.py)
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self._rendezvous_timeout = rendezvous_timeout
@@ -278,30 +267,13 @@ class DDGStrategy(ParallelStrategy):
         self.set_world_ranks()
         backend = self._process_group_backend or default_process_group_backend(self.root_device)
         self._process_group_backend = backend
-        env = self.cluster_environment
-        assert env is not None
-        # the processes this one launched (strategy="ddg" on local rank 0): errors say which of them have exited
-        job = {"describe": self.topology.describe, "children": launched_ranks(self.node_rank * self.num_processes + 1)}
-        if needs_rendezvous(self.world_size):  # rendezvous.py: a timeout of its own, an error naming the absent
-            timeouts = {"rendezvous_timeout": self._rendezvous_timeout, "timeout": self._timeout}
-            init_process_group(
-                backend, env.main_address, env.main_port, self.global_rank, self.world_size, **timeouts, **job
-            )
-        else:  # one process, a later fit, or torchrun's agent serving the store: Lightning's way
-            init_dist_connection(env, backend, timeout=self._timeout)
-        self._failed, self._watchdog = False, None
-        if self.world_size > 1:  # every process watches the others: a failure anywhere ends the job (watchdog.py)
-            pause_observer(True)  # the watchdog watches the launched ranks now
-            watch_parent = self._start_method != "popen" or self.local_rank > 0
-            self._watchdog = Watchdog.for_job(
-                env.main_address,
-                env.main_port,
-                self.global_rank,
-                self.world_size,
-                watch_parent=watch_parent,
-                killed=stage_killed_watch(),  # what a spawning launcher saw
-                **job,
-            )
+        assert self.cluster_environment is not None
+        self._job.join(  # job.py: the process group, then a watchdog over the other processes
+            self.cluster_environment, backend, self.global_rank, self.world_size, describe=self.topology.describe,
+            first_child_rank=self.node_rank * self.num_processes + 1,  # launched by strategy="ddg"'s local rank 0
+            watch_parent=self._start_method != "popen" or self.local_rank > 0,
+            rendezvous_timeout=self._rendezvous_timeout, timeout=self._timeout,
+        )  # fmt: skip
 
     def set_world_ranks(self) -> None:
         # as DDPStrategy: ranks are numbered node by node (torchrun and SLURM set them themselves), so the
@@ -337,7 +309,8 @@ class DDGStrategy(ParallelStrategy):
             module, self.topology, rank, partition=self.partition, world_size=self.world_size, device=device,
             init_rng_states=self._init_rng_states, on_stop=self._stopping, **self._stage_options,
         )  # fmt: skip
-        self._plan_recut(trainer)
+        recut = (self.rebalance_after_steps, self.topology.num_stages, trainer, self._run.keep_stage)
+        self._recut_at, self._batches_begun = recut_batch(*recut), 0  # rebalancing.py: the batch to cut anew before
         if self.world_size > 1:
             self._stop.reset()
             replace_per_step_sigterm_broadcast(trainer, self._stop_if_requested)
@@ -350,19 +323,6 @@ class DDGStrategy(ParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             optimizers_to_device(self.optimizers, self.root_device)
-
-    def _plan_recut(self, trainer: pl.Trainer) -> None:
-        self._recut_at, self._batches_begun = None, 0
-        fitting = trainer.state.fn == TrainerFn.FITTING
-        if self.rebalance_after_steps is None or self.topology.num_stages == 1 or not fitting:
-            return
-        assert self._run is not None
-        try:
-            check_rebalancing_setup(torch.are_deterministic_algorithms_enabled(), self._run.keep_stage)
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from None
-        windows = -(-self.rebalance_after_steps // trainer.accumulate_grad_batches)  # the drain ends no window early
-        self._recut_at = windows * trainer.accumulate_grad_batches
 
     @property
     def stage(self) -> DDGStage | None:
@@ -453,7 +413,7 @@ class DDGStrategy(ParallelStrategy):
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
         # the handler Lightning registers for SIGTERM (and SLURM's requeue signal): the first stage stops the
         # pipeline before its next batch; a run that is not fitting has no such batch and stops at once
-        self._stop.on_signal(signum, self._watchdog)
+        self._stop.on_signal(signum, self._job.watchdog)
         module = self.lightning_module
         if module is not None and module.trainer.state.fn != TrainerFn.FITTING:
             raise SIGTERMException(128 + signum)
@@ -461,7 +421,7 @@ class DDGStrategy(ParallelStrategy):
     def _stop_if_requested(self) -> None:
         # where Lightning would broadcast rank 0's SIGTERM flag before every training batch
         assert self._run is not None and self.lightning_module is not None
-        if signum := self._run.before_batch(self._stop, self._watchdog):
+        if signum := self._run.before_batch(self._stop, self._job.watchdog):
             raise self._stopping(signum)
         if self._batches_begun == self._recut_at:  # rebalancing.py: every stage is before the same batch
             recut_where_measured(self, self.lightning_module.trainer, self._batches_begun, self._stage_options)
@@ -607,25 +567,12 @@ class DDGStrategy(ParallelStrategy):
         if self._stop.stopped_by is not None and isinstance(exception, SIGTERMException):
             self._stop.after_stop()
             return
-        # the other stages would wait forever for this one: the watchdog stops them
-        log.error("rank %d failed: %s: %s", self.global_rank, type(exception).__name__, exception)
-        self._failed = True
-        if self._watchdog is not None:
-            self._watchdog.report(exception)
+        self._job.fail(exception, self.global_rank)  # job.py: the other stages would wait forever for this one
 
     @override
     def teardown(self) -> None:
-        log.info("teardown: rank %d (%s)", self.global_rank, "failed" if self._failed else "closing its channels")
-        end_if_launcher_gone()  # a run that ended as its launcher went still says so, once
-        if self._run is not None:  # a stopped pipeline leaves messages in flight: its channels to the process's exit
-            self._run.close(clean=not self._failed and self._stop.stopped_by is None)
-        if not self._failed:
-            if self._stop.stopped_by is not None and self.partition is not None:
-                dist.barrier()  # every stage has run its on_exception callbacks before any exits
-            if self._watchdog is not None:
-                self._watchdog.stop()
-                run_ended()
-        self._watchdog = None
+        log.info("teardown: rank %d (%s)", self.global_rank, "failed" if self._job.failed else "closing its channels")
+        self._job.leave(self._run, stopped=self._stop.stopped_by is not None, stage_ran=self.partition is not None)
         if self.lightning_module is not None:
             self.lightning_module.__dict__.pop("forward", None)
             trainer = trainer_if_attached(self.lightning_module)

@@ -15,13 +15,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tuple, queue: Any) -> None:
+def _worker(rank: int, world_size: int, init_file: str | None, fn: Callable, args: tuple, queue: Any) -> None:
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        if init_file is not None:
+            dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        dist.barrier()
-        dist.destroy_process_group()
+        if init_file is not None:
+            dist.barrier()
+            dist.destroy_process_group()
         buffer = io.BytesIO()
         torch.save(result, buffer)  # tensors travel as bytes: the process may exit before they are read
         queue.put((rank, True, buffer.getvalue()))
@@ -29,8 +31,9 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tupl
         queue.put((rank, False, traceback.format_exc()))
 
 
-def run_processes(fn: Callable, world_size: int, *args: Any, timeout: float = 120) -> list[Any]:
-    """Call ``fn(rank, world_size, *args)`` in ``world_size`` processes; return their results by rank.
+def run_processes(fn: Callable, world_size: int, *args: Any, timeout: float = 120, group: bool = True) -> list[Any]:
+    """Call ``fn(rank, world_size, *args)`` in ``world_size`` processes; return their results by rank. ``group``:
+    the processes are joined by a gloo process group before ``fn`` runs (else ``fn`` makes its own).
 
     Every process is killed after ``timeout`` seconds, so a hanging pipeline fails the test instead of CI.
     """
@@ -39,7 +42,7 @@ def run_processes(fn: Callable, world_size: int, *args: Any, timeout: float = 12
     ctx = mp.get_context("forkserver")
     queue = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
+        init_file = os.path.join(tmp, "init") if group else None
         procs = [
             ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, queue), daemon=True)
             for r in range(world_size)
