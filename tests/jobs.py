@@ -6,8 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -57,35 +58,74 @@ def run_job(*command: str, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def run_ahead(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    runs: dict[str, Callable[..., Any]],
-    at_once: int = 2,
-) -> dict[str, Any]:
-    """For every test of this module selected to run whose name is a key of ``runs``: ``runs[name](tmp_path,
-    **its parameters)``, ``at_once`` at a time, before the first of these tests runs; their results (or what they
-    raised) by test node id, for :func:`result_of`.
+class JobsAhead:
+    """The jobs of the selected tests whose modules name them in a ``JOBS`` dict (test name to
+    ``run(tmp_path, **the test's parameters)``), run ahead of those tests on the cores the running test leaves free.
 
     A job spends most of its life in one process at a time (the launching process imports, then each rank it
-    starts, then they wait for each other), so two jobs at once keep two cores busy where one job leaves one idle.
-    The checks stay in the tests, each on its own job's result."""
-    items = [i for i in request.session.items if i.module is request.module and i.originalname in runs]
+    starts, then they wait for each other), and a test that runs in the test process keeps about one core busy: so
+    the jobs start in the order their tests will run, while the test that runs counts for one core, or for none
+    when it only waits for its job, or for every core when it asks for them (``@pytest.mark.cores(2)``). The checks
+    stay in the tests, each on its own job's result (:func:`result_of`)."""
 
-    def run(item: pytest.Item) -> Any:
-        params = item.callspec.params if hasattr(item, "callspec") else {}
+    def __init__(self, cores: int = 2) -> None:
+        self.cores = cores
+        self._state = threading.Condition()
+        self._running = 0  # jobs started and not finished
+        self._foreground = 1  # cores the running test counts for
+        self._pool = ThreadPoolExecutor(cores)
+        self._results: dict[str, Future] = {}
+        self._closed = False
+
+    def submit(self, nodeid: str, run: Callable[[], Any]) -> None:
+        self._results[nodeid] = self._pool.submit(self._run, run)
+
+    def _run(self, run: Callable[[], Any]) -> Any:
+        with self._state:
+            self._state.wait_for(lambda: self._closed or self._running + self._foreground < self.cores)
+            if self._closed:  # the session ended before this job's test ran
+                return None
+            self._running += 1
         try:
-            return runs[item.originalname](tmp_path_factory.mktemp(item.originalname[:40]), **params)
+            return run()
         except BaseException as error:  # noqa: BLE001 - raised again in the test it belongs to
             return error
+        finally:
+            with self._state:
+                self._running -= 1
+                self._state.notify_all()
 
-    with ThreadPoolExecutor(at_once) as pool:
-        return dict(zip([i.nodeid for i in items], pool.map(run, items), strict=True))
+    def foreground(self, cores: int) -> None:
+        """The test about to run counts for ``cores``; with every core, it waits until the running jobs are done."""
+        with self._state:
+            self._foreground = cores
+            self._state.notify_all()
+            if cores >= self.cores:
+                self._state.wait_for(lambda: self._running == 0)
+
+    def result(self, nodeid: str) -> Any:
+        return self._results[nodeid].result()
+
+    def close(self) -> None:
+        """At the end of the session: no more jobs start; those running finish (each within its own timeout)."""
+        with self._state:
+            self._closed = True
+            self._state.notify_all()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def result_of(results: dict[str, Any], request: pytest.FixtureRequest) -> Any:
-    """This test's result from :func:`run_ahead`, or what its run raised (a failed check, a timeout), raised here."""
-    result = results[request.node.nodeid]
+def run_later(
+    run: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory, item: pytest.Item
+) -> Callable[[], Any]:
+    """``run(a fresh tmp_path, **item's parameters)``, to call later."""
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    return lambda: run(tmp_path_factory.mktemp(item.originalname[:40]), **params)
+
+
+def result_of(jobs: JobsAhead, request: pytest.FixtureRequest) -> Any:
+    """This test's job's result (:class:`JobsAhead`), or what its run raised (a failed check, a timeout), raised
+    here."""
+    result = jobs.result(request.node.nodeid)
     if isinstance(result, BaseException):
         raise result
     return result

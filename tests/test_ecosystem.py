@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.jobs import result_of, run_ahead, run_job
+from tests.jobs import result_of, run_job
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
@@ -21,17 +21,7 @@ JOB_TIMEOUT_S = 540  # within pytest's limit, so that a job too slow fails with 
 IMBALANCE = 1.25  # the plan's slowest stage over the mean, at most
 
 
-@pytest.fixture(scope="module")
-def jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Every selected test's job, two at a time (``tests/jobs.py``); each test checks its own."""
-    runs = {
-        "test_every_model_of_the_ecosystem_trains_balanced_with_no_options": _fit_the_zoo,
-        "test_the_fits_own_timed_plans_are_balanced": lambda tmp_path, devices: _fit_the_zoo(tmp_path, devices, True),
-    }
-    return run_ahead(request, tmp_path_factory, runs)
-
-
-@pytest.mark.timeout(2 * JOB_TIMEOUT_S)  # the two jobs run before the first test
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S)  # the test waits for its job (tests/jobs.py)
 @pytest.mark.parametrize("devices", [2, 3])
 def test_every_model_of_the_ecosystem_trains_balanced_with_no_options(jobs, request, devices: int) -> None:
     # under Trainer(deterministic=True) the fit's own plan balances by FLOPs, which the load of the machine does not
@@ -68,3 +58,9 @@ def _fit_the_zoo(tmp_path: Path, devices: int, timed: bool = False) -> dict[str,
     # nn.Transformer with masks is cut between its layers
     assert all(".layers." in p for p in reports["lightning_demo_transformer"]["split_points"])
     return reports
+
+
+JOBS = {  # each test's job, run ahead (tests/jobs.py); each test checks its own
+    "test_every_model_of_the_ecosystem_trains_balanced_with_no_options": _fit_the_zoo,
+    "test_the_fits_own_timed_plans_are_balanced": lambda tmp_path, devices: _fit_the_zoo(tmp_path, devices, True),
+}

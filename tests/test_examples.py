@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs import REPO, result_of, run_ahead, run_job
+from tests.jobs import REPO, result_of, run_job
 
 EXAMPLE = REPO / "examples" / "digits_cnn.py"
 TIMEOUT_S = 300
@@ -36,17 +36,6 @@ def _causal_lm(tmp_path: Path) -> subprocess.CompletedProcess:
     pytest.importorskip("transformers")  # skips the test that reads this run
     script = REPO / "examples" / "causal_lm.py"
     return _run(str(script), "--layers", "2", "--max-steps", "4", "--block", "32", "--devices", "2")
-
-
-@pytest.fixture(scope="module")
-def jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """Every selected example's run, two at a time (``tests/jobs.py``); each test checks its own."""
-    runs = {
-        "test_digits_cnn_trains": _digits,
-        "test_lightning_cli_takes_the_strategy_name": _cli,
-        "test_causal_lm_fine_tunes_offline": _causal_lm,
-    }
-    return run_ahead(request, tmp_path_factory, runs)
 
 
 @pytest.mark.timeout(3 * TIMEOUT_S)
@@ -100,3 +89,10 @@ def test_causal_lm_fine_tunes_offline(jobs, request) -> None:
     match = re.match(r"^final train_loss=(\d+\.\d+)$", last)
     assert match, f"the last line printed is {last!r}"
     assert float(match.group(1)) < 6.0  # ln(256) = 5.5 at the start: finite, and not diverging
+
+
+JOBS = {  # each test's job, run ahead (tests/jobs.py); each test checks its own
+    "test_digits_cnn_trains": _digits,
+    "test_lightning_cli_takes_the_strategy_name": _cli,
+    "test_causal_lm_fine_tunes_offline": _causal_lm,
+}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs import REPO, finish_job, result_of, run_ahead, start_job
+from tests.jobs import REPO, finish_job, result_of, start_job
 from tests.preloaded import PreloadedJob, Preloader
 
 FAILING_JOB = REPO / "tests" / "reliability_job.py"
@@ -24,8 +24,8 @@ LIMIT_S = 30  # from a failure until every process of the job has gone
 # from a stage's SIGKILL until every process has gone, when the launching process sees it (less than the 10 s a
 # missing heartbeat takes to be noticed)
 STAGE_KILLED_S = 10
-JOB_TIMEOUT_S = 240  # two jobs share the cores (run_ahead)
-AHEAD_TIMEOUT_S = 8 * JOB_TIMEOUT_S  # the first test that reads the jobs run ahead waits for all of them, two at a time
+JOB_TIMEOUT_S = 240  # a job shares the cores with another (tests/jobs.py)
+AHEAD_TIMEOUT_S = 8 * JOB_TIMEOUT_S  # a test waits for its job, which may start after the module's others
 
 
 @dataclass
@@ -41,7 +41,7 @@ _preloader: Preloader | None = None  # starts this module's failing jobs: their 
 _preloading = threading.Lock()
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True, scope="session")  # when every job run ahead is done
 def _end_preloader():
     global _preloader
     yield
@@ -111,29 +111,6 @@ def _assert_failed_once(job: Job, error: str, stage: str | None, devices: int, s
     assert stopping == devices - 1 or (spawn and stopping < devices), report
     if job.failed_at is not None:
         assert job.gone_at - job.failed_at < LIMIT_S, report
-
-
-@pytest.fixture(scope="module")
-def jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """The jobs of this module's tests that run one job each, two at a time (``tests/jobs.py``)."""
-    runs = {
-        "test_a_failure_ends_every_process_and_shows_its_error_once": lambda tmp, args, **_: run_failing_job(
-            tmp, *args
-        ),
-        "test_a_stage_killed_with_sigkill_ends_the_job": lambda tmp: run_failing_job(
-            tmp, "--devices", "3", "--fail", "kill", "--rank", "1"
-        ),
-        "test_seeded_runs_give_bitwise_identical_weights": lambda tmp, devices: _seeded_digests(devices),
-        "test_a_script_fits_and_tests_again_after_a_fit": lambda tmp: _repeat(devices=2, runs=3),
-        "test_a_job_killed_while_it_saves_keeps_the_last_complete_checkpoint": _killed_while_saving,
-        "test_a_rank_that_does_not_arrive_is_named_when_the_rendezvous_times_out": lambda tmp: run_failing_job(
-            tmp, "--devices", "2", "--hold", "rendezvous", "--rank", "1", "--rendezvous-timeout", "3"
-        ),
-        "test_a_fit_after_a_launched_rank_died_raises_at_once": lambda tmp: run_failing_job(
-            tmp, "--devices", "2", "--fail", "kill-between-fits", "--rank", "1", "--fits", "2", "--max-steps", "4"
-        ),
-    }
-    return run_ahead(request, tmp_path_factory, runs)
 
 
 @pytest.mark.timeout(AHEAD_TIMEOUT_S)
@@ -472,6 +449,7 @@ def _run_cells(tmp_path: Path, cells: list[Cell], at_once: int = 2) -> None:
     assert not failed, f"{len(failed)} of {len(cells)} cells failed:\n\n" + "\n\n".join(failed)
 
 
+@pytest.mark.cores(2)  # two cells at a time, each timed from its signal: no job beside them
 @pytest.mark.timeout(900)
 def test_a_job_stopped_in_any_phase_leaves_nothing_and_says_why_once(tmp_path: Path) -> None:
     """The default cells (each phase, each launch mode with each stop): every process gone within 30 s of the
@@ -481,6 +459,7 @@ def test_a_job_stopped_in_any_phase_leaves_nothing_and_says_why_once(tmp_path: P
 
 
 @pytest.mark.slow
+@pytest.mark.cores(2)
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("phase", PHASES)
 def test_the_covering_cells_of_a_phase(tmp_path: Path, phase: str) -> None:
@@ -489,6 +468,7 @@ def test_the_covering_cells_of_a_phase(tmp_path: Path, phase: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.cores(2)
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("mode", MODES)
@@ -558,3 +538,20 @@ def test_a_rank_that_does_not_arrive_is_named_when_the_rendezvous_times_out(jobs
     report = f"exit code {job.returncode}\n{job.output[-6000:]}"
     assert job.returncode != 0, report
     assert "RendezvousTimeout: stage 0 (rank 1) did not arrive at the rendezvous within 3 s" in job.output, report
+
+
+JOBS = {  # each test's job, run ahead (tests/jobs.py); each test checks its own
+    "test_a_failure_ends_every_process_and_shows_its_error_once": lambda tmp, args, **_: run_failing_job(tmp, *args),
+    "test_a_stage_killed_with_sigkill_ends_the_job": lambda tmp: run_failing_job(
+        tmp, "--devices", "3", "--fail", "kill", "--rank", "1"
+    ),
+    "test_seeded_runs_give_bitwise_identical_weights": lambda tmp, devices: _seeded_digests(devices),
+    "test_a_script_fits_and_tests_again_after_a_fit": lambda tmp: _repeat(devices=2, runs=3),
+    "test_a_job_killed_while_it_saves_keeps_the_last_complete_checkpoint": _killed_while_saving,
+    "test_a_rank_that_does_not_arrive_is_named_when_the_rendezvous_times_out": lambda tmp: run_failing_job(
+        tmp, "--devices", "2", "--hold", "rendezvous", "--rank", "1", "--rendezvous-timeout", "3"
+    ),
+    "test_a_fit_after_a_launched_rank_died_raises_at_once": lambda tmp: run_failing_job(
+        tmp, "--devices", "2", "--fail", "kill-between-fits", "--rank", "1", "--fits", "2", "--max-steps", "4"
+    ),
+}

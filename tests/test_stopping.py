@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.jobs import REPO, finish_job, result_of, run_ahead, start_job
+from tests.jobs import REPO, finish_job, result_of, start_job
 from tests.test_reliability import LIMIT_S, _wait_until_gone
 from tests.test_scale_out import _free_port
 
 STOP_JOB = REPO / "tests" / "stop_job.py"
-TIMEOUT_S = 240  # two jobs share the cores (run_ahead)
-AHEAD_TIMEOUT_S = 3 * TIMEOUT_S + 60  # the first test to read the jobs run ahead waits for all, two at a time
+TIMEOUT_S = 240  # a job shares the cores with another (tests/jobs.py)
+AHEAD_TIMEOUT_S = 3 * TIMEOUT_S + 60  # a test waits for its job, which may start after the module's others
 
 
 def _stopped_steps(out: Path, devices: int) -> list[int]:
@@ -97,27 +97,6 @@ def _requeue(tmp_path: Path) -> tuple[str, list[int]]:
     return "\n".join(outputs), [proc.returncode for proc in procs]
 
 
-@pytest.fixture(scope="module")
-def jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """Every selected test's job, two at a time (``tests/jobs.py``); each test checks its own."""
-    runs = {
-        "test_sigterm_to_any_stage_stops_every_stage_after_the_same_step": lambda tmp, strategy, rank, devices: (
-            tmp,
-            *_run(tmp, "--devices", str(devices), "--strategy", strategy, "--rank", str(rank)),
-        ),
-        "test_sigterm_to_one_replica_stops_every_replica_after_the_same_step": lambda tmp: (
-            tmp,
-            *_run(tmp, "--devices", "4", "--num-stages", "2", "--rank", "3"),  # rank 3: stage 0 of replica 1
-        ),
-        "test_sigterm_to_the_launcher_stops_every_stage": lambda tmp, strategy: (
-            tmp,
-            *_stop_the_launcher(tmp, strategy),
-        ),
-        "test_slurm_requeue_signal_saves_the_requeue_checkpoint_on_every_stage": lambda tmp: (tmp, *_requeue(tmp)),
-    }
-    return run_ahead(request, tmp_path_factory, runs)
-
-
 @pytest.mark.timeout(AHEAD_TIMEOUT_S)
 @pytest.mark.parametrize(
     ("strategy", "rank", "devices"),
@@ -157,3 +136,20 @@ def test_slurm_requeue_signal_saves_the_requeue_checkpoint_on_every_stage(jobs, 
     assert all(code == 128 + signal.SIGUSR1 for code in returncodes), output[-6000:]
     step = _check_stopped_alike(out, output, 1, devices=2, name="SIGUSR1")
     _check_checkpoint(out / "hpc_ckpt_1.ckpt", step)
+
+
+JOBS = {  # each test's job, run ahead (tests/jobs.py); each test checks its own
+    "test_sigterm_to_any_stage_stops_every_stage_after_the_same_step": lambda tmp, strategy, rank, devices: (
+        tmp,
+        *_run(tmp, "--devices", str(devices), "--strategy", strategy, "--rank", str(rank)),
+    ),
+    "test_sigterm_to_one_replica_stops_every_replica_after_the_same_step": lambda tmp: (
+        tmp,
+        *_run(tmp, "--devices", "4", "--num-stages", "2", "--rank", "3"),  # rank 3: stage 0 of replica 1
+    ),
+    "test_sigterm_to_the_launcher_stops_every_stage": lambda tmp, strategy: (
+        tmp,
+        *_stop_the_launcher(tmp, strategy),
+    ),
+    "test_slurm_requeue_signal_saves_the_requeue_checkpoint_on_every_stage": lambda tmp: (tmp, *_requeue(tmp)),
+}
