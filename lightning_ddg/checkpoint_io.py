@@ -19,7 +19,9 @@ import contextlib
 import ctypes
 import mmap
 import os
-import warnings
+import struct
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,29 +84,6 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
-# a streamed checkpoint's bytes are written after torch.save wrote the file, which must then carry no checksums:
-# torch.serialization.set_crc32_options, from torch 2.5 on
-CAN_STREAM = hasattr(torch.serialization, "set_crc32_options")
-_told_cannot_stream = False
-
-
-def can_stream() -> bool:
-    """Whether this torch can write a checkpoint whose tensors arrive after the file (:func:`save_streamed`); where
-    it cannot (torch 2.4), says once that rank 0 receives the whole checkpoint instead."""
-    global _told_cannot_stream
-    if not CAN_STREAM and not _told_cannot_stream:
-        _told_cannot_stream = True
-        warnings.warn(
-            f"torch {torch.__version__} cannot save a checkpoint file without checksums, which writing each stage's "
-            "tensors into it as they arrive needs (torch.serialization.set_crc32_options, torch >= 2.5): rank 0 "
-            "receives the whole checkpoint and saves it. Use torch >= 2.5 for checkpoints that no process holds "
-            "whole.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return CAN_STREAM
-
-
 def save_streamed(
     checkpoint: dict[str, Any],
     path: Any,
@@ -119,30 +98,19 @@ def save_streamed(
     ``receive(i, buffer)`` fills ``buffer`` (a flat ``uint8`` tensor: the next piece of item ``i``'s place in the
     file, mapped into memory) with those bytes, and the piece's pages are unmapped once written, so that the
     writer holds one piece's pages at most (the sender sends ``chunks(bytes)`` one message each). Written under a
-    temporary name and renamed, as :class:`AtomicCheckpointIO` does. With a torch that cannot write a file without
-    checksums (2.4, :func:`can_stream`), the tensors are received into their placeholders first and the file is
-    written whole.
+    temporary name and renamed, as :class:`AtomicCheckpointIO` does. Last, the checksums the file keeps of its
+    records are computed from the bytes written (:func:`_correct_checksums`): the file is an ordinary zip archive
+    that any zip tool verifies.
 
     Example::
 
         checkpoint = {"state_dict": {"a": mine, "b": torch.empty(shape_of_b)}}   # b belongs to another process
         save_streamed(checkpoint, "last.ckpt", [("state_dict", "b")], lambda i, buf: dist.recv(buf, src=1))
     """
-    if not can_stream():  # the streamed tensors received first, into their placeholders, then the file written
-        for i, key_path in enumerate(streamed):
-            for piece in chunks(_at(checkpoint, key_path).reshape(-1).view(torch.uint8)):
-                receive(i, piece)
-        with _replacing(path) as temporary:
-            torch.save(checkpoint, temporary)
-        return
-    crc = torch.serialization.get_crc32_options()
     mmap_flags = torch.serialization.get_default_mmap_options()
     with _replacing(path) as temporary:
-        torch.serialization.set_crc32_options(False)  # the bytes are written after the checksum would be
-        try:
+        with _no_checksums():  # they are computed once the bytes are in place
             torch.save(checkpoint, temporary)
-        finally:
-            torch.serialization.set_crc32_options(crc)
         torch.serialization.set_default_mmap_options(mmap.MAP_SHARED)  # writes to the loaded tensors reach the file
         try:
             written = torch.load(temporary, map_location="cpu", mmap=True, weights_only=False)
@@ -156,6 +124,66 @@ def save_streamed(
                 _drop_pages(piece, piece.numel())
             _drop_pages(target, size)  # the pages the pieces' edges shared
         del written
+        _correct_checksums(temporary)
+
+
+@contextlib.contextmanager
+def _no_checksums() -> Iterator[None]:
+    """``torch.save`` without computing checksums, where torch can (2.5 on): a placeholder's would be wasted."""
+    if not hasattr(torch.serialization, "set_crc32_options"):
+        yield
+        return
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(crc)
+
+
+_LOCAL_HEADER, _CENTRAL_HEADER, _DESCRIPTOR = b"PK\x03\x04", b"PK\x01\x02", b"PK\x07\x08"
+
+
+def _correct_checksums(path: Path) -> None:
+    """Write each record's CRC-32 into the zip archive ``torch.save`` wrote at ``path`` (its central directory, and
+    its data descriptor or else its local header), computed from the record's bytes as they are now. Reads the file
+    in pieces of :data:`CHUNK_BYTES`; the records are stored uncompressed, as ``torch.save`` writes them."""
+    with zipfile.ZipFile(path) as archive:
+        records, central = archive.infolist(), archive.start_dir
+    with open(path, "r+b") as f:
+        for record in records:
+            f.seek(record.header_offset)
+            local = f.read(30)
+            if local[:4] != _LOCAL_HEADER or record.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{path}: {record.filename} is not a record torch.save writes")
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            start = record.header_offset + 30 + name_length + extra_length
+            crc = _crc32(f, start, record.compress_size)
+            if record.flag_bits & 0x08:  # a data descriptor follows the data, with or without its signature
+                f.seek(start + record.compress_size)
+                at = start + record.compress_size + (4 if f.read(4) == _DESCRIPTOR else 0)
+            else:
+                at = record.header_offset + 14
+            f.seek(at)
+            f.write(struct.pack("<I", crc))
+            f.seek(central)
+            entry = f.read(46)
+            if entry[:4] != _CENTRAL_HEADER:
+                raise ValueError(f"{path}: the central directory does not list {record.filename} where expected")
+            f.seek(central + 16)
+            f.write(struct.pack("<I", crc))
+            central += 46 + sum(struct.unpack("<HHH", entry[28:34]))
+
+
+def _crc32(f: Any, start: int, size: int) -> int:
+    crc, buffer = 0, bytearray(min(size, CHUNK_BYTES))
+    f.seek(start)
+    while size > 0:
+        n = f.readinto(memoryview(buffer)[: min(size, len(buffer))])
+        if not n:
+            raise OSError(f"{f.name} ends inside a record")
+        crc, size = zlib.crc32(memoryview(buffer)[:n], crc), size - n
+    return crc
 
 
 CHUNK_BYTES = 8 * 2**20
