@@ -149,6 +149,7 @@ def _correct_checksums(path: Path) -> None:
     its data descriptor or else its local header), computed from the record's bytes as they are now. Reads the file
     in pieces of :data:`CHUNK_BYTES`; the records are stored uncompressed, as ``torch.save`` writes them."""
     with zipfile.ZipFile(path) as archive:
+        # start_dir: where the central directory begins, as ZipFile read it (an attribute since Python 2)
         records, central = archive.infolist(), archive.start_dir
     with open(path, "r+b") as f:
         for record in records:

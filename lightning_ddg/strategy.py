@@ -309,8 +309,9 @@ class DDGStrategy(ParallelStrategy):
             module, self.topology, rank, partition=self.partition, world_size=self.world_size, device=device,
             init_rng_states=self._init_rng_states, on_stop=self._stopping, **self._stage_options,
         )  # fmt: skip
+        # rebalancing.py: the training batch before which the stages may be cut anew, if any
         recut = (self.rebalance_after_steps, self.topology.num_stages, trainer, self._run.keep_stage)
-        self._recut_at, self._batches_begun = recut_batch(*recut), 0  # rebalancing.py: the batch to cut anew before
+        self._recut_at, self._batches_begun = recut_batch(*recut), 0
         if self.world_size > 1:
             self._stop.reset()
             replace_per_step_sigterm_broadcast(trainer, self._stop_if_requested)
