@@ -72,20 +72,28 @@ class JobsAhead:
         self.cores = cores
         self._state = threading.Condition()
         self._running = 0  # jobs started and not finished
+        self._started = 0  # jobs started so far: the next to start is the one submitted as number _started
         self._foreground = 1  # cores the running test counts for
         self._pool = ThreadPoolExecutor(cores)
         self._results: dict[str, Future] = {}
         self._closed = False
 
     def submit(self, nodeid: str, run: Callable[[], Any]) -> None:
-        self._results[nodeid] = self._pool.submit(self._run, run)
+        self._results[nodeid] = self._pool.submit(self._run, len(self._results), run)
 
-    def _run(self, run: Callable[[], Any]) -> Any:
+    def _run(self, number: int, run: Callable[[], Any]) -> Any:
+        # in the order submitted: a worker that has just finished a job would otherwise take the next one before the
+        # other worker, which has waited longer with an earlier job, wakes up
+        def may_start() -> bool:
+            return self._started == number and self._running + self._foreground < self.cores
+
         with self._state:
-            self._state.wait_for(lambda: self._closed or self._running + self._foreground < self.cores)
+            self._state.wait_for(lambda: self._closed or may_start())
             if self._closed:  # the session ended before this job's test ran
                 return None
             self._running += 1
+            self._started += 1
+            self._state.notify_all()
         try:
             return run()
         except BaseException as error:  # noqa: BLE001 - raised again in the test it belongs to
