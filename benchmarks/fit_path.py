@@ -13,7 +13,10 @@ script), one thread per process, the same global batch:
 plan) and ``fit ddg rebalanced`` (the same with ``rebalance_after_steps``); every fit reports the cut it trained on
 when it started and when it ended.
 
-The clock runs on global rank 0 from the end of the warm-up steps to the end of the last step.
+The clock runs on global rank 0 from the end of the warm-up steps to the end of the last step. A DDG fit also
+reports the per-stage figures the strategy logged last (``ddg/stage{k}/busy_ms``, ``wait_ms``, ``send_ms``,
+``other_ms``: at the end of the epoch, over the steps since the previous logging), which show what Lightning's loop
+adds to each stage's step (``other``).
 ``benchmarks/peers.py`` calls :func:`fit_rates` in every round, next to the runtime configurations;
 ``python benchmarks/fit_path.py ENGINE CONFIG_JSON OUT_JSON`` runs one fit.
 """
@@ -33,8 +36,9 @@ os.environ["OMP_NUM_THREADS"] = "1"
 ENGINES = ("fit backprop", "fit backprop apart", "fit ddp", "fit ddg")
 
 
-def fit_rates(cfg: dict[str, Any], stages: int, timeout: float) -> dict[str, float]:
-    """Samples/s of each fit of ``ENGINES`` for the peers' configuration ``cfg``, by row name."""
+def fit_rates(cfg: dict[str, Any], stages: int, timeout: float) -> dict[str, dict[str, Any]]:
+    """Each fit of ``ENGINES`` for the peers' configuration ``cfg``, by row name: its ``samples_per_s``, and for
+    the DDG fit its per-stage figures (``stages``, see :func:`stage_figures`)."""
     rates = {}
     with tempfile.TemporaryDirectory() as tmp:
         for engine in ENGINES:
@@ -47,16 +51,30 @@ def fit_rates(cfg: dict[str, Any], stages: int, timeout: float) -> dict[str, flo
                 runs.append(
                     (subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out)
                 )
-            total = 0.0
+            total, figures = 0.0, []
             for process, out in runs:
                 _, stderr = process.communicate(timeout=timeout)
                 if process.returncode != 0 or not os.path.exists(out):
                     raise RuntimeError(f"{engine} failed:\n{stderr[-3000:]}")
-                total += json.load(open(out))["samples_per_s"]
+                result = json.load(open(out))
+                total += result["samples_per_s"]
+                figures += result.get("stages", [])
                 os.remove(out)
             name = {"fit backprop": engine, "fit backprop apart": f"fit backprop ×{stages} apart"}.get(engine)
-            rates[name or f"{engine} ×{stages}"] = total
+            rates[name or f"{engine} ×{stages}"] = {"samples_per_s": total, "stages": figures}
     return rates
+
+
+def stage_figures(metrics: dict[str, Any]) -> list[dict[str, float]]:
+    """The per-stage figures among a trainer's ``callback_metrics``, one dict per stage: the ``busy``, ``wait``,
+    ``send`` and ``other`` milliseconds per step, and each one's share of their sum."""
+    figures = []
+    for k in range(len({key.split("/")[1] for key in metrics if key.startswith("ddg/stage")})):
+        ms = {part: float(metrics[f"ddg/stage{k}/{part}_ms"]) for part in ("busy", "wait", "send", "other")}
+        step = sum(ms.values()) or 1.0
+        shares = {f"{part}_share": value / step for part, value in ms.items()}
+        figures.append({"stage": k} | {f"{part}_ms": value for part, value in ms.items()} | shares)
+    return figures
 
 
 def _fit(engine: str, cfg: dict[str, Any], out: str) -> None:
@@ -114,8 +132,11 @@ def _fit(engine: str, cfg: dict[str, Any], out: str) -> None:
     )
     trainer.fit(Module(), DataLoader(data, batch_size=per_process))
     if trainer.global_rank == 0:
+        result = {"samples_per_s": steps * batch / (clock.end - clock.start), "cuts": clock.cuts}
+        if engine.startswith("fit ddg"):
+            result["stages"] = stage_figures(trainer.callback_metrics)
         with open(out, "w") as f:
-            json.dump({"samples_per_s": steps * batch / (clock.end - clock.start), "cuts": clock.cuts}, f)
+            json.dump(result, f)
 
 
 def _cut(trainer: Any) -> list[str]:

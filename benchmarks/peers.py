@@ -392,9 +392,12 @@ def main() -> None:
             (fits,) = launch(lightning_rank, 1, common, args.timeout)
             for engine, windows in fits["fits"]:
                 runs.append({"name": engine, "processes": 1, "ranks": [{"rank": 0, "windows_s": windows}]})
-            for name, rate in fit_rates(common, args.stages, args.timeout).items():
+            for name, fit in fit_rates(common, args.stages, args.timeout).items():
                 processes = 1 if name == "fit backprop" else args.stages  # the fits apart: K processes, summed
-                runs.append({"name": name, "processes": processes, "ranks": [], "fit_samples_per_s": rate})
+                runs.append(
+                    {"name": name, "processes": processes, "ranks": [], "fit_samples_per_s": fit["samples_per_s"]}
+                    | {"fit_stages": fit["stages"]}
+                )
         for run in runs:
             if "fit_samples_per_s" in run:  # timed inside Trainer.fit (fit_path.py)
                 run["samples_per_s"], run["peak_mib"] = run["fit_samples_per_s"], float("nan")
@@ -473,6 +476,12 @@ def report(result: dict[str, Any]) -> None:
                 f"s{r['stage']} busy {r['busy_share']:.0%} wait {r['wait_share']:.0%} send {r['send_share']:.0%}"
                 for r in sorted(run["ranks"], key=lambda r: r["stage"])
             )
+        elif run.get("fit_stages"):
+            shares = "  ".join(
+                f"s{r['stage']} busy {r['busy_share']:.0%} wait {r['wait_share']:.0%} send {r['send_share']:.0%} "
+                f"other {r['other_share']:.0%}"
+                for r in run["fit_stages"]
+            )
         elif run["processes"] > 1 or run["name"] == "backprop":
             shares = "  ".join(f"r{r['rank']} cpu {r['cpu_share']:.0%}" for r in run["ranks"])
         print(
@@ -537,7 +546,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['balanced_by']}: {' / '.join(f'{share:.0%}' for share in result['stage_cost_shares'])} of the "
         "cost), for DDG and the pipeline schedules alike.\n",
         "| configuration | processes | samples/s | each round | speedup | peak memory (MiB) "
-        "| stage compute / wait / send |",
+        "| stage compute / wait / send (/ other) |",
         "|---|---|---|---|---|---|---|",
     ]
     for run in result["runs"]:
@@ -545,6 +554,11 @@ def markdown(result: dict[str, Any]) -> str:
         if run["name"].startswith("ddg"):
             ranks = sorted(run["ranks"], key=lambda r: r["stage"])
             shares = ", ".join(f"{r['busy_share']:.0%} / {r['wait_share']:.0%} / {r['send_share']:.0%}" for r in ranks)
+        elif run.get("fit_stages"):  # as the strategy logged them, with Lightning's loop as "other"
+            shares = ", ".join(
+                f"{r['busy_share']:.0%} / {r['wait_share']:.0%} / {r['send_share']:.0%} / {r['other_share']:.0%}"
+                for r in run["fit_stages"]
+            )
         peak = "" if run["peak_mib"] != run["peak_mib"] else f"{run['peak_mib']:.0f}"
         lines.append(
             f"| {run['name']} | {run['processes']} | {run['samples_per_s']:.0f} | {_rounds(run)} "
