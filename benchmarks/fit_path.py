@@ -65,11 +65,11 @@ def fit_rates(cfg: dict[str, Any], stages: int, timeout: float) -> dict[str, dic
     return rates
 
 
-def stage_figures(metrics: dict[str, Any]) -> list[dict[str, float]]:
+def stage_figures(metrics: dict[str, Any], stages: int) -> list[dict[str, float]]:
     """The per-stage figures among a trainer's ``callback_metrics``, one dict per stage: the ``busy``, ``wait``,
     ``send`` and ``other`` milliseconds per step, and each one's share of their sum."""
     figures = []
-    for k in range(len({key.split("/")[1] for key in metrics if key.startswith("ddg/stage")})):
+    for k in range(stages):
         ms = {part: float(metrics[f"ddg/stage{k}/{part}_ms"]) for part in ("busy", "wait", "send", "other")}
         step = sum(ms.values()) or 1.0
         shares = {f"{part}_share": value / step for part, value in ms.items()}
@@ -134,7 +134,7 @@ def _fit(engine: str, cfg: dict[str, Any], out: str) -> None:
     if trainer.global_rank == 0:
         result = {"samples_per_s": steps * batch / (clock.end - clock.start), "cuts": clock.cuts}
         if engine.startswith("fit ddg"):
-            result["stages"] = stage_figures(trainer.callback_metrics)
+            result["stages"] = stage_figures(trainer.callback_metrics, stages)
         with open(out, "w") as f:
             json.dump(result, f)
 

@@ -395,8 +395,13 @@ def main() -> None:
             for name, fit in fit_rates(common, args.stages, args.timeout).items():
                 processes = 1 if name == "fit backprop" else args.stages  # the fits apart: K processes, summed
                 runs.append(
-                    {"name": name, "processes": processes, "ranks": [], "fit_samples_per_s": fit["samples_per_s"]}
-                    | {"fit_stages": fit["stages"]}
+                    {
+                        "name": name,
+                        "processes": processes,
+                        "ranks": [],
+                        "fit_samples_per_s": fit["samples_per_s"],
+                        "fit_stages": fit["stages"],
+                    }
                 )
         for run in runs:
             if "fit_samples_per_s" in run:  # timed inside Trainer.fit (fit_path.py)
