@@ -22,6 +22,8 @@ Example, in each of 2 processes (or in one, over :func:`~lightning_ddg.local.loc
 from __future__ import annotations
 
 import inspect
+import re
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import timedelta
@@ -46,6 +48,7 @@ from lightning_ddg.watchdog import Watchdog
 __all__ = ["StageRun"]
 
 Step = Callable[[], object]
+_SCHEDULER_BEFORE_OPTIMIZER = re.escape("Detected call of `lr_scheduler.step()` before `optimizer.step()`")
 
 
 class StageRun:
@@ -90,6 +93,10 @@ class StageRun:
         self.update_due = False  # the last backward completed this stage's accumulation window
         self.finished = False  # finish() ran: the channels are closed
         self.loaders: list[SentBatches | ReceivedBatches] = []  # this run's loaders, reading over links
+        if built.stage.delay > 0:
+            # a stage in warm-up takes no optimizer step while step-interval schedulers advance (docs/semantics.md):
+            # torch's advice against stepping a scheduler first does not apply
+            warnings.filterwarnings("ignore", message=_SCHEDULER_BEFORE_OPTIMIZER)
 
     @classmethod
     def start(

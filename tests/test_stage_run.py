@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from contextlib import nullcontext
 
+import pytest
 import torch
 from torch import nn
 
@@ -53,6 +54,33 @@ def test_stage_runs_train_as_the_reference_and_give_the_module_back() -> None:
     for run, module in zip(runs, modules, strict=True):
         run.close(clean=False)  # a clean close would put the module back together: a collective across processes
         assert "forward" not in module.__dict__ and run.stage is None and run.links is None
+
+
+def test_a_scheduler_stepped_through_the_warm_up_raises_no_warning(recwarn: pytest.WarningsRecorder) -> None:
+    """Step-interval schedulers advance during warm-up, before stage 0's first optimizer step, as the method
+    prescribes (``docs/semantics.md``): torch's warning about stepping a scheduler first is not shown."""
+    model, data = mlp(seed=5), batches(3)
+    points, topology, links = split_points_for(model, 2), Topology(num_stages=2), local_links(2)
+    modules = [copy.deepcopy(model) for _ in range(2)]
+    runs = [
+        StageRun.start(modules[k], topology, topology.rank_of(k), partition=split_module(modules[k], points), links=own)
+        for k, own in enumerate(links)
+    ]
+    optimizers = [torch.optim.SGD(run.stage.parameters, lr=0.1) for run in runs]
+    schedulers = [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1) for optimizer in optimizers]
+    for x, y in data:
+        losses = [
+            run.training_step(nullcontext, lambda m=m, x=x, y=y: LOSS(m(x), y))
+            for run, m in zip(runs, modules, strict=True)
+        ]
+        for run, optimizer in reversed(list(zip(runs, optimizers, strict=True))):
+            if run.backward(losses[-1]):
+                run.update(optimizer.step)
+        for scheduler in schedulers:  # as Lightning steps them, after every batch
+            scheduler.step()
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+    for run in runs:
+        run.close(clean=False)
 
 
 def test_a_one_stage_run_finishes_whole_with_its_own_forward() -> None:
