@@ -37,6 +37,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_ddg._compat import tree_flatten, tree_map
 
+try:
+    import resource
+except ImportError:  # Windows has no resource module
+    resource = None  # type: ignore[assignment]
+
 __all__ = ["BalanceBy", "BALANCE_BY", "solve", "solve_stages", "segment_times", "segment_flops", "run_segments"]
 
 BalanceBy = Literal["time", "flops", "params", "memory"]
@@ -133,7 +138,10 @@ def segment_times(
     that input, as the first stage of a pipeline does not. On the CPU a run counts the CPU time this process
     spent in it where that is less than the wall time: on a machine busy with other work, the wall time of each
     run grows by however long the process waited for a core, which differs from piece to piece, and the CPU time
-    does not."""
+    does not. Where the system reports it, that is the time spent in the process's own code: the kernel's time is
+    mostly page faults, taken anew on each run as the allocator returns the freed activations to the system and
+    asks for them again, a few thousand per run of a layer on large images, as many or none depending on where
+    the heap ended; a stage that runs step after step reuses its memory."""
     on_cpu = device.type == "cpu"
     times = []
     for index, (segment, args) in enumerate(zip(segments, inputs, strict=True)):
@@ -141,16 +149,23 @@ def segment_times(
             best = float("inf")
             for run in range(repeats + 1):
                 _synchronize(device)
-                begin, cpu_begin = time.perf_counter(), time.process_time()
+                begin, cpu_begin = time.perf_counter(), _cpu_time()
                 _forward_backward(segment, args, input_grads=index > 0)
                 _synchronize(device)
                 took = time.perf_counter() - begin
                 if on_cpu:
-                    took = min(took, time.process_time() - cpu_begin)
+                    took = min(took, _cpu_time() - cpu_begin)
                 if run:  # the first run warms caches and allocators up
                     best = min(best, took)
             times.append(best)
     return times
+
+
+def _cpu_time() -> float:
+    """Seconds of CPU time this process has spent in its own code (user time), or in all if that is unknown."""
+    if resource is None:
+        return time.process_time()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
 
 
 def segment_flops(segments: Sequence[nn.Module], inputs: Sequence[Sequence[Any]], device: torch.device) -> list[int]:
