@@ -141,7 +141,8 @@ def segment_times(
     does not. Where the system reports it, that is the time spent in the process's own code: the kernel's time is
     mostly page faults, taken anew on each run as the allocator returns the freed activations to the system and
     asks for them again, a few thousand per run of a layer on large images, as many or none depending on where
-    the heap ended; a stage that runs step after step reuses its memory."""
+    the heap ended; a stage that runs step after step reuses its memory (a tensor larger than the most glibc serves
+    from its heap, 32 MiB, is mapped anew every time, in training too: that cost is left out)."""
     on_cpu = device.type == "cpu"
     times = []
     for index, (segment, args) in enumerate(zip(segments, inputs, strict=True)):
