@@ -18,24 +18,37 @@ from tests.models import batches, mlp, split_points_for
 LOSS = nn.functional.cross_entropy
 
 
-def test_stage_runs_train_as_the_reference_and_give_the_module_back() -> None:
-    model, data = mlp(seed=3), batches(5)
-    points, topology, links = split_points_for(model, 2), Topology(num_stages=2), local_links(2)
-    modules = [copy.deepcopy(model) for _ in range(2)]  # stage k's process holds its own copy
+def _two_stage_runs(model: nn.Module) -> tuple[list[str], list[nn.Module], list[StageRun]]:
+    """The split points, and each stage's copy of ``model`` (as its process would hold) with its run, the two
+    linked by in-memory channels."""
+    points, topology = split_points_for(model, 2), Topology(num_stages=2)
+    modules = [copy.deepcopy(model) for _ in range(2)]
     runs = [
         StageRun.start(modules[k], topology, topology.rank_of(k), partition=split_module(modules[k], points), links=own)
-        for k, own in enumerate(links)
+        for k, own in enumerate(local_links(2))
     ]
+    return points, modules, runs
+
+
+def _train_step(runs: list[StageRun], modules: list[nn.Module], optimizers: list, x, y) -> list[torch.Tensor]:
+    """One training batch through every stage, driven as the strategy's hooks drive it; the stages' losses."""
+    losses = [
+        run.training_step(nullcontext, lambda m=m: LOSS(m(x), y))  # m(x): this stage on batch t
+        for run, m in zip(runs, modules, strict=True)
+    ]
+    for run, optimizer in reversed(list(zip(runs, optimizers, strict=True))):
+        if run.backward(losses[-1]):
+            run.update(optimizer.step)
+    return losses
+
+
+def test_stage_runs_train_as_the_reference_and_give_the_module_back() -> None:
+    model, data = mlp(seed=3), batches(5)
+    points, modules, runs = _two_stage_runs(model)
     optimizers = [torch.optim.SGD(run.stage.parameters, lr=0.1) for run in runs]
     for x, y in data:
-        losses = [
-            run.training_step(nullcontext, lambda m=m, x=x, y=y: LOSS(m(x), y))  # m(x): this stage on batch t
-            for run, m in zip(runs, modules, strict=True)
-        ]
+        losses = _train_step(runs, modules, optimizers, x, y)
         assert losses[0].shape == () and losses[0].item() == 0  # no loss before the last stage
-        for run, optimizer in reversed(list(zip(runs, optimizers, strict=True))):
-            if run.backward(losses[-1]):
-                run.update(optimizer.step)
     for run, optimizer in reversed(list(zip(runs, optimizers, strict=True))):
         run.drain(optimizer.step)
     trained = {n: p for m in modules for n, p in m.named_parameters()}  # each copy holds its own stage's only
@@ -59,23 +72,11 @@ def test_stage_runs_train_as_the_reference_and_give_the_module_back() -> None:
 def test_a_scheduler_stepped_through_the_warm_up_raises_no_warning(recwarn: pytest.WarningsRecorder) -> None:
     """Step-interval schedulers advance during warm-up, before stage 0's first optimizer step, as the method
     prescribes (``docs/semantics.md``): torch's warning about stepping a scheduler first is not shown."""
-    model, data = mlp(seed=5), batches(3)
-    points, topology, links = split_points_for(model, 2), Topology(num_stages=2), local_links(2)
-    modules = [copy.deepcopy(model) for _ in range(2)]
-    runs = [
-        StageRun.start(modules[k], topology, topology.rank_of(k), partition=split_module(modules[k], points), links=own)
-        for k, own in enumerate(links)
-    ]
+    _, modules, runs = _two_stage_runs(mlp(seed=5))
     optimizers = [torch.optim.SGD(run.stage.parameters, lr=0.1) for run in runs]
     schedulers = [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1) for optimizer in optimizers]
-    for x, y in data:
-        losses = [
-            run.training_step(nullcontext, lambda m=m, x=x, y=y: LOSS(m(x), y))
-            for run, m in zip(runs, modules, strict=True)
-        ]
-        for run, optimizer in reversed(list(zip(runs, optimizers, strict=True))):
-            if run.backward(losses[-1]):
-                run.update(optimizer.step)
+    for x, y in batches(3):
+        _train_step(runs, modules, optimizers, x, y)
         for scheduler in schedulers:  # as Lightning steps them, after every batch
             scheduler.step()
     assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
