@@ -298,8 +298,9 @@ def test_a_stage_slower_than_the_others_is_measured_and_named(tmp_path) -> None:
         max_steps=stats.MEASURED_STEPS + 4,
     )
     model = _SlowLastStage()
-    # well above the stages' own time per step even when the job beside this test slows both stages down
-    model.model[-1].seconds = 0.03
+    # well above the stages' own time per step even when the job beside this test slows both stages down (each
+    # stage's step took 55 ms once, on a slow machine, where 30 ms of sleep left the measured imbalance at 1.26)
+    model.model[-1].seconds = 0.1
     trainer.fit(model, loader())
     rows = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()
     column = rows[0].split(",").index("ddg/measured_imbalance")
