@@ -63,13 +63,22 @@ def run_processes(fn: Callable, world_size: int, *args: Any, timeout: float = 12
                 results[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{value}")
-        for p in procs:
+        hung = set()
+        for r, p in enumerate(procs):
             p.join(timeout=5 if not errors else 1)
             if p.is_alive():
+                hung.add(r)
                 p.kill()
                 p.join()
+    # a rank that died (a signal, os._exit) or hung reports nothing itself
+    reported = set(results) | {int(e.split()[1].rstrip(":")) for e in errors}
+    silent = [
+        f"rank {r}: no result, " + ("still running, killed" if r in hung else f"exit code {procs[r].exitcode}")
+        for r in range(world_size)
+        if r not in reported
+    ]
     if errors:
-        raise AssertionError("a process failed:\n" + "\n".join(errors))
-    if len(results) < world_size:
-        raise AssertionError(f"processes timed out or died after {timeout}s; results from ranks {sorted(results)}")
+        raise AssertionError("a process failed:\n" + "\n".join(errors + silent))
+    if silent:
+        raise AssertionError(f"processes timed out ({timeout} s) or died:\n" + "\n".join(silent))
     return [results[r] for r in range(world_size)]
