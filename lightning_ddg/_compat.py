@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
@@ -32,12 +33,14 @@ from lightning.fabric.utilities.distributed import _set_num_threads_if_needed as
 from lightning.fabric.utilities.distributed import _sync_ddp_if_available as sync_ddp_if_available
 from lightning.fabric.utilities.optimizer import _optimizer_to_device as optimizer_to_device
 from lightning.fabric.utilities.optimizer import _optimizers_to_device as optimizers_to_device
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO as WrappingCheckpointIO
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher as MultiProcessingLauncher
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher as SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import (
     _GlobalStateSnapshot as GlobalStateSnapshot,
 )
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -69,6 +72,7 @@ except ImportError:  # older torch
 
 __all__ = [
     "GlobalStateSnapshot",
+    "announce_time_limit",
     "export_swap",
     "MultiProcessingLauncher",
     "SubprocessScriptLauncher",
@@ -97,6 +101,7 @@ __all__ = [
     "should_update_logs",
     "storage_use_count",
     "sync_ddp_if_available",
+    "take_over_step_timer",
     "trainer_if_attached",
     "tree_flatten",
     "tree_map",
@@ -216,6 +221,39 @@ class _BeforeEachBatch(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self.check()
+
+
+def take_over_step_timer(trainer: pl.Trainer) -> Timer | None:
+    """The fit's time limit (``Trainer(max_time=...)``: a ``Timer`` callback that checks after every training
+    batch), its own check switched off, for the strategy to decide on the first stage instead; ``None`` without
+    one, or where it checks once per epoch (a collective per epoch: left as it is).
+
+    Lightning's check broadcasts rank 0's answer to every rank after each batch (``Timer._check_time_remaining``):
+    a collective per step, which would make every stage wait for the last. Reads ``Timer._interval``; if it moves,
+    the timer is left as it is (it still stops every stage after the same batch, with a collective per step, and
+    ``tests/test_per_step.py`` fails) and a warning says so."""
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None), None)
+    if timer is None:
+        return None
+    if not hasattr(timer, "_interval"):
+        _warn_once("Timer._interval", "a fit with max_time waits for its last stage after every batch")
+        return None
+    if timer._interval != "step":
+        return None
+    timer.on_train_batch_end = _no_time_check  # an instance attribute shadows the hook
+    return timer
+
+
+def _no_time_check(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def announce_time_limit(timer: Timer) -> None:
+    """What Lightning's ``Timer`` says when it stops a fit (with ``verbose``, ``Timer._verbose``: said if it
+    moves)."""
+    if getattr(timer, "_verbose", True):
+        elapsed = timedelta(seconds=int(timer.time_elapsed()))
+        rank_zero_info(f"Time limit reached. Elapsed time is {elapsed}. Signaling Trainer to stop.")
 
 
 def replace_signal_handlers(trainer: pl.Trainer, handler: Callable[[int, Any], None]) -> Callable[[int, Any], None]:

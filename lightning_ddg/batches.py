@@ -10,7 +10,9 @@ loader's workers draw random numbers.
 
 The wrappers keep the loader's length and delegate every other attribute to it, so Lightning counts, limits and
 shards batches as before. The stream of batches follows the loop's own fetches, which are the same on every
-stage; the end of an iteration travels as a message of its own, so loaders without a length work too.
+stage; the end of an iteration travels as a message of its own, so loaders without a length work too. The first
+stage can mark a batch as the fit's last (its time limit is reached: :attr:`SentBatches.ends_fit`); every stage
+then calls its ``on_fit_end`` as it fetches that batch, so that all stop after the same one.
 
 Example (``channels`` from :class:`~lightning_ddg.topology.StageLinks`)::
 
@@ -58,11 +60,16 @@ class _Wrapped:
 
 class SentBatches(_Wrapped):
     """The first stage's loader: every batch it yields is also sent on ``channels`` as ``(channel, full)`` pairs:
-    the whole batch where ``full``, its layout alone elsewhere."""
+    the whole batch where ``full``, its layout alone elsewhere. ``on_fit_end`` is called as a batch marked
+    :attr:`ends_fit` is fetched."""
 
-    def __init__(self, loader: Any, channels: list[tuple[Channel, bool]]) -> None:
+    def __init__(
+        self, loader: Any, channels: list[tuple[Channel, bool]], on_fit_end: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(loader)
         self.channels = channels
+        self.on_fit_end = on_fit_end
+        self.ends_fit = False  # the next batch fetched (or the end of the iteration) is the fit's last
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
@@ -70,14 +77,20 @@ class SentBatches(_Wrapped):
             where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
             tensors = [leaves[i] for i in where]
             others = [None if i in where else leaf for i, leaf in enumerate(leaves)]
-            layout = _encode((spec, others, where, _specs(tensors)))
+            layout = self._message((spec, others, where, _specs(tensors)))
             for channel, full in self.channels:
                 # a copy: the training step may change the batch in place while it is being sent
                 channel.send([layout, *(t.detach().clone() for t in tensors)] if full else [layout])
             yield batch
-        end = _encode(_END)
+        end = self._message(_END)
         for channel, _ in self.channels:
             channel.send([end])
+
+    def _message(self, content: Any) -> torch.Tensor:
+        ends_fit, self.ends_fit = self.ends_fit, False
+        if ends_fit and self.on_fit_end is not None:
+            self.on_fit_end()
+        return _encode((ends_fit, content))
 
     def release(self) -> None:
         self.channels = []
@@ -87,7 +100,8 @@ class ReceivedBatches(_Wrapped):
     """Another stage's loader: yields the batches the first stage sends, whole (``full``) or as zero tensors of
     their shapes. The wrapped loader is never iterated. When the first stage stops the pipeline
     (:meth:`DDGStage.stop <lightning_ddg.stage.DDGStage.stop>`), the next batch raises what ``on_stop(signum)``
-    returns, or :class:`~lightning_ddg.comm.PipelineStopped`."""
+    returns, or :class:`~lightning_ddg.comm.PipelineStopped`. ``on_fit_end`` is called as a batch the first stage
+    marked as the fit's last is fetched."""
 
     def __init__(
         self,
@@ -95,11 +109,13 @@ class ReceivedBatches(_Wrapped):
         channel: Channel,
         full: bool,
         on_stop: Callable[[int], BaseException] | None = None,
+        on_fit_end: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(loader)
         self.channel = channel
         self.full = full
         self.on_stop = on_stop
+        self.on_fit_end = on_fit_end
         self._zeros: dict[tuple[torch.dtype, tuple[int, ...]], torch.Tensor] = {}
 
     def __iter__(self) -> Iterator[Any]:
@@ -110,7 +126,9 @@ class ReceivedBatches(_Wrapped):
                 if self.on_stop is None:
                     raise
                 raise self.on_stop(stopped.signum) from None
-            decoded = _decode(layout)
+            ends_fit, decoded = _decode(layout)
+            if ends_fit and self.on_fit_end is not None:
+                self.on_fit_end()
             if decoded == _END:
                 return
             spec, leaves, where, specs = decoded
@@ -147,11 +165,15 @@ def _decode(tensor: torch.Tensor) -> Any:
 
 
 def carried_batches(
-    loader: Any, links: StageLinks, last: bool, on_stop: Callable[[int], BaseException] | None = None
+    loader: Any,
+    links: StageLinks,
+    last: bool,
+    on_stop: Callable[[int], BaseException] | None = None,
+    on_fit_end: Callable[[], None] | None = None,
 ) -> SentBatches | ReceivedBatches:
     """``loader`` as this stage iterates it: the first stage (which has ``links.batch_out``) sends each batch on, the
     others receive it (whole on the ``last`` stage)."""
     if links.batch_out:
-        return SentBatches(loader, links.batch_out)
+        return SentBatches(loader, links.batch_out, on_fit_end)
     assert links.batch_in is not None
-    return ReceivedBatches(loader, links.batch_in, full=last, on_stop=on_stop)
+    return ReceivedBatches(loader, links.batch_in, full=last, on_stop=on_stop, on_fit_end=on_fit_end)

@@ -30,6 +30,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_ddg.batches import ReceivedBatches, SentBatches, carried_batches
@@ -93,6 +94,7 @@ class StageRun:
         self.update_due = False  # the last backward completed this stage's accumulation window
         self.finished = False  # finish() ran: the channels are closed
         self.loaders: list[SentBatches | ReceivedBatches] = []  # this run's loaders, reading over links
+        self.training_batches: SentBatches | ReceivedBatches | None = None  # the training loader among them
         if built.stage.delay > 0:
             # a stage in warm-up takes no optimizer step while step-interval schedulers advance (docs/semantics.md):
             # torch's advice against stepping a scheduler first does not apply
@@ -187,6 +189,22 @@ class StageRun:
         src = self.states.topology.rank_of(0, replica=0)
         return stop.before_batch(self.stage, watchdog, self.replica_group, src, self.device)
 
+    def end_fit_after_next_batch(self, out_of_time: bool) -> None:
+        """Before a training batch, on the first stage: if the fit's time limit is reached (``out_of_time``, as
+        replica 0's first stage sees it), mark the next batch as the fit's last. It carries the news to the later
+        stages, and every stage calls its ``on_fit_end`` as it fetches that batch (:mod:`~lightning_ddg.batches`),
+        so that all stop after it: no collective across stages. With replicas, the first stages agree in a
+        broadcast within their group, which averages their gradients every step anyway."""
+        assert self.stage is not None
+        if not self.stage.is_first or not isinstance(self.training_batches, SentBatches):
+            return
+        if self.replica_group is not None:
+            flag = torch.tensor([int(out_of_time)], device=self.device)
+            dist.broadcast(flag, src=self.states.topology.rank_of(0, replica=0), group=self.replica_group)
+            out_of_time = bool(flag.item())
+        if out_of_time:
+            self.training_batches.ends_fit = True
+
     def check_loss(self, loss: Tensor, step: int) -> None:
         """On the last stage, with ``check_finite``: raise ``FloatingPointError`` for a loss that is not finite."""
         assert self.stage is not None
@@ -218,13 +236,18 @@ class StageRun:
                 self.update(step)
 
     # --- loaders -------------------------------------------------------------------------------------------
-    def carried(self, loader: Any) -> Any:
+    def carried(self, loader: Any, training: bool = False, on_fit_end: Callable[[], None] | None = None) -> Any:
         """``loader`` read once, on the first stage, which carries each batch to the later stages
-        (:mod:`lightning_ddg.batches`); with one stage, ``loader`` itself."""
+        (:mod:`lightning_ddg.batches`); with one stage, ``loader`` itself. ``training``: the training loader, whose
+        batches :meth:`end_fit_after_next_batch` marks; ``on_fit_end`` is called as the marked batch is fetched."""
         if self.links is None or self.stage is None or self.stage.num_stages == 1:
             return loader
-        wrapped = carried_batches(loader, self.links, last=self.stage.is_last, on_stop=self.on_stop)
+        wrapped = carried_batches(
+            loader, self.links, last=self.stage.is_last, on_stop=self.on_stop, on_fit_end=on_fit_end
+        )
         self.loaders.append(wrapped)
+        if training:
+            self.training_batches = wrapped
         return wrapped
 
     # --- a new cut, in the middle of a run -----------------------------------------------------------------
@@ -241,6 +264,7 @@ class StageRun:
             device=self.device, links=self.links, on_stop=self.on_stop, **options,
         )  # fmt: skip
         run.loaders, self.loaders = self.loaders, []
+        run.training_batches, self.training_batches = self.training_batches, None
         self.stage = self.links = None
         return run
 

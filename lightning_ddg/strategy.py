@@ -35,6 +35,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -45,6 +46,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_ddg._compat import (
+    announce_time_limit,
     default_process_group_backend,
     detect_anomaly,
     distributed_is_initialized,
@@ -53,6 +55,7 @@ from lightning_ddg._compat import (
     replace_signal_handlers,
     restore_signal_handlers,
     sync_ddp_if_available,
+    take_over_step_timer,
     trainer_if_attached,
     unwrapped_optimizer,
 )
@@ -196,6 +199,7 @@ class DDGStrategy(ParallelStrategy):
         self.resumed_from: Any = None  # the checkpoint the run resumes from, as the Trainer chose it (launchers.py)
         self._shuffle_seed = 0
         self._stop = JobStop()
+        self._timer: Timer | None = None  # the fit's time limit, decided on the first stage (_stop_if_requested)
         self._init_rng_states: dict[str, Tensor] | None = None  # when configure_model began building on meta
 
     # --- layout ------------------------------------------------------------------------------------------
@@ -316,6 +320,9 @@ class DDGStrategy(ParallelStrategy):
             self._stop.reset()
             replace_per_step_sigterm_broadcast(trainer, self._stop_if_requested)
             self._stop.requeue = replace_signal_handlers(trainer, self._on_stop_signal)
+            # max_time: the batches carry the first stage's decision (without load_once, the Timer's own collective
+            # after every batch stays)
+            self._timer = take_over_step_timer(trainer) if self.load_once and self.topology.num_stages > 1 else None
         scope_metrics(module, self._run.replica_group)
         quiet_epoch_sync_advice(everything=self.topology.num_replicas == 1)
         add_stage_callbacks(trainer)
@@ -386,7 +393,8 @@ class DDGStrategy(ParallelStrategy):
         # prediction writers read the batch indices off the loader's own sampler
         if self._run is None or not self.load_once or (trainer and trainer.state.fn == TrainerFn.PREDICTING):
             return dataloader
-        return self._run.carried(dataloader)  # only the first stage iterates it (batches.py)
+        training = trainer is not None and trainer.training
+        return self._run.carried(dataloader, training, self._out_of_time)  # only the first stage iterates it
 
     # --- the pipelined forward (forward.py, stage_run.py) ------------------------------------------------
     @override
@@ -426,7 +434,16 @@ class DDGStrategy(ParallelStrategy):
             raise self._stopping(signum)
         if self._batches_begun == self._recut_at:  # rebalancing.py: every stage is before the same batch
             recut_where_measured(self, self.lightning_module.trainer, self._batches_begun, self._stage_options)
+        if self._timer is not None:
+            remaining = self._timer.time_remaining()
+            self._run.end_fit_after_next_batch(out_of_time=remaining is not None and remaining <= 0)
         self._batches_begun += 1
+
+    def _out_of_time(self) -> None:
+        # every stage, as it fetches the batch the first stage marked as the fit's last: all stop after that batch
+        assert self.lightning_module is not None and self._timer is not None
+        self.lightning_module.trainer.should_stop = True
+        announce_time_limit(self._timer)
 
     def stopped_elsewhere(self, signum: int) -> None:
         """In a launching process that runs no stage: the stages stopped for ``signum`` and saved what callbacks

@@ -71,3 +71,15 @@ def test_a_metric_can_be_kept_from_synchronising() -> None:
     _compat.disable_metric_sync(metric)
     metric.update(torch.tensor(2.0))
     assert metric._to_sync is False and metric.compute() == 2.0
+
+
+def test_the_timer_of_a_time_limit_is_taken_over_and_an_epoch_timer_left_alone() -> None:
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_time={"hours": 1})
+    timer = _compat.take_over_step_timer(trainer)
+    assert isinstance(timer, pl.callbacks.Timer) and timer.time_remaining() > 0
+    assert vars(timer)["on_train_batch_end"] is _compat._no_time_check  # its check, a broadcast, is off
+    assert timer._verbose is True  # announce_time_limit
+    epochs = pl.callbacks.Timer(duration={"hours": 1}, interval="epoch")
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[epochs])
+    assert _compat.take_over_step_timer(trainer) is None
+    assert _compat.take_over_step_timer(pl.Trainer(logger=False, enable_checkpointing=False)) is None

@@ -73,6 +73,7 @@ def _collectives(tmp_path: Path, steps: int) -> list[dict[str, int]]:
         max_epochs=1,
         logger=L.pytorch.loggers.CSVLogger(tmp_path, name=str(steps)),
         log_every_n_steps=1,  # the stage figures and the loss are logged at every step
+        max_time={"hours": 1},  # Lightning's Timer checks the time after every batch
         enable_progress_bar=True,
         callbacks=[CountCollectives(out), LearningRateMonitor()],
     )

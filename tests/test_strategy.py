@@ -11,11 +11,14 @@ import struct
 import time
 import warnings
 import zipfile
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Timer
 from torch.utils.data import DataLoader
 
 import lightning_ddg
@@ -165,6 +168,32 @@ def test_fit_ending_at_max_steps_drains_the_batches_that_entered() -> None:
     split_points = ["model.2", "model.6"]
     expected = _reference(model, split_points, max_steps=9)  # in the second epoch
     _trainer(DDGStrategy(start_method="forkserver", split_points=split_points), 3, max_steps=9).fit(model, loader())
+    _assert_same(dict(model.state_dict()), expected)
+
+
+class _OutOfTimeAfter(Timer):
+    """A time limit reached once ``batches`` training batches have begun in this process: a clock that the load of
+    the machine does not move."""
+
+    def __init__(self, batches: int) -> None:
+        super().__init__(duration=timedelta(days=1))
+        self.batches, self.begun = batches, 0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.begun += 1
+
+    def time_remaining(self, stage: str = "train") -> float:
+        return 1.0 if self.begun < self.batches else 0.0
+
+
+def test_a_fit_out_of_time_stops_every_stage_after_the_same_batch() -> None:
+    # the first stage finds the time up before batch 7 begins there (in the second epoch) and marks that batch as the
+    # last: every stage trains 8 batches, then the drain, with no collective after each batch (tests/test_per_step.py)
+    model = MLPClassifier(optimizer="adam")
+    split_points = ["model.2", "model.6"]
+    expected = _reference(model, split_points, max_steps=8)
+    strategy = DDGStrategy(start_method="forkserver", split_points=split_points)
+    _trainer(strategy, 3, callbacks=[_OutOfTimeAfter(batches=7)]).fit(model, loader())
     _assert_same(dict(model.state_dict()), expected)
 
 
