@@ -36,7 +36,14 @@ if TYPE_CHECKING:
 
 __all__ = ["ReceivedBatches", "SentBatches", "carried_batches"]
 
-_END = "end"
+_END = "end"  # of an iteration
+_TOGETHER = "together"  # the first stage reached a point every stage reaches after the same batch
+_NOT_TOGETHER = (
+    "the stages did not stop after the same batch: {who}. A hook decided to stop (trainer.should_stop) from what "
+    "one stage alone has, such as the loss on the last stage in on_train_batch_end. Set trainer.should_stop in "
+    "training_step after self(...) (the request then travels up the pipeline, and every stage stops after the same "
+    "later batch), or where every stage decides alike: EarlyStopping after validation, max_steps, max_time."
+)
 
 
 class _Wrapped:
@@ -86,6 +93,13 @@ class SentBatches(_Wrapped):
         for channel, _ in self.channels:
             channel.send([end])
 
+    def mark_together(self) -> None:
+        """The first stage has reached a point (a validation, an epoch's end) that every stage must reach after the
+        same batch: the later stages check that they did (:meth:`ReceivedBatches.check_together`)."""
+        marker = _encode((False, _TOGETHER))
+        for channel, _ in self.channels:
+            channel.send([marker])
+
     def _message(self, content: Any) -> torch.Tensor:
         ends_fit, self.ends_fit = self.ends_fit, False
         if ends_fit and self.on_fit_end is not None:
@@ -131,12 +145,22 @@ class ReceivedBatches(_Wrapped):
                 self.on_fit_end()
             if decoded == _END:
                 return
+            if decoded == _TOGETHER:
+                raise RuntimeError(_NOT_TOGETHER.format(who="the first stage left training, this stage went on"))
             spec, leaves, where, specs = decoded
             if not self.full:
                 tensors = [self._zero(dtype, shape) for dtype, shape in specs]
             for i, tensor in zip(where, tensors, strict=True):
                 leaves[i] = tensor
             yield tree_unflatten(leaves, spec)
+
+    def check_together(self) -> None:
+        """This stage has reached a point (a validation, an epoch's end) that every stage must reach after the same
+        batch: raise unless the first stage reached it there too (:meth:`SentBatches.mark_together`), rather than
+        leave the stages that went on waiting for this one."""
+        _, decoded = _decode(self.channel.recv()[0])
+        if decoded != _TOGETHER:
+            raise RuntimeError(_NOT_TOGETHER.format(who="this stage left training, the first stage went on"))
 
     def release(self) -> None:
         self.channel = None  # type: ignore[assignment]

@@ -2,6 +2,7 @@
 
 - :class:`ShareLastStageMetrics` copies what the last stage logged to every stage, so that monitoring callbacks
   (``EarlyStopping``, ``ModelCheckpoint(monitor=...)``) decide alike everywhere.
+- :class:`StopTogether` makes a stage that left training alone raise, rather than wait for the others forever.
 - :class:`LogStageFigures` logs each stage's throughput, time and memory figures as ``ddg/stage{k}/...``, and
   at the end of training how evenly the stages were loaded (``ddg/measured_imbalance``), with a warning that names
   a stage slower than the plan allows.
@@ -15,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
@@ -26,7 +28,7 @@ from lightning_ddg.schedule import delay
 from lightning_ddg.stage import DDGStage
 from lightning_ddg.stats import Snapshot, StageCounters, interval_figures, measured_imbalance
 
-__all__ = ["LogStageFigures", "ShareLastStageMetrics", "add_stage_callbacks"]
+__all__ = ["LogStageFigures", "ShareLastStageMetrics", "StopTogether", "add_stage_callbacks"]
 
 
 class ShareLastStageMetrics(Callback):
@@ -54,6 +56,27 @@ class ShareLastStageMetrics(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._share(trainer)
+
+
+class StopTogether(Callback):
+    """At every validation and epoch's end of a fit, before the callbacks that synchronise there: checks that every
+    stage left training after the same batch (:meth:`DDGStrategy.check_stopped_together
+    <lightning_ddg.strategy.DDGStrategy.check_stopped_together>`), so that a stage that stopped alone raises, rather
+    than wait for the others forever."""
+
+    @staticmethod
+    def _check(trainer: pl.Trainer) -> None:
+        check = getattr(trainer.strategy, "check_stopped_together", None)
+        if check is not None and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            check()
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer)
 
 
 class LogStageFigures(Callback):
@@ -186,6 +209,6 @@ def _slow_stage_advice(imbalance: float, per_step_ms: list[float], plan: Plan | 
 
 def add_stage_callbacks(trainer: pl.Trainer) -> None:
     """Give ``trainer`` the strategy's callbacks, unless it has them: first, ahead of the monitoring callbacks."""
-    for callback in (LogStageFigures, ShareLastStageMetrics):
+    for callback in (LogStageFigures, ShareLastStageMetrics, StopTogether):
         if not any(isinstance(c, callback) for c in trainer.callbacks):
             trainer.callbacks.insert(0, callback())

@@ -272,3 +272,9 @@ ONE_OPTIMIZER = (
     "torch.optim.AdamW([{'params': a, 'lr': 1e-3}, {'params': b, 'lr': 1e-4}]). Or train with "
     "strategy='ddp' and manual optimization."
 )
+
+SHOULD_STOP_AFTER_FORWARD = (
+    "training_step set trainer.should_stop after self(...), where only the last stage runs it, and with "
+    "DDGStrategy(load_once=False) the stages before it cannot learn to stop after the same batch. Keep the default "
+    "load_once=True, or stop from a hook every stage runs (EarlyStopping, max_steps or max_time)."
+)

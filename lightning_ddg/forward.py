@@ -18,7 +18,7 @@ Example::
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -40,6 +40,7 @@ class PipelinedForward:
         self.signature = signature
         self._training = False
         self._calls = 0
+        self.on_training_call: Callable[[], None] | None = None  # called as a training step calls the forward
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         bound = self.signature.bind(*args, **kwargs)
@@ -51,6 +52,8 @@ class PipelinedForward:
                     "training_step called the model's forward twice. With DDGStrategy each training step sends "
                     "one batch through the pipeline: call `self(...)` once per training_step."
                 )
+            if self.on_training_call is not None:
+                self.on_training_call()
             output = self.stage.forward(*bound.args)
         else:
             output = self.stage.evaluate(*bound.args)

@@ -161,6 +161,9 @@ class DDGStage:
         self._has_grads = False
         self.batches_forwarded = 0
         self.batches_backwarded = 0
+        # the fit was asked to end on a later stage (the last stage's training_step set trainer.should_stop): the
+        # request travels upstream in the headers of the gradients, so that the first stage ends the fit
+        self.end_requested = False
         self.counters = StageCounters()
         self._upstream: list[Snapshot] = []  # the latest snapshots of the stages before this one
         self._activation_bytes = 0  # saved activations of one batch, last measured
@@ -391,6 +394,7 @@ class DDGStage:
         else:
             assert self.links.grad_in is not None
             grad_targets = self._receive(self.links.grad_in)
+            self.end_requested = self.end_requested or bool(self.links.grad_in.note[:1] == [1])
             if self.check_finite:
                 check_finite(grad_targets, *_gradient_blame(self.stage_index, item.batch))
             targets = item.outputs if item.outputs is not None else self._recompute(item)
@@ -467,7 +471,7 @@ class DDGStage:
         for x in inputs:
             g = grads.get(id(x))
             out.append(g if g is not None else torch.zeros_like(x))
-        self._send(self.links.grad_out, out)
+        self._send(self.links.grad_out, out, [1] if self.end_requested else None)
 
     # figures ---------------------------------------------------------------------------------------------
     def snapshots(self) -> list[Snapshot]:

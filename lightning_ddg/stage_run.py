@@ -190,19 +190,21 @@ class StageRun:
         return stop.before_batch(self.stage, watchdog, self.replica_group, src, self.device)
 
     def end_fit_after_next_batch(self, out_of_time: bool) -> None:
-        """Before a training batch, on the first stage: if the fit's time limit is reached (``out_of_time``, as
-        replica 0's first stage sees it), mark the next batch as the fit's last. It carries the news to the later
-        stages, and every stage calls its ``on_fit_end`` as it fetches that batch (:mod:`~lightning_ddg.batches`),
-        so that all stop after it: no collective across stages. With replicas, the first stages agree in a
-        broadcast within their group, which averages their gradients every step anyway."""
+        """Before a training batch, on the first stage: if the fit's time limit is reached (``out_of_time``) or a
+        later stage asked to end the fit (:attr:`DDGStage.end_requested`, carried upstream with the gradients), mark
+        the next batch as the fit's last. It carries the news to the later stages, and every stage calls its
+        ``on_fit_end`` as it fetches that batch (:mod:`~lightning_ddg.batches`), so that all stop after it: no
+        collective across stages. With replicas, the first stages agree (any one's reason ends every replica's
+        fit) in an all-reduce within their group, which averages their gradients every step anyway."""
         assert self.stage is not None
         if not self.stage.is_first or not isinstance(self.training_batches, SentBatches):
             return
+        ends = out_of_time or self.stage.end_requested
         if self.replica_group is not None:
-            flag = torch.tensor([int(out_of_time)], device=self.device)
-            dist.broadcast(flag, src=self.states.topology.rank_of(0, replica=0), group=self.replica_group)
-            out_of_time = bool(flag.item())
-        if out_of_time:
+            flag = torch.tensor([int(ends)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.replica_group)
+            ends = bool(flag.item())
+        if ends:
             self.training_batches.ends_fit = True
 
     def check_loss(self, loss: Tensor, step: int) -> None:
@@ -226,6 +228,15 @@ class StageRun:
         self.update_due = False
         self.stage.install_gradients()
         step()
+
+    def check_together(self) -> None:
+        """At a point of a fit that every stage must reach after the same training batch (a validation, an epoch's
+        end), before any collective there: the first stage says so to the later ones, which raise unless they are
+        there too (:mod:`~lightning_ddg.batches`); nothing to check without carried batches."""
+        if isinstance(self.training_batches, SentBatches):
+            self.training_batches.mark_together()
+        elif self.training_batches is not None:
+            self.training_batches.check_together()
 
     def drain(self, step: Step | None) -> None:
         """Backward every batch still in flight, with an :meth:`update` when a window completes (none without

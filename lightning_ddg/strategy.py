@@ -40,7 +40,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from typing_extensions import override
@@ -64,6 +64,7 @@ from lightning_ddg.callbacks import add_stage_callbacks
 from lightning_ddg.checkpoint_io import atomic, load_mapped, writes_local_torch_files
 from lightning_ddg.checks import (
     ONE_OPTIMIZER,
+    SHOULD_STOP_AFTER_FORWARD,
     check_automatic_optimization,
     check_no_loss_scaling,
     check_options,
@@ -199,6 +200,8 @@ class DDGStrategy(ParallelStrategy):
         self.resumed_from: Any = None  # the checkpoint the run resumes from, as the Trainer chose it (launchers.py)
         self._shuffle_seed = 0
         self._stop = JobStop()
+        self._ends_in_band = False  # the first stage marks the batch a fit ends after (time limit, should_stop)
+        self._together_at: int | None = None  # the training batches begun when the stages last checked together
         self._timer: Timer | None = None  # the fit's time limit, decided on the first stage (_stop_if_requested)
         self._init_rng_states: dict[str, Tensor] | None = None  # when configure_model began building on meta
 
@@ -315,14 +318,15 @@ class DDGStrategy(ParallelStrategy):
         )  # fmt: skip
         # rebalancing.py: the training batch before which the stages may be cut anew, if any
         recut = (self.rebalance_after_steps, self.topology.num_stages, trainer, self._run.keep_stage)
-        self._recut_at, self._batches_begun = recut_batch(*recut), 0
+        self._recut_at, self._batches_begun, self._together_at = recut_batch(*recut), 0, None
         if self.world_size > 1:
             self._stop.reset()
             replace_per_step_sigterm_broadcast(trainer, self._stop_if_requested)
             self._stop.requeue = replace_signal_handlers(trainer, self._on_stop_signal)
-            # max_time: the batches carry the first stage's decision (without load_once, the Timer's own collective
-            # after every batch stays)
-            self._timer = take_over_step_timer(trainer) if self.load_once and self.topology.num_stages > 1 else None
+            # max_time, and should_stop set on the last stage: the batches carry the first stage's decision (without
+            # load_once, the Timer's own collective after every batch stays)
+            self._ends_in_band = self.load_once and self.topology.num_stages > 1
+            self._timer = take_over_step_timer(trainer) if self._ends_in_band else None
         scope_metrics(module, self._run.replica_group)
         quiet_epoch_sync_advice(everything=self.topology.num_replicas == 1)
         add_stage_callbacks(trainer)
@@ -377,6 +381,8 @@ class DDGStrategy(ParallelStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is not None and trainer.training:
             check_train_loader(dataloader)
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING and not trainer.training:
+            self.check_stopped_together()  # a validation's loader, set up before the collective below
         if self.world_size > 1 and distributed_is_initialized():
             # a stage that reads fewer batches than the others would leave them waiting for the missing ones
             stage = trainer.state.stage.dataloader_prefix if trainer is not None and trainer.state.stage else None
@@ -394,14 +400,37 @@ class DDGStrategy(ParallelStrategy):
         if self._run is None or not self.load_once or (trainer and trainer.state.fn == TrainerFn.PREDICTING):
             return dataloader
         training = trainer is not None and trainer.training
-        return self._run.carried(dataloader, training, self._out_of_time)  # only the first stage iterates it
+        return self._run.carried(dataloader, training, self._fit_ends)  # only the first stage iterates it
 
     # --- the pipelined forward (forward.py, stage_run.py) ------------------------------------------------
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        assert self.lightning_module is not None and self._run is not None
+        assert self.lightning_module is not None and self._run is not None and self._run.stage is not None
         step, context = self.lightning_module.training_step, self.precision_plugin.train_step_context
-        return self._run.training_step(context, step, *args, **kwargs)
+        if not self._run.stage.is_last or self._run.stage.num_stages == 1:
+            return self._run.training_step(context, step, *args, **kwargs)
+        trainer, at_forward = self.lightning_module.trainer, []
+        self._run.forward.on_training_call = lambda: at_forward.append(trainer.should_stop)
+        output = self._run.training_step(context, step, *args, **kwargs)
+        if trainer.should_stop and at_forward == [False]:
+            self._end_requested_after_forward(trainer)
+        return output
+
+    def _end_requested_after_forward(self, trainer: pl.Trainer) -> None:
+        # training_step set trainer.should_stop after self(x), which only the last stage runs: the stages before it
+        # are batches ahead. The request travels up with the gradients; the first stage then marks the batch it
+        # loads next as the fit's last, and every stage stops after that one (_fit_ends)
+        assert self._run is not None and self._run.stage is not None
+        if not self._ends_in_band:
+            raise MisconfigurationException(SHOULD_STOP_AFTER_FORWARD)
+        trainer.should_stop = False
+        if not self._run.stage.end_requested:
+            self._run.stage.end_requested = True
+            rank_zero_info(
+                "lightning-ddg: trainer.should_stop was set after self(...) in training_step at step "
+                f"{trainer.global_step}; every stage stops after the same later batch, once the request has reached "
+                "the first stage."
+            )
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -434,16 +463,25 @@ class DDGStrategy(ParallelStrategy):
             raise self._stopping(signum)
         if self._batches_begun == self._recut_at:  # rebalancing.py: every stage is before the same batch
             recut_where_measured(self, self.lightning_module.trainer, self._batches_begun, self._stage_options)
-        if self._timer is not None:
-            remaining = self._timer.time_remaining()
+        if self._ends_in_band:
+            remaining = self._timer.time_remaining() if self._timer is not None else None
             self._run.end_fit_after_next_batch(out_of_time=remaining is not None and remaining <= 0)
         self._batches_begun += 1
 
-    def _out_of_time(self) -> None:
+    def check_stopped_together(self) -> None:
+        """At a validation or an epoch's end of a fit, before its collectives: raise unless every stage left
+        training after the same batch (a stage that stopped alone would wait there for the others forever); once
+        per point (StopTogether, process_dataloader)."""
+        if self._run is not None and self._run.stage is not None and self._together_at != self._batches_begun:
+            self._together_at = self._batches_begun
+            self._run.check_together()
+
+    def _fit_ends(self) -> None:
         # every stage, as it fetches the batch the first stage marked as the fit's last: all stop after that batch
-        assert self.lightning_module is not None and self._timer is not None
+        assert self.lightning_module is not None and self._run is not None and self._run.stage is not None
         self.lightning_module.trainer.should_stop = True
-        announce_time_limit(self._timer)
+        if self._timer is not None and not self._run.stage.end_requested:
+            announce_time_limit(self._timer)
 
     def stopped_elsewhere(self, signum: int) -> None:
         """In a launching process that runs no stage: the stages stopped for ``signum`` and saved what callbacks

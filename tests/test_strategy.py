@@ -19,6 +19,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from torch.utils.data import DataLoader
 
 import lightning_ddg
@@ -195,6 +196,56 @@ def test_a_fit_out_of_time_stops_every_stage_after_the_same_batch() -> None:
     strategy = DDGStrategy(start_method="forkserver", split_points=split_points)
     _trainer(strategy, 3, callbacks=[_OutOfTimeAfter(batches=7)]).fit(model, loader())
     _assert_same(dict(model.state_dict()), expected)
+
+
+class _StopsAfterForward(MLPClassifier):
+    """Sets ``trainer.should_stop`` in ``training_step`` after ``self(x)``, at batch ``at``: on the last stage only."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(optimizer="adam")
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx == self.at:
+            self.trainer.should_stop = True
+        return loss
+
+
+def test_should_stop_set_after_the_forward_stops_every_stage_after_the_same_later_batch() -> None:
+    # set on the last stage at batch 3, the request reaches the first stage with batch 3's gradients two steps later
+    # (after it forwarded batches 4 and 5): it marks batch 6, and every stage trains 7 batches, then drains. Lightning
+    # 2.4 has no hook before a batch is fetched: there the first stage reads the request once batch 6 has been
+    # fetched, and marks batch 7
+    model = _StopsAfterForward(at=3)
+    split_points = ["model.2", "model.6"]
+    batches = 7 if hasattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor") else 8
+    expected = _reference(model, split_points, max_steps=batches)
+    _trainer(DDGStrategy(start_method="forkserver", split_points=split_points), 3).fit(model, loader())
+    _assert_same(dict(model.state_dict()), expected)
+
+
+def test_should_stop_set_after_the_forward_without_load_once_is_refused_with_advice() -> None:
+    strategy = DDGStrategy(start_method="forkserver", load_once=False)
+    with pytest.raises(Exception, match=r"set trainer.should_stop after self\(...\).*Keep the default load_once"):
+        _trainer(strategy, 2).fit(_StopsAfterForward(at=1), loader())
+
+
+class _StopsOnTheLoss(L.Callback):
+    """Stops the fit at batch 3 from the logged loss, which only the last stage has: that stage alone stops."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 3 and "train_loss" in trainer.callback_metrics:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("validation", [False, True], ids=["epoch-end", "validation"])
+def test_a_stage_that_stops_alone_raises_instead_of_waiting_for_the_others(validation: bool) -> None:
+    # the last stage then runs a validation (whose loader is set up first) or the epoch's end, where every stage
+    # should be after the same batch: it finds the first stage went on, and the job ends with the advice
+    trainer = _trainer(DDGStrategy(start_method="forkserver"), 2, callbacks=[_StopsOnTheLoss()])
+    with pytest.raises(Exception, match=r"did not stop after the same batch.*Set trainer.should_stop in training_step"):
+        trainer.fit(MLPClassifier(), loader(n=200), loader() if validation else None)
 
 
 @pytest.mark.parametrize(
