@@ -35,18 +35,16 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_ddg._compat import (
-    announce_time_limit,
     default_process_group_backend,
     detect_anomaly,
     distributed_is_initialized,
@@ -64,7 +62,6 @@ from lightning_ddg.callbacks import add_stage_callbacks
 from lightning_ddg.checkpoint_io import atomic, load_mapped, writes_local_torch_files
 from lightning_ddg.checks import (
     ONE_OPTIMIZER,
-    SHOULD_STOP_AFTER_FORWARD,
     check_automatic_optimization,
     check_no_loss_scaling,
     check_options,
@@ -75,6 +72,7 @@ from lightning_ddg.checks import (
     check_train_loader,
 )
 from lightning_ddg.cutting import cut_module
+from lightning_ddg.ending import FitEnd
 from lightning_ddg.job import JobMember
 from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher
 from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling, shuffle_seed
@@ -200,9 +198,7 @@ class DDGStrategy(ParallelStrategy):
         self.resumed_from: Any = None  # the checkpoint the run resumes from, as the Trainer chose it (launchers.py)
         self._shuffle_seed = 0
         self._stop = JobStop()
-        self._ends_in_band = False  # the first stage marks the batch a fit ends after (time limit, should_stop)
-        self._together_at: int | None = None  # the training batches begun when the stages last checked together
-        self._timer: Timer | None = None  # the fit's time limit, decided on the first stage (_stop_if_requested)
+        self._fit_end = FitEnd()  # a fit one stage decides to end (max_time, should_stop), ended on every stage
         self._init_rng_states: dict[str, Tensor] | None = None  # when configure_model began building on meta
 
     # --- layout ------------------------------------------------------------------------------------------
@@ -318,15 +314,15 @@ class DDGStrategy(ParallelStrategy):
         )  # fmt: skip
         # rebalancing.py: the training batch before which the stages may be cut anew, if any
         recut = (self.rebalance_after_steps, self.topology.num_stages, trainer, self._run.keep_stage)
-        self._recut_at, self._batches_begun, self._together_at = recut_batch(*recut), 0, None
+        self._recut_at, self._batches_begun = recut_batch(*recut), 0
         if self.world_size > 1:
             self._stop.reset()
             replace_per_step_sigterm_broadcast(trainer, self._stop_if_requested)
             self._stop.requeue = replace_signal_handlers(trainer, self._on_stop_signal)
             # max_time, and should_stop set on the last stage: the batches carry the first stage's decision (without
             # load_once, the Timer's own collective after every batch stays)
-            self._ends_in_band = self.load_once and self.topology.num_stages > 1
-            self._timer = take_over_step_timer(trainer) if self._ends_in_band else None
+            in_band = self.load_once and self.topology.num_stages > 1
+            self._fit_end.start(in_band, take_over_step_timer(trainer) if in_band else None)
         scope_metrics(module, self._run.replica_group)
         quiet_epoch_sync_advice(everything=self.topology.num_replicas == 1)
         add_stage_callbacks(trainer)
@@ -400,37 +396,23 @@ class DDGStrategy(ParallelStrategy):
         if self._run is None or not self.load_once or (trainer and trainer.state.fn == TrainerFn.PREDICTING):
             return dataloader
         training = trainer is not None and trainer.training
-        return self._run.carried(dataloader, training, self._fit_ends)  # only the first stage iterates it
+        return self._run.carried(dataloader, training, self._batch_marked)  # only the first stage iterates it
+
+    def _batch_marked(self) -> None:
+        # the first stage marked the batch this stage fetches as the fit's last (ending.py)
+        assert self._run is not None and self.lightning_module is not None
+        self._fit_end.batch_marked(self._run, self.lightning_module.trainer)
 
     # --- the pipelined forward (forward.py, stage_run.py) ------------------------------------------------
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         assert self.lightning_module is not None and self._run is not None and self._run.stage is not None
         step, context = self.lightning_module.training_step, self.precision_plugin.train_step_context
+        run = partial(self._run.training_step, context, step, *args, **kwargs)
         if not self._run.stage.is_last or self._run.stage.num_stages == 1:
-            return self._run.training_step(context, step, *args, **kwargs)
-        trainer, at_forward = self.lightning_module.trainer, []
-        self._run.forward.on_training_call = lambda: at_forward.append(trainer.should_stop)
-        output = self._run.training_step(context, step, *args, **kwargs)
-        if trainer.should_stop and at_forward == [False]:
-            self._end_requested_after_forward(trainer)
-        return output
-
-    def _end_requested_after_forward(self, trainer: pl.Trainer) -> None:
-        # training_step set trainer.should_stop after self(x), which only the last stage runs: the stages before it
-        # are batches ahead. The request travels up with the gradients; the first stage then marks the batch it
-        # loads next as the fit's last, and every stage stops after that one (_fit_ends)
-        assert self._run is not None and self._run.stage is not None
-        if not self._ends_in_band:
-            raise MisconfigurationException(SHOULD_STOP_AFTER_FORWARD)
-        trainer.should_stop = False
-        if not self._run.stage.end_requested:
-            self._run.stage.end_requested = True
-            rank_zero_info(
-                "lightning-ddg: trainer.should_stop was set after self(...) in training_step at step "
-                f"{trainer.global_step}; every stage stops after the same later batch, once the request has reached "
-                "the first stage."
-            )
+            return run()
+        # should_stop set after self(x), on this stage alone: a request to the first stage (ending.py)
+        return self._fit_end.training_step(self._run, self.lightning_module.trainer, run)
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -463,25 +445,14 @@ class DDGStrategy(ParallelStrategy):
             raise self._stopping(signum)
         if self._batches_begun == self._recut_at:  # rebalancing.py: every stage is before the same batch
             recut_where_measured(self, self.lightning_module.trainer, self._batches_begun, self._stage_options)
-        if self._ends_in_band:
-            remaining = self._timer.time_remaining() if self._timer is not None else None
-            self._run.end_fit_after_next_batch(out_of_time=remaining is not None and remaining <= 0)
+        self._fit_end.before_batch(self._run)  # ending.py: a time limit, or a stop requested by the last stage
         self._batches_begun += 1
 
     def check_stopped_together(self) -> None:
         """At a validation or an epoch's end of a fit, before its collectives: raise unless every stage left
-        training after the same batch (a stage that stopped alone would wait there for the others forever); once
-        per point (StopTogether, process_dataloader)."""
-        if self._run is not None and self._run.stage is not None and self._together_at != self._batches_begun:
-            self._together_at = self._batches_begun
-            self._run.check_together()
-
-    def _fit_ends(self) -> None:
-        # every stage, as it fetches the batch the first stage marked as the fit's last: all stop after that batch
-        assert self.lightning_module is not None and self._run is not None and self._run.stage is not None
-        self.lightning_module.trainer.should_stop = True
-        if self._timer is not None and not self._run.stage.end_requested:
-            announce_time_limit(self._timer)
+        training after the same batch (:meth:`FitEnd.check_together <lightning_ddg.ending.FitEnd.check_together>`)."""
+        if self._run is not None and self._run.stage is not None:
+            self._fit_end.check_together(self._run, self._batches_begun)
 
     def stopped_elsewhere(self, signum: int) -> None:
         """In a launching process that runs no stage: the stages stopped for ``signum`` and saved what callbacks
