@@ -11,8 +11,10 @@ loader's workers draw random numbers.
 The wrappers keep the loader's length and delegate every other attribute to it, so Lightning counts, limits and
 shards batches as before. The stream of batches follows the loop's own fetches, which are the same on every
 stage; the end of an iteration travels as a message of its own, so loaders without a length work too. The first
-stage can mark a batch as the fit's last (its time limit is reached: :attr:`SentBatches.ends_fit`); every stage
-then calls its ``on_fit_end`` as it fetches that batch, so that all stop after the same one.
+stage can mark a batch as the fit's last (:attr:`SentBatches.ends_fit`, :mod:`lightning_ddg.ending`); every stage
+then calls its ``on_fit_end`` as it fetches that batch, so that all stop after the same one. At each validation and
+epoch's end of a fit it also sends a mark of its own (:meth:`SentBatches.mark_together`), which the other stages
+check, so that a stage that left training alone raises instead of waiting for the others.
 
 Example (``channels`` from :class:`~lightning_ddg.topology.StageLinks`)::
 
