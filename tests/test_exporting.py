@@ -90,7 +90,7 @@ def test_gradient_checkpointing_in_a_hugging_face_model_matches_the_reference() 
     split = ["model.model.layers.2"]
     pipeline = LockStep(model, split, example_input=batches[0])
     optimizers = [torch.optim.SGD(stage.parameters, lr=0.5) for stage in pipeline.stages]
-    stages = split_module(reference_model, split, example_input=batches[0]).train
+    stages = split_module(reference_model, split, example_input=batches[0], evaluation=False).train
     reference = DDGReference(stages, [torch.optim.SGD(s.parameters(), lr=0.5) for s in stages], lambda out, _: out.loss)
     for batch in batches:
         pipeline.step(batch, lambda out: out.loss, optimizers)
