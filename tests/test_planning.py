@@ -11,7 +11,7 @@ from torch import nn
 
 import lightning_ddg
 from lightning_ddg import plan, split_module
-from lightning_ddg.balance import _cpu_time, run_segments
+from lightning_ddg.balance import _cpu_times, run_segments
 from lightning_ddg.planning import better_cut, rebalanced, replanned
 from tests.zoo_job import ResidualSpan, TransformerClassifier
 
@@ -65,8 +65,8 @@ def test_timing_sees_the_cost_that_parameter_counts_miss() -> None:
 def _busy(ms: float) -> None:
     """Compute for ``ms`` milliseconds of this process's CPU time in its own code (what timing counts on a busy
     machine), reading the clock, a system call, only every few microseconds."""
-    end = _cpu_time() + ms / 1000
-    while _cpu_time() < end:
+    end = _cpu_times()[0] + ms / 1000
+    while _cpu_times()[0] < end:
         for _ in range(200):
             pass
 
