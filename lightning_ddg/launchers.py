@@ -395,6 +395,9 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
         try:
             super()._wrapping_function(process_idx, trainer, function, args, *rest)
             end_if_launcher_gone()  # the run ended as the launching process went: the job still says so, once
+            # this process only exits now: Ctrl-C in the launching process (SIGINT to the stages) has nothing left to
+            # stop here, and a KeyboardInterrupt raised in the interpreter's exit would print a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         except SIGTERMException as stop:
             if getattr(getattr(self._strategy, "_stop", None), "stopped_by", None) is not None:  # after a step
                 self._started[process_idx] = _STOPPED_TOGETHER

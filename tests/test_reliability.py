@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs import REPO, finish_job, result_of, start_job
+from tests.jobs import REPO, finish_job, result_of, run_job, start_job
 from tests.preloaded import PreloadedJob, Preloader
 
 FAILING_JOB = REPO / "tests" / "reliability_job.py"
@@ -540,6 +540,42 @@ def test_a_rank_that_does_not_arrive_is_named_when_the_rendezvous_times_out(jobs
     assert "RendezvousTimeout: stage 0 (rank 1) did not arrive at the rendezvous within 3 s" in job.output, report
 
 
+_INTERRUPTED_AT_EXIT = """
+import atexit, multiprocessing, os, signal, sys, time
+sys.path.insert(0, {repo})  # the script runs from a temporary folder: tests.lightning_models lies in the repository
+import lightning as L
+import lightning_ddg
+from tests.lightning_models import MLPClassifier, cpu_trainer, loader
+
+
+class InterruptAtExit(L.Callback):
+    # in a stage process, once its run has ended: a SIGINT as the interpreter exits, as Ctrl-C in the launching
+    # process sends the stages one, which may arrive then
+    def on_train_end(self, trainer, pl_module):
+        if multiprocessing.current_process().name != "MainProcess":
+            atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))
+
+
+if __name__ == "__main__":
+    trainer = cpu_trainer("ddg_spawn", devices=2, max_steps=4, callbacks=[InterruptAtExit()])
+    trainer.fit(MLPClassifier(), loader())
+"""
+
+
+def _interrupted_at_exit(tmp_path: Path) -> subprocess.CompletedProcess:
+    script = tmp_path / "interrupted_at_exit.py"
+    script.write_text(_INTERRUPTED_AT_EXIT.format(repo=repr(str(REPO))))
+    return run_job(str(script), timeout=240)
+
+
+@pytest.mark.timeout(AHEAD_TIMEOUT_S)
+def test_a_stage_interrupted_once_its_run_has_ended_exits_without_a_traceback(jobs, request) -> None:
+    job = result_of(jobs, request)
+    output = job.stdout + job.stderr
+    assert job.returncode == 0, output[-4000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-4000:]
+
+
 JOBS = {  # each test's job, run ahead (tests/jobs.py); each test checks its own
     "test_a_failure_ends_every_process_and_shows_its_error_once": lambda tmp, args, **_: run_failing_job(tmp, *args),
     "test_a_stage_killed_with_sigkill_ends_the_job": lambda tmp: run_failing_job(
@@ -554,4 +590,5 @@ JOBS = {  # each test's job, run ahead (tests/jobs.py); each test checks its own
     "test_a_fit_after_a_launched_rank_died_raises_at_once": lambda tmp: run_failing_job(
         tmp, "--devices", "2", "--fail", "kill-between-fits", "--rank", "1", "--fits", "2", "--max-steps", "4"
     ),
+    "test_a_stage_interrupted_once_its_run_has_ended_exits_without_a_traceback": _interrupted_at_exit,
 }
