@@ -7,16 +7,17 @@ Two decisions are made on one stage only:
 - ``trainer.should_stop`` set in ``training_step`` **after** ``self(x)``, which runs on the last stage alone: a
   request that travels up the pipeline with the gradients (:attr:`~lightning_ddg.stage.DDGStage.end_requested`).
 
-Either way the first stage marks the batch it loads next as the fit's last
-(:meth:`~lightning_ddg.stage_run.StageRun.end_fit_after_next_batch`); each stage sets ``trainer.should_stop`` as
-it fetches that batch (:meth:`FitEnd.batch_marked`). A decision made elsewhere from what one stage alone has (a
+Either way the first stage decides before a batch (:meth:`~lightning_ddg.stage_run.StageRun.before_batch`) and
+marks the batch it loads next as the fit's last
+(:meth:`~lightning_ddg.stage_run.StageRun.end_fit_after_next_batch`); each stage sets ``trainer.should_stop`` as it
+fetches that batch (:meth:`FitEnd.batch_marked`). A decision made elsewhere from what one stage alone has (a
 callback stopping on the loss) would leave that stage waiting for the others: at every validation and epoch's end
 the stages check that they left training together (:meth:`FitEnd.check_together`), and such a stage raises.
 
 Example, in the strategy's hooks::
 
     fit_end.start(in_band=True, timer=timer)       # setup
-    fit_end.before_batch(run)                       # before every training batch
+    signum, ends = run.before_batch(stop, watchdog, fit_end.out_of_time())  # before every training batch
     output = fit_end.training_step(run, trainer, lambda: run.training_step(...))  # on the last stage
 """
 
@@ -51,11 +52,10 @@ class FitEnd:
     def start(self, in_band: bool, timer: Timer | None) -> None:
         self.in_band, self.timer, self._checked_at = in_band, timer, None
 
-    def before_batch(self, run: StageRun) -> None:
-        """Before every training batch, on every stage (the first stage decides)."""
-        if self.in_band:
-            remaining = self.timer.time_remaining() if self.timer is not None else None
-            run.end_fit_after_next_batch(out_of_time=remaining is not None and remaining <= 0)
+    def out_of_time(self) -> bool:
+        """Before every training batch: whether the fit's time limit is reached (the first stage's decision)."""
+        remaining = self.timer.time_remaining() if self.in_band and self.timer is not None else None
+        return remaining is not None and remaining <= 0
 
     def training_step(self, run: StageRun, trainer: pl.Trainer, step: Callable[[], Any]) -> Any:
         """``step()``, the last stage's training step: ``trainer.should_stop`` set after its ``self(x)`` becomes a

@@ -182,29 +182,36 @@ class StageRun:
         except StageDone:
             return None
 
-    def before_batch(self, stop: JobStop, watchdog: Watchdog | None) -> int:
-        """Before a training batch: the signal the first stage stopped the pipeline for, else 0
-        (:meth:`JobStop.before_batch`, decided by the first stage of replica 0 for every replica)."""
-        assert self.stage is not None
-        src = self.states.topology.rank_of(0, replica=0)
-        return stop.before_batch(self.stage, watchdog, self.replica_group, src, self.device)
+    def before_batch(self, stop: JobStop, watchdog: Watchdog | None, out_of_time: bool = False) -> tuple[int, bool]:
+        """Before a training batch, the first stage decides two things for every stage (``(0, False)`` on the
+        others), with no collective across stages:
 
-    def end_fit_after_next_batch(self, out_of_time: bool) -> None:
-        """Before a training batch, on the first stage: if the fit's time limit is reached (``out_of_time``) or a
-        later stage asked to end the fit (:attr:`DDGStage.end_requested`, carried upstream with the gradients), mark
-        the next batch as the fit's last. It carries the news to the later stages, and every stage calls its
-        ``on_fit_end`` as it fetches that batch (:mod:`~lightning_ddg.batches`), so that all stop after it: no
-        collective across stages. With replicas, the first stages agree (any one's reason ends every replica's
-        fit) in an all-reduce within their group, which averages their gradients every step anyway."""
+        - the signal the job was asked to stop for (:meth:`JobStop.requested`), else 0: it ends the pipeline here,
+          and each later stage sees the end arrive after the same step;
+        - whether the batch it loads next is the fit's last: the fit's time limit is reached (``out_of_time``) or a
+          later stage asked to end the fit (:attr:`DDGStage.end_requested`, carried upstream with the gradients).
+          :meth:`end_fit_after_next_batch` then marks that batch.
+
+        With replicas, the first stages agree on both (any one's reason counts for every replica) in one all-reduce
+        within their group, which averages their gradients every step anyway."""
         assert self.stage is not None
-        if not self.stage.is_first or not isinstance(self.training_batches, SentBatches):
-            return
-        ends = out_of_time or self.stage.end_requested
+        if not self.stage.is_first:
+            return 0, False
+        signum, ends = stop.requested(watchdog), out_of_time or self.stage.end_requested
         if self.replica_group is not None:
-            flag = torch.tensor([int(ends)], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.replica_group)
-            ends = bool(flag.item())
-        if ends:
+            flags = torch.tensor([signum, int(ends)], device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.replica_group)
+            signum, ends = int(flags[0]), bool(flags[1])
+        if signum:
+            self.stage.stop(signum)
+        return signum, ends
+
+    def end_fit_after_next_batch(self) -> None:
+        """On the first stage, as :meth:`before_batch` decided: mark the batch it loads next as the fit's last. The
+        mark carries the news to the later stages, and every stage calls its ``on_fit_end`` as it fetches that batch
+        (:mod:`~lightning_ddg.batches`), so that all stop after it."""
+        assert self.stage is not None
+        if self.stage.is_first and isinstance(self.training_batches, SentBatches):
             self.training_batches.ends_fit = True
 
     def check_loss(self, loss: Tensor, step: int) -> None:

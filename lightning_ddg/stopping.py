@@ -2,8 +2,9 @@
 
 A signal reaches one process; the job must stop after the same step on every stage, with nothing in flight but
 the pipeline's own messages. :class:`JobStop` takes note of the signal (the watchdog carries it to every
-process), lets the first stage of each pipeline decide before its next batch, and remembers what the pipeline
-stopped for. This module is plain Python and torch.distributed.
+process), answers the first stage of each pipeline, which decides before its next batch
+(:meth:`StageRun.before_batch <lightning_ddg.stage_run.StageRun.before_batch>`), and remembers what the pipeline
+stopped for. This module is plain Python.
 
 Example::
 
@@ -20,15 +21,9 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-import torch
-import torch.distributed as dist
+from typing import Any
 
 from lightning_ddg.watchdog import Watchdog
-
-if TYPE_CHECKING:
-    from lightning_ddg.stage import DDGStage
 
 __all__ = ["JobStop"]
 
@@ -49,8 +44,8 @@ class JobStop:
         that does not come through, ends the process at once.
 
         This is all a stop signal's handler does: the first stage ends the pipeline before its next training
-        batch (:meth:`before_batch`), so that all stages stop after the same step with nothing in flight but the
-        pipeline's own messages."""
+        batch (:meth:`StageRun.before_batch <lightning_ddg.stage_run.StageRun.before_batch>`), so that all stages
+        stop after the same step with nothing in flight but the pipeline's own messages."""
         if self.received is not None:
             print(f"lightning-ddg: {signal.Signals(signum).name} again; exiting now.", file=sys.stderr, flush=True)
             os._exit(128 + signum)
@@ -58,40 +53,10 @@ class JobStop:
         if watchdog is not None:
             watchdog.request_stop(signum)
 
-    def requested(
-        self,
-        watchdog: Watchdog | None,
-        group: dist.ProcessGroup | None = None,
-        src: int = 0,
-        device: torch.device | str = "cpu",
-    ) -> int:
-        """The signal the job was asked to stop for, seen here or anywhere in the job, else 0. With ``group`` (the
-        first stages of every replica), rank ``src``'s answer, so that the replicas stop at the same step: a
-        broadcast within the group that averages their gradients every step anyway."""
-        signum = self.received or (watchdog.stop_requested if watchdog is not None else None) or 0
-        if group is not None:
-            flag = torch.tensor([signum], device=device)
-            dist.broadcast(flag, src=src, group=group)
-            signum = int(flag.item())
-        return signum
-
-    def before_batch(
-        self,
-        stage: DDGStage,
-        watchdog: Watchdog | None,
-        group: dist.ProcessGroup | None = None,
-        src: int = 0,
-        device: torch.device | str = "cpu",
-    ) -> int:
-        """Before every training batch: the first stage, whose forward every other stage waits for, checks whether
-        the job was asked to stop (:meth:`requested`). If so it ends the pipeline here and returns the signal; each
-        later stage sees the end arrive (``PipelineStopped``) after the same step. 0 on the other stages."""
-        if not stage.is_first:
-            return 0
-        signum = self.requested(watchdog, group, src, device)
-        if signum:
-            stage.stop(signum)
-        return signum
+    def requested(self, watchdog: Watchdog | None) -> int:
+        """The signal the job was asked to stop for, seen here or anywhere in the job (the watchdog carries it to
+        every process), else 0."""
+        return self.received or (watchdog.stop_requested if watchdog is not None else None) or 0
 
     def after_stop(self) -> None:
         """Every stage stopped after the same step and its ``on_exception`` callbacks ran: a stop for the requeue

@@ -439,13 +439,16 @@ class DDGStrategy(ParallelStrategy):
             raise SIGTERMException(128 + signum)
 
     def _stop_if_requested(self) -> None:
-        # where Lightning would broadcast rank 0's SIGTERM flag before every training batch
+        # where Lightning would broadcast rank 0's SIGTERM flag before every training batch: the first stage decides
+        # whether the job stops now (a signal) and whether the next batch ends the fit (ending.py)
         assert self._run is not None and self.lightning_module is not None
-        if signum := self._run.before_batch(self._stop, self._job.watchdog):
+        signum, ends = self._run.before_batch(self._stop, self._job.watchdog, self._fit_end.out_of_time())
+        if signum:
             raise self._stopping(signum)
         if self._batches_begun == self._recut_at:  # rebalancing.py: every stage is before the same batch
             recut_where_measured(self, self.lightning_module.trainer, self._batches_begun, self._stage_options)
-        self._fit_end.before_batch(self._run)  # ending.py: a time limit, or a stop requested by the last stage
+        if ends:
+            self._run.end_fit_after_next_batch()  # on the stages the recut may have built
         self._batches_begun += 1
 
     def check_stopped_together(self) -> None:

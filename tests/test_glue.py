@@ -13,12 +13,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from lightning_ddg import Topology, build_stage
-from lightning_ddg.comm import PipelineStopped
 from lightning_ddg.example_input import forward_arguments, loading_ms
 from lightning_ddg.forward import PipelinedForward
 from lightning_ddg.launchers import launched_ranks
 from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling
-from lightning_ddg.local import LockStep, local_links
+from lightning_ddg.local import local_links
 from lightning_ddg.rendezvous import needs_rendezvous
 from lightning_ddg.shard import rng_states
 from lightning_ddg.state import StageStates
@@ -99,18 +98,10 @@ def test_the_pipelined_forward_runs_once_per_training_step() -> None:
         pass
 
 
-def test_a_stop_before_a_batch_ends_the_pipeline_on_the_first_stage_and_reaches_the_next() -> None:
-    model = mlp()
-    pipeline = LockStep(model, split_points_for(model, 3))
-    first, middle, _ = pipeline.stages
+def test_the_requeue_signal_saves_the_requeue_checkpoint_once_the_pipeline_stopped() -> None:
     stop, requeued = JobStop(), []
-    assert stop.before_batch(first, None) == 0  # nothing asked
     stop.on_signal(signal.SIGUSR1, None)
-    assert stop.before_batch(middle, None) == 0  # only the first stage, whose forward the others wait for
-    assert stop.before_batch(first, None) == signal.SIGUSR1
-    with pytest.raises(PipelineStopped) as stopped:
-        middle.forward()
-    assert stopped.value.signum == signal.SIGUSR1
+    assert stop.requested(None) == signal.SIGUSR1
     stop.requeue = lambda signum, frame: requeued.append(signum)
     stop.after_stop()
     assert requeued == []  # not stopped yet

@@ -10,10 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -36,9 +39,9 @@ def _union_batches(epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [data[orders[0][i : i + 8] + orders[1][i : i + 8]] for i in range(0, len(orders[0]), 8)]
 
 
-def _reference(model: MLPClassifier, epochs: int) -> tuple[dict, dict, dict]:
-    """One 2-stage pipeline on the union batches: weights and momentum after the last step (before the drain),
-    and weights after the drain."""
+def _reference(model: MLPClassifier, epochs: int, steps: int | None = None) -> tuple[dict, dict, dict]:
+    """One 2-stage pipeline on the union batches (the first ``steps`` of them, if given): weights and momentum after
+    the last step (before the drain), and weights after the drain."""
     model = copy.deepcopy(model)
     stages = split_module(
         model, split_points=balanced_split_points(copy.deepcopy(model), 2, loader().dataset[:8][0])
@@ -48,9 +51,9 @@ def _reference(model: MLPClassifier, epochs: int) -> tuple[dict, dict, dict]:
     if model.hparams.step_lr:
         schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5) for o in optimizers]
     ref = DDGReference(stages, optimizers, torch.nn.functional.cross_entropy, lr_schedulers=schedulers)
-    for epoch in range(epochs):
-        for x, y in _union_batches(epoch):
-            ref.step(x, y)
+    union = [batch for epoch in range(epochs) for batch in _union_batches(epoch)]
+    for x, y in union[:steps]:
+        ref.step(x, y)
     before_drain = copy.deepcopy(dict(model.state_dict()))
     momentum = {
         name: optimizer.state[p]["momentum_buffer"].clone()
@@ -118,6 +121,32 @@ def test_two_stages_times_two_replicas_match_one_pipeline_on_the_union_batch(tmp
     (expected,) = cpu_trainer("auto", 1).validate(plain, loader(), verbose=False)
     for key in ("val_loss", "val_acc"):
         assert float(last_val[columns.index(key)]) == pytest.approx(expected[key], rel=1e-6)
+
+
+class _OutOfTimeOnOneRank(Timer):
+    """A time limit reached on global rank ``rank`` alone, once ``batches`` training batches have begun there."""
+
+    def __init__(self, rank: int, batches: int) -> None:
+        super().__init__(duration=timedelta(days=1))
+        self.rank, self.batches, self.begun, self.here = rank, batches, 0, False
+
+    def on_train_batch_start(self, trainer, *args: Any) -> None:
+        self.begun, self.here = self.begun + 1, trainer.global_rank == self.rank
+
+    def time_remaining(self, stage: str = "train") -> float:
+        return 0.0 if self.here and self.begun >= self.batches else 1.0
+
+
+@pytest.mark.timeout(180)  # replicas that do not agree wait for each other's gradients
+def test_a_time_limit_reached_on_one_replica_stops_every_replica_after_the_same_batch() -> None:
+    # replica 1's first stage finds the time up before its batch 4 (in the second epoch of 3 batches) and marks it as
+    # the last: the first stages agree before each batch, so every process trains 5 batches of the union, then drains
+    model = MLPClassifier(optimizer="sgd", step_lr=True)
+    _, _, expected = _reference(model, epochs=3, steps=5)
+    timer = _OutOfTimeOnOneRank(Topology(num_stages=2, num_replicas=2).rank_of(0, replica=1), batches=4)
+    strategy = DDGStrategy(num_stages=2, balance_by="params", start_method="forkserver")
+    cpu_trainer(strategy, devices=4, max_epochs=3, callbacks=[timer]).fit(model, loader())
+    _assert_same(dict(model.state_dict()), expected)
 
 
 def _free_port() -> int:

@@ -4,6 +4,7 @@ of a pipeline in one thread over in-memory channels, checked against the single-
 from __future__ import annotations
 
 import copy
+import signal
 from contextlib import nullcontext
 
 import pytest
@@ -11,21 +12,23 @@ import torch
 from torch import nn
 
 from lightning_ddg import DDGReference, Topology, split_module
+from lightning_ddg.comm import PipelineStopped
 from lightning_ddg.local import local_links
 from lightning_ddg.stage_run import StageRun
+from lightning_ddg.stopping import JobStop
 from tests.models import batches, mlp, split_points_for
 
 LOSS = nn.functional.cross_entropy
 
 
-def _two_stage_runs(model: nn.Module) -> tuple[list[str], list[nn.Module], list[StageRun]]:
-    """The split points, and each stage's copy of ``model`` (as its process would hold) with its run, the two
+def _stage_runs(model: nn.Module, stages: int = 2) -> tuple[list[str], list[nn.Module], list[StageRun]]:
+    """The split points, and each stage's copy of ``model`` (as its process would hold) with its run, the stages
     linked by in-memory channels."""
-    points, topology = split_points_for(model, 2), Topology(num_stages=2)
-    modules = [copy.deepcopy(model) for _ in range(2)]
+    points, topology = split_points_for(model, stages), Topology(num_stages=stages)
+    modules = [copy.deepcopy(model) for _ in range(stages)]
     runs = [
         StageRun.start(modules[k], topology, topology.rank_of(k), partition=split_module(modules[k], points), links=own)
-        for k, own in enumerate(local_links(2))
+        for k, own in enumerate(local_links(stages))
     ]
     return points, modules, runs
 
@@ -44,7 +47,7 @@ def _train_step(runs: list[StageRun], modules: list[nn.Module], optimizers: list
 
 def test_stage_runs_train_as_the_reference_and_give_the_module_back() -> None:
     model, data = mlp(seed=3), batches(5)
-    points, modules, runs = _two_stage_runs(model)
+    points, modules, runs = _stage_runs(model)
     optimizers = [torch.optim.SGD(run.stage.parameters, lr=0.1) for run in runs]
     for x, y in data:
         losses = _train_step(runs, modules, optimizers, x, y)
@@ -72,7 +75,7 @@ def test_stage_runs_train_as_the_reference_and_give_the_module_back() -> None:
 def test_a_scheduler_stepped_through_the_warm_up_raises_no_warning(recwarn: pytest.WarningsRecorder) -> None:
     """Step-interval schedulers advance during warm-up, before stage 0's first optimizer step, as the method
     prescribes (``docs/semantics.md``): torch's warning about stepping a scheduler first is not shown."""
-    _, modules, runs = _two_stage_runs(mlp(seed=5))
+    _, modules, runs = _stage_runs(mlp(seed=5))
     optimizers = [torch.optim.SGD(run.stage.parameters, lr=0.1) for run in runs]
     schedulers = [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1) for optimizer in optimizers]
     for x, y in batches(3):
@@ -95,3 +98,23 @@ def test_a_one_stage_run_finishes_whole_with_its_own_forward() -> None:
     run.close()  # finishes a run that was not finished
     assert run.finished and "forward" not in model.__dict__
     torch.testing.assert_close(model(x), mlp(seed=4)(x))  # its own forward, on weights that were never stepped
+
+
+def test_the_first_stage_decides_before_a_batch_whether_the_job_stops_and_whether_the_fit_ends() -> None:
+    _, _, runs = _stage_runs(mlp(), stages=3)
+    first, middle, last = runs
+    stop = JobStop()
+    assert first.before_batch(stop, None) == (0, False)  # nothing asked
+    assert first.before_batch(stop, None, out_of_time=True) == (0, True)  # the fit's time limit
+    # only the first stage decides, whose forward every other stage waits for
+    assert middle.before_batch(stop, None, out_of_time=True) == (0, False)
+    last.stage.end_requested = True
+    assert last.before_batch(stop, None) == (0, False)
+    first.stage.end_requested = True  # a later stage's request, arrived with the gradients
+    assert first.before_batch(stop, None) == (0, True)
+    stop.on_signal(signal.SIGUSR1, None)
+    assert middle.before_batch(stop, None) == (0, False)
+    assert first.before_batch(stop, None) == (signal.SIGUSR1, True)  # the pipeline ends here
+    with pytest.raises(PipelineStopped) as stopped:
+        middle.stage.forward()
+    assert stopped.value.signum == signal.SIGUSR1

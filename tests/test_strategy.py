@@ -619,6 +619,38 @@ def test_a_fit_cut_anew_where_the_measured_stage_times_balance_continues_the_met
     _assert_same(dict(model.state_dict()), expected)
 
 
+class _StopsAfterForwardOnTheSlowStage(_SlowLastStage):
+    """Sets ``trainer.should_stop`` after ``self(x)`` in its training step number ``at`` of the fit (from 0)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(step_lr=True)
+        self.at, self.steps = at, 0
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)  # returns on the last stage only
+        if self.steps == self.at:
+            self.trainer.should_stop = True
+        self.steps += 1
+        return loss
+
+
+def test_a_stop_requested_by_the_last_stage_is_kept_when_the_stages_are_cut_anew(tmp_path) -> None:
+    # set at batch 22 on the last of 2 stages, the request reaches the first stage with that batch's gradients before
+    # batch 24, where the stages are cut anew: the first stage marks batch 24, and every stage trains it on the new
+    # cut, then drains. On Lightning 2.4 the first stage decides once batch 24 has been fetched, and marks batch 25
+    after = stats.MEASURED_STEPS + 4
+    batches = after + 1 if hasattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor") else after + 2
+    model = _StopsAfterForwardOnTheSlowStage(at=after - 2)
+    model.model[-1].seconds = 0.04  # far more than the loop's time per step, however loaded the machine
+    initial = copy.deepcopy(model)
+    strategy = DDGStrategy(start_method="forkserver", balance_by="flops", rebalance_after_steps=after)
+    _trainer(strategy, 2, max_epochs=6, callbacks=[_RecordCuts(tmp_path)]).fit(model, loader())
+    first, second = ((tmp_path / "cuts0.txt").read_text().splitlines()[i].split() for i in (0, 1))
+    assert first != second
+    initial.model[-1].slow = False
+    _assert_same(dict(model.state_dict()), _reference_cut_anew(initial, first, second, after, batches))
+
+
 def _reference_cut_anew(
     model: MLPClassifier, first: list[str], second: list[str], at: int, steps: int, accumulate: int = 1
 ) -> dict:
