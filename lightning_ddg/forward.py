@@ -1,8 +1,10 @@
 """The module's ``forward`` replaced by the pipeline, while a training or evaluation step runs.
 
 Inside ``training_step``, ``self(x)`` forwards batch ``t`` through this process's stage; on every stage but the
-last there is no loss, so the rest of the user's step is skipped (:class:`StageDone` ends it). This module is
-plain Python over :class:`~lightning_ddg.stage.DDGStage`.
+last there is no loss, so the rest of the user's step is skipped (:class:`StageDone` ends it), in evaluation steps
+too. Outside a step (a callback that calls the model on every rank, as Lightning's ``ModelSummary`` does with
+``example_input_array``) the call evaluates through the pipeline and returns ``None`` on the stages before the
+last. This module is plain Python over :class:`~lightning_ddg.stage.DDGStage`.
 
 Example::
 
@@ -39,6 +41,7 @@ class PipelinedForward:
         self.stage = stage
         self.signature = signature
         self._training = False
+        self._in_step = False  # a training or evaluation step of the user's runs
         self._calls = 0
         self.on_training_call: Callable[[], None] | None = None  # called as a training step calls the forward
 
@@ -57,20 +60,31 @@ class PipelinedForward:
             output = self.stage.forward(*bound.args)
         else:
             output = self.stage.evaluate(*bound.args)
-        if not self.stage.is_last:
+        if self.stage.is_last:
+            return output
+        if self._in_step:
             raise StageDone
-        return output
+        return None
 
     @contextmanager
     def training_step(self) -> Iterator[None]:
         """Within it, the one forward call of a training step; raises when the step never called forward."""
-        self._training, self._calls = True, 0
+        self._training, self._in_step, self._calls = True, True, 0
         try:
             yield
         finally:
-            self._training = False
+            self._training = self._in_step = False
         if self._calls == 0:
             raise RuntimeError(
                 "training_step never called the model's forward. DDGStrategy pipelines `self(...)`/`self.forward(...)`"
                 ": compute the model output with it inside training_step."
             )
+
+    @contextmanager
+    def evaluation_step(self) -> Iterator[None]:
+        """Within it, a validation, test or prediction step, which ends at the forward on the stages before the last."""
+        self._in_step = True
+        try:
+            yield
+        finally:
+            self._in_step = False

@@ -170,14 +170,13 @@ class StageRun:
             return torch.zeros((), device=self.device)
         return output
 
-    @staticmethod
     def evaluation_step(
-        context: Callable[[], AbstractContextManager], step: Callable[..., Any], *args: Any, **kwargs: Any
+        self, context: Callable[[], AbstractContextManager], step: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> Any:
         """``step(*args, **kwargs)`` in ``context()`` (validation, test, prediction); ``None`` on the stages before
         the last."""
         try:
-            with context():
+            with self.forward.evaluation_step(), context():
                 return step(*args, **kwargs)
         except StageDone:
             return None

@@ -417,17 +417,21 @@ class DDGStrategy(ParallelStrategy):
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         step, context = self.lightning_module.validation_step, self.precision_plugin.val_step_context
-        return StageRun.evaluation_step(context, step, *args, **kwargs)
+        return self._evaluation_step(context, step, *args, **kwargs)
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
         step, context = self.lightning_module.test_step, self.precision_plugin.test_step_context
-        return StageRun.evaluation_step(context, step, *args, **kwargs)
+        return self._evaluation_step(context, step, *args, **kwargs)
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         step, context = self.lightning_module.predict_step, self.precision_plugin.predict_step_context
-        return StageRun.evaluation_step(context, step, *args, **kwargs)
+        return self._evaluation_step(context, step, *args, **kwargs)
+
+    def _evaluation_step(self, context: Callable[[], Any], step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        assert self._run is not None
+        return self._run.evaluation_step(context, step, *args, **kwargs)
 
     # --- stopping when asked (stopping.py) ---------------------------------------------------------------
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
