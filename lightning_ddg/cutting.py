@@ -66,19 +66,25 @@ def cut_module(
     memory: MemoryMode = "stash",
     first_stage_loads: bool = True,
     resumed_from: str | os.PathLike | None = None,
+    earlier: Plan | None = None,
 ) -> tuple[Partition, Plan | None]:
     """``module`` cut into ``num_stages`` stages, and the plan of the cuts (``None`` with one stage). Rank 0 plans
     (:func:`make_plan`: the cuts given, measured, or chosen) and shows the plan; ``broadcast`` gives every rank its
     plan, so that every stage cuts the model at the same places. A collective. ``first_stage_loads``: as for
     :func:`make_plan`. ``resumed_from``: the checkpoint a fit resumes from; where the cuts are left to a plan by
-    time, they are those of :func:`resumed_split_points`, when it has any."""
+    time, they are those of :func:`resumed_split_points`, when it has any. ``earlier``: the plan of an earlier run
+    of the module (a validation or test after its fit), taken again where the cuts are left to a plan and it
+    still fits the module, so that the model is cut alike and not planned anew."""
     points = given_split_points(module, split_points, balance, num_stages)
     chosen = None
     if num_stages > 1:
         made = planned_with = None
         if rank == 0 and points is None and resumed_from is not None and planned_by(balance_by) == "time":
             points = resumed_split_points(resumed_from, num_stages)
-        if rank == 0:
+        if rank == 0 and points is None and earlier is not None and _fits(earlier, module, num_stages):
+            made = earlier
+            rank_zero_info(f"DDG plan: the cut of the last run, at {', '.join(earlier.split_points)}")
+        elif rank == 0:
             made, planned_with = make_plan(
                 trainer,
                 module,
@@ -94,7 +100,7 @@ def cut_module(
         chosen = broadcast(made)
         points = chosen.split_points
         log.info("plan: %d stages cut at %s (by %s)", num_stages, points, chosen.balance_by)
-        if rank == 0:
+        if rank == 0 and made is not earlier:
             # checked once sent: the other ranks build their stages meanwhile (an export each, for a model torch.fx
             # cannot trace); a check that fails ends the job from here, as a failed plan would
             with forward_context():
@@ -105,6 +111,16 @@ def cut_module(
     # the stages are traced in eval mode too, even for a fit without validation_step: a callback may call the
     # model outside training_step
     return split_module(module, points, num_stages, example, opened), chosen
+
+
+def _fits(earlier: Plan, module: pl.LightningModule, num_stages: int) -> bool:
+    """Whether ``earlier`` cut ``module`` as it is now: as many stages, the same split points and parameters."""
+    names = {name for name, _ in module.named_modules()}
+    return (
+        earlier.num_stages == num_stages
+        and all(point in names for point in earlier.split_points)
+        and sum(s.parameters for s in earlier.stages) == sum(p.numel() for p in module.parameters())
+    )
 
 
 def given_split_points(

@@ -137,7 +137,8 @@ class DDGStrategy(ParallelStrategy):
 
     At the start of every fit the plan of the split is printed as a table (with ``enable_model_summary``) and
     logged to the loggers' hyperparameters; a warning names a stage that costs more than 1.25× the mean, and,
-    when training ends, a stage that the pipeline measured that much slower (``ddg/measured_imbalance``).
+    when training ends, a stage that the pipeline measured that much slower (``ddg/measured_imbalance``). A
+    validation, test or prediction after a fit takes that plan again (``plan``).
 
     Example::
 
@@ -299,6 +300,7 @@ class DDGStrategy(ParallelStrategy):
             trainer, module, self.topology.num_stages, self.split_points, self.balance, self.balance_by, rank,
             device, self.broadcast, context, self.memory, self.load_once,
             self.resumed_from if trainer.state.fn == TrainerFn.FITTING else None,
+            earlier=self.plan if trainer.state.fn != TrainerFn.FITTING else None,  # evaluating what it fitted
         )  # fmt: skip
         check_stages_have_parameters(self.partition.train, self.partition.split_points)
         check_tied_clipping(self.partition.tied, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)

@@ -745,6 +745,18 @@ def test_every_stage_reads_the_same_shuffled_batches(tmp_path) -> None:
     assert first == last
 
 
+def test_a_test_after_the_fit_cuts_the_model_where_the_fit_did() -> None:
+    model = MLPClassifier(optimizer="sgd")
+    trainer = _trainer(DDGStrategy(start_method="forkserver"), 2, max_steps=4)
+    trainer.fit(model, loader())
+    fitted = trainer.strategy.plan  # sent back by the stages
+    (piped,) = trainer.test(model, loader(), verbose=False)
+    # the same plan, measured times and all: a plan by time made anew would not measure the same
+    assert trainer.strategy.plan == fitted and fitted.balance_by == "time"
+    (plain,) = _trainer("auto", 1).test(model, loader(), verbose=False)
+    assert piped["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-9)
+
+
 class _SavePredictions(L.pytorch.callbacks.BasePredictionWriter):
     """Spawned processes cannot return predictions to the test: rank 0 saves what predict_step returned."""
 
