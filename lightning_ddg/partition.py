@@ -239,52 +239,6 @@ ENTERED_KEY = "lightning_ddg_entered"  # in a selective trace's ``meta``: module
 
 
 EXPORTED_KEY = "lightning_ddg_exported"  # in a traced module's ``meta``: True when torch.export opened it
-# in a torch.fx trace's ``meta``: the forward's arguments that are Python constants in the example input (None, a
-# flag, a number), by name; a stage after a cut takes them as fixed instead of receiving them
-CONSTANTS_KEY = "lightning_ddg_constants"
-_CONSTANT_TYPES = (type(None), bool, int, float, str)
-
-
-def record_constant_arguments(gm: fx.GraphModule, example_input: tuple | None) -> fx.GraphModule:
-    """Note in ``gm.meta`` the forward's arguments that hold a Python constant in ``example_input`` (positional
-    arguments; the others take their defaults), such as ``attn_mask=None`` or ``is_causal=False``. Only tensors
-    cross between stages, so a later stage that uses one takes it as fixed, and the first stage checks at every
-    call that it still holds that value (:func:`check_constant_argument`). Without an example nothing is noted."""
-    constants: dict[str, Any] = {}
-    if example_input is not None:
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        for i, node in enumerate(placeholders):
-            if str(node.target).startswith("*"):
-                break  # *args, **kwargs: what they hold is not known here
-            if i < len(example_input):
-                value = example_input[i]
-            elif node.args:
-                value = node.args[0]  # its default
-            else:
-                continue
-            if type(value) in _CONSTANT_TYPES:
-                constants[node.name] = value
-    gm.meta[CONSTANTS_KEY] = constants
-    return gm
-
-
-def check_constant_argument(value: Any, expected: Any, name: str) -> None:
-    """In the first stage's graph: raise unless the forward's argument ``name`` holds the constant the later stages
-    were cut with (:func:`record_constant_arguments`)."""
-    if value is expected or (type(value) is type(expected) and value == expected):
-        return
-    raise ValueError(
-        f"forward's argument {name!r} is {_short(value)} in this call, but the model was cut into stages with "
-        f"{expected!r}, its value in the example input: only tensors cross between stages, so the stages after the "
-        f"first take {name!r} as that constant. Give the LightningModule an example_input_array with the arguments "
-        "training_step passes to self(...), or pass them in the batch, so that the cut is made with them."
-    )
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return repr(value) if type(value) in _CONSTANT_TYPES else f"of type {type(value).__name__}"
 
 
 def trace(
@@ -307,8 +261,7 @@ def trace(
             raise
         gm, fx_error = None, err
     if example_input is None or (gm is not None and not any(_has_layers(module, m) for m in gm.meta[WHOLE_KEY])):
-        # traced, or kept whole only modules with no layers of their own to cut between
-        return record_constant_arguments(gm, example_input)
+        return gm  # traced, or kept whole only modules with no layers of their own to cut between
     try:
         with _shadow(module, user_hooks=opened is not None) as copied, _generators_kept():
             exported = export_trace(
@@ -317,7 +270,7 @@ def trace(
     except Exception as err:  # noqa: BLE001 - the fx trace, or its error, stands
         if gm is None:
             raise fx_error from err
-        return record_constant_arguments(gm, example_input)
+        return gm
     _hoist_item_access(exported.graph)
     exported.recompile()
     # modules traced into though not opened: those called more than once, which the export cannot keep whole
@@ -407,7 +360,7 @@ def trace_for_cuts(
         and not gm.meta.get(EXPORTED_KEY)
         and not any(other.startswith(name + ".") for name in missing for other in split_points)
     ):
-        gm = record_constant_arguments(trace(module, train=train, closed=missing), example_input)
+        gm = trace(module, train=train, closed=missing)
     return gm
 
 
@@ -570,21 +523,16 @@ def _stage_graphs(gm: fx.GraphModule, cuts: list[int], root: nn.Module | None = 
     order = {n: i for i, n in enumerate(placeholders + body)}
     bounds = [0, *cuts, len(body)]
 
-    constants = {p: value for p in placeholders if (value := gm.meta.get(CONSTANTS_KEY, {}).get(p.name, p)) is not p}
-
-    def used_after(value: fx.Node, cut: int) -> bool:
-        later = set(body[cut:]) | {output}
-        return any(user in later for user in value.users)
-
     def crossing(cut: int) -> list[fx.Node]:
-        """Values defined before body[cut] and used at or after it, in definition order; constant arguments stay."""
-        defined = [p for p in placeholders if p not in constants] + body[:cut]
-        return [v for v in defined if used_after(v, cut)]
+        """Values defined before body[cut] and used at or after it, in definition order."""
+        later = set(body[cut:]) | {output}
+        defined = placeholders + body[:cut]
+        return [v for v in defined if any(user in later for user in v.users)]
 
     stages = []
     for k in range(len(bounds) - 1):
         new = fx.Graph()
-        env: dict[fx.Node, Any] = dict(constants) if k > 0 else {}
+        env: dict[fx.Node, fx.Node] = {}
         inputs = placeholders if k == 0 else crossing(bounds[k])
         mutated = _mutated_in_place(body[bounds[k] : bounds[k + 1]], gm) if k > 0 else set()
         for v in inputs:
@@ -595,10 +543,6 @@ def _stage_graphs(gm: fx.GraphModule, cuts: list[int], root: nn.Module | None = 
                 # a received value is a leaf of the stage's autograd graph, which may not change in place: the
                 # stage works on a copy, as the rest of the model would have seen the change
                 env[v] = new.call_method("clone", (env[v],))
-        if k == 0 and len(bounds) > 2:  # the later stages took these as constants: the first checks them
-            for p, value in constants.items():
-                if used_after(p, bounds[1]):
-                    new.call_function(check_constant_argument, (env[p], value, p.name))
         for node in body[bounds[k] : bounds[k + 1]]:
             env[node] = new.node_copy(node, env.__getitem__)
         if k == len(bounds) - 2:

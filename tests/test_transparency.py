@@ -251,30 +251,14 @@ class _MaskOrNone(nn.Module):
         return self.head(x.mean(dim=1))
 
 
-def test_an_argument_the_example_leaves_at_its_default_is_a_constant_of_the_later_stages() -> None:
+def test_the_first_stage_takes_the_forward_defaults_and_a_defaulted_none_never_crosses() -> None:
     model, x = _MaskOrNone(), torch.randn(3, 5, 8)
     p = plan(model, x, 2, balance_by="params")  # the example gives x only: mask is None
     assert p.note is None  # the example input ran
-    assert p.split_points == ["blocks.2"]  # balanced, though every block uses the mask
-    stages = split_module(model, p.split_points, example_input=(x,)).train
-    assert torch.equal(_compose(stages, x), model(x))
-    assert "mask" not in [n.name for n in stages[1].graph.nodes if n.op == "placeholder"]  # nothing to send
-    # the first stage checks that the later ones were cut with the value this call passes
-    with pytest.raises(ValueError, match=r"argument 'mask' is a tensor of shape \(5, 5\) in this call, .* with None"):
-        stages[0](x, torch.zeros(5, 5))
-    # an example that gives the mask cuts with the mask crossing, as a tensor
-    mask = torch.zeros(5, 5)
-    stages = split_module(model, ["blocks.2"], example_input=(x, mask)).train
-    assert torch.equal(_compose(stages, x, mask), model(x, mask))
-
-
-def test_a_timm_vit_that_takes_an_optional_mask_is_cut_between_its_blocks() -> None:
-    timm = pytest.importorskip("timm")
-    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=48, depth=4, num_heads=3)
-    x = torch.randn(2, 3, 16, 16)
-    p = plan(model.eval(), x, 2, balance_by="flops")  # forward(x, attn_mask=None, is_causal=False) in timm 1.0.2x
-    assert p.split_points == ["blocks.2"]
-    assert torch.equal(_compose(split_module(model, p.split_points, example_input=(x,)).eval, x), model(x))
+    assert p.split_points == ["blocks.3"]  # after the last use of the mask: the first cut it allows
+    assert torch.equal(_compose(split_module(model, p.split_points).train, x), model(x))
+    with pytest.raises(TypeError, match=r"'mask' is computed before the cut at 'blocks.2' .* of type NoneType"):
+        plan(model, x, split_points=["blocks.2"])
 
 
 def test_a_vit_reading_shapes_in_attention_plans_cuts_that_run() -> None:
