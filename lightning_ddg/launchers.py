@@ -374,7 +374,6 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
         stop_processes(multiprocessing.active_children(), 0.0, signal.SIGKILL)
 
     @override
-    @override
     def get_extra_results(self, trainer: Any) -> dict[str, Any]:
         # the cut, which a later run of the module (a test after its fit) takes again instead of planning anew
         return super().get_extra_results(trainer) | {"ddg_plan": pickle.dumps(getattr(self._strategy, "plan", None))}
@@ -385,6 +384,7 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
         if "ddg_plan" in extra:
             self._strategy.plan = pickle.loads(extra["ddg_plan"])
 
+    @override
     def __getstate__(self) -> dict[str, Any]:
         # pickled as each process starts, once the launch has set the rendezvous port
         return self.__dict__ | {"_environment": dict(os.environ)}
