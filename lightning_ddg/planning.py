@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import pickle
 import random
 import sys
 import warnings
@@ -151,6 +152,14 @@ class Plan:
     example_runs: bool = field(default=False, repr=False, compare=False)
     loading_ms: float = 0.0  # per batch, in the first stage's cost: loading it outside the model
     pieces: Pieces | None = field(default=None, repr=False, compare=False)  # what the cuts were chosen among
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the example's meta tensors as bytes: the pickler of torch.multiprocessing, which sends a strategy that holds
+        # its plan to spawned stages, would try to share them through file descriptors (torch 2.4 raises)
+        return self.__dict__ | {"example_input": pickle.dumps(self.example_input)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state | {"example_input": pickle.loads(state["example_input"])})
 
     @property
     def num_stages(self) -> int:
