@@ -28,6 +28,7 @@ __all__ = [
     "check_options",
     "check_stage_count",
     "check_stages_have_parameters",
+    "check_exported_arguments",
     "crossing_tensors",
     "check_finite",
     "check_train_loader",
@@ -179,6 +180,23 @@ def crossing_tensors(output: Any, module: nn.Module, stage_index: int) -> list[T
             "between stages. Choose a split point that this value does not cross, or compute it after the cut."
         )
     return values
+
+
+def check_exported_arguments(arguments: dict[str, Any], exported_with: dict[str, Any]) -> None:
+    """Raise unless each of ``forward``'s ``arguments`` is ``None`` where it was ``None`` in the example the model
+    was exported with (``exported_with``, by name), and set where it was set: an exported graph takes the
+    arguments it was exported with."""
+    for name, value in arguments.items():
+        expected = exported_with.get(name)
+        if (value is None) == (expected is None):
+            continue
+        then, now = ("None", "given") if expected is None else ("given", "None")
+        raise ValueError(
+            f"forward's argument {name!r} is {now} in this call, but the model was opened with torch.export on an "
+            f"example in which it is {then} (the first batch, or example_input_array), and an exported graph takes "
+            "the arguments it was exported with. Pass the same arguments to self(...) in every step (for "
+            "prediction too), or set the LightningModule's example_input_array to the arguments every step passes."
+        )
 
 
 def _output_names(module: nn.Module) -> list[str]:

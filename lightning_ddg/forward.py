@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from lightning_ddg.checks import check_exported_arguments
 from lightning_ddg.stage import DDGStage
 
 __all__ = ["PipelinedForward", "StageDone"]
@@ -37,9 +38,16 @@ class PipelinedForward:
     """``forward`` of a module cut into stages, as this process runs it: training steps go through
     :meth:`DDGStage.forward`, evaluation through :meth:`DDGStage.evaluate`."""
 
-    def __init__(self, stage: DDGStage, signature: inspect.Signature) -> None:
+    def __init__(self, stage: DDGStage, signature: inspect.Signature, exported_with: tuple | None = None) -> None:
         self.stage = stage
         self.signature = signature
+        # on the first stage of a model opened with torch.export: the example's arguments, by name, that every
+        # call must match in which are None (Partition.exported_with)
+        self._exported_with = None
+        if exported_with is not None and stage.is_first:
+            example = signature.bind(*exported_with)
+            example.apply_defaults()
+            self._exported_with = dict(example.arguments)
         self._training = False
         self._in_step = False  # a training or evaluation step of the user's runs
         self._calls = 0
@@ -48,6 +56,8 @@ class PipelinedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
+        if self._exported_with is not None:
+            check_exported_arguments(bound.arguments, self._exported_with)
         if self._training:
             self._calls += 1
             if self._calls > 1:

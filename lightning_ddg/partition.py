@@ -52,7 +52,14 @@ import torch.fx as fx
 from torch import nn
 
 from lightning_ddg._compat import buffer_table, parameter_table, pytree
-from lightning_ddg.exporting import OPENED_KEY, READS_TRAINING_KEY, REPEATED_KEY, export_trace, with_repeated
+from lightning_ddg.exporting import (
+    OPENED_KEY,
+    READS_TRAINING_KEY,
+    REPEATED_KEY,
+    example_spec,
+    export_trace,
+    with_repeated,
+)
 from lightning_ddg.layer_stacks import STACKS, stack_forward
 from lightning_ddg.opening import opened_by
 
@@ -75,6 +82,9 @@ class Partition:
     eval: list[nn.Module]
     opened: list[str] = field(default_factory=list)
     tied: list[TiedWeight] = field(default_factory=list)
+    # opened with torch.export: the example input it was exported with (tensors as meta tensors), whose arguments
+    # the graph expects in every call; None for a torch.fx trace
+    exported_with: tuple | None = None
 
     @property
     def num_stages(self) -> int:
@@ -710,7 +720,8 @@ def split_module(
             result[False] = list(result[True])
             break
     tied = _tied_weights(module, result[True])
-    return Partition(split_points, result[True], result[False], sorted(found), tied)
+    exported_with = example_spec(example_input) if gm.meta.get(EXPORTED_KEY) else None
+    return Partition(split_points, result[True], result[False], sorted(found), tied, exported_with)
 
 
 def _cut_indices(

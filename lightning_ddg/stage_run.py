@@ -89,7 +89,7 @@ class StageRun:
         self.device = device
         self.keep_stage = keep_stage
         self.on_stop = on_stop
-        self.forward = PipelinedForward(built.stage, inspect.signature(module.forward))
+        self.forward = PipelinedForward(built.stage, inspect.signature(module.forward), built.partition.exported_with)
         module.forward = self.forward  # an instance attribute: shadows the class's forward
         self.update_due = False  # the last backward completed this stage's accumulation window
         self.finished = False  # finish() ran: the channels are closed

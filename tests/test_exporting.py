@@ -53,6 +53,7 @@ def test_a_model_torch_fx_cannot_trace_is_cut_between_its_layers_and_calls_them_
     model.model.gradient_checkpointing_enable()
     batch = _batch(2, 8)
     partition = split_module(model, ["model.model.layers.2"], example_input=(batch,))
+    assert partition.exported_with[0]["labels"].device.type == "meta"  # what every call of the first stage must give
     first, last = partition.train
     # parameter names are the model's own; the layers holding no cut are called, not traced
     assert set(partition.parameter_names(0)) | set(partition.parameter_names(1)) == {
@@ -143,6 +144,7 @@ def test_nn_transformer_with_masks_is_cut_between_its_layers() -> None:
     args = (x, nn.Transformer.generate_square_subsequent_mask(6), padding)
     split_points = ["transformer.encoder.layers.1", "transformer.decoder.layers.1"]
     partition = split_module(model, split_points)
+    assert partition.exported_with is None  # traced with torch.fx
     assert partition.parameter_names(1)[0].startswith("transformer.encoder.layers.1.")
     assert partition.parameter_names(2)[0].startswith("transformer.decoder.layers.1.")
     torch.testing.assert_close(_run(partition.train, *args), model(*args))

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from lightning_ddg import Topology, build_stage
@@ -96,6 +97,30 @@ def test_the_pipelined_forward_runs_once_per_training_step() -> None:
         forward(x)
     with pytest.raises(RuntimeError, match="never called"), forward.training_step():
         pass
+
+
+class _WithOptional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc(x) if shift is None else self.fc(x) + shift
+
+
+def test_a_call_whose_arguments_differ_from_the_export_example_in_which_are_none_is_refused_with_advice() -> None:
+    model = _WithOptional()
+    built = build_stage(model, Topology(num_stages=1), 0)
+    x = torch.randn(2, 4)
+    # as for a model opened with torch.export on an example that gave shift (Partition.exported_with)
+    example = (torch.empty(2, 4, device="meta"), torch.empty(4, device="meta"))
+    forward = PipelinedForward(built.stage, inspect.signature(model.forward), exported_with=example)
+    torch.testing.assert_close(forward(x, torch.ones(4)), model(x, torch.ones(4)))
+    with pytest.raises(ValueError, match=r"argument 'shift' is None in this call, .* example in which it is given"):
+        forward(x)
+    forward = PipelinedForward(built.stage, inspect.signature(model.forward), exported_with=example[:1])
+    with pytest.raises(ValueError, match=r"argument 'shift' is given in this call, .* example in which it is None"):
+        forward(x, torch.ones(4))
 
 
 def test_the_requeue_signal_saves_the_requeue_checkpoint_once_the_pipeline_stopped() -> None:
