@@ -114,10 +114,13 @@ def cut_module(
 
 
 def _fits(earlier: Plan, module: pl.LightningModule, num_stages: int) -> bool:
-    """Whether ``earlier`` cut ``module`` as it is now: as many stages, the same split points and parameters."""
+    """Whether ``earlier`` cut ``module`` as it is now: as many stages, the same split points and parameters. A
+    plan that opened the module with torch.export is made anew: its graphs take the arguments of its example, and
+    this run's first batch may give others (a prediction without labels)."""
     names = {name for name, _ in module.named_modules()}
     return (
-        earlier.num_stages == num_stages
+        not earlier.exported
+        and earlier.num_stages == num_stages
         and all(point in names for point in earlier.split_points)
         and sum(s.parameters for s in earlier.stages) == sum(p.numel() for p in module.parameters())
     )

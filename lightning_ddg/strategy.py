@@ -138,7 +138,8 @@ class DDGStrategy(ParallelStrategy):
     At the start of every fit the plan of the split is printed as a table (with ``enable_model_summary``) and
     logged to the loggers' hyperparameters; a warning names a stage that costs more than 1.25× the mean, and,
     when training ends, a stage that the pipeline measured that much slower (``ddg/measured_imbalance``). A
-    validation, test or prediction after a fit takes that plan again (``plan``).
+    validation, test or prediction after a fit takes that plan again (``plan``), unless it opened the model with
+    ``torch.export``.
 
     Example::
 
