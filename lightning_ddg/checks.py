@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ddg.balance import BALANCE_BY
+from lightning_ddg.comm import crosses
 from lightning_ddg.partition import CUT_KEY
 from lightning_ddg.stats import MEASURED_STEPS
 
@@ -29,7 +30,7 @@ __all__ = [
     "check_stage_count",
     "check_stages_have_parameters",
     "check_exported_arguments",
-    "crossing_tensors",
+    "crossing_values",
     "check_finite",
     "check_train_loader",
     "check_same_lengths",
@@ -163,12 +164,13 @@ def check_stages_have_parameters(stages: Sequence[nn.Module], split_points: Sequ
             )
 
 
-def crossing_tensors(output: Any, module: nn.Module, stage_index: int) -> list[Tensor]:
-    """The tensors stage ``stage_index`` sends to the next stage: ``output`` as a list, or an error that names
-    the cut, the value and its type when the value is not a tensor (at this step)."""
+def crossing_values(output: Any, module: nn.Module, stage_index: int) -> list[Any]:
+    """The values stage ``stage_index`` sends to the next stage: ``output`` as a list of tensors, ``None`` and
+    Python numbers (:func:`~lightning_ddg.comm.crosses`), or an error that names the cut, the value and its type
+    when a value is none of those (at this step)."""
     values = list(output) if isinstance(output, (tuple, list)) else [output]
     for position, value in enumerate(values):
-        if isinstance(value, Tensor):
+        if crosses(value):
             continue
         names = _output_names(module)
         name = names[position] if position < len(names) else f"value {position}"
@@ -176,8 +178,9 @@ def crossing_tensors(output: Any, module: nn.Module, stage_index: int) -> list[T
         where = f"the cut at {cut!r}" if cut else f"the cut after stage {stage_index}"
         raise TypeError(
             f"{name!r} is computed before {where} and used after it, so it crosses from stage {stage_index} to "
-            f"stage {stage_index + 1}; at this step it is of type {type(value).__name__}, but only tensors can cross "
-            "between stages. Choose a split point that this value does not cross, or compute it after the cut."
+            f"stage {stage_index + 1}; at this step it is of type {type(value).__name__}, but only tensors, None "
+            "and Python numbers can cross between stages. Choose a split point that this value does not cross, or "
+            "compute it after the cut."
         )
     return values
 

@@ -4,7 +4,9 @@ Each direction of each link between two stages is a :class:`Channel` with its ow
 activations flowing forward and gradients flowing backward never queue behind each other (on NCCL, two
 opposite transfers on one communicator can deadlock). Every message is a fixed-size header — the dtype and
 shape of each tensor, and an optional *note* of a few integers that rides along for free — followed by one
-transfer per tensor, so batches of any size travel without padding.
+transfer per tensor, so batches of any size travel without padding. Besides tensors, a message may hold
+``None`` and Python booleans, integers and floats (an optional mask left out, timm's ``is_causal=False``, a
+size read from a shape): they travel in the header.
 As soon as a message has arrived, the receives of the next one are posted, shaped like it; a sender whose
 shapes changed first answers those receives with placeholders. Sends never block: they complete in the
 background and are reaped later. A receiver hands the tensors it is done with back (:meth:`Channel.release`)
@@ -23,8 +25,10 @@ every update of the weight.
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,6 +41,10 @@ HEADER_SIZE = 256
 UNREAPED_MESSAGES = 1  # messages besides the newest whose sends are not waited on yet
 _MAX_FREE = 8  # released buffers kept per shape
 _END = -1
+# in a dtype's place: a value that travels in the header, followed by its payload (none for None)
+_VALUE_CODE = {type(None): -1, bool: -2, int: -3, float: -4}
+_VALUE_TYPE = {code: kind for kind, code in _VALUE_CODE.items()}
+_TENSOR = object()  # in a decoded message's layout: the next tensor received
 _DTYPES = [
     torch.float32,
     torch.float64,
@@ -53,7 +61,7 @@ _DTYPES = [
 _CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
 
 
-Specs = tuple[tuple[torch.dtype, tuple[int, ...]], ...]
+Specs = tuple[tuple[torch.dtype, tuple[int, ...]], ...]  # a message's tensors: dtype and shape of each
 
 
 class PipelineStopped(Exception):
@@ -64,13 +72,30 @@ class PipelineStopped(Exception):
         self.signum = signum
 
 
+def crosses(value: Any) -> bool:
+    """Whether ``value`` can be sent between stages: a tensor, ``None``, or a Python bool, int or float."""
+    return isinstance(value, torch.Tensor) or type(value) in _VALUE_CODE
+
+
 def _specs(tensors: list[torch.Tensor]) -> Specs:
     return tuple((t.dtype, tuple(t.shape)) for t in tensors)
 
 
-def _encode(specs: Specs, note: list[int] | None = None) -> torch.Tensor:
-    values = [len(specs)]
-    for dtype, shape in specs:
+def _tensors(message: list[Any]) -> list[torch.Tensor]:
+    return [v for v in message if isinstance(v, torch.Tensor)]
+
+
+def _encode(message: list[Any], note: list[int] | None = None) -> torch.Tensor:
+    values = [len(message)]
+    for item in message:
+        if not isinstance(item, torch.Tensor):
+            values.append(_VALUE_CODE[type(item)])
+            if type(item) is float:
+                values.append(struct.unpack("<q", struct.pack("<d", item))[0])
+            elif item is not None:
+                values.append(int(item))
+            continue
+        dtype, shape = item.dtype, tuple(item.shape)
         if dtype not in _CODE:
             raise TypeError(
                 f"tensors of dtype {dtype} cannot cross a stage boundary; those of {', '.join(map(str, _DTYPES))} "
@@ -80,7 +105,7 @@ def _encode(specs: Specs, note: list[int] | None = None) -> torch.Tensor:
         values += [_CODE[dtype], len(shape), *shape]
     if len(values) + 1 > HEADER_SIZE:
         raise ValueError(
-            f"{len(specs)} tensors crossing one stage boundary need a header of {len(values)} entries, more than "
+            f"{len(message)} values crossing one stage boundary need a header of {len(values)} entries, more than "
             f"{HEADER_SIZE}: choose split points where fewer values cross."
         )
     note = note or []
@@ -96,16 +121,33 @@ def _held_only_by(t: torch.Tensor) -> bool:
     return count is not None and count <= 2
 
 
-def _decode(header: torch.Tensor) -> tuple[Specs | None, list[int]]:
+def _decode(header: torch.Tensor) -> tuple[Specs, list[Any] | None, list[int]]:
+    """The message's tensors' specs; its layout (the values that travelled in the header, ``_TENSOR`` where a
+    tensor goes), None for the end of the data; and the note."""
     values = header.tolist()
-    count, pos, specs = values[0], 1, []
+    count, pos, specs, layout = values[0], 1, [], []
     if count == _END:
-        return None, values[1:2]  # the signal that stopped the job, 0 for a plain end
+        return (), None, values[1:2]  # the signal that stopped the job, 0 for a plain end
     for _ in range(count):
-        dtype, ndim = _DTYPES[values[pos]], values[pos + 1]
+        code = values[pos]
+        if code in _VALUE_TYPE:
+            kind = _VALUE_TYPE[code]
+            payload = values[pos + 1] if kind is not type(None) else None
+            if kind is float:
+                payload = struct.unpack("<d", struct.pack("<q", payload))[0]
+            layout.append(None if payload is None else kind(payload))
+            pos += 1 if payload is None else 2
+            continue
+        dtype, ndim = _DTYPES[code], values[pos + 1]
         specs.append((dtype, tuple(values[pos + 2 : pos + 2 + ndim])))
+        layout.append(_TENSOR)
         pos += 2 + ndim
-    return tuple(specs), values[pos + 1 : pos + 1 + values[pos]]
+    return tuple(specs), layout, values[pos + 1 : pos + 1 + values[pos]]
+
+
+def _assemble(layout: list[Any], tensors: list[torch.Tensor]) -> list[Any]:
+    received = iter(tensors)
+    return [next(received) if item is _TENSOR else item for item in layout]
 
 
 class Channel:
@@ -145,13 +187,14 @@ class Channel:
         self.note: list[int] = []  # the note of the last message received
 
     # sending -------------------------------------------------------------------------------------------
-    def send(self, tensors: list[torch.Tensor], note: list[int] | None = None) -> None:
-        """Start sending ``tensors``, and ``note`` in the header if it fits; returns at once. The tensors must
-        not be modified afterwards."""
+    def send(self, message: list[Any], note: list[int] | None = None) -> None:
+        """Start sending ``message`` (tensors and values that :func:`crosses` allows), and ``note`` in the header
+        if it fits; returns at once. The tensors must not be modified afterwards."""
         self._retire_old_sends()
         self._sends.append([])
+        tensors = _tensors(message)
         specs = _specs(tensors)
-        self._isend(_encode(specs, note).to(self._header_device))
+        self._isend(_encode(message, note).to(self._header_device))
         if self._sent_specs is not None and specs != self._sent_specs:
             self._fill_posted(self._sent_specs)
         for t in tensors:
@@ -203,30 +246,30 @@ class Channel:
         free = self._free.get((dtype, shape))
         return free.pop() if free else torch.empty(shape, dtype=dtype, device=self.device)
 
-    def release(self, tensors: list[torch.Tensor]) -> None:
+    def release(self, received: list[Any]) -> None:
         """Hand back received tensors the caller is done with: later messages arrive in them. A tensor whose
         data another tensor still shares (a view of it kept, or being sent on; a gradient made of it) is left
         alone; the caller must neither use a released tensor again nor have handed the object itself on."""
-        for t in tensors:
+        for t in _tensors(received):
             free = self._free.setdefault((t.dtype, tuple(t.shape)), [])
             if len(free) < _MAX_FREE and _held_only_by(t):
                 free.append(t.requires_grad_(False))  # a received tensor is a leaf of any graph it was in
 
-    def _take_posted(self) -> tuple[Specs | None, list[torch.Tensor], list[dist.Work]]:
+    def _take_posted(self) -> tuple[Specs, list[Any] | None, list[torch.Tensor], list[dist.Work]]:
         self.prefetch()
         assert self._posted is not None
         header, tensors, works = self._posted
         self._posted = None
         works[0].wait(self.timeout)
-        specs, self.note = _decode(header.cpu())
+        specs, layout, self.note = _decode(header.cpu())
         self._free_header = header
-        return specs, tensors, works[1:]
+        return specs, layout, tensors, works[1:]
 
-    def recv(self) -> list[torch.Tensor]:
+    def recv(self) -> list[Any]:
         """Receive the next message; the receives of the one after it are posted before returning."""
         expected = self._expected
-        specs, tensors, works = self._take_posted()
-        if specs is None:
+        specs, layout, tensors, works = self._take_posted()
+        if layout is None:
             if self.note and self.note[0]:
                 raise PipelineStopped(self.note[0])
             raise RuntimeError(f"rank {self.peer} closed the channel while this rank still expected data")
@@ -240,7 +283,7 @@ class Channel:
         self.prefetch()
         for work in works:
             work.wait(self.timeout)
-        return tensors
+        return _assemble(layout, tensors)
 
     # shutting down -------------------------------------------------------------------------------------
     def send_end(self, signum: int = 0) -> None:
@@ -256,12 +299,12 @@ class Channel:
 
     def close_recv(self) -> None:
         """Consume the peer's end-of-data marker, so that no receive stays posted."""
-        specs, _, works = self._take_posted()
+        _, layout, _, works = self._take_posted()
         for work in works:
             work.wait(self.timeout)
         self._expected = None
         self._free.clear()
-        if specs is not None:
+        if layout is not None:
             raise RuntimeError(f"rank {self.peer} sent data that this rank never received")
 
 

@@ -35,7 +35,7 @@ from lightning_ddg.topology import StageLinks, Topology
 
 __all__ = ["LocalChannel", "LockStep", "local_links"]
 
-_Message = tuple[str, list[torch.Tensor], list[int]]
+_Message = tuple[str, list[Any], list[int]]
 
 
 class LocalChannel:
@@ -53,10 +53,11 @@ class LocalChannel:
         self.note: list[int] = []  # the note of the last message received
         self.pending_sends = 0
 
-    def send(self, tensors: list[torch.Tensor], note: list[int] | None = None) -> None:
-        self._queue.append(("data", [t.detach().to(self.device, copy=True) for t in tensors], list(note or [])))
+    def send(self, message: list[Any], note: list[int] | None = None) -> None:
+        copies = [v.detach().to(self.device, copy=True) if isinstance(v, torch.Tensor) else v for v in message]
+        self._queue.append(("data", copies, list(note or [])))
 
-    def recv(self) -> list[torch.Tensor]:
+    def recv(self) -> list[Any]:
         kind, tensors, note = self._take()
         self.note = note
         if kind == "end":
@@ -84,7 +85,7 @@ class LocalChannel:
     def prefetch(self) -> None:
         pass  # nothing to post: messages are in memory
 
-    def release(self, tensors: list[torch.Tensor]) -> None:
+    def release(self, received: list[Any]) -> None:
         pass  # every received tensor is a fresh copy
 
     def flush(self) -> None:

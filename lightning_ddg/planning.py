@@ -46,7 +46,8 @@ from lightning_ddg.balance import (
     segment_times,
     solve_stages,
 )
-from lightning_ddg.checks import crossing_tensors
+from lightning_ddg.checks import crossing_values
+from lightning_ddg.comm import crosses
 from lightning_ddg.exporting import REPEATED_KEY, example_spec, no_cache, with_repeated
 from lightning_ddg.opening import Frozen, frozen_python, opened_by
 from lightning_ddg.partition import (
@@ -300,15 +301,15 @@ def plan(
         balance_by = "flops"
 
     # a cut that a value other than a tensor would cross cannot run: never chosen, refused when given
-    crossing, example_runs = _non_tensors_crossing(gm, positions, module, args, where)
+    crossing, example_runs = _uncrossable(gm, positions, module, args, where)
     for index, name in given.items():
         if index in crossing:
             value, kind = crossing[index]
             k = list(split_points).index(name)  # type: ignore[arg-type]
             raise TypeError(
                 f"{value!r} is computed before the cut at {name!r} and used after it, so it would cross from stage "
-                f"{k} to stage {k + 1}; it is {kind}, but only tensors can cross between stages. Choose a split "
-                "point that this value does not cross, or compute it after the cut."
+                f"{k} to stage {k + 1}; it is {kind}, but only tensors, None and Python numbers can cross between "
+                "stages. Choose a split point that this value does not cross, or compute it after the cut."
             )
     if not given:
         positions = [index for index in positions if index not in crossing]
@@ -685,13 +686,13 @@ def _parameters_only(segment: nn.Module) -> SegmentMemory:
     return SegmentMemory(sum(size), trainable, 0, 0)
 
 
-def _non_tensors_crossing(
+def _uncrossable(
     gm: Any, positions: list[int], module: nn.Module, args: tuple, where: torch.device
 ) -> tuple[dict[int, tuple[str, str]], bool]:
-    """For each cut in ``positions`` that a value other than a tensor would cross: that value's name and what
-    it is; and whether the example input ran. Found by running the example input through the pieces between the
-    cuts; without one, or where it fails, by what computed each value (``x.shape``, ``x.size(0)``, arithmetic on
-    those)."""
+    """For each cut in ``positions`` that a value which cannot be sent (:func:`~lightning_ddg.comm.crosses`) would
+    cross: its name and what it is; and whether the example input ran. Found by running the example input through
+    the pieces between the cuts; without one, or where it fails, by what computed each value (``x.shape``,
+    ``x.size(0)``, arithmetic on those: taken as values that cannot cross)."""
     segments = _stage_graphs(gm, positions)
     crossing: dict[int, tuple[str, str]] = {}
     inputs = None
@@ -706,7 +707,7 @@ def _non_tensors_crossing(
         names = [n.name for n in segment.graph.nodes if n.op == "placeholder"]
         if inputs is not None:
             values = zip(names, inputs[j + 1], strict=False)
-            found = [(n, f"of type {type(v).__name__}") for n, v in values if not isinstance(v, torch.Tensor)]
+            found = [(n, f"of type {type(v).__name__}") for n, v in values if not crosses(v)]
         else:
             kind = "not a tensor (a shape, a size or a number computed from one)"
             found = [(n, kind) for n in names if _not_tensor(nodes[n])]
@@ -773,7 +774,7 @@ def _check_split(
                     with _on(stage, where):
                         output = stage(*values)
                     if k < len(stages) - 1:
-                        values = crossing_tensors(output, stage, k)
+                        values = crossing_values(output, stage, k)
             actual = _to(output, torch.device("cpu"))
     if expected is None:
         return

@@ -41,8 +41,12 @@ from torch import nn
 __all__ = ["DDGReference"]
 
 
-def _as_list(value: Any) -> list[torch.Tensor]:
+def _as_list(value: Any) -> list[Any]:
     return [value] if isinstance(value, torch.Tensor) else list(value)
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)  # else None or a Python number, which crosses as it is
 
 
 class _Tied:
@@ -128,7 +132,7 @@ class DDGReference:
             with torch.no_grad():
                 output = stage(*x)
             self._rng[k] = torch.get_rng_state()
-            self._kept[k][t] = ([v.detach() for v in x], weights, buffers, rng, target)
+            self._kept[k][t] = ([v.detach() if _is_tensor(v) else v for v in x], weights, buffers, rng, target)
             x = _as_list(output)
         loss = self.loss_fn(output, target)
         self.losses.append(float(loss))
@@ -152,7 +156,7 @@ class DDGReference:
                 self._apply(k)
 
     def _backward_due(self, t: int, last_batch: int | None = None) -> None:
-        outgoing: list[tuple[int, int, list[torch.Tensor]]] = []
+        outgoing: list[tuple[int, int, list[torch.Tensor | None]]] = []
         for k in range(self.num_stages):
             b = t - self.delay(k)
             if b < 0 or (last_batch is not None and b > last_batch):
@@ -169,7 +173,7 @@ class DDGReference:
         for k, b, grads in outgoing:
             self._mailbox[k][b] = grads
 
-    def _input_gradients(self, k: int, b: int) -> list[torch.Tensor]:
+    def _input_gradients(self, k: int, b: int) -> list[torch.Tensor | None]:
         inputs, weights, buffers, rng, target = self._kept[k].pop(b)
         scratch = self._scratch[k]
         live = list(self.stages[k].parameters())
@@ -182,7 +186,7 @@ class DDGReference:
                 p.grad = None
             for v, w in zip(scratch.buffers(), buffers, strict=False):
                 v.copy_(w)
-        leaves = [v.clone().requires_grad_(v.is_floating_point()) for v in inputs]
+        leaves = [v.clone().requires_grad_(v.is_floating_point()) if _is_tensor(v) else v for v in inputs]
         saved = torch.get_rng_state()
         torch.set_rng_state(rng)
         output = scratch(*leaves)
@@ -192,7 +196,7 @@ class DDGReference:
         else:
             outs = _as_list(output)
             grads = self._mailbox[k].pop(b)
-            pairs = [(o, g) for o, g in zip(outs, grads, strict=False) if o.requires_grad]
+            pairs = [(o, g) for o, g in zip(outs, grads, strict=False) if _is_tensor(o) and o.requires_grad]
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         for i, p in enumerate(scratch.parameters()):
             if p.grad is not None:
@@ -202,7 +206,7 @@ class DDGReference:
                     continue
                 acc = self._acc[k][i]
                 self._acc[k][i] = p.grad.clone() if acc is None else acc + p.grad
-        return [v.grad if v.grad is not None else torch.zeros_like(v) for v in leaves]
+        return [(v.grad if v.grad is not None else torch.zeros_like(v)) if _is_tensor(v) else None for v in leaves]
 
     def _tied_update_due(self, tied: _Tied, t: int, last_batch: int | None) -> bool:
         """A tied weight steps when the window of its owner with the least delay ends, aligned to that owner's

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from lightning_ddg._compat import buffer_table, foreach_add_, foreach_copy_, parameter_table, tree_flatten
-from lightning_ddg.checks import check_finite, crossing_tensors
+from lightning_ddg.checks import check_finite, crossing_values
 from lightning_ddg.comm import PipelineStopped, TiedGroup
 from lightning_ddg.partition import TiedWeight
 from lightning_ddg.replicas import ReplicaAverager, sync_module_states
@@ -226,15 +226,16 @@ class DDGStage:
         self._upstream = decode_snapshots(self.links.act_in.note)
         return tensors
 
-    def _send(self, channel: Any, tensors: list[torch.Tensor], note: list[int] | None = None) -> None:
+    def _send(self, channel: Any, tensors: list[Any], note: list[int] | None = None) -> None:
         start = time.perf_counter()
         channel.send(tensors, note)
         self.counters.send_s += time.perf_counter() - start
 
-    def _send_outputs(self, outputs: list[torch.Tensor]) -> None:
+    def _send_outputs(self, outputs: list[Any]) -> None:
         # the header carries this stage's figures and those of the stages before it on to the last stage
         assert self.links.act_out is not None
-        self._send(self.links.act_out, [t.detach() for t in outputs], encode_snapshots(self.snapshots()))
+        sent = [t.detach() if isinstance(t, torch.Tensor) else t for t in outputs]
+        self._send(self.links.act_out, sent, encode_snapshots(self.snapshots()))
 
     def _run(self, inputs: list[Any], weights: list[torch.Tensor] | None, fresh_buffers: bool = False) -> Any:
         """Run the module, on ``weights`` instead of the live parameters if given; with ``fresh_buffers``, on
@@ -266,10 +267,10 @@ class DDGStage:
             except PipelineStopped as stopped:
                 self.stop(stopped.signum)
                 raise
-            inputs = [t.requires_grad_() if t.is_floating_point() else t for t in received]
+            inputs = [t.requires_grad_() if _is_float_tensor(t) else t for t in received]
         counters = self.counters
         counters.steps += 1
-        counters.samples += _batch_size(inputs[0] if inputs else None)
+        counters.samples += _batch_size(inputs)
         weights = self._copy_weights() if copies_weights(self.memory, self.delay) else None
         keep_graph = keeps_graph(self.memory, self.delay)
         rng = autocast = None
@@ -279,7 +280,7 @@ class DDGStage:
         measure = keep_graph and self.batches_forwarded % _ACTIVATION_SAMPLE_EVERY == 0
         with nullcontext() if keep_graph else torch.no_grad(), self._measured(measure, weights):
             output = self._run(inputs, weights)
-        outputs = crossing_tensors(output, self.module, self.stage_index) if not self.is_last else None
+        outputs = crossing_values(output, self.module, self.stage_index) if not self.is_last else None
         returned = [] if self.is_first or not self.is_last else _among(inputs, output)
         self._inflight.append(
             _InFlight(self.batches_forwarded, inputs, outputs if keep_graph else None, weights, rng, autocast, returned)
@@ -318,7 +319,7 @@ class DDGStage:
         output = self.eval_module(*inputs)
         if self.is_last:
             return output
-        self._send_outputs(crossing_tensors(output, self.eval_module, self.stage_index))
+        self._send_outputs(crossing_values(output, self.eval_module, self.stage_index))
         return None
 
     # backward --------------------------------------------------------------------------------------------
@@ -398,7 +399,8 @@ class DDGStage:
             if self.check_finite:
                 check_finite(grad_targets, *_gradient_blame(self.stage_index, item.batch))
             targets = item.outputs if item.outputs is not None else self._recompute(item)
-        pairs = [(t, g) for t, g in zip(targets, grad_targets, strict=False) if t.requires_grad]
+        # a value that crossed in the header (None, a number) has no gradient
+        pairs = [(t, g) for t, g in zip(targets, grad_targets, strict=False) if _is_float_tensor(t) and t.requires_grad]
         weights = item.weights if item.weights is not None else self.parameters
         float_inputs = [x for x in item.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
         leaves = list(weights) + float_inputs
@@ -463,12 +465,15 @@ class DDGStage:
             measure = item.batch % _ACTIVATION_SAMPLE_EVERY == 0
             with torch.autocast(device_type, dtype=dtype, enabled=enabled), self._measured(measure, item.weights):
                 output = self._run(item.inputs, item.weights, fresh_buffers=True)
-        return crossing_tensors(output, self.module, self.stage_index)
+        return crossing_values(output, self.module, self.stage_index)
 
     def _send_input_gradients(self, inputs: list[Any], grads: dict[int, torch.Tensor | None]) -> None:
         assert self.links.grad_out is not None
         out = []
         for x in inputs:
+            if not isinstance(x, torch.Tensor):  # None or a number: no gradient goes back
+                out.append(None)
+                continue
             g = grads.get(id(x))
             out.append(g if g is not None else torch.zeros_like(x))
         self._send(self.links.grad_out, out, [1] if self.end_requested else None)
@@ -634,11 +639,16 @@ def _swapped(swaps: list[tuple[_Slot, torch.Tensor]]) -> Iterator[None]:
 def _among(tensors: list[Any], values: Any) -> list[Any]:
     """Those of ``tensors`` that are themselves among ``values`` (any nesting of lists, tuples and dicts)."""
     ids = {id(v) for v in tree_flatten(values)[0]}
-    return [t for t in tensors if id(t) in ids]
+    return [t for t in tensors if isinstance(t, torch.Tensor) and id(t) in ids]
 
 
-def _batch_size(x: Any) -> int:
-    return x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else 0
+def _is_float_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _batch_size(inputs: list[Any]) -> int:
+    x = next((v for v in inputs if isinstance(v, torch.Tensor)), None)  # the first may be None or a number
+    return x.shape[0] if x is not None and x.dim() else 0
 
 
 def _gradient_blame(stage_index: int, batch: int) -> tuple[str, str]:

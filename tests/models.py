@@ -45,7 +45,9 @@ def mlp(
 
 class PassingThrough(nn.Module):
     """Received tensors leave stages again: ``h`` skips over every later cut, and the stage of ``b`` also sends
-    on ``v``, a view of the ``h`` it received. Cut at ``SPLIT_POINTS[:K-1]``."""
+    on ``v``, a view of the ``h`` it received. Values that are not tensors cross too: the optional ``mask`` and
+    ``causal`` flag (``None`` and ``False`` when left out, as timm's ``attn_mask`` and ``is_causal``) and a row
+    count read from a shape. Cut at ``SPLIT_POINTS[:K-1]``."""
 
     SPLIT_POINTS = ["b", "c", "head"]
 
@@ -55,12 +57,14 @@ class PassingThrough(nn.Module):
         self.a, self.b, self.c, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(24, 3)
         self.to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         h = torch.tanh(self.a(x))
+        rows = h.shape[0]
         z = torch.tanh(self.b(h))
         v = h[:, :8]
-        z = torch.tanh(self.c(z))
-        return self.head(torch.cat([z * h, v], dim=1))
+        z = nn.functional.scaled_dot_product_attention(z[:, None], z[:, None], z[:, None], mask, is_causal=causal)
+        z = torch.tanh(self.c(z[:, 0]))
+        return self.head(torch.cat([z * h, v], dim=1)).reshape(rows, -1)
 
 
 class TiedLM(nn.Module):

@@ -206,7 +206,7 @@ class Job(L.LightningModule):
         self.front = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
         self.back = nn.Sequential(PoisonGradient(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
 
-    def forward(self, x: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: torch.Tensor | list | None = None) -> torch.Tensor:
         out = self.back(self.front(x))
         # the batch's offset is used after the cut before `back`, so it crosses it
         return out + offset if self.args.fail == "not-a-tensor" else out
@@ -233,8 +233,8 @@ class Job(L.LightningModule):
             Path(f"{args.started_file}.{self.global_rank}").touch()
         if args.step_sleep or released:
             time.sleep(args.step_sleep or 0.05)
-        if args.fail == "not-a-tensor":  # the batch has an offset at every step but the failing one
-            logits = self(x, None if failing else torch.zeros(()))
+        if args.fail == "not-a-tensor":  # the offset is a tensor at every step but the failing one, a list there
+            logits = self(x, [0.0] if failing else torch.zeros(()))
         else:
             logits = self(x)
         if failing and args.fail == "shape":

@@ -1,6 +1,9 @@
-"""Channels between two real processes: shapes, dtypes and tensor counts that change, notes, clean closing."""
+"""Channels between two real processes: shapes, dtypes and tensor counts that change, None and Python numbers
+among the tensors, notes, clean closing."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 import torch
@@ -10,12 +13,18 @@ from lightning_ddg.comm import UNREAPED_MESSAGES, Channel, _encode
 from tests.multiprocess import run_processes
 
 
-def _messages(session: int) -> list[list[torch.Tensor]]:
+def _messages(session: int) -> list[list[Any]]:
     g = torch.Generator().manual_seed(session)
-    shapes = [[(4, 3)], [(4, 3)], [(2, 3)], [(2, 3), (5,)], [(2, 3), (5,)], [(1, 1, 2)], [(4, 3)]]
-    out = [[torch.randn(s, generator=g) for s in shape] for shape in shapes]
+    shapes = [[(4, 3)], [(4, 3)], [(2, 3)], [(2, 3), (5,)], [(2, 3), (5,)], [(1, 1, 2)], [(4, 3)], [(4, 3), (4, 4)]]
+    out: list[list[Any]] = [[torch.randn(s, generator=g) for s in shape] for shape in shapes]
+    out[1].append(None)  # an optional mask left out
+    out[2].insert(0, None)
     out[4].append(torch.arange(3))  # an integer tensor joins
     out[5] = [out[5][0].double()]  # the dtype changes
+    out.append([out[-1][0], None])  # the mask the last message had is left out, then given again
+    out.append([out[-2][0], torch.ones(4, 4)])
+    out.append([False, out[-1][0], 7, -(2**40), 0.1 + session, None, True])  # flags and numbers in the header
+    out.append([out[-1][1], 8, -1.5e-300, float("inf")])
     return out
 
 
@@ -43,6 +52,9 @@ def test_messages_arrive_intact_in_order_across_sessions() -> None:
     for got, want in zip(received, expected, strict=True):
         assert len(got) == len(want)
         for a, b in zip(got, want, strict=True):
+            if not isinstance(b, torch.Tensor):
+                assert type(a) is type(b) and a == b
+                continue
             assert a.dtype == b.dtype
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -70,4 +82,4 @@ def test_a_long_stream_holds_only_the_last_messages_sends() -> None:
 
 def test_a_dtype_that_cannot_cross_says_what_to_do() -> None:
     with pytest.raises(TypeError, match=r"complex128 cannot cross .* Cast the value to one of them before the cut"):
-        _encode(((torch.float32, (4, 3)), (torch.complex128, (4,))))
+        _encode([torch.zeros(4, 3), torch.zeros(4, dtype=torch.complex128)])

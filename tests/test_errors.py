@@ -20,7 +20,7 @@ from lightning_ddg.checks import (
     check_stages_have_parameters,
     check_tied_clipping,
     check_train_loader,
-    crossing_tensors,
+    crossing_values,
 )
 from tests.lightning_models import MLPClassifier, loader
 from tests.models import TiedLM
@@ -69,8 +69,8 @@ def test_num_stages_equal_to_devices_is_accepted() -> None:
     assert trainer.strategy.num_stages == 2
 
 
-class _CountsAcrossTheCut(nn.Module):
-    """Uses after the cut an int computed before it: the int would have to cross between stages."""
+class _ShapeAcrossTheCut(nn.Module):
+    """Uses after the cut a shape read before it: a ``torch.Size`` would have to cross between stages."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -79,24 +79,25 @@ class _CountsAcrossTheCut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.front(x)
-        rows = h.shape[0]
-        return self.back(h) * rows
+        shape = h.size()
+        return self.back(h).reshape(shape[:1] + (-1,))
 
 
-def test_a_value_crossing_a_cut_that_is_not_a_tensor_is_named_with_the_cut() -> None:
-    first, second = split_module(_CountsAcrossTheCut(), split_points=["back"]).train
+def test_a_value_crossing_a_cut_that_cannot_be_sent_is_named_with_the_cut() -> None:
+    first, second = split_module(_ShapeAcrossTheCut(), split_points=["back"]).train
     output = first(torch.randn(3, 4))
-    message = r"'getitem' is computed before the cut at 'back' .* from stage 0 to stage 1; .* of type int, but only"
+    message = r"'getitem' is computed before the cut at 'back' .* from stage 0 to stage 1; .* of type Size, but only"
     with pytest.raises(TypeError, match=message):
-        crossing_tensors(output, first, stage_index=0)
+        crossing_values(output, first, stage_index=0)
 
 
 def test_a_crossing_value_that_stops_being_a_tensor_at_a_later_step() -> None:
     first, _ = split_module(MLPClassifier(), split_points=["model.4"]).train
     x = torch.randn(3, 8, dtype=torch.float64)
-    assert [t.shape for t in crossing_tensors(first(x), first, 0)] == [(3, 16)]
-    with pytest.raises(TypeError, match=r"'model_3' .* at this step it is of type NoneType"):
-        crossing_tensors((None,), first, 0)
+    assert [t.shape for t in crossing_values(first(x), first, 0)] == [(3, 16)]
+    assert crossing_values((None, 3, True, 0.5), first, 0) == [None, 3, True, 0.5]  # sent in the header
+    with pytest.raises(TypeError, match=r"'model_3' .* at this step it is of type str"):
+        crossing_values(("x",), first, 0)
 
 
 def test_a_stage_without_parameters_is_rejected() -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_ddg import DDGReference
-from lightning_ddg.checks import crossing_tensors
+from lightning_ddg.checks import crossing_values
 from lightning_ddg.local import LockStep
 from lightning_ddg.partition import split_module
 
@@ -21,7 +21,7 @@ def _run(stages: list[nn.Module], *args):
     for k, stage in enumerate(stages):
         output = stage(*values)
         if k < len(stages) - 1:
-            values = crossing_tensors(output, stage, k)
+            values = crossing_values(output, stage, k)
     return output
 
 

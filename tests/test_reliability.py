@@ -151,9 +151,9 @@ def _assert_failed_once(job: Job, error: str, stage: str | None, devices: int, s
         pytest.param(
             ("--devices", "2", "--fail", "not-a-tensor", "--rank", "1"),
             "TypeError: 'offset' is computed before the cut at 'back' and used after it, so it crosses from stage 0 "
-            "to stage 1; at this step it is of type NoneType, but only tensors can cross",
+            "to stage 1; at this step it is of type list, but only tensors, None and Python numbers can cross",
             "stage 0 (rank 1)",
-            id="a-batch-whose-crossing-value-is-missing-at-a-later-step",
+            id="a-crossing-value-that-cannot-be-sent-at-a-later-step",
         ),
         pytest.param(
             ("--devices", "2", "--fail", "empty"),

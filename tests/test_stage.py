@@ -6,6 +6,8 @@ one of a real job, only the transport differs. A few cases run in real gloo proc
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -47,10 +49,13 @@ def _model(options: dict) -> nn.Module:
     )
 
 
-def _batches(options: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(options: dict) -> list[tuple[Any, torch.Tensor]]:
     if options.get("model") == "tied lm":
         return token_batches(options["batches"])
-    return batches(options["batches"], dtype=options.get("dtype", torch.float64))
+    data = batches(options["batches"], dtype=options.get("dtype", torch.float64))
+    if options.get("mask"):  # the optional mask given: it crosses the first cut as a tensor, not as None
+        return [((x, torch.randn(len(x), 1, 1, dtype=x.dtype)), y) for x, y in data]
+    return data
 
 
 def _loss(options: dict):  # noqa: ANN202 - a loss function
@@ -86,7 +91,7 @@ def _train_stage(rank: int, world_size: int, options: dict) -> dict[str, torch.T
     data = _batches(options)
     for _epoch in range(options.get("epochs", 1)):
         for x, y in data:
-            out = stage.forward(x)
+            out = stage.forward(*x) if isinstance(x, tuple) else stage.forward(x)
             loss = loss_fn(out, y) / accumulate if stage.is_last else None
             if stage.backward(loss):
                 step()
@@ -263,24 +268,21 @@ def test_gradient_accumulation_windows_aligned_to_batches() -> None:
     _check(3, {"memory": "stash", "optimizer": "sgd", "batches": 7, "seed": 2, "accumulate": 3})
 
 
-def test_tensors_received_and_sent_on_are_not_reused_too_early() -> None:
+PASSING_THROUGH = [
+    *({"memory": m, "optimizer": "adam", "batches": 9, "seed": 4, "model": "passing through"} for m in MEMORY_MODES),
+    {"memory": "recompute", "optimizer": "adam", "batches": 9, "seed": 4, "model": "passing through", "mask": True},
+]
+
+
+def test_values_received_and_sent_on_are_not_reused_too_early() -> None:
     # received buffers are reused once backwarded, except those that left the stage again: a property of the
-    # gloo channels, which reuse their buffers (the in-memory ones never do)
-    _check(
-        4,
-        *(
-            {"memory": m, "optimizer": "adam", "batches": 9, "seed": 4, "model": "passing through"}
-            for m in MEMORY_MODES
-        ),
-        processes=True,
-    )
+    # gloo channels, which reuse their buffers (the in-memory ones never do); None, a flag and a row count cross
+    # in the headers
+    _check(4, *PASSING_THROUGH, processes=True)
 
 
-def test_tensors_passing_through_stages_match_the_reference_in_one_process() -> None:
-    cases = [
-        {"memory": m, "optimizer": "adam", "batches": 9, "seed": 4, "model": "passing through"} for m in MEMORY_MODES
-    ]
-    _check(4, *cases)
+def test_values_passing_through_stages_match_the_reference_in_one_process() -> None:
+    _check(4, *PASSING_THROUGH)
 
 
 def _received_storages(rank: int, world_size: int, steps: int) -> tuple[int, list[int]]:

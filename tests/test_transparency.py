@@ -8,6 +8,7 @@ import copy
 import random
 import warnings
 
+import lightning.pytorch as L
 import pytest
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from lightning_ddg import DDGReference, DDGStrategy, plan, split_module
 from lightning_ddg.opening import frozen_python
 from lightning_ddg.planning import check_split
 from tests.lightning_models import cpu_trainer, loader
+from tests.models import PassingThrough
 from tests.transparency_models import (
     Counting,
     Holder,
@@ -208,17 +210,21 @@ def test_planning_leaves_python_attributes_and_generators_as_they_were() -> None
 
 # --- every cut that reaches training has run --------------------------------------------------------------
 class _ShapeAcross(nn.Module):
-    """A row count read between ``b`` and ``c`` is used after ``c``: no cut at ``c`` can work."""
+    """The shape of ``b``'s output, read between ``b`` and ``c``, is used after ``c``: no cut at ``c`` can work,
+    as a ``torch.Size`` cannot be sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, whole_shape: bool = True) -> None:
         super().__init__()
+        self.whole_shape = whole_shape
         self.a, self.b, self.c, self.d = nn.Linear(8, 8), nn.Linear(8, 64), nn.Linear(64, 8), nn.Linear(8, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.b(self.a(x))
-        rows = h.shape[0]
-        h = self.c(h)
-        return self.d(h.reshape(rows, -1))
+        if self.whole_shape:
+            shape = h.size()
+            return self.d(self.c(h).reshape(shape[:1] + (-1,)))  # a Size crosses
+        rows = h.shape[0]  # an int crosses
+        return self.d(self.c(h).reshape(rows, -1))
 
 
 @pytest.mark.parametrize("example", [True, False], ids=["with-input", "without-input"])
@@ -231,10 +237,20 @@ def test_the_planner_never_chooses_a_cut_that_a_python_value_would_cross(example
 
 @pytest.mark.parametrize("example", [True, False], ids=["with-input", "without-input"])
 def test_a_given_cut_that_a_python_value_would_cross_is_refused_when_planned(example: bool) -> None:
-    kind = "of type int" if example else "not a tensor"
+    kind = "of type Size" if example else "not a tensor"
     message = rf"'getitem' is computed before the cut at 'c' .* from stage 0 to stage 1; it is {kind}.*only tensors"
     with pytest.raises(TypeError, match=message):
         plan(_ShapeAcross(), torch.randn(3, 8) if example else None, split_points=["c"])
+
+
+def test_a_size_read_from_a_shape_crosses_as_a_number() -> None:
+    model, x = _ShapeAcross(whole_shape=False), torch.randn(3, 8)
+    p = plan(model, x, 2, balance_by="params")
+    assert p.split_points == ["c"]
+    first, second = split_module(model, p.split_points).train
+    sent = first(x)
+    assert type(sent[1]) is int  # the row count travels in the message's header
+    assert torch.equal(_compose([first, second], x), model(x))
 
 
 class _MaskOrNone(nn.Module):
@@ -251,27 +267,27 @@ class _MaskOrNone(nn.Module):
         return self.head(x.mean(dim=1))
 
 
-def test_the_first_stage_takes_the_forward_defaults_and_a_defaulted_none_never_crosses() -> None:
+def test_an_optional_mask_crosses_the_cut_as_none_or_as_a_tensor() -> None:
     model, x = _MaskOrNone(), torch.randn(3, 5, 8)
     p = plan(model, x, 2, balance_by="params")  # the example gives x only: mask is None
     assert p.note is None  # the example input ran
-    assert p.split_points == ["blocks.3"]  # after the last use of the mask: the first cut it allows
-    assert torch.equal(_compose(split_module(model, p.split_points).train, x), model(x))
-    with pytest.raises(TypeError, match=r"'mask' is computed before the cut at 'blocks.2' .* of type NoneType"):
-        plan(model, x, split_points=["blocks.2"])
+    assert p.split_points == ["blocks.2"]  # balanced, though every block uses the mask
+    stages = split_module(model, p.split_points).train
+    assert torch.equal(_compose(stages, x), model(x))
+    mask = torch.randn(5, 5)
+    assert torch.equal(_compose(stages, x, mask), model(x, mask))
 
 
 def test_a_vit_reading_shapes_in_attention_plans_cuts_that_run() -> None:
     model, x = TinyViT(), torch.randn(2, 3, 16, 16)
     for num_stages in (2, 3, 4, 6):
         p = plan(model, x, num_stages, balance_by="flops")
-        assert not any(point.endswith("attn.qkv") for point in p.split_points)
         stages = split_module(model, p.split_points).train
         torch.testing.assert_close(_compose(stages, x), model(x), rtol=0, atol=0)
-    with pytest.raises(
-        TypeError, match=r"'getitem_\d+' is computed before the cut at 'blocks.1.attn.qkv'.*of type int"
-    ):
-        plan(model, x, split_points=["blocks.1.attn.qkv"])
+    # inside attention, the sizes read from the input's shape cross as numbers
+    stages = split_module(model, ["blocks.1.attn.qkv"]).train
+    assert any(type(value) is int for value in stages[0](x))
+    torch.testing.assert_close(_compose(stages, x), model(x), rtol=0, atol=0)
 
 
 # --- structures returned by called modules ----------------------------------------------------------------
@@ -334,6 +350,41 @@ def test_blocks_with_python_state_match_the_reference_on_the_unsplit_modules(num
     assert actual.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+class _OptionalArguments(L.LightningModule):
+    """Its forward takes an optional mask and a flag, as timm's models do, and training_step leaves both out: they
+    cross the cut as None and False, beside a row count read from a shape (``tests.models.PassingThrough``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = PassingThrough()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        return self.net(x, mask, causal)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_none_a_flag_and_a_number_crossing_the_cuts_of_a_fit_match_the_reference() -> None:
+    model = _OptionalArguments()
+    reference = copy.deepcopy(model.net)
+    stages = split_module(reference, ["b", "c"]).train
+    optimizers = [torch.optim.SGD(s.parameters(), lr=0.05, momentum=0.9) for s in stages]
+    ref = DDGReference(stages, optimizers, nn.functional.cross_entropy)
+    for _ in range(2):
+        for x, y in loader():
+            ref.step(x, y)
+    ref.finish()
+    strategy = DDGStrategy(start_method="forkserver", split_points=["net.b", "net.c"])
+    cpu_trainer(strategy, 3, max_epochs=2).fit(model, loader())
+    for name, expected in reference.state_dict().items():
+        torch.testing.assert_close(model.net.state_dict()[name], expected, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_a_vit_reading_shapes_in_attention_trains_with_no_options() -> None:
