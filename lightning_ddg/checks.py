@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from lightning_ddg.stats import MEASURED_STEPS
 
 __all__ = [
     "check_options",
+    "check_not_compiled",
     "check_stage_count",
     "check_stages_have_parameters",
     "check_exported_arguments",
@@ -266,6 +268,21 @@ def check_balance_length(balance: Sequence[int], num_stages: int) -> None:
         raise ValueError(
             f"balance {list(balance)} has {len(balance)} stages but the pipeline has {num_stages}: give "
             f"devices={len(balance)} (or num_stages={len(balance)}) or a balance of {num_stages} entries."
+        )
+
+
+def check_not_compiled(module: nn.Module) -> None:
+    """Refuse a module that holds a ``torch.compile``'d submodule: its forward is compiled code, which can be neither
+    traced nor cut into stages."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # never imported: nothing was compiled
+    if eval_frame is None:
+        return
+    compiled = [name or "the module" for name, m in module.named_modules() if isinstance(m, eval_frame.OptimizedModule)]
+    if compiled:
+        raise ValueError(
+            f"{compiled[0]!r} is compiled with torch.compile, and a compiled module cannot be cut into pipeline "
+            "stages. Assign the module itself (self.model = net, not torch.compile(net)); DDG runs the stages "
+            "eagerly."
         )
 
 

@@ -46,7 +46,7 @@ from lightning_ddg.balance import (
     segment_times,
     solve_stages,
 )
-from lightning_ddg.checks import crossing_values
+from lightning_ddg.checks import check_not_compiled, crossing_values
 from lightning_ddg.comm import crosses
 from lightning_ddg.exporting import REPEATED_KEY, example_spec, no_cache, with_repeated
 from lightning_ddg.opening import Frozen, frozen_python, opened_by
@@ -272,6 +272,7 @@ def plan(
         raise ValueError(f"balance_by={balance_by!r} is not one of {BALANCE_BY}")
     if (num_stages is None) == (split_points is None):
         raise ValueError("give either num_stages (to choose a split) or split_points (to describe one)")
+    check_not_compiled(module)
     args = () if example_input is None else example_input if isinstance(example_input, tuple) else (example_input,)
     example = args or None  # opens, by torch.export, the modules torch.fx cannot trace
     if split_points is None:
@@ -315,8 +316,8 @@ def plan(
         positions = [index for index in positions if index not in crossing]
         if len(positions) < wanted - 1:
             raise ValueError(
-                f"the forward offers {len(positions) + 1} possible stages with only tensors crossing between them, "
-                f"fewer than the {wanted} requested: use fewer devices."
+                f"the forward offers {len(positions) + 1} possible stages with only values that can be sent crossing "
+                f"between them, fewer than the {wanted} requested: use fewer devices."
             )
     begins = {index: _outermost_at(body, index) or names[index] for index in positions}
     frozen = _FrozenOpened(module)

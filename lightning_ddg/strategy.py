@@ -64,6 +64,7 @@ from lightning_ddg.checks import (
     ONE_OPTIMIZER,
     check_automatic_optimization,
     check_no_loss_scaling,
+    check_not_compiled,
     check_options,
     check_same_lengths,
     check_stage_count,
@@ -357,6 +358,7 @@ class DDGStrategy(ParallelStrategy):
         try:
             check_automatic_optimization(module.automatic_optimization)
             check_no_loss_scaling(scaled)
+            check_not_compiled(module)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
 

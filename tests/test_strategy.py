@@ -23,7 +23,7 @@ from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from torch.utils.data import DataLoader
 
 import lightning_ddg
-from lightning_ddg import DDGReference, DDGStrategy, split_module, stats
+from lightning_ddg import DDGReference, DDGStrategy, plan, split_module, stats
 from lightning_ddg.planning import IMBALANCE_WARNING, balanced_split_points
 from tests.lightning_models import MLPClassifier, cpu_trainer, loader, make_optimizer
 
@@ -582,8 +582,9 @@ class _RecordCuts(L.Callback):
     def _write(self, trainer) -> None:
         with open(self.directory / f"cuts{trainer.global_rank}.txt", "a") as f:
             f.write(" ".join(trainer.strategy.partition.split_points) + "\n")
-        plan = trainer.strategy.plan  # the plan of the cut it trains on, the parameters of each stage with it
-        (self.directory / f"plan{trainer.global_rank}.txt").write_text(" ".join(str(s.parameters) for s in plan.stages))
+        fit_plan = trainer.strategy.plan  # the plan of the cut it trains on, the parameters of each stage with it
+        parameters = " ".join(str(s.parameters) for s in fit_plan.stages)
+        (self.directory / f"plan{trainer.global_rank}.txt").write_text(parameters)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._write(trainer)
@@ -820,6 +821,20 @@ class _ManualOptimization(MLPClassifier):
 def test_manual_optimization_is_refused_with_advice() -> None:
     with pytest.raises(Exception, match="does not support manual optimization"):
         _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_ManualOptimization(), loader())
+
+
+class _Compiled(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = torch.compile(self.model)
+
+
+def test_a_compiled_submodule_is_refused_with_advice() -> None:
+    message = r"'model' is compiled with torch.compile, and a compiled module cannot be cut .* not torch.compile\(net\)"
+    with pytest.raises(Exception, match=message):
+        _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_Compiled(), loader())
+    with pytest.raises(ValueError, match=message):  # and by the planner, called directly
+        plan(_Compiled(), torch.randn(2, 8, dtype=torch.float64), 2)
 
 
 def test_cutting_anew_under_deterministic_is_refused_at_setup(monkeypatch) -> None:
