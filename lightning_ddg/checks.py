@@ -311,6 +311,13 @@ ONE_OPTIMIZER = (
     "strategy='ddp' and manual optimization."
 )
 
+NO_BATCH_SIZE_FINDER = (
+    "Lightning's batch size finder (Tuner.scale_batch_size, the BatchSizeFinder callback) does not support "
+    "DDGStrategy: each rank would save and restore a trial checkpoint of its own, and an out-of-memory error on one "
+    "stage would have to end the trial on every stage. Set the batch size yourself: lightning_ddg.plan(model, "
+    "example_input, num_stages) shows the memory each stage holds at the example's batch size ('holds')."
+)
+
 SHOULD_STOP_AFTER_FORWARD = (
     "training_step set trainer.should_stop after self(...), where only the last stage runs it, and with "
     "DDGStrategy(load_once=False) the stages before it cannot learn to stop after the same batch. Keep the default "

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.callbacks import BatchSizeFinder
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -61,6 +62,7 @@ from lightning_ddg.balance import BalanceBy
 from lightning_ddg.callbacks import add_stage_callbacks
 from lightning_ddg.checkpoint_io import atomic, load_mapped, writes_local_torch_files
 from lightning_ddg.checks import (
+    NO_BATCH_SIZE_FINDER,
     ONE_OPTIMIZER,
     check_automatic_optimization,
     check_no_loss_scaling,
@@ -295,7 +297,7 @@ class DDGStrategy(ParallelStrategy):
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        self._check_supported(module)
+        self._check_supported(module, trainer)
         self.model = self.precision_plugin.convert_module(module)
         context, rank, device = self.precision_plugin.forward_context, self.global_rank, self.root_device
         self.partition, self.plan = cut_module(  # cutting.py: rank 0 plans, every rank cuts alike
@@ -353,8 +355,10 @@ class DDGStrategy(ParallelStrategy):
         # layers' initialisation would have begun with, a torch.manual_seed in configure_model included
         self._init_rng_states = rng_states(self.root_device)
 
-    def _check_supported(self, module: pl.LightningModule) -> None:
+    def _check_supported(self, module: pl.LightningModule, trainer: pl.Trainer) -> None:
         scaled = isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None
+        if any(isinstance(callback, BatchSizeFinder) for callback in trainer.callbacks):
+            raise MisconfigurationException(NO_BATCH_SIZE_FINDER)
         try:
             check_automatic_optimization(module.automatic_optimization)
             check_no_loss_scaling(scaled)

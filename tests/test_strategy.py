@@ -837,6 +837,23 @@ def test_a_compiled_submodule_is_refused_with_advice() -> None:
         plan(_Compiled(), torch.randn(2, 8, dtype=torch.float64), 2)
 
 
+class _BatchSize(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_size = 4
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(loader().dataset, batch_size=self.batch_size)
+
+
+def test_the_batch_size_finder_is_refused_at_setup_with_advice() -> None:
+    from lightning.pytorch.tuner import Tuner
+
+    trainer = _trainer(DDGStrategy(start_method="forkserver"), 2)
+    with pytest.raises(Exception, match=r"batch size finder .* does not support DDGStrategy.*Set the batch size"):
+        Tuner(trainer).scale_batch_size(_BatchSize(), max_trials=2, steps_per_trial=1)
+
+
 def test_cutting_anew_under_deterministic_is_refused_at_setup(monkeypatch) -> None:
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # set by Trainer(deterministic=True), put back after the test
     strategy = DDGStrategy(start_method="forkserver", rebalance_after_steps=stats.MEASURED_STEPS)
