@@ -318,6 +318,12 @@ NO_BATCH_SIZE_FINDER = (
     "example_input, num_stages) shows the memory each stage holds at the example's batch size ('holds')."
 )
 
+NO_SPAWNED_LR_FINDER = (
+    "Lightning's learning-rate finder (Tuner.lr_find, the LearningRateFinder callback) ends its fit with an exception "
+    "that a spawned process cannot hand back, so its result would not reach this process. Run it with "
+    "strategy='ddg', whose processes run the script (the finder's result is then on every rank)."
+)
+
 SHOULD_STOP_AFTER_FORWARD = (
     "training_step set trainer.should_stop after self(...), where only the last stage runs it, and with "
     "DDGStrategy(load_once=False) the stages before it cannot learn to stop after the same batch. Keep the default "

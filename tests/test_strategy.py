@@ -854,6 +854,14 @@ def test_the_batch_size_finder_is_refused_at_setup_with_advice() -> None:
         Tuner(trainer).scale_batch_size(_BatchSize(), max_trials=2, steps_per_trial=1)
 
 
+def test_the_learning_rate_finder_in_spawned_processes_is_refused_at_setup_with_advice() -> None:
+    from lightning.pytorch.tuner import Tuner
+
+    trainer = _trainer(DDGStrategy(start_method="forkserver"), 2)
+    with pytest.raises(Exception, match=r"learning-rate finder .* Run it with strategy='ddg'"):
+        Tuner(trainer).lr_find(MLPClassifier(), loader(), num_training=5)
+
+
 def test_cutting_anew_under_deterministic_is_refused_at_setup(monkeypatch) -> None:
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # set by Trainer(deterministic=True), put back after the test
     strategy = DDGStrategy(start_method="forkserver", rebalance_after_steps=stats.MEASURED_STEPS)
