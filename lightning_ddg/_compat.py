@@ -349,6 +349,25 @@ def data_source(loop: Any) -> Any:
     return source
 
 
+def evaluation_results(trainer: pl.Trainer) -> list[dict[str, Any]] | None:
+    """The list of metric dicts, one per dataloader, that the running validation or test will return from
+    ``trainer.validate`` or ``trainer.test``, as far as it is filled (Lightning's private
+    ``trainer._evaluation_loop._logged_outputs``). If it moves, ``None``: each rank returns what it logged itself,
+    and a warning says so."""
+    try:
+        loop = trainer._evaluation_loop
+    except RuntimeError:  # outside a validation or test
+        return None
+    outputs = getattr(loop, "_logged_outputs", None)
+    if not isinstance(outputs, list):
+        _warn_once(
+            f"{type(loop).__name__}._logged_outputs",
+            "trainer.validate and trainer.test return the last stage's metrics on its ranks only",
+        )
+        return None
+    return outputs
+
+
 _warned: set[str] = set()
 
 

@@ -1,7 +1,8 @@
 """The callbacks :class:`~lightning_ddg.strategy.DDGStrategy` adds to every Trainer it runs in.
 
 - :class:`ShareLastStageMetrics` copies what the last stage logged to every stage, so that monitoring callbacks
-  (``EarlyStopping``, ``ModelCheckpoint(monitor=...)``) decide alike everywhere.
+  (``EarlyStopping``, ``ModelCheckpoint(monitor=...)``) decide alike everywhere, and ``trainer.validate`` and
+  ``trainer.test`` return the same results on every rank.
 - :class:`StopTogether` makes a stage that left training alone raise, rather than wait for the others forever.
 - :class:`LogStageFigures` logs each stage's throughput, time and memory figures as ``ddg/stage{k}/...``, and
   at the end of training how evenly the stages were loaded (``ddg/measured_imbalance``), with a warning that names
@@ -22,7 +23,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_ddg._compat import should_update_logs
+from lightning_ddg._compat import evaluation_results, should_update_logs
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, better_cut
 from lightning_ddg.schedule import delay
 from lightning_ddg.stage import DDGStage
@@ -33,24 +34,45 @@ __all__ = ["LogStageFigures", "ShareLastStageMetrics", "StopTogether", "add_stag
 
 class ShareLastStageMetrics(Callback):
     """Copies the metrics logged on the last stage (global rank 0) to every rank, so that callbacks monitoring
-    them — ``EarlyStopping``, ``ModelCheckpoint(monitor=...)`` — decide the same way on every stage.
+    them — ``EarlyStopping``, ``ModelCheckpoint(monitor=...)`` — decide the same way on every stage, and
+    ``trainer.validate`` and ``trainer.test`` return the same results on every rank, as under ``strategy="ddp"``.
 
     Example::
 
         trainer = L.Trainer(strategy="ddg", devices=2, callbacks=[EarlyStopping("val_loss")])  # added for you
     """
 
+    def __init__(self) -> None:
+        self._results: list[dict[str, Any]] | None = None  # what the running validation or test will return
+
     def _share(self, trainer: pl.Trainer) -> None:
+        results, self._results = self._results, None
         if trainer.world_size == 1:
             return
         metrics = trainer.callback_metrics
         local = {k: v.detach().cpu() for k, v in metrics.items() if isinstance(v, Tensor)}
-        shared = trainer.strategy.broadcast(local, src=0)
-        if trainer.global_rank != 0:
-            metrics.update({k: v.to(trainer.strategy.root_device) for k, v in shared.items()})
+        on_host = [{k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in r.items()} for r in results or []]
+        shared, shared_results = trainer.strategy.broadcast((local, on_host if results is not None else None), src=0)
+        if trainer.global_rank == 0:
+            return
+        metrics.update({k: v.to(trainer.strategy.root_device) for k, v in shared.items()})
+        if results is not None and shared_results is not None:  # the list the loop returns, changed in place
+            results[:] = shared_results
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._results = evaluation_results(trainer)  # complete by the end hook: the module's epoch-end logs added
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._results = evaluation_results(trainer)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._share(trainer)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._share(trainer)
 
     @override

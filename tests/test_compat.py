@@ -28,6 +28,8 @@ def test_the_trainer_attributes_read() -> None:
     assert isinstance(trainer._logger_connector, _LoggerConnector)
     assert isinstance(_compat.should_update_logs(trainer), bool)
     assert _compat.data_source(trainer.fit_loop) is not None
+    assert isinstance(trainer.test_loop._logged_outputs, list)  # evaluation_results, during a test
+    assert _compat.evaluation_results(trainer) is None  # outside a validation or test
     assert hasattr(trainer, "_signal_connector")
     for name in _compat._SIGNAL_HANDLERS:
         assert hasattr(trainer._signal_connector, name), name

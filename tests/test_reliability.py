@@ -204,7 +204,8 @@ def test_a_stage_killed_with_sigkill_ends_the_job(jobs, request) -> None:
 
 
 def _repeat(devices: int, runs: int) -> tuple[list[str], list[tuple[int, int]], str]:
-    """Weight digests and (threads, fds) after each run, and the final test/validate line."""
+    """Weight digests and (threads, fds) after each run, and the final test/validate line, which every rank printed
+    alike."""
     proc = _start(REPEAT_JOB, "--devices", str(devices), "--runs", str(runs), pid_file=Path(os.devnull))
     try:
         output, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
@@ -215,8 +216,8 @@ def _repeat(devices: int, runs: int) -> tuple[list[str], list[tuple[int, int]], 
     assert proc.returncode == 0, output[-6000:]
     runs_found = re.findall(r"^run \d+ weights (\w+) threads (\d+) fds (-?\d+)$", output, re.MULTILINE)
     assert len(runs_found) == runs, output[-6000:]
-    evaluated = re.findall(r"^test_loss \S+ val_loss \S+$", output, re.MULTILINE)
-    assert len(evaluated) == 1, output[-6000:]
+    evaluated = re.findall(r"^rank \d+ (test_loss \S+ val_loss \S+)$", output, re.MULTILINE)
+    assert len(evaluated) == devices and len(set(evaluated)) == 1, output[-6000:]  # every rank, the same results
     return [d for d, _, _ in runs_found], [(int(t), int(f)) for _, t, f in runs_found], evaluated[0]
 
 
