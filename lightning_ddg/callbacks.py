@@ -4,6 +4,7 @@
   (``EarlyStopping``, ``ModelCheckpoint(monitor=...)``) decide alike everywhere, and ``trainer.validate`` and
   ``trainer.test`` return the same results on every rank.
 - :class:`StopTogether` makes a stage that left training alone raise, rather than wait for the others forever.
+- :func:`check_callbacks` refuses the trainer's callbacks that cannot work with a pipeline.
 - :class:`LogStageFigures` logs each stage's throughput, time and memory figures as ``ddg/stage{k}/...``, and
   at the end of training how evenly the stages were loaded (``ddg/measured_imbalance``), with a warning that names
   a stage slower than the plan allows.
@@ -16,20 +17,28 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch import callbacks
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_ddg._compat import evaluation_results, should_update_logs
+from lightning_ddg.checks import NO_BATCH_SIZE_FINDER, NO_SPAWNED_LR_FINDER, NO_WEIGHT_AVERAGING
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, better_cut
 from lightning_ddg.schedule import delay
 from lightning_ddg.stage import DDGStage
 from lightning_ddg.stats import Snapshot, StageCounters, interval_figures, measured_imbalance
 
-__all__ = ["LogStageFigures", "ShareLastStageMetrics", "StopTogether", "add_stage_callbacks"]
+__all__ = ["LogStageFigures", "ShareLastStageMetrics", "StopTogether", "add_stage_callbacks", "check_callbacks"]
+
+# callbacks that average a whole copy of the model with the module (WeightAveraging: Lightning 2.5 on)
+_WEIGHT_AVERAGING = tuple(
+    kind for kind in (callbacks.StochasticWeightAveraging, getattr(callbacks, "WeightAveraging", None)) if kind
+)
 
 
 class ShareLastStageMetrics(Callback):
@@ -227,6 +236,18 @@ def _slow_stage_advice(imbalance: float, per_step_ms: list[float], plan: Plan | 
         f"of its slowest stage: {advice}; its ddg/stage{slowest}/... figures show where its time goes ('Reading "
         "the per-stage figures' in docs/performance.md)."
     )
+
+
+def check_callbacks(trainer: pl.Trainer, spawned: bool) -> None:
+    """Refuse, at setup and with advice, the trainer's callbacks that cannot work with a pipeline: Lightning's batch
+    size finder, its learning-rate finder in ``spawned`` processes, and weight averaging."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, BatchSizeFinder):
+            raise MisconfigurationException(NO_BATCH_SIZE_FINDER)
+        if spawned and isinstance(callback, LearningRateFinder):
+            raise MisconfigurationException(NO_SPAWNED_LR_FINDER)
+        if isinstance(callback, _WEIGHT_AVERAGING):
+            raise MisconfigurationException(NO_WEIGHT_AVERAGING.format(name=type(callback).__name__))
 
 
 def add_stage_callbacks(trainer: pl.Trainer) -> None:

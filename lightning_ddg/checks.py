@@ -318,6 +318,11 @@ NO_BATCH_SIZE_FINDER = (
     "example_input, num_stages) shows the memory each stage holds at the example's batch size ('holds')."
 )
 
+NO_WEIGHT_AVERAGING = (
+    "{name} does not support DDGStrategy: it averages a whole copy of the model parameter by parameter with the "
+    "module, which holds one stage's parameters on each process. Train without it, or with strategy='ddp'."
+)
+
 NO_SPAWNED_LR_FINDER = (
     "Lightning's learning-rate finder (Tuner.lr_find, the LearningRateFinder callback) ends its fit with an exception "
     "that a spawned process cannot hand back, so its result would not reach this process. Run it with "

@@ -62,6 +62,7 @@ from lightning_ddg._compat import (
     record_resumed_checkpoint,
     set_num_threads_if_needed,
 )
+from lightning_ddg.callbacks import check_callbacks
 from lightning_ddg.lifeline import (
     SignalWatch,
     end_if_launcher_gone,
@@ -265,6 +266,8 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
 
     @override
     def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        if trainer is not None:  # here, before callbacks that cannot work are pickled for the processes
+            check_callbacks(trainer, spawned=True)
         if self._start_method == "forkserver":
             if any(type(logger).__name__ == "WandbLogger" for logger in getattr(trainer, "loggers", [])):
                 raise MisconfigurationException(

@@ -35,7 +35,6 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -59,11 +58,9 @@ from lightning_ddg._compat import (
     unwrapped_optimizer,
 )
 from lightning_ddg.balance import BalanceBy
-from lightning_ddg.callbacks import add_stage_callbacks
+from lightning_ddg.callbacks import add_stage_callbacks, check_callbacks
 from lightning_ddg.checkpoint_io import atomic, load_mapped, writes_local_torch_files
 from lightning_ddg.checks import (
-    NO_BATCH_SIZE_FINDER,
-    NO_SPAWNED_LR_FINDER,
     ONE_OPTIMIZER,
     check_automatic_optimization,
     check_no_loss_scaling,
@@ -358,11 +355,7 @@ class DDGStrategy(ParallelStrategy):
 
     def _check_supported(self, module: pl.LightningModule, trainer: pl.Trainer) -> None:
         scaled = isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None
-        if any(isinstance(callback, BatchSizeFinder) for callback in trainer.callbacks):
-            raise MisconfigurationException(NO_BATCH_SIZE_FINDER)
-        spawned = self._start_method != "popen"
-        if spawned and any(isinstance(callback, LearningRateFinder) for callback in trainer.callbacks):
-            raise MisconfigurationException(NO_SPAWNED_LR_FINDER)
+        check_callbacks(trainer, spawned=self._start_method != "popen")
         try:
             check_automatic_optimization(module.automatic_optimization)
             check_no_loss_scaling(scaled)

@@ -862,6 +862,18 @@ def test_the_learning_rate_finder_in_spawned_processes_is_refused_at_setup_with_
         Tuner(trainer).lr_find(MLPClassifier(), loader(), num_training=5)
 
 
+def test_weight_averaging_is_refused_at_setup_with_advice() -> None:
+    from lightning.pytorch import callbacks
+
+    averaging = [callbacks.StochasticWeightAveraging(swa_lrs=0.01)]
+    if hasattr(callbacks, "EMAWeightAveraging"):  # Lightning 2.5 on
+        averaging.append(callbacks.EMAWeightAveraging())
+    for callback in averaging:
+        name = type(callback).__name__
+        with pytest.raises(Exception, match=rf"{name} does not support DDGStrategy: .* Train without it"):
+            _trainer(DDGStrategy(start_method="forkserver"), 2, callbacks=[callback]).fit(MLPClassifier(), loader())
+
+
 def test_cutting_anew_under_deterministic_is_refused_at_setup(monkeypatch) -> None:
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # set by Trainer(deterministic=True), put back after the test
     strategy = DDGStrategy(start_method="forkserver", rebalance_after_steps=stats.MEASURED_STEPS)
