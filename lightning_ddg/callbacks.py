@@ -18,7 +18,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch import callbacks
-from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
+from lightning.pytorch.callbacks import (
+    BaseFinetuning,
+    BatchSizeFinder,
+    Callback,
+    GradientAccumulationScheduler,
+    LearningRateFinder,
+)
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -27,7 +33,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_ddg._compat import evaluation_results, should_update_logs
-from lightning_ddg.checks import NO_BATCH_SIZE_FINDER, NO_SPAWNED_LR_FINDER, NO_WEIGHT_AVERAGING
+from lightning_ddg.checks import (
+    NO_ACCUMULATION_SCHEDULE,
+    NO_BATCH_SIZE_FINDER,
+    NO_FINETUNING,
+    NO_SPAWNED_LR_FINDER,
+    NO_WEIGHT_AVERAGING,
+)
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, better_cut
 from lightning_ddg.schedule import delay
 from lightning_ddg.stage import DDGStage
@@ -240,7 +252,8 @@ def _slow_stage_advice(imbalance: float, per_step_ms: list[float], plan: Plan | 
 
 def check_callbacks(trainer: pl.Trainer, spawned: bool) -> None:
     """Refuse, at setup and with advice, the trainer's callbacks that cannot work with a pipeline: Lightning's batch
-    size finder, its learning-rate finder in ``spawned`` processes, and weight averaging."""
+    size finder, its learning-rate finder in ``spawned`` processes, weight averaging, fine-tuning schedules
+    (``BaseFinetuning``) and accumulation schedules."""
     for callback in trainer.callbacks:
         if isinstance(callback, BatchSizeFinder):
             raise MisconfigurationException(NO_BATCH_SIZE_FINDER)
@@ -248,6 +261,10 @@ def check_callbacks(trainer: pl.Trainer, spawned: bool) -> None:
             raise MisconfigurationException(NO_SPAWNED_LR_FINDER)
         if isinstance(callback, _WEIGHT_AVERAGING):
             raise MisconfigurationException(NO_WEIGHT_AVERAGING.format(name=type(callback).__name__))
+        if isinstance(callback, BaseFinetuning):
+            raise MisconfigurationException(NO_FINETUNING.format(name=type(callback).__name__))
+        if isinstance(callback, GradientAccumulationScheduler):
+            raise MisconfigurationException(NO_ACCUMULATION_SCHEDULE)
 
 
 def add_stage_callbacks(trainer: pl.Trainer) -> None:

@@ -29,6 +29,7 @@ from lightning_ddg.stats import MEASURED_STEPS
 __all__ = [
     "check_options",
     "check_not_compiled",
+    "check_trainable_unchanged",
     "check_stage_count",
     "check_stages_have_parameters",
     "check_exported_arguments",
@@ -286,6 +287,22 @@ def check_not_compiled(module: nn.Module) -> None:
         )
 
 
+def check_trainable_unchanged(parameters: list[tuple[str, nn.Parameter]], trainable: list[bool]) -> None:
+    """Raise unless each of a stage's ``parameters`` still requires grad exactly where ``trainable`` says it did
+    when the stage was built: a stage stashes, differentiates and updates the parameters it was built with."""
+    changed = [
+        (name, p.requires_grad) for (name, p), was in zip(parameters, trainable, strict=True) if p.requires_grad != was
+    ]
+    if changed:
+        name, now = changed[0]
+        raise RuntimeError(
+            f"{name!r} was made {'trainable' if now else 'frozen'} (requires_grad={now}) during the fit, with "
+            f"{len(changed)} parameter(s) in all, but each pipeline stage fixes the parameters it trains when the fit "
+            "starts. Freeze or unfreeze before trainer.fit; to fine-tune in phases, call trainer.fit once per phase "
+            "(e.g. with the backbone frozen, then again unfrozen) instead of changing requires_grad in a callback."
+        )
+
+
 def check_automatic_optimization(automatic: bool) -> None:
     if not automatic:
         raise ValueError(
@@ -321,6 +338,18 @@ NO_BATCH_SIZE_FINDER = (
 NO_WEIGHT_AVERAGING = (
     "{name} does not support DDGStrategy: it averages a whole copy of the model parameter by parameter with the "
     "module, which holds one stage's parameters on each process. Train without it, or with strategy='ddp'."
+)
+
+NO_FINETUNING = (
+    "{name} does not support DDGStrategy: it freezes and unfreezes parameters during the fit, and each pipeline "
+    "stage fixes the parameters it trains when the fit starts. Fine-tune in phases instead: freeze the backbone "
+    "(requires_grad=False) and call trainer.fit, then unfreeze it and call trainer.fit again."
+)
+
+NO_ACCUMULATION_SCHEDULE = (
+    "GradientAccumulationScheduler does not support DDGStrategy: each pipeline stage fixes its accumulation windows "
+    "when the fit starts, and Lightning would divide the loss by a count the stages do not step by. Set "
+    "Trainer(accumulate_grad_batches=N) for the whole fit, or call trainer.fit once per phase."
 )
 
 NO_SPAWNED_LR_FINDER = (

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from lightning_ddg._compat import buffer_table, foreach_add_, foreach_copy_, parameter_table, tree_flatten
-from lightning_ddg.checks import check_finite, crossing_values
+from lightning_ddg.checks import check_finite, check_trainable_unchanged, crossing_values
 from lightning_ddg.comm import PipelineStopped, TiedGroup
 from lightning_ddg.partition import TiedWeight
 from lightning_ddg.replicas import ReplicaAverager, sync_module_states
@@ -145,7 +145,9 @@ class DDGStage:
         self.memory = memory
         self.accumulate_grad_batches = accumulate_grad_batches
         self.check_finite = check_finite
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self._every_parameter = list(module.named_parameters())
+        self._trainable = [p.requires_grad for _, p in self._every_parameter]  # fixed: weights are stashed by them
+        named = [(n, p) for n, p in self._every_parameter if p.requires_grad]
         self._names = [n for n, _ in named]
         self._weight_slots = _slots(module, parameter_table, [p for _, p in named])
         self._buffer_slots = _slots(module, buffer_table, list(module.buffers()))
@@ -259,6 +261,8 @@ class DDGStage:
         and pass it to :meth:`backward`); the others send their output on and return ``None``.
         """
         start, waited, sent = time.perf_counter(), self.counters.wait_s, self.counters.send_s
+        if [p.requires_grad for _, p in self._every_parameter] != self._trainable:
+            check_trainable_unchanged(self._every_parameter, self._trainable)
         if self.is_first:
             inputs = list(args)
         else:

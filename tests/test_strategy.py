@@ -874,6 +874,49 @@ def test_weight_averaging_is_refused_at_setup_with_advice() -> None:
             _trainer(DDGStrategy(start_method="forkserver"), 2, callbacks=[callback]).fit(MLPClassifier(), loader())
 
 
+class _Unfreeze(L.Callback):
+    """Unfreezes the first layer at the second epoch, as a fine-tuning schedule would."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            pl_module.model[0].requires_grad_(True)
+
+
+class _FrozenFirstLayer(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model[0].requires_grad_(False)
+
+
+def test_a_parameter_unfrozen_during_the_fit_stops_it_with_advice() -> None:
+    # a stage would go on training the parameters it was built with: the unfrozen layer would silently stay frozen
+    message = r"'model.0.weight' was made trainable \(requires_grad=True\) during the fit, with 2 parameter.*fit once"
+    with pytest.raises(Exception, match=message):
+        _trainer(DDGStrategy(start_method="forkserver"), 2, callbacks=[_Unfreeze()]).fit(_FrozenFirstLayer(), loader())
+
+
+@pytest.mark.parametrize(
+    ("callback", "message"),
+    [
+        ("BackboneFinetuning", r"BackboneFinetuning does not support DDGStrategy: .* Fine-tune in phases"),
+        (
+            "GradientAccumulationScheduler",
+            r"GradientAccumulationScheduler .*Trainer\(accumulate_grad_batches=N\)",
+        ),
+    ],
+)
+def test_a_schedule_of_what_trains_or_how_is_refused_at_setup_with_advice(callback: str, message: str) -> None:
+    from lightning.pytorch import callbacks
+
+    made = (
+        callbacks.BackboneFinetuning()
+        if callback == "BackboneFinetuning"
+        else callbacks.GradientAccumulationScheduler({0: 1, 1: 2})
+    )
+    with pytest.raises(Exception, match=message):
+        _trainer(DDGStrategy(start_method="forkserver"), 2, callbacks=[made]).fit(MLPClassifier(), loader())
+
+
 def test_cutting_anew_under_deterministic_is_refused_at_setup(monkeypatch) -> None:
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # set by Trainer(deterministic=True), put back after the test
     strategy = DDGStrategy(start_method="forkserver", rebalance_after_steps=stats.MEASURED_STEPS)
