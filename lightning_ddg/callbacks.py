@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import (
     Callback,
     GradientAccumulationScheduler,
     LearningRateFinder,
+    ModelPruning,
 )
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -37,6 +38,7 @@ from lightning_ddg.checks import (
     NO_ACCUMULATION_SCHEDULE,
     NO_BATCH_SIZE_FINDER,
     NO_FINETUNING,
+    NO_PRUNING,
     NO_SPAWNED_LR_FINDER,
     NO_WEIGHT_AVERAGING,
 )
@@ -253,7 +255,7 @@ def _slow_stage_advice(imbalance: float, per_step_ms: list[float], plan: Plan | 
 def check_callbacks(trainer: pl.Trainer, spawned: bool) -> None:
     """Refuse, at setup and with advice, the trainer's callbacks that cannot work with a pipeline: Lightning's batch
     size finder, its learning-rate finder in ``spawned`` processes, weight averaging, fine-tuning schedules
-    (``BaseFinetuning``) and accumulation schedules."""
+    (``BaseFinetuning``), accumulation schedules and pruning."""
     for callback in trainer.callbacks:
         if isinstance(callback, BatchSizeFinder):
             raise MisconfigurationException(NO_BATCH_SIZE_FINDER)
@@ -265,6 +267,8 @@ def check_callbacks(trainer: pl.Trainer, spawned: bool) -> None:
             raise MisconfigurationException(NO_FINETUNING.format(name=type(callback).__name__))
         if isinstance(callback, GradientAccumulationScheduler):
             raise MisconfigurationException(NO_ACCUMULATION_SCHEDULE)
+        if isinstance(callback, ModelPruning):
+            raise MisconfigurationException(NO_PRUNING)
 
 
 def add_stage_callbacks(trainer: pl.Trainer) -> None:

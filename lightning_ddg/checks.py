@@ -352,6 +352,12 @@ NO_ACCUMULATION_SCHEDULE = (
     "Trainer(accumulate_grad_batches=N) for the whole fit, or call trainer.fit once per phase."
 )
 
+NO_PRUNING = (
+    "ModelPruning does not support DDGStrategy: it replaces the module's weights with masked copies during the fit, "
+    "while each pipeline stage trains the weights it was built with and holds only its own modules. Prune before "
+    "the fit or after it (torch.nn.utils.prune), on the whole model."
+)
+
 NO_SPAWNED_LR_FINDER = (
     "Lightning's learning-rate finder (Tuner.lr_find, the LearningRateFinder callback) ends its fit with an exception "
     "that a spawned process cannot hand back, so its result would not reach this process. Run it with "

@@ -903,16 +903,17 @@ def test_a_parameter_unfrozen_during_the_fit_stops_it_with_advice() -> None:
             "GradientAccumulationScheduler",
             r"GradientAccumulationScheduler .*Trainer\(accumulate_grad_batches=N\)",
         ),
+        ("ModelPruning", r"ModelPruning does not support DDGStrategy: .* Prune before the fit or after it"),
     ],
 )
-def test_a_schedule_of_what_trains_or_how_is_refused_at_setup_with_advice(callback: str, message: str) -> None:
+def test_callbacks_that_change_what_or_how_the_stages_train_are_refused_at_setup(callback: str, message: str) -> None:
     from lightning.pytorch import callbacks
 
-    made = (
-        callbacks.BackboneFinetuning()
-        if callback == "BackboneFinetuning"
-        else callbacks.GradientAccumulationScheduler({0: 1, 1: 2})
-    )
+    made = {
+        "BackboneFinetuning": callbacks.BackboneFinetuning,
+        "GradientAccumulationScheduler": lambda: callbacks.GradientAccumulationScheduler({0: 1, 1: 2}),
+        "ModelPruning": lambda: callbacks.ModelPruning("l1_unstructured", amount=0.5),
+    }[callback]()
     with pytest.raises(Exception, match=message):
         _trainer(DDGStrategy(start_method="forkserver"), 2, callbacks=[made]).fit(MLPClassifier(), loader())
 
