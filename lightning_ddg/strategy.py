@@ -295,7 +295,8 @@ class DDGStrategy(ParallelStrategy):
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        self._check_supported(module, trainer)
+        self._check_supported(module)
+        check_callbacks(trainer, spawned=self._start_method != "popen")
         self.model = self.precision_plugin.convert_module(module)
         context, rank, device = self.precision_plugin.forward_context, self.global_rank, self.root_device
         self.partition, self.plan = cut_module(  # cutting.py: rank 0 plans, every rank cuts alike
@@ -353,9 +354,8 @@ class DDGStrategy(ParallelStrategy):
         # layers' initialisation would have begun with, a torch.manual_seed in configure_model included
         self._init_rng_states = rng_states(self.root_device)
 
-    def _check_supported(self, module: pl.LightningModule, trainer: pl.Trainer) -> None:
+    def _check_supported(self, module: pl.LightningModule) -> None:
         scaled = isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None
-        check_callbacks(trainer, spawned=self._start_method != "popen")
         try:
             check_automatic_optimization(module.automatic_optimization)
             check_no_loss_scaling(scaled)
