@@ -349,6 +349,12 @@ def data_source(loop: Any) -> Any:
     return source
 
 
+def syncs_batchnorm(strategy: Any) -> bool:
+    """Whether the Trainer was given ``sync_batchnorm=True``: Lightning then hands the strategy a layer sync in its
+    private ``_layer_sync`` before ``_configure_launcher``. If it moves, ``False``: the option is not checked."""
+    return getattr(strategy, "_layer_sync", None) is not None
+
+
 def evaluation_results(trainer: pl.Trainer) -> list[dict[str, Any]] | None:
     """The list of metric dicts, one per dataloader, that the running validation or test will return from
     ``trainer.validate`` or ``trainer.test``, as far as it is filled (Lightning's private

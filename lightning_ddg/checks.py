@@ -31,6 +31,7 @@ __all__ = [
     "check_not_compiled",
     "check_trainable_unchanged",
     "check_stage_count",
+    "check_no_synced_batchnorm",
     "check_stages_have_parameters",
     "check_exported_arguments",
     "crossing_values",
@@ -153,6 +154,16 @@ def _named_stages(split_points: Sequence[str] | None, balance: Sequence[int] | N
     if split_points is not None:
         return len(split_points) + 1
     return len(balance) if balance is not None else None
+
+
+def check_no_synced_batchnorm(sync_batchnorm: bool, num_replicas: int) -> None:
+    """``sync_batchnorm=True`` has nothing to synchronise over one pipeline; over replicas it is not supported."""
+    if sync_batchnorm and num_replicas > 1:
+        raise ValueError(
+            f"Trainer(sync_batchnorm=True) is not supported with DDGStrategy's {num_replicas} replicas of the "
+            "pipeline: each replica's stages normalise over their own shard of the batch, as strategy='ddp' does "
+            "without it. Remove sync_batchnorm=True."
+        )
 
 
 def check_stages_have_parameters(stages: Sequence[nn.Module], split_points: Sequence[str]) -> None:

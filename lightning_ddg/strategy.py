@@ -53,6 +53,7 @@ from lightning_ddg._compat import (
     replace_signal_handlers,
     restore_signal_handlers,
     sync_ddp_if_available,
+    syncs_batchnorm,
     take_over_step_timer,
     trainer_if_attached,
     unwrapped_optimizer,
@@ -64,6 +65,7 @@ from lightning_ddg.checks import (
     ONE_OPTIMIZER,
     check_automatic_optimization,
     check_no_loss_scaling,
+    check_no_synced_batchnorm,
     check_not_compiled,
     check_options,
     check_same_lengths,
@@ -259,6 +261,7 @@ class DDGStrategy(ParallelStrategy):
         assert self.cluster_environment is not None
         # here, when the Trainer is built, no process has been started yet: the error is shown once
         check_stage_count(self.num_nodes * self.num_processes, self.split_points, self.balance, self.num_stages)
+        check_no_synced_batchnorm(syncs_batchnorm(self), self.topology.num_replicas)
         if self._start_method == "popen":
             self._launcher = DDGScriptLauncher(
                 self.cluster_environment, self.num_processes, self.num_nodes, describe=self.topology.describe

@@ -940,6 +940,13 @@ def test_multiple_optimizers_are_refused_with_advice() -> None:
         _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_TwoOptimizers(), loader())
 
 
+def test_synced_batchnorm_over_replicas_is_refused_when_the_trainer_is_built() -> None:
+    with pytest.raises(ValueError, match=r"sync_batchnorm=True\) is not supported with DDGStrategy's 2 replicas"):
+        L.Trainer(strategy=DDGStrategy(num_stages=2), devices=4, accelerator="cpu", sync_batchnorm=True)
+    # over one pipeline there is nothing to synchronise: the option changes nothing
+    L.Trainer(strategy=DDGStrategy(), devices=2, accelerator="cpu", sync_batchnorm=True, logger=False)
+
+
 def test_float16_loss_scaling_is_refused_with_advice() -> None:
     from lightning.pytorch.plugins.precision import MixedPrecision
 
