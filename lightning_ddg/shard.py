@@ -20,9 +20,11 @@ import ctypes
 import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_ddg._compat import buffer_table, non_persistent_buffers, parameter_table
 from lightning_ddg.partition import Partition
@@ -50,6 +52,8 @@ class Removed:
     is_parameter: bool
     requires_grad: bool
     persistent: bool
+    # the hook that makes a call of a module emptied by the removal say so (on one entry under that module)
+    hook: RemovableHandle | None = None
 
 
 class OtherStage(nn.Module):
@@ -72,6 +76,7 @@ def keep_only_stage(module: nn.Module, partition: Partition, stage: int) -> list
     rest of ``training_step``.
     """
     removed = _take_out(module, partition, stage)
+    _refuse_calls_of_emptied(module, removed)
     for modules in (partition.train, partition.eval):
         for j in range(len(modules)):
             if j != stage:
@@ -123,10 +128,41 @@ def _take_out(module: nn.Module, partition: Partition, stage: int) -> list[Remov
     return removed
 
 
+def _refuse_calls_of_emptied(module: nn.Module, removed: list[Removed]) -> None:
+    """Give each outermost submodule that the removal left with no parameter or buffer a hook that raises, when it is
+    called, an error that says why, instead of an ``AttributeError`` deep inside it: a step calling a part of the
+    model directly (``self.model.generate(...)``, ``self.encoder(x)``) rather than through ``self(...)``."""
+    hooked: list[str] = []
+    for name, mod in module.named_modules():
+        if not name or any(name.startswith(h + ".") for h in hooked) or _holds_tensors(mod):
+            continue
+        first = next((r for r in removed if r.name.startswith(name + ".")), None)
+        if first is None:
+            continue  # held nothing to begin with (an activation, a dropout): it runs anywhere
+        first.hook = mod.register_forward_pre_hook(partial(_held_elsewhere, name))
+        hooked.append(name)
+
+
+def _holds_tensors(module: nn.Module) -> bool:
+    return next(iter([*module.parameters(), *module.buffers()]), None) is not None
+
+
+def _held_elsewhere(name: str, module: nn.Module, args: object) -> None:
+    raise RuntimeError(
+        f"{name!r} was called, but its parameters and buffers belong to another pipeline stage, which another "
+        "process holds: under DDGStrategy a step runs the model only through self(...). Call it inside forward, so "
+        "that self(...) runs it where it is held; or, after trainer.fit, on the whole model that fit puts back in "
+        "the module (text generation, say)."
+    )
+
+
 def put_back(removed: list[Removed], full: dict[str, Tensor], device: torch.device | None = None) -> None:
     """Register the removed parameters and buffers again, with the values of ``full`` (names as in the module's
     ``state_dict``), on ``device``."""
     for r in removed:
+        if r.hook is not None:
+            r.hook.remove()
+            r.hook = None
         value = full[r.name].to(device) if device is not None else full[r.name]
         if r.is_parameter:
             r.module.register_parameter(r.attr, nn.Parameter(value, r.requires_grad))

@@ -14,7 +14,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from lightning_ddg import DDGStrategy, checkpoint_io, plan, split_module
 from lightning_ddg.checkpoint_io import save_streamed
-from lightning_ddg.shard import keep_only_stage, kept_tensors, materialize
+from lightning_ddg.shard import keep_only_stage, kept_tensors, materialize, put_back
 from tests.jobs import run_job
 from tests.lightning_models import MLPClassifier, cpu_trainer, loader
 from tests.models import TiedLM
@@ -123,6 +123,20 @@ def test_materializing_one_stage_gives_the_values_of_a_whole_build() -> None:
     for name, value in state.items():
         assert torch.equal(value, whole.state_dict()[name]), name
     assert partition.train[1](torch.randn(4, 16, dtype=torch.float64)).shape == (4, 3)
+
+
+def test_a_module_another_stage_holds_says_so_when_called_until_it_is_put_back() -> None:
+    model, x = _layers().eval(), torch.randn(4, 8, dtype=torch.float64)
+    expected, full = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    partition = split_module(model, ["3"])
+    removed = keep_only_stage(model, partition, 1)
+    # a call of the whole module, as a step calling a part of the model directly would: the first emptied module says
+    # why it cannot run here, instead of an AttributeError inside it
+    with pytest.raises(RuntimeError, match=r"'0' was called, but its parameters and buffers belong to another"):
+        model(x)
+    assert partition.eval[1](torch.randn(4, 16, dtype=torch.float64)).shape == (4, 3)  # the stage runs as before
+    put_back(removed, full)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 
 def test_materializing_keeps_a_tied_weight_one_tensor() -> None:
