@@ -367,6 +367,10 @@ class _OptionalArguments(L.LightningModule):
         x, y = batch
         return nn.functional.cross_entropy(self(x), y)
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
@@ -382,7 +386,9 @@ def test_none_a_flag_and_a_number_crossing_the_cuts_of_a_fit_match_the_reference
             ref.step(x, y)
     ref.finish()
     strategy = DDGStrategy(start_method="forkserver", split_points=["net.b", "net.c"])
-    cpu_trainer(strategy, 3, max_epochs=2).fit(model, loader())
+    trainer = cpu_trainer(strategy, 3, max_epochs=2)
+    trainer.fit(model, loader(), loader(n=16))  # validation sends them through the evaluation stages too
+    assert torch.isfinite(trainer.callback_metrics["val_loss"])
     for name, expected in reference.state_dict().items():
         torch.testing.assert_close(model.net.state_dict()[name], expected, rtol=1e-5, atol=1e-7, msg=name)
 
