@@ -43,6 +43,15 @@ def mlp(
     return nn.Sequential(*layers).to(dtype)
 
 
+def attend(z: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Each row attends to itself, with an optional mask and flag, as timm's attention does; torch.fx records the
+    call whole (torch 2.4 cannot trace a flag into scaled_dot_product_attention)."""
+    return nn.functional.scaled_dot_product_attention(z[:, None], z[:, None], z[:, None], mask, is_causal=causal)[:, 0]
+
+
+torch.fx.wrap("attend")
+
+
 class PassingThrough(nn.Module):
     """Received tensors leave stages again: ``h`` skips over every later cut, and the stage of ``b`` also sends
     on ``v``, a view of the ``h`` it received. Values that are not tensors cross too: the optional ``mask`` and
@@ -62,8 +71,7 @@ class PassingThrough(nn.Module):
         rows = h.shape[0]
         z = torch.tanh(self.b(h))
         v = h[:, :8]
-        z = nn.functional.scaled_dot_product_attention(z[:, None], z[:, None], z[:, None], mask, is_causal=causal)
-        z = torch.tanh(self.c(z[:, 0]))
+        z = torch.tanh(self.c(attend(z, mask, causal)))
         return self.head(torch.cat([z * h, v], dim=1)).reshape(rows, -1)
 
 
