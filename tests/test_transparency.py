@@ -8,7 +8,6 @@ import copy
 import random
 import warnings
 
-import lightning.pytorch as L
 import pytest
 import torch
 from torch import nn
@@ -16,7 +15,7 @@ from torch import nn
 from lightning_ddg import DDGReference, DDGStrategy, plan, split_module
 from lightning_ddg.opening import frozen_python
 from lightning_ddg.planning import check_split
-from tests.lightning_models import cpu_trainer, loader
+from tests.lightning_models import MLPClassifier, cpu_trainer, loader, make_optimizer
 from tests.models import PassingThrough
 from tests.transparency_models import (
     Counting,
@@ -352,45 +351,34 @@ def test_blocks_with_python_state_match_the_reference_on_the_unsplit_modules(num
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-class _OptionalArguments(L.LightningModule):
-    """Its forward takes an optional mask and a flag, as timm's models do, and training_step leaves both out: they
-    cross the cut as None and False, beside a row count read from a shape (``tests.models.PassingThrough``)."""
+class _OptionalArguments(MLPClassifier):
+    """Its forward takes an optional mask and a flag, as timm's models do, and its steps leave both out: they cross
+    the cuts as None and False, beside a row count read from a shape (``tests.models.PassingThrough``)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = PassingThrough()
+        self.model = PassingThrough()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        return self.net(x, mask, causal)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return self.model(x, mask, causal)
 
 
 def test_none_a_flag_and_a_number_crossing_the_cuts_of_a_fit_match_the_reference() -> None:
     model = _OptionalArguments()
-    reference = copy.deepcopy(model.net)
+    reference = copy.deepcopy(model.model)
     stages = split_module(reference, ["b", "c"]).train
-    optimizers = [torch.optim.SGD(s.parameters(), lr=0.05, momentum=0.9) for s in stages]
+    optimizers = [make_optimizer("sgd", s.parameters()) for s in stages]
     ref = DDGReference(stages, optimizers, nn.functional.cross_entropy)
     for _ in range(2):
         for x, y in loader():
             ref.step(x, y)
     ref.finish()
-    strategy = DDGStrategy(start_method="forkserver", split_points=["net.b", "net.c"])
+    strategy = DDGStrategy(start_method="forkserver", split_points=["model.b", "model.c"])
     trainer = cpu_trainer(strategy, 3, max_epochs=2)
     trainer.fit(model, loader(), loader(n=16))  # validation sends them through the evaluation stages too
     assert torch.isfinite(trainer.callback_metrics["val_loss"])
     for name, expected in reference.state_dict().items():
-        torch.testing.assert_close(model.net.state_dict()[name], expected, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(model.model.state_dict()[name], expected, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_a_vit_reading_shapes_in_attention_trains_with_no_options() -> None:
