@@ -404,7 +404,7 @@ class DDGStage:
                 check_finite(grad_targets, *_gradient_blame(self.stage_index, item.batch))
             targets = item.outputs if item.outputs is not None else self._recompute(item)
         # a value that crossed in the header (None, a number) has no gradient
-        pairs = [(t, g) for t, g in zip(targets, grad_targets, strict=False) if _is_float_tensor(t) and t.requires_grad]
+        pairs = [(t, g) for t, g in zip(targets, grad_targets, strict=False) if _requires_grad(t)]
         weights = item.weights if item.weights is not None else self.parameters
         float_inputs = [x for x in item.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
         leaves = list(weights) + float_inputs
@@ -648,6 +648,10 @@ def _among(tensors: list[Any], values: Any) -> list[Any]:
 
 def _is_float_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _requires_grad(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad
 
 
 def _batch_size(inputs: list[Any]) -> int:
