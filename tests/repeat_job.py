@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import sys
 import threading
 
 import lightning as L
@@ -101,7 +102,8 @@ def main() -> None:
     (validated,) = trainer.validate(model, DataLoader(data, batch_size=8), verbose=False)
     # on every rank: each returns the last stage's results, as every rank does under strategy="ddp"
     losses = f"test_loss {tested['test_loss']:.6f} val_loss {validated['val_loss']:.6f}"
-    print(f"rank {trainer.global_rank} {losses}", flush=True)
+    sys.stdout.write(f"rank {trainer.global_rank} {losses}\n")  # one write: the ranks share the output
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

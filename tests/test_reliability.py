@@ -216,7 +216,7 @@ def _repeat(devices: int, runs: int) -> tuple[list[str], list[tuple[int, int]], 
     assert proc.returncode == 0, output[-6000:]
     runs_found = re.findall(r"^run \d+ weights (\w+) threads (\d+) fds (-?\d+)$", output, re.MULTILINE)
     assert len(runs_found) == runs, output[-6000:]
-    evaluated = re.findall(r"^rank \d+ (test_loss \S+ val_loss \S+)$", output, re.MULTILINE)
+    evaluated = re.findall(r"rank \d+ (test_loss -?\d+\.\d{6} val_loss -?\d+\.\d{6})", output)
     assert len(evaluated) == devices and len(set(evaluated)) == 1, output[-6000:]  # every rank, the same results
     return [d for d, _, _ in runs_found], [(int(t), int(f)) for _, t, f in runs_found], evaluated[0]
 
