@@ -5,7 +5,8 @@
 Every run seeds with ``seed_everything``, builds a fresh model (with dropout) and Trainer
 (``deterministic=True``) and fits it with ``strategy="ddg"``. Rank 0 prints, after each run, a digest of the
 trained weights and the number of threads and open file descriptors of the process, and at the end the result
-of ``trainer.test`` and ``trainer.validate`` on the last Trainer, as every rank got it.
+of ``trainer.test`` and ``trainer.validate`` on the last Trainer, as every rank got it; with ``--lr-find``, then
+the learning rate Lightning's finder suggested on every rank.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 
 import lightning as L
 import torch
+from lightning.pytorch.tuner import Tuner
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -27,6 +29,7 @@ import lightning_ddg  # noqa: F401 - registers strategy="ddg"
 class DropoutMLP(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
+        self.lr = 0.01  # the attribute Lightning's learning-rate finder sets
         self.model = nn.Sequential(
             nn.Linear(8, 16),
             nn.Tanh(),
@@ -57,7 +60,7 @@ class DropoutMLP(L.LightningModule):
         self.log("test_loss", nn.functional.cross_entropy(self(x), y))
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=0.01)
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
 def digest(module: nn.Module) -> str:
@@ -73,6 +76,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--lr-find", action="store_true", help="at the end, Lightning's learning-rate finder")
     args = parser.parse_args()
 
     g = torch.Generator().manual_seed(1)
@@ -104,6 +108,12 @@ def main() -> None:
     losses = f"test_loss {tested['test_loss']:.6f} val_loss {validated['val_loss']:.6f}"
     sys.stdout.write(f"rank {trainer.global_rank} {losses}\n")  # one write: the ranks share the output
     sys.stdout.flush()
+    if args.lr_find:  # on the losses of the last stage; every rank gets the same suggestion
+        finder = Tuner(trainer).lr_find(
+            model, DataLoader(data, batch_size=4), num_training=40, early_stop_threshold=None
+        )
+        sys.stdout.write(f"rank {trainer.global_rank} suggested lr {finder.suggestion()} set {model.lr}\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

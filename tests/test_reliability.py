@@ -203,10 +203,11 @@ def test_a_stage_killed_with_sigkill_ends_the_job(jobs, request) -> None:
     assert job.gone_at - job.failed_at < LIMIT_S, report
 
 
-def _repeat(devices: int, runs: int) -> tuple[list[str], list[tuple[int, int]], str]:
-    """Weight digests and (threads, fds) after each run, and the final test/validate line, which every rank printed
-    alike."""
-    proc = _start(REPEAT_JOB, "--devices", str(devices), "--runs", str(runs), pid_file=Path(os.devnull))
+def _repeat(devices: int, runs: int, lr_find: bool = False) -> tuple[list[str], list[tuple[int, int]], str, list[str]]:
+    """Weight digests and (threads, fds) after each run, the final test/validate line, which every rank printed
+    alike, and with ``lr_find`` the learning rate each rank's finder suggested and set."""
+    extra = ["--lr-find"] if lr_find else []
+    proc = _start(REPEAT_JOB, "--devices", str(devices), "--runs", str(runs), *extra, pid_file=Path(os.devnull))
     try:
         output, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -218,7 +219,9 @@ def _repeat(devices: int, runs: int) -> tuple[list[str], list[tuple[int, int]], 
     assert len(runs_found) == runs, output[-6000:]
     evaluated = re.findall(r"rank \d+ (test_loss -?\d+\.\d{6} val_loss -?\d+\.\d{6})", output)
     assert len(evaluated) == devices and len(set(evaluated)) == 1, output[-6000:]  # every rank, the same results
-    return [d for d, _, _ in runs_found], [(int(t), int(f)) for _, t, f in runs_found], evaluated[0]
+    found_rates = re.findall(r"rank \d+ suggested lr (\S+) set ([-+.e\d]+)", output)
+    rates = [f"{suggested} {set_to}" for suggested, set_to in found_rates]
+    return [d for d, _, _ in runs_found], [(int(t), int(f)) for _, t, f in runs_found], evaluated[0], rates
 
 
 def _seeded_digests(devices: int) -> list[str]:
@@ -235,8 +238,8 @@ def test_seeded_runs_give_bitwise_identical_weights(jobs, request, devices: int)
 
 
 @pytest.mark.timeout(AHEAD_TIMEOUT_S)
-def test_a_script_fits_and_tests_again_after_a_fit(jobs, request) -> None:
-    digests, resources, evaluated = result_of(jobs, request)
+def test_a_script_fits_tests_and_finds_a_learning_rate_after_a_fit(jobs, request) -> None:
+    digests, resources, evaluated, rates = result_of(jobs, request)
     assert len(set(digests)) == 1  # each fit started from the same state, and the third is as good as the first
     (threads_2, fds_2), (threads_3, fds_3) = resources[1:]
     # nothing piles up from one fit to the next: no watchdog thread, no process group left behind
@@ -244,6 +247,10 @@ def test_a_script_fits_and_tests_again_after_a_fit(jobs, request) -> None:
     assert fds_3 <= fds_2 + 2  # a socket may still be closing
     test_loss, val_loss = (float(v) for v in evaluated.split()[1::2])
     assert test_loss == pytest.approx(val_loss)  # the same data and weights through test and validate
+    # Lightning's learning-rate finder, under strategy="ddg": every rank got the last stage's suggestion and set it
+    assert len(rates) == 2 and len(set(rates)) == 1, rates
+    suggested, set_to = rates[0].split()
+    assert suggested != "None" and float(suggested) == float(set_to), rates
 
 
 # --- stopped in any phase of its life --------------------------------------------------------------------------
@@ -583,7 +590,7 @@ JOBS = {  # each test's job, run ahead (tests/jobs.py); each test checks its own
         tmp, "--devices", "3", "--fail", "kill", "--rank", "1"
     ),
     "test_seeded_runs_give_bitwise_identical_weights": lambda tmp, devices: _seeded_digests(devices),
-    "test_a_script_fits_and_tests_again_after_a_fit": lambda tmp: _repeat(devices=2, runs=3),
+    "test_a_script_fits_tests_and_finds_a_learning_rate_after_a_fit": lambda tmp: _repeat(2, runs=3, lr_find=True),
     "test_a_job_killed_while_it_saves_keeps_the_last_complete_checkpoint": _killed_while_saving,
     "test_a_rank_that_does_not_arrive_is_named_when_the_rendezvous_times_out": lambda tmp: run_failing_job(
         tmp, "--devices", "2", "--hold", "rendezvous", "--rank", "1", "--rendezvous-timeout", "3"
