@@ -130,13 +130,15 @@ def _decode(header: torch.Tensor) -> tuple[Specs, list[Any] | None, list[int]]:
         return (), None, values[1:2]  # the signal that stopped the job, 0 for a plain end
     for _ in range(count):
         code = values[pos]
-        if code in _VALUE_TYPE:
-            kind = _VALUE_TYPE[code]
-            payload = values[pos + 1] if kind is not type(None) else None
-            if kind is float:
-                payload = struct.unpack("<d", struct.pack("<q", payload))[0]
-            layout.append(None if payload is None else kind(payload))
-            pos += 1 if payload is None else 2
+        kind = _VALUE_TYPE.get(code)
+        if kind is type(None):
+            layout.append(None)
+            pos += 1
+            continue
+        if kind is not None:
+            payload = values[pos + 1]
+            layout.append(struct.unpack("<d", struct.pack("<q", payload))[0] if kind is float else kind(payload))
+            pos += 2
             continue
         dtype, ndim = _DTYPES[code], values[pos + 1]
         specs.append((dtype, tuple(values[pos + 2 : pos + 2 + ndim])))

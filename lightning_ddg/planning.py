@@ -301,7 +301,7 @@ def plan(
     if timed_on_meta:
         balance_by = "flops"
 
-    # a cut that a value other than a tensor would cross cannot run: never chosen, refused when given
+    # a cut that a value which cannot be sent would cross cannot run: never chosen, refused when given
     crossing, example_runs = _uncrossable(gm, positions, module, args, where)
     for index, name in given.items():
         if index in crossing:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -144,7 +145,7 @@ def _refuse_calls_of_emptied(module: nn.Module, removed: list[Removed]) -> None:
 
 
 def _holds_tensors(module: nn.Module) -> bool:
-    return next(iter([*module.parameters(), *module.buffers()]), None) is not None
+    return next(itertools.chain(module.parameters(), module.buffers()), None) is not None
 
 
 def _held_elsewhere(name: str, module: nn.Module, args: object) -> None:

@@ -277,6 +277,16 @@ def test_an_optional_mask_crosses_the_cut_as_none_or_as_a_tensor() -> None:
     assert torch.equal(_compose(stages, x, mask), model(x, mask))
 
 
+def test_a_timm_vit_called_bare_is_cut_between_its_blocks() -> None:
+    # forward(x, attn_mask=None, is_causal=False) hands both to every block: they cross every cut between blocks
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=48, depth=4, num_heads=3)
+    x = torch.randn(2, 3, 16, 16)
+    p = plan(model.eval(), x, 2, balance_by="flops")
+    assert p.split_points == ["blocks.2"]
+    torch.testing.assert_close(_compose(split_module(model, p.split_points).eval, x), model(x), rtol=0, atol=0)
+
+
 def test_a_vit_reading_shapes_in_attention_plans_cuts_that_run() -> None:
     model, x = TinyViT(), torch.randn(2, 3, 16, 16)
     for num_stages in (2, 3, 4, 6):
