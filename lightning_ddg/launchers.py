@@ -414,7 +414,7 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
             # stop here, and a KeyboardInterrupt raised in the interpreter's exit would print a traceback
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         except SIGTERMException as stop:
-            if getattr(getattr(self._strategy, "_stop", None), "stopped_by", None) is not None:  # after a step
+            if getattr(self._strategy, "stopped_by", None) is not None:  # after a step
                 self._started[process_idx] = _STOPPED_TOGETHER
             # the stages stopped together: Lightning runs on_exception callbacks only in the launching process, but
             # the trained state is here, and saving it (a checkpoint callback) needs every stage

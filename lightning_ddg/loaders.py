@@ -6,16 +6,40 @@ These checks and the seeding are plain PyTorch.
 Example::
 
     seed_shuffling(loader, shuffle_seed())      # the same order on every stage
+    read_alike(loader, topology, rank, seed, lengths=gather_objects, what="training")  # all of the above
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DistributedSampler, RandomSampler
 
-__all__ = ["check_sampler_shards_replicas", "loader_length", "seed_shuffling", "shuffle_seed"]
+from lightning_ddg.checks import check_same_lengths
+from lightning_ddg.topology import Topology
+
+__all__ = ["check_sampler_shards_replicas", "loader_length", "read_alike", "seed_shuffling", "shuffle_seed"]
+
+
+def read_alike(
+    dataloader: object,
+    topology: Topology,
+    rank: int,
+    seed: int,
+    lengths: Callable[[int | None], list[int | None]] | None,
+    what: str,
+) -> None:
+    """Make global rank ``rank``'s ``dataloader`` read what the other stages of its pipeline read, or raise
+    ``ValueError``: as many batches as every other process (``lengths`` gathers each one's count, a collective;
+    ``None`` where there is no other), its replica's shard, and, with more than one stage, an order shuffled alike
+    (``seed``, the same on every rank)."""
+    if lengths is not None:  # a stage that read fewer batches would leave the others waiting for the missing ones
+        check_same_lengths(lengths(loader_length(dataloader)), f"{what} dataloader", topology.describe)
+    check_sampler_shards_replicas(dataloader, topology.num_replicas, topology.replica_of(rank))
+    if topology.num_stages > 1:
+        seed_shuffling(dataloader, seed)
 
 
 def shuffle_seed() -> int:

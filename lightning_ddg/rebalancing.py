@@ -42,6 +42,7 @@ from lightning_ddg.state import parameter_names
 from lightning_ddg.stats import measured_imbalance
 
 if TYPE_CHECKING:
+    from lightning_ddg.stage_run import StageRun
     from lightning_ddg.strategy import DDGStrategy
 
 __all__ = ["recut_batch", "recut_where_measured"]
@@ -63,15 +64,18 @@ def recut_batch(after_steps: int | None, num_stages: int, trainer: pl.Trainer, o
     return windows * trainer.accumulate_grad_batches
 
 
-def recut_where_measured(strategy: DDGStrategy, trainer: pl.Trainer, batch: int, stage_options: dict[str, Any]) -> None:
+def recut_where_measured(
+    strategy: DDGStrategy, trainer: pl.Trainer, batch: int, stage_options: dict[str, Any]
+) -> StageRun:
     """Before training batch ``batch``, on every rank: cut the stages anew where the times measured so far balance,
     or keep the cut (see the module's docstring). A collective. ``stage_options``: the stage's build options, as
-    :meth:`StageRun.start <lightning_ddg.stage_run.StageRun.start>` takes them."""
+    :meth:`StageRun.start <lightning_ddg.stage_run.StageRun.start>` takes them. Returns the strategy's run from
+    then on."""
     plan, old, run, module = strategy.plan, strategy.partition, strategy._run, strategy.lightning_module
     assert plan is not None and old is not None and run is not None and module is not None
     decided = strategy.broadcast(_better_cut(strategy, plan, batch) if strategy.global_rank == 0 else None)
     if decided is None:
-        return
+        return run
     points, measured_ms = decided
     optimizers = strategy.optimizers
     run.drain(partial(strategy._step, optimizers[0]) if optimizers else None)
@@ -90,7 +94,7 @@ def recut_where_measured(strategy: DDGStrategy, trainer: pl.Trainer, batch: int,
         made.append((partition, [sum(p.numel() for p in stage.parameters()) for stage in partition.train]))
         return partition
 
-    strategy._run = run.recut(cut, **stage_options)
+    strategy._run = new_run = run.recut(cut, **stage_options)
     ((partition, parameters),) = made
     strategy.partition = partition
     strategy.setup_optimizers(trainer)  # configure_optimizers, on the new stage's parameters
@@ -105,11 +109,12 @@ def recut_where_measured(strategy: DDGStrategy, trainer: pl.Trainer, batch: int,
     if partition.split_points == old.split_points:
         rank_zero_info(f"DDG: the cut at {points} cannot run (a stage without parameters, or a weight shared by "
                        f"other stages): the stages stay cut at {old.split_points}")  # fmt: skip
-        return
+        return new_run
     strategy.plan = replanned(plan, points, measured_ms, parameters)
     if strategy.global_rank == 0 and any(isinstance(c, ModelSummary) for c in trainer.callbacks):
         rank_zero_info(f"DDG plan from batch {batch}:\n{strategy.plan}")
     log.info("recut: stage %d of the cut at %s from batch %d", strategy.stage_index, points, batch)
+    return new_run
 
 
 def _better_cut(strategy: DDGStrategy, plan: Plan, batch: int) -> tuple[list[str], list[float]] | None:

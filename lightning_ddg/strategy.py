@@ -6,9 +6,9 @@ skipped (there is no loss there); when fit ends, the whole trained model is back
 (see ``docs/usage.md``). The hooks hand their work to plain-PyTorch objects: the cut to
 :func:`~lightning_ddg.cutting.cut_module`, this rank's stage while it runs (the pipelined ``forward``, the delayed
 backward and step, the drain, the whole module put back) to :class:`~lightning_ddg.stage_run.StageRun`, the whole
-model's state to :class:`~lightning_ddg.state.StageStates`, stop signals to :class:`~lightning_ddg.stopping.JobStop`,
-the process group and the watchdog over the other processes to :class:`~lightning_ddg.job.JobMember` (see
-``docs/architecture.md``).
+model's state to :class:`~lightning_ddg.state.StageStates`, what happens before each training batch (a stop signal,
+the fit's end) to :class:`~lightning_ddg.between_batches.BetweenBatches`, the process group and the watchdog over
+the other processes to :class:`~lightning_ddg.job.JobMember` (see ``docs/architecture.md``).
 
 Example::
 
@@ -38,7 +38,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
@@ -49,16 +49,12 @@ from lightning_ddg._compat import (
     detect_anomaly,
     distributed_is_initialized,
     optimizers_to_device,
-    replace_per_step_sigterm_broadcast,
-    replace_signal_handlers,
-    restore_signal_handlers,
     sync_ddp_if_available,
     syncs_batchnorm,
-    take_over_step_timer,
-    trainer_if_attached,
     unwrapped_optimizer,
 )
 from lightning_ddg.balance import BalanceBy
+from lightning_ddg.between_batches import BetweenBatches
 from lightning_ddg.callbacks import add_stage_callbacks, check_callbacks
 from lightning_ddg.checkpoint_io import atomic, load_mapped, writes_local_torch_files
 from lightning_ddg.checks import (
@@ -68,17 +64,15 @@ from lightning_ddg.checks import (
     check_no_synced_batchnorm,
     check_not_compiled,
     check_options,
-    check_same_lengths,
     check_stage_count,
     check_stages_have_parameters,
     check_tied_clipping,
     check_train_loader,
 )
 from lightning_ddg.cutting import cut_module
-from lightning_ddg.ending import FitEnd
 from lightning_ddg.job import JobMember
 from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher
-from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling, shuffle_seed
+from lightning_ddg.loaders import read_alike, shuffle_seed
 from lightning_ddg.metrics import quiet_epoch_sync_advice, scope_metrics
 from lightning_ddg.partition import Partition
 from lightning_ddg.planning import Plan
@@ -87,7 +81,6 @@ from lightning_ddg.shard import rng_states
 from lightning_ddg.stage import DDGStage, MemoryMode
 from lightning_ddg.stage_run import StageRun
 from lightning_ddg.state import StageStates, load_stage_state, parameter_names
-from lightning_ddg.stopping import JobStop
 from lightning_ddg.topology import Topology
 
 __all__ = ["DDGStrategy"]
@@ -189,8 +182,6 @@ class DDGStrategy(ParallelStrategy):
         self.check_finite = check_finite
         self.load_once = load_once
         self.rebalance_after_steps = rebalance_after_steps
-        self._recut_at: int | None = None  # the training batch of this fit before which the stages may be cut anew
-        self._batches_begun = 0
         self._job = JobMember()  # the process group and the watchdog (job.py)
         self._process_group_backend = process_group_backend
         self._timeout = timeout
@@ -202,8 +193,7 @@ class DDGStrategy(ParallelStrategy):
         self.plan: Plan | None = None  # the split of the last setup, with its costs
         self.resumed_from: Any = None  # the checkpoint the run resumes from, as the Trainer chose it (launchers.py)
         self._shuffle_seed = 0
-        self._stop = JobStop()
-        self._fit_end = FitEnd()  # a fit one stage decides to end (max_time, should_stop), ended on every stage
+        self._between = BetweenBatches()  # stop signals, a fit's end, a recut: decided before a batch, no collective
         self._init_rng_states: dict[str, Tensor] | None = None  # when configure_model began building on meta
 
     # --- layout ------------------------------------------------------------------------------------------
@@ -318,19 +308,14 @@ class DDGStrategy(ParallelStrategy):
         }  # fmt: skip
         self._run = StageRun.start(  # stage_run.py: this rank's stage built, the module's forward the pipeline
             module, self.topology, rank, partition=self.partition, world_size=self.world_size, device=device,
-            init_rng_states=self._init_rng_states, on_stop=self._stopping, **self._stage_options,
+            init_rng_states=self._init_rng_states, on_stop=self._between.stopping, **self._stage_options,
         )  # fmt: skip
-        # rebalancing.py: the training batch before which the stages may be cut anew, if any
-        recut = (self.rebalance_after_steps, self.topology.num_stages, trainer, self._run.keep_stage)
-        self._recut_at, self._batches_begun = recut_batch(*recut), 0
-        if self.world_size > 1:
-            self._stop.reset()
-            replace_per_step_sigterm_broadcast(trainer, self._stop_if_requested)
-            self._stop.requeue = replace_signal_handlers(trainer, self._on_stop_signal)
-            # max_time, and should_stop set on the last stage: the batches carry the first stage's decision (without
-            # load_once, the Timer's own collective after every batch stays)
-            in_band = self.load_once and self.topology.num_stages > 1
-            self._fit_end.start(in_band, take_over_step_timer(trainer) if in_band else None)
+        if self.world_size > 1:  # between_batches.py: in place of Lightning's per-batch broadcast and signal handlers
+            recut_at = recut_batch(self.rebalance_after_steps, self.topology.num_stages, trainer, self._run.keep_stage)
+            self._between.start(
+                trainer, self._job, in_band=self.load_once and self.topology.num_stages > 1, recut_at=recut_at,
+                report=self.global_rank == 0, before_batch=self._before_batch,
+            )  # fmt: skip
         scope_metrics(module, self._run.replica_group)
         quiet_epoch_sync_advice(everything=self.topology.num_replicas == 1)
         add_stage_callbacks(trainer)
@@ -388,19 +373,14 @@ class DDGStrategy(ParallelStrategy):
             check_train_loader(dataloader)
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING and not trainer.training:
             self.check_stopped_together()  # a validation's loader, set up before the collective below
-        if self.world_size > 1 and distributed_is_initialized():
-            # a stage that reads fewer batches than the others would leave them waiting for the missing ones
-            stage = trainer.state.stage.dataloader_prefix if trainer is not None and trainer.state.stage else None
-            what = {"train": "training", "val": "validation"}.get(stage, stage or "a")
-            lengths = self.states.all_gather_objects(loader_length(dataloader))
-            check_same_lengths(lengths, f"{what} dataloader", self.topology.describe)
-        topology = self.topology
+        stage = trainer.state.stage.dataloader_prefix if trainer is not None and trainer.state.stage else None
+        what = {"train": "training", "val": "validation"}.get(stage, stage or "a")
+        gathered = self.world_size > 1 and distributed_is_initialized()
+        lengths = self.states.all_gather_objects if gathered else None
         try:
-            check_sampler_shards_replicas(dataloader, topology.num_replicas, topology.replica_of(self.global_rank))
+            read_alike(dataloader, self.topology, self.global_rank, self._shuffle_seed, lengths, what)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
-        if topology.num_stages > 1:
-            seed_shuffling(dataloader, self._shuffle_seed)
         # prediction writers read the batch indices off the loader's own sampler
         if self._run is None or not self.load_once or (trainer and trainer.state.fn == TrainerFn.PREDICTING):
             return dataloader
@@ -408,9 +388,8 @@ class DDGStrategy(ParallelStrategy):
         return self._run.carried(dataloader, training, self._batch_marked)  # only the first stage iterates it
 
     def _batch_marked(self) -> None:
-        # the first stage marked the batch this stage fetches as the fit's last (ending.py)
-        assert self._run is not None and self.lightning_module is not None
-        self._fit_end.batch_marked(self._run, self.lightning_module.trainer)
+        assert self._run is not None
+        self._between.batch_marked(self._run)  # the first stage marked this batch as the fit's last
 
     # --- the pipelined forward (forward.py, stage_run.py) ------------------------------------------------
     @override
@@ -421,7 +400,7 @@ class DDGStrategy(ParallelStrategy):
         if not self._run.stage.is_last or self._run.stage.num_stages == 1:
             return run()
         # should_stop set after self(x), on this stage alone: a request to the first stage (ending.py)
-        return self._fit_end.training_step(self._run, self.lightning_module.trainer, run)
+        return self._between.training_step(self._run, self.lightning_module.trainer, run)
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -442,44 +421,28 @@ class DDGStrategy(ParallelStrategy):
         assert self._run is not None
         return self._run.evaluation_step(context, step, *args, **kwargs)
 
-    # --- stopping when asked (stopping.py) ---------------------------------------------------------------
-    def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        # the handler Lightning registers for SIGTERM (and SLURM's requeue signal): the first stage stops the
-        # pipeline before its next batch; a run that is not fitting has no such batch and stops at once
-        self._stop.on_signal(signum, self._job.watchdog)
-        module = self.lightning_module
-        if module is not None and module.trainer.state.fn != TrainerFn.FITTING:
-            raise SIGTERMException(128 + signum)
-
-    def _stop_if_requested(self) -> None:
-        # where Lightning would broadcast rank 0's SIGTERM flag before every training batch: the first stage decides
-        # whether the job stops now (a signal) and whether the next batch ends the fit (ending.py)
+    # --- between training batches (between_batches.py) ------------------------------------------------------
+    def _before_batch(self) -> None:
+        # where Lightning would broadcast rank 0's SIGTERM flag: the first stage decides for every stage
         assert self._run is not None and self.lightning_module is not None
-        signum, ends = self._run.before_batch(self._stop, self._job.watchdog, self._fit_end.out_of_time())
-        if signum:
-            raise self._stopping(signum)
-        if self._batches_begun == self._recut_at:  # rebalancing.py: every stage is before the same batch
-            recut_where_measured(self, self.lightning_module.trainer, self._batches_begun, self._stage_options)
-        if ends:
-            self._run.end_fit_after_next_batch()  # on the stages the recut may have built
-        self._batches_begun += 1
+        recut = partial(recut_where_measured, self, self.lightning_module.trainer, stage_options=self._stage_options)
+        self._between.before_batch(self._run, recut)
 
     def check_stopped_together(self) -> None:
         """At a validation or an epoch's end of a fit, before its collectives: raise unless every stage left
         training after the same batch (:meth:`FitEnd.check_together <lightning_ddg.ending.FitEnd.check_together>`)."""
         if self._run is not None and self._run.stage is not None:
-            self._fit_end.check_together(self._run, self._batches_begun)
+            self._between.check_together(self._run)
+
+    @property
+    def stopped_by(self) -> int | None:
+        """The signal this job's pipeline stopped for, if it did."""
+        return self._between.stop.stopped_by
 
     def stopped_elsewhere(self, signum: int) -> None:
         """In a launching process that runs no stage: the stages stopped for ``signum`` and saved what callbacks
         save; this process's copy of the module never trained, so it saves nothing over theirs."""
-        self._stop.stopped_by = signum
-
-    def _stopping(self, signum: int) -> SIGTERMException:
-        """The exception that ends this stage's fit; ``on_exception`` callbacks then run on every stage alike."""
-        step = self.lightning_module.trainer.global_step if self.lightning_module is not None else "?"
-        self._stop.stopped(signum, report=self.global_rank == 0, step=step)
-        return SIGTERMException(128 + signum)
+        self._between.stop.stopped_by = signum
 
     # --- delayed backward and stepping (stage_run.py) ----------------------------------------------------
     @override
@@ -556,7 +519,7 @@ class DDGStrategy(ParallelStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        if self._stop.stopped_by is not None and self.partition is None:
+        if self.stopped_by is not None and self.partition is None:
             return  # see stopped_elsewhere
         if self.is_global_zero:  # under a temporary name, renamed when whole: a stopped save leaves the last file
             self.checkpoint_io = atomic(self.checkpoint_io)
@@ -607,20 +570,17 @@ class DDGStrategy(ParallelStrategy):
     # --- failure and teardown ----------------------------------------------------------------------------
     @override
     def on_exception(self, exception: BaseException) -> None:
-        if self._stop.stopped_by is not None and isinstance(exception, SIGTERMException):
-            self._stop.after_stop()
+        if self._between.after_stop(exception):
             return
         self._job.fail(exception, self.global_rank)  # job.py: the other stages would wait forever for this one
 
     @override
     def teardown(self) -> None:
         log.info("teardown: rank %d (%s)", self.global_rank, "failed" if self._job.failed else "closing its channels")
-        self._job.leave(self._run, stopped=self._stop.stopped_by is not None, stage_ran=self.partition is not None)
+        self._job.leave(self._run, stopped=self.stopped_by is not None, stage_ran=self.partition is not None)
+        self._between.finish()
         if self.lightning_module is not None:
             self.lightning_module.__dict__.pop("forward", None)
-            trainer = trainer_if_attached(self.lightning_module)
-            if trainer is not None:
-                restore_signal_handlers(trainer)
         super().teardown()
 
     # --- collectives -------------------------------------------------------------------------------------

@@ -163,8 +163,8 @@ def _assert_failed_once(job: Job, error: str, stage: str | None, devices: int, s
         ),
         pytest.param(
             ("--devices", "2", "--fail", "uneven", "--rank", "1", "--max-steps", "40"),  # across an epoch's end
-            "ValueError: the training dataloader has a different number of batches in the job's processes (16 on "
-            "stage 1 (rank 0), 15 on stage 0 (rank 1))",
+            "MisconfigurationException: the training dataloader has a different number of batches in the job's "
+            "processes (16 on stage 1 (rank 0), 15 on stage 0 (rank 1))",
             None,  # every stage finds it; the first to report is shown
             id="dataloaders-of-different-lengths",
         ),
