@@ -332,6 +332,21 @@ def check_no_loss_scaling(scaled: bool) -> None:
         )
 
 
+def check_plateau_per_epoch(configs: Sequence[Any], num_stages: int) -> None:
+    """A ``ReduceLROnPlateau`` stepped every batch reads a metric on every stage, but a pipeline's training metrics
+    exist on its last stage only; they reach the others at each epoch's end and after each validation."""
+    per_step = [c for c in configs if c.reduce_on_plateau and c.interval == "step"]
+    if num_stages == 1 or not per_step:
+        return
+    raise ValueError(
+        f"configure_optimizers returned a ReduceLROnPlateau that steps every training batch (interval='step') on "
+        f"{per_step[0].monitor!r}, but each stage of a pipeline steps its own optimizer, and what training_step logs "
+        "exists on the last stage only: the other stages would lack the metric, or reduce their learning rates at "
+        "other steps than the last. Step it once per epoch (interval='epoch', the default): the last stage's metrics "
+        "reach every stage at each epoch's end and after each validation, and every stage reduces alike."
+    )
+
+
 ONE_OPTIMIZER = (
     "DDGStrategy steps one optimizer per stage, but configure_optimizers returned several. Return one "
     "optimizer; to give parts of the model their own settings, give it param groups, e.g. "

@@ -64,6 +64,7 @@ from lightning_ddg.checks import (
     check_no_synced_batchnorm,
     check_not_compiled,
     check_options,
+    check_plateau_per_epoch,
     check_stage_count,
     check_stages_have_parameters,
     check_tied_clipping,
@@ -360,6 +361,10 @@ class DDGStrategy(ParallelStrategy):
                 raise
             # Lightning's advice, manual optimization, is refused too (_check_supported)
             raise MisconfigurationException(ONE_OPTIMIZER) from None
+        try:
+            check_plateau_per_epoch(self.lr_scheduler_configs, self.topology.num_stages)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
 
     @override
     def model_to_device(self) -> None:

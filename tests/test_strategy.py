@@ -854,6 +854,42 @@ def test_the_batch_size_finder_is_refused_at_setup_with_advice() -> None:
         Tuner(trainer).scale_batch_size(_BatchSize(), max_trials=2, steps_per_trial=1)
 
 
+class _OnPlateau(MLPClassifier):
+    """Halves its learning rate whenever ``train_loss`` does not improve 10-fold, i.e. at every step of the
+    scheduler; on every stage, ``on_train_end`` checks that its own optimizer took each of those steps."""
+
+    def __init__(self, interval: str) -> None:
+        super().__init__()
+        self.interval = interval
+
+    @staticmethod
+    def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5, threshold=10.0)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        scheduler = {"scheduler": self.scheduler(optimizer), "monitor": "train_loss", "interval": self.interval}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_train_end(self) -> None:
+        expected = self.scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+        for _ in range(self.trainer.current_epoch):
+            expected.step(1.0)
+        lrs = [group["lr"] for group in self.trainer.optimizers[0].param_groups]
+        assert lrs == [expected.get_last_lr()[0]] and lrs[0] < 0.1, (self.trainer.global_rank, lrs)
+
+
+def test_a_plateau_scheduler_on_a_training_metric_reduces_every_stage_alike_per_epoch() -> None:
+    # train_loss is logged on the last stage only; it reaches every stage at each epoch's end
+    _trainer(DDGStrategy(start_method="forkserver"), 3, max_epochs=3).fit(_OnPlateau("epoch"), loader())
+
+
+def test_a_plateau_scheduler_stepped_every_batch_is_refused_at_setup_with_advice() -> None:
+    with pytest.raises(Exception, match=r"ReduceLROnPlateau that steps every training batch .* 'train_loss'.*"
+                       r"Step it once per epoch \(interval='epoch'"):  # fmt: skip
+        _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_OnPlateau("step"), loader())
+
+
 def test_the_learning_rate_finder_in_spawned_processes_is_refused_at_setup_with_advice() -> None:
     from lightning.pytorch.tuner import Tuner
 
