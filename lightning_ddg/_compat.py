@@ -96,6 +96,7 @@ __all__ = [
     "replace_per_step_sigterm_broadcast",
     "replace_signal_handlers",
     "restore_signal_handlers",
+    "saves_on_metric_now",
     "set_num_threads_if_needed",
     "set_wrapped_checkpoint_io",
     "should_update_logs",
@@ -246,6 +247,28 @@ def take_over_step_timer(trainer: pl.Trainer) -> Timer | None:
 
 def _no_time_check(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def saves_on_metric_now(checkpoint: Any, trainer: pl.Trainer) -> bool:
+    """Whether ``checkpoint`` (a ``ModelCheckpoint`` with a ``monitor``) may save in this training batch's
+    ``on_train_batch_end``, reading the metric there: every ``every_n_train_steps`` steps, at any step with a
+    ``train_time_interval`` (whose decision Lightning broadcasts from rank 0 inside the hook), never at a step it
+    saved at already. Reads ``_every_n_train_steps``, ``_train_time_interval`` and ``_last_global_step_saved``; if
+    they move, every step counts (the metric is then shared after every batch: correct, and slower) and a warning
+    says so."""
+    if getattr(checkpoint, "monitor", None) is None or trainer.fast_dev_run or trainer.sanity_checking:
+        return False
+    try:
+        every, interval = checkpoint._every_n_train_steps, checkpoint._train_time_interval
+        saved = checkpoint._last_global_step_saved
+    except AttributeError:
+        _warn_once(
+            "ModelCheckpoint._every_n_train_steps", "a monitoring checkpoint waits for the last stage every step"
+        )
+        return True
+    if saved == trainer.global_step:
+        return False
+    return interval is not None or (every >= 1 and trainer.global_step % every == 0)
 
 
 def announce_time_limit(timer: Timer) -> None:

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_ddg._compat import evaluation_results, should_update_logs
+from lightning_ddg._compat import evaluation_results, saves_on_metric_now, should_update_logs
 from lightning_ddg.checks import (
     NO_ACCUMULATION_SCHEDULE,
     NO_BATCH_SIZE_FINDER,
@@ -57,8 +57,10 @@ _WEIGHT_AVERAGING = tuple(
 
 class ShareLastStageMetrics(Callback):
     """Copies the metrics logged on the last stage (global rank 0) to every rank, so that callbacks monitoring
-    them — ``EarlyStopping``, ``ModelCheckpoint(monitor=...)`` — decide the same way on every stage, and
-    ``trainer.validate`` and ``trainer.test`` return the same results on every rank, as under ``strategy="ddp"``.
+    them — ``EarlyStopping``, ``ModelCheckpoint(monitor=...)``, a ``ReduceLROnPlateau`` — decide the same way on
+    every stage, and ``trainer.validate`` and ``trainer.test`` return the same results on every rank, as under
+    ``strategy="ddp"``. They are copied after each validation and at each epoch's end, and after a training batch
+    at which a ``ModelCheckpoint`` with a ``monitor`` may save (``every_n_train_steps``).
 
     Example::
 
@@ -101,6 +103,13 @@ class ShareLastStageMetrics(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._share(trainer)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # a ModelCheckpoint that may save now on a metric training_step logs (every_n_train_steps): every stage must
+        # decide on the last stage's value, for the save is a collective; once per such step, not per step
+        if any(saves_on_metric_now(checkpoint, trainer) for checkpoint in trainer.checkpoint_callbacks):
+            self._share(trainer)
 
 
 class StopTogether(Callback):

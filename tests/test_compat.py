@@ -4,6 +4,7 @@ an upgrade that moves one fails here, by name, before it changes any behaviour."
 from __future__ import annotations
 
 import inspect
+from datetime import timedelta
 
 import lightning.pytorch as pl
 import torch
@@ -85,3 +86,19 @@ def test_the_timer_of_a_time_limit_is_taken_over_and_an_epoch_timer_left_alone()
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[epochs])
     assert _compat.take_over_step_timer(trainer) is None
     assert _compat.take_over_step_timer(pl.Trainer(logger=False, enable_checkpointing=False)) is None
+
+
+def test_a_monitoring_checkpoint_is_seen_to_save_at_its_steps_only() -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    every_3 = ModelCheckpoint(monitor="train_loss", every_n_train_steps=3)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, callbacks=[every_3])
+    for step, saves in ((1, False), (3, True), (4, False), (6, True)):
+        trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total.completed = step  # global_step
+        trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total.completed = step
+        assert trainer.global_step == step and _compat.saves_on_metric_now(every_3, trainer) is saves, step
+    every_3._last_global_step_saved = 6
+    assert _compat.saves_on_metric_now(every_3, trainer) is False  # saved at this step already
+    timed = ModelCheckpoint(monitor="train_loss", train_time_interval=timedelta(minutes=1))
+    assert _compat.saves_on_metric_now(timed, trainer) is True  # Lightning decides inside, after a broadcast
+    assert _compat.saves_on_metric_now(ModelCheckpoint(every_n_train_steps=3), trainer) is False  # no monitor

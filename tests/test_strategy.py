@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from torch.utils.data import DataLoader
 
@@ -455,7 +455,7 @@ def test_each_stage_optimizes_only_its_own_parameters(tmp_path) -> None:
 
 
 def test_early_stopping_drains_and_the_best_checkpoint_alone_remains(tmp_path) -> None:
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping
     from lightning.pytorch.loggers import CSVLogger
 
     model = MLPClassifier(optimizer="sgd")
@@ -492,7 +492,6 @@ def _checkpointing_trainer(
 ) -> L.Trainer:
     """A DDG trainer on ``devices`` stages saving ``last.ckpt``, cut at ``split_points`` (by default ``SPLITS``;
     ``planned``: where the strategy's plan cuts); one device is a plain Lightning run."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     split_points = None if planned else SPLITS[devices] if split_points is None else split_points
     strategy = DDGStrategy(start_method="forkserver", split_points=split_points) if devices > 1 else "auto"
@@ -888,6 +887,19 @@ def test_a_plateau_scheduler_stepped_every_batch_is_refused_at_setup_with_advice
     with pytest.raises(Exception, match=r"ReduceLROnPlateau that steps every training batch .* 'train_loss'.*"
                        r"Step it once per epoch \(interval='epoch'"):  # fmt: skip
         _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_OnPlateau("step"), loader())
+
+
+def test_a_checkpoint_every_n_steps_on_a_training_metric_saves_the_best_on_every_stage_together(tmp_path) -> None:
+    # train_loss exists on the last stage only; each save is a collective, so every stage must decide on its value
+    checkpoint = ModelCheckpoint(tmp_path, monitor="train_loss", every_n_train_steps=3, save_top_k=2)
+    strategy = DDGStrategy(start_method="forkserver", timeout=timedelta(seconds=60))
+    _trainer(strategy, 3, callbacks=[checkpoint], enable_checkpointing=True).fit(MLPClassifier(), loader())
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert len(saved) == 2 and Path(checkpoint.best_model_path).name in saved, saved
+    best = torch.load(checkpoint.best_model_path, weights_only=True)
+    assert best["state_dict"].keys() == MLPClassifier().state_dict().keys()
+    (kept,) = [state for key, state in best["callbacks"].items() if key.startswith("ModelCheckpoint")]
+    assert torch.isfinite(kept["best_model_score"]) and len(kept["best_k_models"]) == 2
 
 
 def test_the_learning_rate_finder_in_spawned_processes_is_refused_at_setup_with_advice() -> None:
