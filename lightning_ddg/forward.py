@@ -49,7 +49,7 @@ class PipelinedForward:
             example.apply_defaults()
             self._exported_with = dict(example.arguments)
         self._training = False
-        self._in_step = False  # a training or evaluation step of the user's runs
+        self._in_step: str | None = None  # the name of the user's training or evaluation step that runs
         self._calls = 0
         self.on_training_call: Callable[[], None] | None = None  # called as a training step calls the forward
 
@@ -58,13 +58,17 @@ class PipelinedForward:
         bound.apply_defaults()
         if self._exported_with is not None:
             check_exported_arguments(bound.arguments, self._exported_with)
-        if self._training:
+        if self._in_step is not None:
             self._calls += 1
-            if self._calls > 1:
+            # the stages before the last ended the step at the first call (one stage evaluates as often as it likes)
+            if self._calls > 1 and (self._training or self.stage.num_stages > 1):
                 raise RuntimeError(
-                    "training_step called the model's forward twice. With DDGStrategy each training step sends "
-                    "one batch through the pipeline: call `self(...)` once per training_step."
+                    f"{self._in_step} called the model's forward twice. With DDGStrategy each step sends one batch "
+                    f"through the pipeline, and the stages before the last end the step at its first `self(...)`: "
+                    f"call `self(...)` once per {self._in_step}. For two views of a batch (test-time augmentation, "
+                    "R-Drop), send them as one: `self(torch.cat([x, x.flip(-1)]))`, then split the output."
                 )
+        if self._training:
             if self.on_training_call is not None:
                 self.on_training_call()
             output = self.stage.forward(*bound.args)
@@ -79,11 +83,11 @@ class PipelinedForward:
     @contextmanager
     def training_step(self) -> Iterator[None]:
         """Within it, the one forward call of a training step; raises when the step never called forward."""
-        self._training, self._in_step, self._calls = True, True, 0
+        self._training, self._in_step, self._calls = True, "training_step", 0
         try:
             yield
         finally:
-            self._training = self._in_step = False
+            self._training, self._in_step = False, None
         if self._calls == 0:
             raise RuntimeError(
                 "training_step never called the model's forward. DDGStrategy pipelines `self(...)`/`self.forward(...)`"
@@ -91,10 +95,11 @@ class PipelinedForward:
             )
 
     @contextmanager
-    def evaluation_step(self) -> Iterator[None]:
-        """Within it, a validation, test or prediction step, which ends at the forward on the stages before the last."""
-        self._in_step = True
+    def evaluation_step(self, name: str = "validation_step") -> Iterator[None]:
+        """Within it, a validation, test or prediction step (``name``), which ends at the forward on the stages before
+        the last."""
+        self._in_step, self._calls = name, 0
         try:
             yield
         finally:
-            self._in_step = False
+            self._in_step = None

@@ -176,7 +176,7 @@ class StageRun:
         """``step(*args, **kwargs)`` in ``context()`` (validation, test, prediction); ``None`` on the stages before
         the last."""
         try:
-            with self.forward.evaluation_step(), context():
+            with self.forward.evaluation_step(getattr(step, "__name__", "validation_step")), context():
                 return step(*args, **kwargs)
         except StageDone:
             return None

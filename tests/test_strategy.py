@@ -817,6 +817,39 @@ class _ManualOptimization(MLPClassifier):
         self.automatic_optimization = False
 
 
+class _TwoViews(MLPClassifier):
+    """Averages the outputs of two views of the batch, each sent through ``self(...)``, in ``step``."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__()
+        self.step = step
+
+    def _loss(self, batch, step: str):
+        x, y = batch
+        logits = self(x)
+        if step == self.step:
+            logits = (logits + self(-x)) / 2
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch, "training_step")
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch, "validation_step"))
+
+
+@pytest.mark.parametrize("step", ["training_step", "validation_step"])
+def test_a_step_that_calls_the_model_twice_is_stopped_with_advice_not_left_waiting(step: str) -> None:
+    # the stages before the last end the step at its first self(...): the last stage's second call would wait for
+    # activations that never come (validation) or train on the wrong ones
+    strategy = DDGStrategy(start_method="forkserver", timeout=timedelta(seconds=60))
+    message = rf"{step} called the model's forward twice.*send them as one: `self\(torch.cat\(\[x, x.flip\(-1\)\]\)\)`"
+    with pytest.raises(Exception, match=message):
+        _trainer(strategy, 2, max_epochs=1).fit(_TwoViews(step), loader(), loader())
+    if step == "validation_step":  # one stage evaluates as often as the step asks
+        _trainer(DDGStrategy(start_method="forkserver"), 1, max_epochs=1).fit(_TwoViews(step), loader(), loader())
+
+
 def test_manual_optimization_is_refused_with_advice() -> None:
     with pytest.raises(Exception, match="does not support manual optimization"):
         _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_ManualOptimization(), loader())
