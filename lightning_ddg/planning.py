@@ -751,13 +751,14 @@ def _check_split(
 ) -> None:
     """Run the split model once on the example input, in train mode, and compare it with the unsplit forward.
 
-    Both run on copies of the module that share its tensors, from the same random number generator states,
-    and leave the module as it was. A value other than a tensor that would cross a cut stops with the error
+    Both run on copies of the module that share its tensors, from the same buffers and random number generator
+    states, and leave the module as it was. A value other than a tensor that would cross a cut stops with the error
     the stage would raise at its first step; an output that differs is warned about.
     """
     with _untouched(module), _same_generators() as restart:
         expected = None
-        with _shadow(module, user_hooks=False) as unsplit:
+        # its buffers put back after it: a forward that updates state it reads (spectral_norm's power iteration)
+        with _untouched(module), _shadow(module, user_hooks=False) as unsplit:
             unsplit.train()
             restart()
             try:
