@@ -108,6 +108,7 @@ __all__ = [
     "tree_map",
     "tree_unflatten",
     "unwrapped_optimizer",
+    "version_counter",
 ]
 
 
@@ -123,6 +124,14 @@ def parameter_table(module: nn.Module) -> dict[str, nn.Parameter | None]:
 def buffer_table(module: nn.Module) -> dict[str, torch.Tensor | None]:
     """``module._buffers``: as :func:`parameter_table`, for buffers."""
     return module._buffers
+
+
+def version_counter(tensor: torch.Tensor) -> int:
+    """``tensor._version``: how often it was changed in place, which autograd keeps to detect a saved tensor that
+    changed. A stage in recompute mode reads it to find the buffers its forward updates (spectral norm's power
+    iteration; BatchNorm's kernel writes its statistics uncounted, found by their values), and keeps those as the
+    forward read them. Stable since torch 1.0; if it moves, the recompute tests fail."""
+    return tensor._version
 
 
 def non_persistent_buffers(module: nn.Module) -> set[str]:

@@ -44,7 +44,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_ddg._compat import buffer_table, foreach_add_, foreach_copy_, parameter_table, tree_flatten
+from lightning_ddg._compat import (
+    buffer_table,
+    foreach_add_,
+    foreach_copy_,
+    parameter_table,
+    tree_flatten,
+    version_counter,
+)
 from lightning_ddg.checks import check_finite, check_trainable_unchanged, crossing_values
 from lightning_ddg.comm import PipelineStopped, TiedGroup
 from lightning_ddg.partition import TiedWeight
@@ -72,6 +79,7 @@ class _InFlight:
     rng: tuple[torch.Tensor, torch.Tensor | None] | None
     autocast: tuple[str, torch.dtype, bool] | None
     returned: list[torch.Tensor]  # received inputs the last stage returned as they are: the caller may keep them
+    buffers: dict[int, torch.Tensor] | None = None  # recompute: the buffers the forward updates, as it read them
 
 
 @dataclass
@@ -151,6 +159,7 @@ class DDGStage:
         self._names = [n for n, _ in named]
         self._weight_slots = _slots(module, parameter_table, [p for _, p in named])
         self._buffer_slots = _slots(module, buffer_table, list(module.buffers()))
+        self._updated_buffers: set[int] | None = None  # those a training forward changes in place, once one ran
         self.parameters = [p for _, p in named]
         # a batch's weights hold the live tensor, not a copy, where its backward reads no value (an embedding's)
         unread = _unread_by_backward(module, self.parameters) if keeps_graph(memory, self.delay) else set()
@@ -239,19 +248,39 @@ class DDGStage:
         sent = [t.detach() if isinstance(t, torch.Tensor) else t for t in outputs]
         self._send(self.links.act_out, sent, encode_snapshots(self.snapshots()))
 
-    def _run(self, inputs: list[Any], weights: list[torch.Tensor] | None, fresh_buffers: bool = False) -> Any:
-        """Run the module, on ``weights`` instead of the live parameters if given; with ``fresh_buffers``, on
-        copies of the buffers, so that a recomputation leaves BatchNorm statistics as they are."""
-        if weights is None and not fresh_buffers:
+    def _run(
+        self, inputs: list[Any], weights: list[torch.Tensor] | None, buffers: dict[int, torch.Tensor] | None = None
+    ) -> Any:
+        """Run the module, on ``weights`` instead of the live parameters if given; with ``buffers`` (a
+        recomputation), on those (by index) and on copies of the other buffers, so that the live ones (BatchNorm
+        statistics) stay as they are."""
+        if weights is None and buffers is None:
             return self.module(*inputs)
         swaps = []
         if weights is not None:
             swaps += [(slot, weights[i]) for slot, i in self._weight_slots]
-        if fresh_buffers:
-            copies = [b.clone() for b in self.module.buffers()]
-            swaps += [(slot, copies[i]) for slot, i in self._buffer_slots]
+        if buffers is not None:
+            kept = [buffers[i] if i in buffers else b.clone() for i, b in enumerate(self.module.buffers())]
+            swaps += [(slot, kept[i]) for slot, i in self._buffer_slots]
         with _swapped(swaps):
             return self.module(*inputs)
+
+    def _run_keeping_buffers(self, inputs: list[Any], weights: list[torch.Tensor] | None) -> tuple[Any, dict]:
+        """A training forward whose batch is recomputed later (``"recompute"``): run it, and return with its output
+        the buffers it updates (BatchNorm statistics, spectral norm's vectors) as it read them, for the
+        recomputation to read them alike. Those are the buffers the first forward changed, and any a later one
+        changes in place (the first such forward is recomputed on the buffer as it is then)."""
+        live = list(self.module.buffers())
+        first = self._updated_buffers is None
+        kept = {i: live[i].clone() for i in (range(len(live)) if first else self._updated_buffers or ())}
+        before = [version_counter(b) for b in live]
+        output = self._run(inputs, weights)
+        # a kernel may write a buffer without counting it (BatchNorm's statistics): the first forward compares values
+        changed = {
+            i for i, b in enumerate(live) if version_counter(b) != before[i] or (first and not torch.equal(b, kept[i]))
+        }
+        self._updated_buffers = changed | (self._updated_buffers or set())
+        return output, {i: t for i, t in kept.items() if i in self._updated_buffers}
 
     def forward(self, *args: Any) -> Any:
         """Forward the next batch with the current weights.
@@ -282,12 +311,17 @@ class DDGStage:
             rng = (torch.get_rng_state(), _device_rng_state(inputs))
             autocast = _autocast_state(inputs)
         measure = keep_graph and self.batches_forwarded % _ACTIVATION_SAMPLE_EVERY == 0
+        kept_buffers = None
         with nullcontext() if keep_graph else torch.no_grad(), self._measured(measure, weights):
-            output = self._run(inputs, weights)
+            if self.memory == "recompute" and not keep_graph:
+                output, kept_buffers = self._run_keeping_buffers(inputs, weights)
+            else:
+                output = self._run(inputs, weights)
         outputs = crossing_values(output, self.module, self.stage_index) if not self.is_last else None
         returned = [] if self.is_first or not self.is_last else _among(inputs, output)
+        kept = outputs if keep_graph else None
         self._inflight.append(
-            _InFlight(self.batches_forwarded, inputs, outputs if keep_graph else None, weights, rng, autocast, returned)
+            _InFlight(self.batches_forwarded, inputs, kept, weights, rng, autocast, returned, kept_buffers)
         )
         self._record("F", self.batches_forwarded)
         if self.batches_forwarded == 0:
@@ -456,7 +490,8 @@ class DDGStage:
         return copy
 
     def _recompute(self, item: _InFlight) -> list[torch.Tensor]:
-        """Redo the forward of ``item`` with its RNG state, leaving buffers (BatchNorm statistics) unchanged."""
+        """Redo the forward of ``item`` with its RNG state, and in recompute mode with the buffers it read, leaving
+        the live buffers (BatchNorm statistics) unchanged."""
         assert item.rng is not None and item.autocast is not None
         self._record("R", item.batch)
         cpu_state, device_state = item.rng
@@ -468,7 +503,7 @@ class DDGStage:
                 torch.cuda.set_rng_state(device_state)
             measure = item.batch % _ACTIVATION_SAMPLE_EVERY == 0
             with torch.autocast(device_type, dtype=dtype, enabled=enabled), self._measured(measure, item.weights):
-                output = self._run(item.inputs, item.weights, fresh_buffers=True)
+                output = self._run(item.inputs, item.weights, buffers=item.buffers or {})
         return crossing_values(output, self.module, self.stage_index)
 
     def _send_input_gradients(self, inputs: list[Any], grads: dict[int, torch.Tensor | None]) -> None:

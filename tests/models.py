@@ -26,8 +26,11 @@ def mlp(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     recomputed: bool = False,
+    parametrized: bool = False,
 ) -> nn.Module:
-    """``recomputed``: a checkpointed linear layer after each tanh."""
+    """``recomputed``: a checkpointed linear layer after each tanh. ``parametrized``: the hidden linear layers under
+    torch's parametrizations, in turn weight norm (two parameters make the weight) and spectral norm (a power
+    iteration that updates buffers at every training forward)."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Linear(8, width)]
     for _ in range(depth - 1):
@@ -40,7 +43,12 @@ def mlp(
             layers.append(nn.Dropout(dropout))
         layers.append(nn.Linear(width, width))
     layers += [nn.Tanh(), nn.Linear(width, 3)]
-    return nn.Sequential(*layers).to(dtype)
+    model = nn.Sequential(*layers).to(dtype)
+    hidden = [m for m in model[1:-1] if isinstance(m, nn.Linear)] if parametrized else []
+    for i, linear in enumerate(hidden):
+        norm = nn.utils.parametrizations.spectral_norm if i % 2 else nn.utils.parametrizations.weight_norm
+        norm(linear)
+    return model
 
 
 def attend(z: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
