@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -246,6 +247,24 @@ class ChildObserver(threading.Thread):
                 return
 
 
+_REDUCTION = os.path.join("multiprocessing", "reduction.py")
+
+
+def _raised_while_pickling(error: BaseException) -> bool:
+    """Whether ``error`` came from pickling what a process is started with (multiprocessing's ``dump``)."""
+    frames = [frame.f_code for frame, _ in traceback.walk_tb(error.__traceback__)]
+    return any(code.co_name == "dump" and code.co_filename.endswith(_REDUCTION) for code in frames)
+
+
+def _unpicklable(start_method: str, error: BaseException) -> str:
+    return (
+        f"the Trainer and the module cannot be sent to processes started with {start_method!r}: pickling them "
+        f"failed with {type(error).__name__}: {error}. Use strategy='ddg' (start_method='popen'), which starts every "
+        "process from your script, as strategy='ddp' does, so that nothing is pickled (a layer under torch's "
+        "parametrizations, a lambda, an open file or connection cannot be)."
+    )
+
+
 class DDGSpawnLauncher(MultiProcessingLauncher):
     """Starts one process per stage with multiprocessing; see the module's documentation.
 
@@ -315,6 +334,11 @@ class DDGSpawnLauncher(MultiProcessingLauncher):
                 raise
             self._strategy.stopped_elsewhere(exited.exit_code - 128)
             raise SIGTERMException(exited.exit_code) from None
+        except Exception as error:
+            if self.procs or not _raised_while_pickling(error):
+                raise
+            # nothing started: the trainer and module are pickled for the first process, and could not be
+            raise MisconfigurationException(_unpicklable(self._start_method, error)) from error
         finally:
             launched.set()
             watch.join(timeout=5)

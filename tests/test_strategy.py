@@ -850,6 +850,19 @@ def test_a_step_that_calls_the_model_twice_is_stopped_with_advice_not_left_waiti
         _trainer(DDGStrategy(start_method="forkserver"), 1, max_epochs=1).fit(_TwoViews(step), loader(), loader())
 
 
+class _WeightNormed(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.nn.utils.parametrizations.weight_norm(self.model[0])  # torch cannot pickle a parametrized layer
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_a_module_that_cannot_be_pickled_for_started_processes_is_refused_with_advice(start_method: str) -> None:
+    message = rf"(?s)cannot be sent to processes started with '{start_method}'.*Use strategy='ddg' \(start_method="
+    with pytest.raises(L.pytorch.utilities.exceptions.MisconfigurationException, match=message):
+        _trainer(DDGStrategy(start_method=start_method), 2).fit(_WeightNormed(), loader())
+
+
 def test_manual_optimization_is_refused_with_advice() -> None:
     with pytest.raises(Exception, match="does not support manual optimization"):
         _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_ManualOptimization(), loader())
