@@ -166,6 +166,20 @@ def check_no_synced_batchnorm(sync_batchnorm: bool, num_replicas: int) -> None:
         )
 
 
+def check_no_sync_batchnorm_layers(module: nn.Module, num_stages: int) -> None:
+    """A ``SyncBatchNorm`` all-gathers its batch statistics over every process in training, but only the stage that
+    holds it would take part: the others would never join, and it would wait until the timeout."""
+    synced = [name for name, m in module.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+    if num_stages == 1 or not synced:
+        return
+    raise ValueError(
+        f"{synced[0]!r} is a SyncBatchNorm ({len(synced)} in the model): in training it gathers its batch statistics "
+        "from every process of the job, but only the stage that holds it would take part, and it would wait for the "
+        "others until the timeout. Use BatchNorm layers (a stage sees the whole batch, so there is nothing to "
+        "synchronise), e.g. build the model without nn.SyncBatchNorm.convert_sync_batchnorm."
+    )
+
+
 def check_stages_have_parameters(stages: Sequence[nn.Module], split_points: Sequence[str]) -> None:
     """Every stage steps an optimizer over its own parameters: a stage without any would have none to step."""
     for k, stage in enumerate(stages):

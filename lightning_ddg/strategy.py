@@ -61,6 +61,7 @@ from lightning_ddg.checks import (
     ONE_OPTIMIZER,
     check_automatic_optimization,
     check_no_loss_scaling,
+    check_no_sync_batchnorm_layers,
     check_no_synced_batchnorm,
     check_not_compiled,
     check_options,
@@ -349,6 +350,7 @@ class DDGStrategy(ParallelStrategy):
             check_automatic_optimization(module.automatic_optimization)
             check_no_loss_scaling(scaled)
             check_not_compiled(module)
+            check_no_sync_batchnorm_layers(module, self.topology.num_stages)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
 

@@ -850,6 +850,18 @@ def test_a_step_that_calls_the_model_twice_is_stopped_with_advice_not_left_waiti
         _trainer(DDGStrategy(start_method="forkserver"), 1, max_epochs=1).fit(_TwoViews(step), loader(), loader())
 
 
+class _SyncBatchNormed(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__(batchnorm=True)
+        self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # as a DDP codebase builds it
+
+
+def test_sync_batchnorm_layers_are_refused_at_setup_with_advice() -> None:
+    # on a GPU the stage holding one would wait in its all-gather for stages that never join
+    with pytest.raises(Exception, match=r"'model.2' is a SyncBatchNorm \(3 in the model\).*Use BatchNorm layers"):
+        _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_SyncBatchNormed(), loader())
+
+
 class _WeightNormed(MLPClassifier):
     def __init__(self) -> None:
         super().__init__()
