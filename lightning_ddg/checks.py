@@ -361,6 +361,13 @@ def check_plateau_per_epoch(configs: Sequence[Any], num_stages: int) -> None:
     )
 
 
+NONE_LOSS = (
+    "training_step returned None, to skip its batch: DDGStrategy trains on a zero loss for it instead, so every stage "
+    "still takes its optimizer step for that batch, with zero gradients. That leaves the weights as they were under "
+    "plain SGD, but momentum, weight decay and Adam's moments still move them (Lightning on one device would skip the "
+    "step). To leave batches out exactly, filter them from the data. Said once per run."
+)
+
 ONE_OPTIMIZER = (
     "DDGStrategy steps one optimizer per stage, but configure_optimizers returned several. Return one "
     "optimizer; to give parts of the model their own settings, give it param groups, e.g. "

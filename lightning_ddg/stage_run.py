@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from lightning_ddg.batches import ReceivedBatches, SentBatches, carried_batches
 from lightning_ddg.build import BuiltStage, build_stage
-from lightning_ddg.checks import check_finite
+from lightning_ddg.checks import NONE_LOSS, check_finite
 from lightning_ddg.comm import PipelineStopped
 from lightning_ddg.forward import PipelinedForward, StageDone
 from lightning_ddg.partition import Partition
@@ -92,6 +92,7 @@ class StageRun:
         self.forward = PipelinedForward(built.stage, inspect.signature(module.forward), built.partition.exported_with)
         module.forward = self.forward  # an instance attribute: shadows the class's forward
         self.update_due = False  # the last backward completed this stage's accumulation window
+        self._skip_warned = False  # NONE_LOSS said once
         self.finished = False  # finish() ran: the channels are closed
         self.loaders: list[SentBatches | ReceivedBatches] = []  # this run's loaders, reading over links
         self.training_batches: SentBatches | ReceivedBatches | None = None  # the training loader among them
@@ -161,12 +162,15 @@ class StageRun:
             with self.forward.training_step(), context():
                 output = step(*args, **kwargs)
         except StageDone:
-            output = None
+            return torch.zeros((), device=self.device)
         except PipelineStopped as stopped:
             if self.on_stop is None:
                 raise
             raise self.on_stop(stopped.signum) from None
-        if output is None:
+        if output is None:  # the user's step skipped its batch: every stage steps on it all the same
+            if not self._skip_warned:
+                self._skip_warned = True
+                warnings.warn(NONE_LOSS, stacklevel=2)
             return torch.zeros((), device=self.device)
         return output
 

@@ -850,6 +850,19 @@ def test_a_step_that_calls_the_model_twice_is_stopped_with_advice_not_left_waiti
         _trainer(DDGStrategy(start_method="forkserver"), 1, max_epochs=1).fit(_TwoViews(step), loader(), loader())
 
 
+class _SkipsABatch(MLPClassifier):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx == 2 else loss
+
+
+def test_a_training_step_that_returns_none_is_said_to_train_on_a_zero_loss() -> None:
+    # the stage steps with zero gradients for that batch, which is no skip under momentum: said, once
+    with pytest.warns(UserWarning, match=r"training_step returned None.*zero loss.*Said once per run") as said:
+        _trainer(DDGStrategy(), 1).fit(_SkipsABatch(), loader())  # in this process
+    assert sum("training_step returned None" in str(w.message) for w in said) == 1  # 2 epochs, once
+
+
 class _SyncBatchNormed(MLPClassifier):
     def __init__(self) -> None:
         super().__init__(batchnorm=True)
