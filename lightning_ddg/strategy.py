@@ -3,12 +3,9 @@
 Each process runs one stage. ``configure_optimizers`` sees this stage's parameters only; in ``training_step``,
 ``self(x)`` forwards batch ``t`` through this stage, and on every stage but the last the rest of the step is
 skipped (there is no loss there); when fit ends, the whole trained model is back in the module on every rank
-(see ``docs/usage.md``). The hooks hand their work to plain-PyTorch objects: the cut to
-:func:`~lightning_ddg.cutting.cut_module`, this rank's stage while it runs (the pipelined ``forward``, the delayed
-backward and step, the drain, the whole module put back) to :class:`~lightning_ddg.stage_run.StageRun`, the whole
-model's state to :class:`~lightning_ddg.state.StageStates`, what happens before each training batch (a stop signal,
-the fit's end) to :class:`~lightning_ddg.between_batches.BetweenBatches`, the process group and the watchdog over
-the other processes to :class:`~lightning_ddg.job.JobMember` (see ``docs/architecture.md``).
+(see ``docs/usage.md``). Each hook hands its work to a module of its own (``docs/architecture.md``): the process
+group to ``job.py``, the cut to ``cutting.py``, the stage while it runs to ``stage_run.py``, what happens before a
+training batch to ``between_batches.py``, checkpoints to ``checkpoint_hooks.py``, collectives to ``collectives.py``.
 
 Example::
 
@@ -31,7 +28,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.seed import reset_seed
@@ -49,14 +45,12 @@ from lightning_ddg._compat import (
     detect_anomaly,
     distributed_is_initialized,
     optimizers_to_device,
-    sync_ddp_if_available,
     syncs_batchnorm,
-    unwrapped_optimizer,
 )
 from lightning_ddg.balance import BalanceBy
 from lightning_ddg.between_batches import BetweenBatches
 from lightning_ddg.callbacks import add_stage_callbacks, check_callbacks
-from lightning_ddg.checkpoint_io import atomic, load_mapped, writes_local_torch_files
+from lightning_ddg.checkpoint_hooks import StageCheckpointHooks
 from lightning_ddg.checks import (
     ONE_OPTIMIZER,
     check_automatic_optimization,
@@ -71,6 +65,7 @@ from lightning_ddg.checks import (
     check_tied_clipping,
     check_train_loader,
 )
+from lightning_ddg.collectives import StageCollectives
 from lightning_ddg.cutting import cut_module
 from lightning_ddg.job import JobMember
 from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher
@@ -82,7 +77,6 @@ from lightning_ddg.rebalancing import recut_batch, recut_where_measured
 from lightning_ddg.shard import rng_states
 from lightning_ddg.stage import DDGStage, MemoryMode
 from lightning_ddg.stage_run import StageRun
-from lightning_ddg.state import StageStates, load_stage_state, parameter_names
 from lightning_ddg.topology import Topology
 
 __all__ = ["DDGStrategy"]
@@ -90,7 +84,7 @@ __all__ = ["DDGStrategy"]
 log = logging.getLogger(__name__)
 
 
-class DDGStrategy(ParallelStrategy):
+class DDGStrategy(StageCheckpointHooks, StageCollectives, ParallelStrategy):
     """Train a LightningModule split into pipeline stages with DDG, one stage per device, the pipeline optionally
     replicated with data parallelism.
 
@@ -499,81 +493,6 @@ class DDGStrategy(ParallelStrategy):
         assert self._run is not None
         self._run.finish()
 
-    # --- checkpoints (state.py): only this stage's tensors are real; other stages' are placeholders, which
-    # save_checkpoint fills from their owners as rank 0 writes the file. Every saving hook is a collective.
-    @property
-    def states(self) -> StageStates:
-        """Gathers the whole model's state from the stages (:mod:`lightning_ddg.state`)."""
-        run = self._run
-        return run.states if run is not None else StageStates(self.topology, self.global_rank, self.world_size)
-
-    @property
-    def _whole(self) -> bool:
-        return self._run is None or self._run.whole  # the module holds every stage's tensors
-
-    def full_state_dict(self, rank: int = 0) -> dict[str, Tensor] | None:
-        """The whole model's state dict, with its original names, on global rank ``rank`` (``None`` elsewhere), e.g.
-        after fit of a model built in ``configure_model``, whose ranks each keep only their stage. A collective:
-        every rank calls it (see "Memory: each process holds its own stage" in ``docs/usage.md``)."""
-        assert self.lightning_module is not None
-        return self.states.full_state_dict(self.lightning_module, dst=rank, whole=self._whole)
-
-    def save_full_state_dict(self, path: Any, rank: int = 0) -> None:
-        """Write :meth:`full_state_dict` with ``torch.save`` to ``path`` on global rank ``rank``, no process holding
-        more than its own stage and one piece of a tensor in flight. A collective: every rank calls it."""
-        assert self.lightning_module is not None
-        self.states.save_full_state_dict(self.lightning_module, path, dst=rank, whole=self._whole)
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        if self.stopped_by is not None and self.partition is None:
-            return  # see stopped_elsewhere
-        if self.is_global_zero:  # under a temporary name, renamed when whole: a stopped save leaves the last file
-            self.checkpoint_io = atomic(self.checkpoint_io)
-        self.states.save_checkpoint(checkpoint, filepath, self.checkpoint_io, storage_options)
-
-    @property
-    @override
-    def restore_checkpoint_after_setup(self) -> bool:
-        return True  # into each stage once it is cut (and materialised): a process reads its own tensors only
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        if not writes_local_torch_files(self.checkpoint_io, checkpoint_path):
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        return load_mapped(checkpoint_path, weights_only=weights_only)  # mmap: only this stage's tensors are read
-
-    @override
-    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
-        assert self.lightning_module is not None
-        if self._whole:  # its own load_state_dict, hooks and all
-            return super().load_model_state_dict(checkpoint, strict=strict)
-        load_stage_state(self.lightning_module, checkpoint["state_dict"], strict=strict)
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        assert self.lightning_module is not None
-        if self._whole:
-            return super().lightning_module_state_dict()
-        return self.states.module_state_dict(self.lightning_module)
-
-    @override
-    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        # the whole model's, as one device would hold it, so that checkpoints resume on any number of stages
-        assert self.lightning_module is not None
-        names = parameter_names(self.lightning_module)
-        return self.states.optimizer_state(unwrapped_optimizer(optimizer), names, placeholders=not self._whole)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        assert self.lightning_module is not None
-        for optimizer, full in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            try:
-                self.states.load_optimizer_state(optimizer, full, self.lightning_module)
-            except ValueError as err:
-                raise MisconfigurationException(f"cannot resume the optimizer from this checkpoint: {err}") from None
-        optimizers_to_device(self.optimizers, self.root_device)
-
     # --- failure and teardown ----------------------------------------------------------------------------
     @override
     def on_exception(self, exception: BaseException) -> None:
@@ -589,48 +508,6 @@ class DDGStrategy(ParallelStrategy):
         if self.lightning_module is not None:
             self.lightning_module.__dict__.pop("forward", None)
         super().teardown()
-
-    # --- collectives -------------------------------------------------------------------------------------
-    @property
-    def _replica_group(self) -> Any:
-        return self._run.replica_group if self._run is not None else None
-
-    @override
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        if distributed_is_initialized():
-            dist.barrier()
-
-    @override
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not distributed_is_initialized():
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src)
-        return box[0]
-
-    @override
-    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
-        # logged values exist only on the last stage: they are reduced over its replicas, never across stages
-        group = group if group is not None else self._replica_group
-        if not isinstance(tensor, Tensor) or group is None:
-            return tensor
-        return sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
-
-    @override
-    def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
-        group = group if group is not None else self._replica_group
-        if group is None:
-            return tensor
-        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
-
-    @override
-    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        # stopping is decided for the whole job: every stage must leave the loop at the same step
-        if not distributed_is_initialized():
-            return decision
-        flag = torch.tensor(int(decision), device=self.root_device)
-        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
-        return bool(flag.item() == self.world_size) if all else bool(flag.item() > 0)
 
     @classmethod
     @override

@@ -1,5 +1,5 @@
 """The plain parts the strategy hands work to, without a Trainer: example batches, loaders, the forward, stopping,
-a meta-device build, joining the job."""
+a meta-device build, joining the job, the strategy's collectives."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from lightning_ddg.shard import rng_states
 from lightning_ddg.state import StageStates
 from lightning_ddg.stopping import JobStop
 from tests.models import batches, mlp, split_points_for
+from tests.multiprocess import run_processes
 
 
 def _forward(x: torch.Tensor, mask: torch.Tensor | None = None) -> None: ...
@@ -164,3 +165,45 @@ def test_the_plain_parts_of_joining_a_job() -> None:
     assert launched_ranks(first_rank=1) == {}  # this process launched none
     states = StageStates.of(mlp(), topology, rank=0, world_size=6)
     assert states.state_dict_keys[:2] == ["0.weight", "0.bias"] and states.parameter_order == states.state_dict_keys
+
+
+def _collectives_of_two_stages_and_two_replicas(rank: int, world_size: int) -> dict[str, object]:
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from lightning_ddg import DDGStrategy
+
+    topology = Topology(num_stages=2, num_replicas=2)
+    groups = {s: torch.distributed.new_group(topology.replica_ranks(s)) for s in range(2)}
+    environment = LightningEnvironment()
+    environment.set_global_rank(rank)
+    environment.set_world_size(world_size)
+    strategy = DDGStrategy(
+        num_stages=2, accelerator=CPUAccelerator(), parallel_devices=[torch.device("cpu")] * world_size,
+        cluster_environment=environment,
+    )  # fmt: skip
+    strategy._run = SimpleNamespace(replica_group=groups[topology.stage_of(rank)])
+    value = torch.tensor(float(rank))
+    return {
+        "mean": strategy.reduce(value.clone()).item(),
+        "sum": strategy.reduce(value.clone(), reduce_op="sum").item(),
+        "gathered": strategy.all_gather(value.clone()).tolist(),
+        "any": strategy.reduce_boolean_decision(rank == 3, all=False),
+        "all": strategy.reduce_boolean_decision(rank != 3),
+        "broadcast": strategy.broadcast({"from": rank}, src=2),
+        "not_a_tensor": strategy.reduce("text"),
+    }
+
+
+def test_logged_values_are_reduced_over_a_stages_replicas_and_stopping_over_the_whole_job() -> None:
+    topology = Topology(num_stages=2, num_replicas=2)
+    results = run_processes(_collectives_of_two_stages_and_two_replicas, 4)
+    for rank, got in enumerate(results):
+        replicas = topology.replica_ranks(topology.stage_of(rank))  # never the other stage's ranks
+        assert got["mean"] == pytest.approx(sum(replicas) / 2)
+        assert got["sum"] == pytest.approx(sum(replicas))
+        assert sorted(got["gathered"]) == sorted(map(float, replicas))
+        assert got["any"] is True and got["all"] is False  # one rank's vote reaches every stage
+        assert got["broadcast"] == {"from": 2} and got["not_a_tensor"] == "text"
