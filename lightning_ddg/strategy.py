@@ -340,13 +340,11 @@ class DDGStrategy(StageCheckpointHooks, StageCollectives, ParallelStrategy):
 
     def _check_supported(self, module: pl.LightningModule) -> None:
         scaled = isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None
-        try:
+        with _refused():
             check_automatic_optimization(module.automatic_optimization)
             check_no_loss_scaling(scaled)
             check_not_compiled(module)
             check_no_sync_batchnorm_layers(module, self.topology.num_stages)
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from None
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
@@ -357,10 +355,8 @@ class DDGStrategy(StageCheckpointHooks, StageCollectives, ParallelStrategy):
                 raise
             # Lightning's advice, manual optimization, is refused too (_check_supported)
             raise MisconfigurationException(ONE_OPTIMIZER) from None
-        try:
+        with _refused():
             check_plateau_per_epoch(self.lr_scheduler_configs, self.topology.num_stages)
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from None
 
     @override
     def model_to_device(self) -> None:
@@ -378,10 +374,8 @@ class DDGStrategy(StageCheckpointHooks, StageCollectives, ParallelStrategy):
         what = {"train": "training", "val": "validation"}.get(stage, stage or "a")
         gathered = self.world_size > 1 and distributed_is_initialized()
         lengths = self.states.all_gather_objects if gathered else None
-        try:
+        with _refused():
             read_alike(dataloader, self.topology, self.global_rank, self._shuffle_seed, lengths, what)
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from None
         # prediction writers read the batch indices off the loader's own sampler
         if self._run is None or not self.load_once or (trainer and trainer.state.fn == TrainerFn.PREDICTING):
             return dataloader
@@ -524,3 +518,12 @@ class DDGStrategy(StageCheckpointHooks, StageCollectives, ParallelStrategy):
 
 def _no_closure() -> None:
     return None
+
+
+@contextmanager
+def _refused() -> Generator[None, None, None]:
+    # the checks (checks.py, loaders.py) know nothing of Lightning: their ValueError becomes Lightning's own error
+    try:
+        yield
+    except ValueError as err:
+        raise MisconfigurationException(str(err)) from None
