@@ -586,8 +586,8 @@ _VIEWS = {
 
 
 def _mutated_in_place(nodes: list[fx.Node], gm: fx.GraphModule) -> set[fx.Node]:
-    """The values that ``nodes`` change in place (``ReLU(inplace=True)``, ``x += y``, ``x.add_(y)``), traced back
-    through views and item access to the value they belong to."""
+    """The values that ``nodes`` change in place (``ReLU(inplace=True)``, ``x += y``, ``x.add_(y)``), with the
+    views and items they are taken from, back to the value those belong to."""
     mutated = set()
     for node in nodes:
         if not node.args or not isinstance(node.args[0], fx.Node):
@@ -605,12 +605,13 @@ def _mutated_in_place(nodes: list[fx.Node], gm: fx.GraphModule) -> set[fx.Node]:
             continue
         if in_place:
             value = node.args[0]
+            mutated.add(value)  # the view itself may be what crosses the cut (a flatten before an in-place dropout)
             while value.op in ("call_method", "call_function") and value.args and isinstance(value.args[0], fx.Node):
                 name = value.target if isinstance(value.target, str) else getattr(value.target, "__name__", "")
                 if name not in _VIEWS and value.target is not operator.getitem:
                     break
                 value = value.args[0]
-            mutated.add(value)
+                mutated.add(value)
     return mutated
 
 

@@ -226,6 +226,32 @@ def test_a_cut_before_an_in_place_operation_is_exact() -> None:
         _assert_split_is_exact(model, split_points, x)
 
 
+class _FlattenThenDropout(nn.Module):
+    """torchvision's EfficientNet head: a view (``torch.flatten``) changed in place by the next module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1)
+        self.drop, self.fc = nn.Dropout(0.5, inplace=True), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(torch.flatten(self.pool(self.conv(x)), 1)))
+
+
+def test_a_stage_whose_input_is_a_view_changed_in_place_runs_on_the_leaf_it_receives() -> None:
+    model, x = _FlattenThenDropout().train(), torch.randn(2, 3, 8, 8)
+    first, second = split_module(model, ["drop"]).train
+    (sent,) = first(x)
+    received = sent.detach().requires_grad_()  # as a stage receives it: a leaf of its autograd graph
+    torch.manual_seed(0)
+    second(received).sum().backward()
+    torch.manual_seed(0)
+    kept = nn.functional.dropout(torch.ones(2, 4), 0.5)  # the mask the stage's dropout drew, scaled
+    torch.testing.assert_close(received.grad, kept * model.fc.weight.sum(0))
+    # the plan measures the same stages: by FLOPs, not falling back to parameter counts
+    assert plan(model, x, 2, balance_by="flops").balance_by == "flops"
+
+
 class _Branchy(nn.Module):
     """A submodule with Python control flow on tensor values, inside an otherwise traceable model."""
 
