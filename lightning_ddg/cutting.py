@@ -252,12 +252,20 @@ def _planned_on(module: pl.LightningModule, device: torch.device) -> torch.devic
 
 def show_plan(trainer: pl.Trainer, plan: Plan) -> None:
     """Print the plan as a table (with the Trainer's model summary), log it to the loggers' hyperparameters, and
-    warn of a stage that costs more than ``IMBALANCE_WARNING`` times the mean. On one rank."""
+    warn of a plan that could not measure the stages' costs, and of a stage that costs more than
+    ``IMBALANCE_WARNING`` times the mean. On one rank."""
     if any(isinstance(c, ModelSummary) for c in trainer.callbacks):
         last = plan.num_stages - 1
         rank_zero_info(f"DDG plan: {plan.num_stages} stages, stage k on rank {last} - k of each pipeline\n{plan}")
     for logger in trainer.loggers:
         logger.log_hyperparams(plan.to_dict())
+    if plan.balance_by == "params" and plan.note is not None:  # asked for another measure, which could not be had
+        rank_zero_warn(
+            f"the DDG plan could not measure what each stage costs and balances parameter counts ({plan.note}), "
+            "which can leave one stage much slower than the others. Set the module's example_input_array to what "
+            "forward takes, or give split_points=[...].",
+            category=PossibleUserWarning,
+        )
     if plan.imbalance > IMBALANCE_WARNING and plan.balance_by != "memory":  # memory: the stages' speeds differ
         slowest = max(plan.stages, key=lambda s: s.cost)
         rank_zero_warn(

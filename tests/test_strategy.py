@@ -1130,6 +1130,20 @@ def test_the_plan_is_shown_logged_and_warns_of_a_slow_stage(tmp_path, caplog) ->
     assert (tmp_path / "run" / "version_0" / "hparams.yaml").read_text().count("ddg/") == len(chosen.to_dict())
 
 
+def test_a_plan_that_could_not_measure_the_stages_warns_that_it_balanced_parameter_counts() -> None:
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+    from lightning_ddg.cutting import show_plan
+    from lightning_ddg.planning import plan
+
+    model = MLPClassifier(optimizer="sgd")
+    wrong = torch.randn(8, 5)  # not what the first layer takes: the example fails, as a mismatched batch would
+    chosen = plan(model, (wrong,), num_stages=2, balance_by="time")
+    assert chosen.balance_by == "params" and "the example input failed" in chosen.note
+    with pytest.warns(PossibleUserWarning, match="could not measure what each stage costs"):
+        show_plan(_trainer("auto", 1, logger=False), chosen)
+
+
 def test_a_cut_chosen_by_time_counts_the_batches_the_first_stage_loads() -> None:
     from lightning_ddg.cutting import make_plan
 
