@@ -506,6 +506,11 @@ def _sink(graph: fx.Graph) -> None:
     (a reshape of the rotary embedding, say) among an earlier layer's nodes; placed where it is used, each
     module's computation is one run of nodes again, and a cut before a module falls before all of it.
     """
+    for node in list(graph.nodes):
+        # the export's checks of a tensor's dtype and device (from a `.float()`, say) are used by nothing, so they
+        # would stay at the top with the parameters they read, where a cut before the layer would not take them
+        if node.op == "call_function" and node.target is _ASSERT_METADATA and not node.users:
+            graph.erase_node(node)
     for node in reversed(list(graph.nodes)):
         if node.op not in ("call_function", "call_method", "get_attr") or not node.users or _draws(node):
             continue
@@ -516,6 +521,10 @@ def _sink(graph: fx.Graph) -> None:
             first = first.next
         if first is not node.next:
             first.prepend(node)
+
+
+_ASSERT_METADATA = getattr(torch.ops.aten, "_assert_tensor_metadata", None)
+_ASSERT_METADATA = getattr(_ASSERT_METADATA, "default", None)
 
 
 def _draws(node: fx.Node) -> bool:

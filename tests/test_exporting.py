@@ -223,3 +223,18 @@ def test_a_module_called_twice_is_traced_into_and_the_others_still_run_as_writte
     for shape in [(2, 3, 4), (3, 5, 4)]:
         x, y = torch.randn(shape), torch.randn(shape)
         torch.testing.assert_close(_run(partition.train, x, y), model(x, y))
+
+
+def test_a_layer_that_converts_its_parameters_begins_where_its_computation_does() -> None:
+    # Mamba's layers call .float() on parameters: the export checks each result's dtype in a node used by nothing,
+    # which stayed at the top of the graph with the parameter, so a cut before layer 2 measured an empty stage 0
+    from lightning_ddg.planning import plan
+
+    torch.manual_seed(0)
+    config = transformers.MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=4, state_size=4)
+    model = transformers.MambaForCausalLM(config)
+    ids = torch.randint(0, 64, (2, 8))
+    planned = plan(model, (ids,), split_points=["backbone.layers.2"], balance_by="flops")
+    assert 0.35 < planned.stages[0].cost_share < 0.6, str(planned)
+    partition = split_module(model, ["backbone.layers.2"], example_input=(ids,))
+    torch.testing.assert_close(_run(partition.train, ids).logits, model(ids).logits)
