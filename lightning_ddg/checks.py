@@ -336,6 +336,15 @@ def check_automatic_optimization(automatic: bool) -> None:
         )
 
 
+def check_defines_forward(defines: bool, name: str) -> None:
+    if not defines:
+        raise ValueError(
+            f"{name} defines no forward: DDGStrategy cuts the module's forward into stages and runs it as a pipeline "
+            "where training_step calls self(...). Define forward to run the model (for example "
+            "`def forward(self, x): return self.model(x)`) and compute the output in training_step with self(x)."
+        )
+
+
 def check_no_loss_scaling(scaled: bool) -> None:
     if scaled:
         raise ValueError(

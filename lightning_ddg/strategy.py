@@ -54,6 +54,7 @@ from lightning_ddg.checkpoint_hooks import StageCheckpointHooks
 from lightning_ddg.checks import (
     ONE_OPTIMIZER,
     check_automatic_optimization,
+    check_defines_forward,
     check_no_loss_scaling,
     check_no_sync_batchnorm_layers,
     check_no_synced_batchnorm,
@@ -341,6 +342,7 @@ class DDGStrategy(StageCheckpointHooks, StageCollectives, ParallelStrategy):
     def _check_supported(self, module: pl.LightningModule) -> None:
         scaled = isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None
         with _refused():
+            check_defines_forward(type(module).forward is not pl.LightningModule.forward, type(module).__name__)
             check_automatic_optimization(module.automatic_optimization)
             check_no_loss_scaling(scaled)
             check_not_compiled(module)

@@ -901,6 +901,22 @@ def test_manual_optimization_is_refused_with_advice() -> None:
         _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_ManualOptimization(), loader())
 
 
+class _NoForward(MLPClassifier):
+    """The habit of calling the inner model in training_step: the LightningModule defines no forward."""
+
+    forward = L.LightningModule.forward
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.model(x), y)
+
+
+def test_a_module_without_forward_is_refused_at_setup_with_advice() -> None:
+    # it failed in the trace of Lightning's own forward, naming neither the module nor what to write
+    with pytest.raises(Exception, match=r"_NoForward defines no forward: .*def forward\(self, x\)"):
+        _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_NoForward(), loader())
+
+
 class _Compiled(MLPClassifier):
     def __init__(self) -> None:
         super().__init__()
