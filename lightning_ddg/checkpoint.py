@@ -18,7 +18,31 @@ from typing import Any
 
 import torch
 
-__all__ = ["named_optimizer_state", "merge_optimizer_states", "stage_optimizer_state", "group_names"]
+__all__ = ["NothingToTrain", "named_optimizer_state", "merge_optimizer_states", "stage_optimizer_state", "group_names"]
+
+
+class NothingToTrain(torch.optim.Optimizer):
+    """The optimizer of a stage whose parameters are all frozen (a frozen backbone), where ``configure_optimizers``,
+    given only the trainable parameters, had none: it holds no param group, steps nothing, and adds nothing to the
+    whole model's optimizer state, which the stages that train hold."""
+
+    def __init__(self) -> None:
+        super().__init__([torch.zeros(1)], {})  # the one tensor torch insists on is dropped by add_param_group
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": {}, "param_groups": []}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+    def step(self, closure: Any = None) -> Any:
+        return closure() if closure is not None else None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
 
 
 def group_names(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[list[str]]:
@@ -45,6 +69,7 @@ def named_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str
 
 
 def _full_groups(parts_groups: list[list[list[str]]], order: list[str]) -> list[list[str]]:
+    parts_groups = [groups for groups in parts_groups if groups] or parts_groups  # a stage training nothing has none
     counts = {len(groups) for groups in parts_groups}
     if len(counts) != 1:
         raise ValueError(f"the stages' optimizers have different numbers of param groups: {sorted(counts)}")
@@ -62,7 +87,8 @@ def merge_optimizer_states(parts: list[dict[str, Any]], order: list[str]) -> dic
     groups = _full_groups([p["groups"] for p in parts], order)
     index = {name: i for i, name in enumerate(name for group in groups for name in group)}
     state = {index[name]: s for part in parts for name, s in part["state"].items()}
-    param_groups = [{**parts[0]["hyper"][g], "params": [index[n] for n in names]} for g, names in enumerate(groups)]
+    hyper = next((p["hyper"] for p in parts if p["groups"]), parts[0]["hyper"])
+    param_groups = [{**hyper[g], "params": [index[n] for n in names]} for g, names in enumerate(groups)]
     return {"state": dict(sorted(state.items())), "param_groups": param_groups}
 
 

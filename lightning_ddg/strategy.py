@@ -50,6 +50,7 @@ from lightning_ddg._compat import (
 from lightning_ddg.balance import BalanceBy
 from lightning_ddg.between_batches import BetweenBatches
 from lightning_ddg.callbacks import add_stage_callbacks, check_callbacks
+from lightning_ddg.checkpoint import NothingToTrain
 from lightning_ddg.checkpoint_hooks import StageCheckpointHooks
 from lightning_ddg.checks import (
     ONE_OPTIMIZER,
@@ -357,6 +358,15 @@ class DDGStrategy(StageCheckpointHooks, StageCollectives, ParallelStrategy):
                 raise
             # Lightning's advice, manual optimization, is refused too (_check_supported)
             raise MisconfigurationException(ONE_OPTIMIZER) from None
+        except ValueError as err:
+            # torch's "optimizer got an empty parameter list", where the optimizer was given the trainable
+            # parameters only and this stage's are all frozen: the stage forwards and steps nothing
+            assert self.lightning_module is not None
+            held = list(self.lightning_module.parameters())
+            if "empty parameter list" not in str(err) or not held or any(p.requires_grad for p in held):
+                raise
+            log.info("stage %d: every parameter is frozen, no optimizer steps", self.stage_index)
+            self.optimizers, self.lr_scheduler_configs = [NothingToTrain()], []
         with _refused():
             check_plateau_per_epoch(self.lr_scheduler_configs, self.topology.num_stages)
 

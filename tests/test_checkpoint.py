@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ddg.checkpoint import group_names, merge_optimizer_states, named_optimizer_state, stage_optimizer_state
+from lightning_ddg.checkpoint import (
+    NothingToTrain,
+    group_names,
+    merge_optimizer_states,
+    named_optimizer_state,
+    stage_optimizer_state,
+)
 
 STAGES = [["0.weight", "0.bias", "2.weight"], ["2.bias", "4.weight", "4.bias"]]  # one cut inside layer 2
 
@@ -54,6 +60,27 @@ def test_stage_states_merge_into_the_whole_models_state() -> None:
     for i, state in whole["state"].items():
         for key, value in state.items():
             torch.testing.assert_close(merged["state"][i][key], value, rtol=0, atol=0)
+
+
+def test_a_stage_that_trains_nothing_adds_nothing_to_the_whole_models_state() -> None:
+    # a frozen first stage (NothingToTrain) before the stage that trains: the state one device's optimizer over the
+    # trainable parameters holds, which splits back onto both stages
+    model = _model()
+    named = dict(model.named_parameters())
+    trained = {n: named[n] for n in STAGES[1]}
+    whole = _stepped(trained).state_dict()
+    parts = [named_optimizer_state(NothingToTrain(), {}), named_optimizer_state(_stepped(trained), _ids(trained))]
+    order = [n for n, _ in _model().named_parameters()]
+    merged = merge_optimizer_states(parts, order)
+    assert merged["param_groups"] == whole["param_groups"] and merged["state"].keys() == whole["state"].keys()
+    groups = [[], group_names(_stepped(trained), _ids(trained))]
+    shapes = {n: p.shape for n, p in named.items()}
+    assert stage_optimizer_state(merged, [], groups, order, shapes) == {"state": {}, "param_groups": []}
+    assert NothingToTrain().step(lambda: 1.5) == 1.5 and NothingToTrain().param_groups == []
+
+
+def _ids(params: dict[str, nn.Parameter]) -> dict[int, str]:
+    return {id(p): n for n, p in params.items()}
 
 
 def test_replicas_of_a_stage_count_once() -> None:

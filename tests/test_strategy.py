@@ -917,6 +917,42 @@ def test_a_module_without_forward_is_refused_at_setup_with_advice() -> None:
         _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_NoForward(), loader())
 
 
+class _FrozenFirstLayers(MLPClassifier):
+    """Fine-tuning on a frozen backbone: the first two linear layers do not train; ``trainable_only``: the optimizer
+    is given only the parameters that do, as such code usually does."""
+
+    def __init__(self, trainable_only: bool) -> None:
+        super().__init__()
+        self.trainable_only = trainable_only
+        self.model[:4].requires_grad_(False)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad] if self.trainable_only else self.parameters()
+        return torch.optim.AdamW(params, lr=1e-2)
+
+
+def test_a_stage_whose_layers_are_all_frozen_steps_no_optimizer(tmp_path) -> None:
+    # the first stage holds only frozen layers: an optimizer built from the trainable parameters has none there,
+    # where torch raised "optimizer got an empty parameter list"
+    trained = {}
+    for trainable_only in (True, False):
+        model = _FrozenFirstLayers(trainable_only)
+        before = copy.deepcopy(model.state_dict())
+        strategy = DDGStrategy(split_points=["model.4"], start_method="forkserver")
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / str(trainable_only), save_last=True)
+        _trainer(strategy, 2, callbacks=[checkpoint], enable_checkpointing=True).fit(model, loader())
+        trained[trainable_only] = model.state_dict()
+    for name, value in trained[True].items():  # AdamW skips a parameter without a gradient: the same updates
+        assert torch.equal(value, trained[False][name]), name
+    assert torch.equal(trained[True]["model.0.weight"], before["model.0.weight"])
+    assert not torch.equal(trained[True]["model.8.weight"], before["model.8.weight"])
+    # the checkpoint's optimizer state is the one a single device holds: the six trainable parameters, in one group
+    last = tmp_path / "True" / "last.ckpt"
+    (state,) = torch.load(last, weights_only=False)["optimizer_states"]
+    assert [len(group["params"]) for group in state["param_groups"]] == [6] and len(state["state"]) == 6
+    _trainer("auto", 1, max_epochs=EPOCHS + 1).fit(_FrozenFirstLayers(True), loader(), ckpt_path=last)
+
+
 class _Compiled(MLPClassifier):
     def __init__(self) -> None:
         super().__init__()
