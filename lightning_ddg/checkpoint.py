@@ -22,9 +22,9 @@ __all__ = ["NothingToTrain", "named_optimizer_state", "merge_optimizer_states", 
 
 
 class NothingToTrain(torch.optim.Optimizer):
-    """The optimizer of a stage whose parameters are all frozen (a frozen backbone), where ``configure_optimizers``,
-    given only the trainable parameters, had none: it holds no param group, steps nothing, and adds nothing to the
-    whole model's optimizer state, which the stages that train hold."""
+    """The optimizer of a stage that ``configure_optimizers`` gave none of its parameters (only the trainable ones,
+    where the stage holds a frozen backbone): it holds no param group, steps nothing, and adds nothing to the whole
+    model's optimizer state, which the stages that train hold."""
 
     def __init__(self) -> None:
         super().__init__([torch.zeros(1)], {})  # the one tensor torch insists on is dropped by add_param_group

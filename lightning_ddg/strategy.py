@@ -359,13 +359,11 @@ class DDGStrategy(StageCheckpointHooks, StageCollectives, ParallelStrategy):
             # Lightning's advice, manual optimization, is refused too (_check_supported)
             raise MisconfigurationException(ONE_OPTIMIZER) from None
         except ValueError as err:
-            # torch's "optimizer got an empty parameter list", where the optimizer was given the trainable
-            # parameters only and this stage's are all frozen: the stage forwards and steps nothing
-            assert self.lightning_module is not None
-            held = list(self.lightning_module.parameters())
-            if "empty parameter list" not in str(err) or not held or any(p.requires_grad for p in held):
+            # torch's "optimizer got an empty parameter list": the optimizer was given none of this stage's parameters
+            # (the trainable ones only, where this stage's are frozen; a head's only): as on one device, they stay
+            if "empty parameter list" not in str(err) or self.topology.num_stages == 1:
                 raise
-            log.info("stage %d: every parameter is frozen, no optimizer steps", self.stage_index)
+            log.info("stage %d: configure_optimizers gave none of its parameters, no optimizer steps", self.stage_index)
             self.optimizers, self.lr_scheduler_configs = [NothingToTrain()], []
         with _refused():
             check_plateau_per_epoch(self.lr_scheduler_configs, self.topology.num_stages)

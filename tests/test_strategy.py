@@ -917,40 +917,47 @@ def test_a_module_without_forward_is_refused_at_setup_with_advice() -> None:
         _trainer(DDGStrategy(start_method="forkserver"), 2).fit(_NoForward(), loader())
 
 
-class _FrozenFirstLayers(MLPClassifier):
-    """Fine-tuning on a frozen backbone: the first two linear layers do not train; ``trainable_only``: the optimizer
-    is given only the parameters that do, as such code usually does."""
+class _FirstLayersKept(MLPClassifier):
+    """Fine-tuning the last layers: ``"trainable"``, the first two linear layers are frozen and the optimizer is given
+    the parameters that train, as such code usually does; ``"all"``, the same layers frozen and every parameter given;
+    ``"last"``, nothing frozen and the optimizer given the last layers' parameters only."""
 
-    def __init__(self, trainable_only: bool) -> None:
+    def __init__(self, given: str) -> None:
         super().__init__()
-        self.trainable_only = trainable_only
-        self.model[:4].requires_grad_(False)
+        self.given = given
+        if given != "last":
+            self.model[:4].requires_grad_(False)
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad] if self.trainable_only else self.parameters()
+        params = {
+            "trainable": [p for p in self.parameters() if p.requires_grad],
+            "all": list(self.parameters()),
+            "last": list(self.model[4:].parameters()),
+        }[self.given]
         return torch.optim.AdamW(params, lr=1e-2)
 
 
-def test_a_stage_whose_layers_are_all_frozen_steps_no_optimizer(tmp_path) -> None:
-    # the first stage holds only frozen layers: an optimizer built from the trainable parameters has none there,
-    # where torch raised "optimizer got an empty parameter list"
+def test_a_stage_whose_parameters_the_optimizer_is_not_given_steps_none(tmp_path) -> None:
+    # the first stage holds the first two layers: the optimizer configure_optimizers builds there has none of its
+    # parameters, where torch raised "optimizer got an empty parameter list"
     trained = {}
-    for trainable_only in (True, False):
-        model = _FrozenFirstLayers(trainable_only)
+    for given in ("trainable", "all", "last"):
+        model = _FirstLayersKept(given)
         before = copy.deepcopy(model.state_dict())
         strategy = DDGStrategy(split_points=["model.4"], start_method="forkserver")
-        checkpoint = ModelCheckpoint(dirpath=tmp_path / str(trainable_only), save_last=True)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / given, save_last=True)
         _trainer(strategy, 2, callbacks=[checkpoint], enable_checkpointing=True).fit(model, loader())
-        trained[trainable_only] = model.state_dict()
-    for name, value in trained[True].items():  # AdamW skips a parameter without a gradient: the same updates
-        assert torch.equal(value, trained[False][name]), name
-    assert torch.equal(trained[True]["model.0.weight"], before["model.0.weight"])
-    assert not torch.equal(trained[True]["model.8.weight"], before["model.8.weight"])
-    # the checkpoint's optimizer state is the one a single device holds: the six trainable parameters, in one group
-    last = tmp_path / "True" / "last.ckpt"
+        trained[given] = model.state_dict()
+    for given in ("all", "last"):  # AdamW skips a parameter without a gradient: the same updates
+        for name, value in trained["trainable"].items():
+            assert torch.equal(value, trained[given][name]), (given, name)
+    assert torch.equal(trained["last"]["model.0.weight"], before["model.0.weight"])
+    assert not torch.equal(trained["last"]["model.8.weight"], before["model.8.weight"])
+    # the checkpoint's optimizer state is the one a single device holds: the six parameters given, in one group
+    last = tmp_path / "trainable" / "last.ckpt"
     (state,) = torch.load(last, weights_only=False)["optimizer_states"]
     assert [len(group["params"]) for group in state["param_groups"]] == [6] and len(state["state"]) == 6
-    _trainer("auto", 1, max_epochs=EPOCHS + 1).fit(_FrozenFirstLayers(True), loader(), ckpt_path=last)
+    _trainer("auto", 1, max_epochs=EPOCHS + 1).fit(_FirstLayersKept("trainable"), loader(), ckpt_path=last)
 
 
 class _Compiled(MLPClassifier):
