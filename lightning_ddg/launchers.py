@@ -147,6 +147,18 @@ def _died(name: str, pid: int, code: int, ended: bool) -> str:
     return f"lightning-ddg: {name}, process {pid}, {exit_text(code)}{after}; stopping the job."
 
 
+def check_relaunchable(argv: list[str], main: Any) -> None:
+    """``strategy="ddg"`` starts every other rank by running this process's command again: a script file or a
+    module (``python -m``), not code given with ``python -c`` or typed in an interpreter."""
+    if getattr(main, "__spec__", None) is None and not os.path.isfile(argv[0] if argv else ""):
+        raise MisconfigurationException(
+            f"strategy='ddg' starts each other process by running this program again, but it was not started from a "
+            f"script file (sys.argv[0] is {argv[0] if argv else ''!r}: `python -c` or an interactive interpreter). Run "
+            "it as a script (python train.py) or a module (python -m package.train), or use strategy='ddg_spawn', "
+            "which starts the processes from this one."
+        )
+
+
 class DDGScriptLauncher(SubprocessScriptLauncher):
     """Re-launches the script for every other rank; see the module's documentation.
 
@@ -163,6 +175,7 @@ class DDGScriptLauncher(SubprocessScriptLauncher):
         global _observer
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
+            check_relaunchable(sys.argv, sys.modules["__main__"])
             with naming_this_launcher():  # the launched ranks watch this process
                 self._call_children_scripts()
             first = self.cluster_environment.node_rank() * self.num_processes + 1

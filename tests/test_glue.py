@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from lightning_ddg import Topology, build_stage
 from lightning_ddg.example_input import forward_arguments, loading_ms
 from lightning_ddg.forward import PipelinedForward
-from lightning_ddg.launchers import launched_ranks
+from lightning_ddg.launchers import check_relaunchable, launched_ranks
 from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling
 from lightning_ddg.local import local_links
 from lightning_ddg.rendezvous import needs_rendezvous
@@ -207,3 +207,15 @@ def test_logged_values_are_reduced_over_a_stages_replicas_and_stopping_over_the_
         assert sorted(got["gathered"]) == sorted(map(float, replicas))
         assert got["any"] is True and got["all"] is False  # one rank's vote reaches every stage
         assert got["broadcast"] == {"from": 2} and got["not_a_tensor"] == "text"
+
+
+def test_a_program_that_cannot_be_run_again_is_refused_before_any_process_starts(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    script = tmp_path / "train.py"
+    script.write_text("")
+    check_relaunchable([str(script), "--epochs", "3"], SimpleNamespace(__spec__=None))  # python train.py
+    check_relaunchable(["-m"], SimpleNamespace(__spec__=object()))  # python -m package.train
+    for argv in (["-c"], [""], []):  # python -c "...", an interpreter
+        with pytest.raises(Exception, match=r"not started from a script file .* strategy='ddg_spawn'"):
+            check_relaunchable(argv, SimpleNamespace(__spec__=None))
