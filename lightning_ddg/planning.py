@@ -323,6 +323,12 @@ def plan(
     frozen = _FrozenOpened(module)
 
     segments = _stage_graphs(gm, positions)
+    holding = sum(1 for count in _segment_parameters(segments) if count > 0)
+    if split_points is None and holding < wanted:  # a stage without parameters would have nothing to train
+        raise ValueError(
+            f"the forward offers {holding} piece(s) that hold parameters, fewer than the {wanted} stages requested, "
+            f"so some stage would have nothing to train: use at most {max(holding, 1)} devices."
+        )
     by_memory = balance_by == "memory"
     values, used, note, cut_bytes = _costs(module, segments, args, "params" if by_memory else balance_by, where)
     if timed_on_meta and note is None and used == "flops":

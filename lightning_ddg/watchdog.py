@@ -393,7 +393,7 @@ def _failure_message(name: str, error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
         return f"{name} was interrupted (KeyboardInterrupt)"
     lines = str(error).strip().splitlines()
-    first = lines[0].split(". ")[0] if lines else ""  # the first sentence: the rest is advice, in the traceback
+    first = lines[0].split(". ")[0].rstrip(".") if lines else ""  # the first sentence; the advice is in the traceback
     first = first if len(first) <= 200 else first[:199] + "…"
     return f"{name} failed with {type(error).__name__}" + (f": {first}" if first else "")
 

@@ -228,11 +228,14 @@ def test_several_stages_need_split_points() -> None:
 
 def test_more_stages_than_candidate_cuts() -> None:
     tiny = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
-    assert balanced_split_points(tiny, 3) == ["1", "2"]
+    assert balanced_split_points(tiny, 2) == ["1"]
     with pytest.raises(ValueError, match="offers 3 possible stages, fewer than the 4 requested"):
         balanced_split_points(tiny, 4)
     with pytest.raises(ValueError, match="fewer than the 4 requested"):
         plan(tiny, torch.randn(3, 2), 4)
+    # three places to cut, but a stage made of the ReLU alone would have nothing to train
+    with pytest.raises(ValueError, match=r"offers 2 piece\(s\) that hold parameters, .* use at most 2 devices"):
+        plan(tiny, torch.randn(3, 2), 3)
 
 
 @pytest.mark.parametrize("balance", [[1, 1], [2, 2], [1, 0, 2], [4, -1]])
