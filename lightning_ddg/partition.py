@@ -332,7 +332,7 @@ def trace_fx(
                         continue
                     raise RuntimeError(
                         f"lightning-ddg could not trace the forward of {type(module).__name__} with torch.fx: {err}\n"
-                        f"{_user_code(err)}"
+                        f"{_user_code(err)}{_variadic_advice(module)}"
                         "Cutting a model into stages needs a forward without Python control flow on tensor values. "
                         "Move such code into a submodule (it then runs whole, inside one stage) or into "
                         "`training_step`, or run with a single stage (devices=1). Stages begin only at modules the "
@@ -461,6 +461,20 @@ def _generators_kept() -> Iterator[None]:
         if numpy is not None:
             numpy.random.set_state(numpy_state)
         torch.set_rng_state(torch_state)
+
+
+def _variadic_advice(module: nn.Module) -> str:
+    """Advice for a forward that takes ``*args`` or ``**kwargs``, which a trace passes on as one value that cannot be
+    unpacked (``self.model(**batch)``)."""
+    kinds = {p.kind for p in inspect.signature(module.forward).parameters.values()}
+    if not kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
+        return ""
+    return (
+        f"{type(module).__name__}.forward takes *args or **kwargs, which a trace cannot unpack: name the arguments "
+        "it takes (def forward(self, input_ids, attention_mask=None, labels=None): return self.model(input_ids="
+        "input_ids, attention_mask=attention_mask, labels=labels)), or take the batch as one dict "
+        "(def forward(self, batch): return self.model(**batch)).\n"
+    )
 
 
 def _user_code(err: BaseException) -> str:

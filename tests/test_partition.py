@@ -296,6 +296,32 @@ class _DataDependent(nn.Module):
         return self.b(x)
 
 
+class _Named(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self.b(self.a(x)) * scale
+
+
+class _Variadic(nn.Module):
+    """A wrapper whose forward hands its keyword arguments on, as wrappers of Hugging Face models often do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _Named()
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**inputs)
+
+
+def test_a_forward_taking_kwargs_that_cannot_be_traced_is_told_to_name_them() -> None:
+    message = r"(?s)_Variadic\.forward takes \*args or \*\*kwargs, which a trace cannot unpack: name the arguments"
+    with pytest.raises(RuntimeError, match=message):
+        split_module(_Variadic(), split_points=["model.b"])
+
+
 def test_data_dependent_control_flow_cannot_be_traced() -> None:
     message = r"(?s)could not trace the forward of _DataDependent with torch\.fx.*Python control flow on tensor values"
     with pytest.raises(RuntimeError, match=message):
