@@ -38,6 +38,7 @@ import copy
 import difflib
 import functools
 import inspect
+import linecache
 import operator
 import os
 import random
@@ -479,11 +480,17 @@ def _variadic_advice(module: nn.Module) -> str:
 
 def _user_code(err: BaseException) -> str:
     """'file:line: source' of the innermost frame outside torch, where the untraceable construct is."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    # walked by line numbers only: traceback.extract_tb reads positions, which the code torch.fx generates may lack
+    # (Python 3.11 then raises "generator raised StopIteration", hiding the error being reported)
+    frames = [
+        (frame.f_code.co_filename, line)
+        for frame, line in traceback.walk_tb(err.__traceback__)
+        if line is not None and not frame.f_code.co_filename.startswith(_TORCH_DIR)
+    ]
     if not frames:
         return ""
-    frame = frames[-1]
-    return f"The construct is at {frame.filename}:{frame.lineno}: {(frame.line or '').strip()}\n"
+    filename, line = frames[-1]
+    return f"The construct is at {filename}:{line}: {linecache.getline(filename, line).strip()}\n"
 
 
 def _hoist_item_access(graph: fx.Graph) -> None:
