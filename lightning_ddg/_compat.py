@@ -72,6 +72,7 @@ except ImportError:  # older torch
 
 __all__ = [
     "GlobalStateSnapshot",
+    "is_export_metadata_check",
     "announce_time_limit",
     "export_swap",
     "MultiProcessingLauncher",
@@ -173,6 +174,20 @@ def storage_use_count(tensor: torch.Tensor) -> int | None:
         _warn_once("torch._C._storage_Use_Count", "received buffers are not reused")
         return None
     return int(_storage_use_count(tensor.untyped_storage()._cdata))
+
+
+def is_export_metadata_check(node: Any) -> bool:
+    """Whether an exported graph's ``node`` is ``aten._assert_tensor_metadata``, the check ``torch.export`` records
+    for a ``.to()`` or ``.float()``: it computes nothing, and ``exporting._sink`` drops it. If torch renames it, the
+    checks stay where the export put them (a cut before a layer converting its parameters may then measure an
+    empty stage) and a warning says so."""
+    if _assert_metadata is None:
+        _warn_once("torch.ops.aten._assert_tensor_metadata", "an export's dtype checks stay at the top of its graph")
+        return False
+    return node.op == "call_function" and node.target is _assert_metadata
+
+
+_assert_metadata = getattr(getattr(torch.ops.aten, "_assert_tensor_metadata", None), "default", None)
 
 
 # --- Lightning: attributes of its objects ---------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
 from lightning_ddg._compat import export_swap as _swap
+from lightning_ddg._compat import is_export_metadata_check
 from lightning_ddg.layer_stacks import STACKS, stack_forward
 
 __all__ = [
@@ -509,7 +510,7 @@ def _sink(graph: fx.Graph) -> None:
     for node in list(graph.nodes):
         # the export's checks of a tensor's dtype and device (from a `.float()`, say) are used by nothing, so they
         # would stay at the top with the parameters they read, where a cut before the layer would not take them
-        if node.op == "call_function" and node.target is _ASSERT_METADATA and not node.users:
+        if not node.users and is_export_metadata_check(node):
             graph.erase_node(node)
     for node in reversed(list(graph.nodes)):
         if node.op not in ("call_function", "call_method", "get_attr") or not node.users or _draws(node):
@@ -521,10 +522,6 @@ def _sink(graph: fx.Graph) -> None:
             first = first.next
         if first is not node.next:
             first.prepend(node)
-
-
-_ASSERT_METADATA = getattr(torch.ops.aten, "_assert_tensor_metadata", None)
-_ASSERT_METADATA = getattr(_ASSERT_METADATA, "default", None)
 
 
 def _draws(node: fx.Node) -> bool:

@@ -67,6 +67,17 @@ def test_the_torch_internals_used() -> None:
     assert torch.equal(b[0], torch.ones(2))
     leaves, spec = _compat.tree_flatten({"x": t, "y": (t, 1)})
     assert _compat.tree_unflatten(leaves, spec)["y"][1] == 1
+    # the check torch.export records for a .float() (newer versions than 2.4 record one), found by its name
+    assert _compat._assert_metadata is not None
+    exported = torch.export.export(_Floats(), (torch.zeros(2, dtype=torch.float64),)).graph
+    checks = [node for node in exported.nodes if _compat.is_export_metadata_check(node)]
+    assert all(not node.users for node in checks) and len(checks) <= 1
+    assert not any(_compat.is_export_metadata_check(node) for node in torch.fx.symbolic_trace(_Floats()).graph.nodes)
+
+
+class _Floats(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() + 1
 
 
 def test_a_metric_can_be_kept_from_synchronising() -> None:
