@@ -65,16 +65,21 @@ def test_stage_states_merge_into_the_whole_models_state() -> None:
 def test_a_stage_that_trains_nothing_adds_nothing_to_the_whole_models_state() -> None:
     # a frozen first stage (NothingToTrain) before the stage that trains: the state one device's optimizer over the
     # trainable parameters holds, which splits back onto both stages
-    model = _model()
-    named = dict(model.named_parameters())
-    trained = {n: named[n] for n in STAGES[1]}
-    whole = _stepped(trained).state_dict()
-    parts = [named_optimizer_state(NothingToTrain(), {}), named_optimizer_state(_stepped(trained), _ids(trained))]
+    def trained() -> dict[str, nn.Parameter]:  # the second stage's parameters, as a fresh model has them
+        return {n: p for n, p in _model().named_parameters() if n in STAGES[1]}
+
+    whole = _stepped(trained()).state_dict()  # one device's optimizer over the parameters it is given
+    params = trained()
+    optimizer = _stepped(params)
+    parts = [named_optimizer_state(NothingToTrain(), {}), named_optimizer_state(optimizer, _ids(params))]
     order = [n for n, _ in _model().named_parameters()]
     merged = merge_optimizer_states(parts, order)
     assert merged["param_groups"] == whole["param_groups"] and merged["state"].keys() == whole["state"].keys()
-    groups = [[], group_names(_stepped(trained), _ids(trained))]
-    shapes = {n: p.shape for n, p in named.items()}
+    for i, state in whole["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(merged["state"][i][key], value, rtol=0, atol=0)
+    groups = [[], group_names(optimizer, _ids(params))]
+    shapes = {n: p.shape for n, p in _model().named_parameters()}
     assert stage_optimizer_state(merged, [], groups, order, shapes) == {"state": {}, "param_groups": []}
     assert NothingToTrain().step(lambda: 1.5) == 1.5 and NothingToTrain().param_groups == []
 

@@ -248,8 +248,12 @@ def test_a_stage_whose_input_is_a_view_changed_in_place_runs_on_the_leaf_it_rece
     torch.manual_seed(0)
     kept = nn.functional.dropout(torch.ones(2, 4), 0.5)  # the mask the stage's dropout drew, scaled
     torch.testing.assert_close(received.grad, kept * model.fc.weight.sum(0))
-    # the plan measures the same stages: by FLOPs, not falling back to parameter counts
+    # the plan measures the same stages: by FLOPs, not falling back to parameter counts, also on the model this is
+    # torchvision's head of
     assert plan(model, x, 2, balance_by="flops").balance_by == "flops"
+    torch.manual_seed(0)
+    efficientnet = torchvision.models.efficientnet_b0(num_classes=10)
+    assert plan(efficientnet, torch.randn(2, 3, 32, 32), 2, balance_by="flops").balance_by == "flops"
 
 
 class _Branchy(nn.Module):
