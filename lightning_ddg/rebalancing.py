@@ -83,6 +83,7 @@ def recut_where_measured(
     gathered = partial(strategy.states.optimizer_state, names=parameter_names(module), placeholders=False)
     optimizer_states = [gathered(unwrapped_optimizer(optimizer)) for optimizer in optimizers]
     scheduler_states = [config.scheduler.state_dict() for config in strategy.lr_scheduler_configs]
+    every_rank_schedules = strategy.states.all_gather_objects(scheduler_states)  # for a stage that stepped nothing
     made: list[tuple[Partition, list[int]]] = []
 
     def cut(whole: nn.Module) -> Partition:
@@ -100,7 +101,9 @@ def recut_where_measured(
     strategy.setup_optimizers(trainer)  # configure_optimizers, on the new stage's parameters
     for optimizer, state in zip(strategy.optimizers, optimizer_states, strict=True):
         strategy.states.load_optimizer_state(unwrapped_optimizer(optimizer), state, module)
-    for config, state in zip(strategy.lr_scheduler_configs, scheduler_states, strict=True):
+    fresh = [config.scheduler.state_dict() for config in strategy.lr_scheduler_configs]
+    resumed = _resumed_schedules(scheduler_states, every_rank_schedules, fresh)
+    for config, state in zip(strategy.lr_scheduler_configs, resumed, strict=True):
         config.scheduler.load_state_dict(state)
     optimizers_to_device(strategy.optimizers, strategy.root_device)
     for callback in trainer.callbacks:
@@ -115,6 +118,15 @@ def recut_where_measured(
         rank_zero_info(f"DDG plan from batch {batch}:\n{strategy.plan}")
     log.info("recut: stage %d of the cut at %s from batch %d", strategy.stage_index, points, batch)
     return new_run
+
+
+def _resumed_schedules(own: list[dict], every_rank: list[list[dict]], fresh: list[dict]) -> list[dict]:
+    """The states the learning-rate schedulers of a stage cut anew (``fresh``, as configured) resume from: the
+    stage's own; for a stage whose optimizer stepped nothing until now (it held only parameters that optimizer was
+    not given), those of a stage that did, which every stage steps alike; none for one that steps nothing now."""
+    if len(fresh) == len(own) or not fresh:
+        return own[: len(fresh)]
+    return next((states for states in every_rank if len(states) == len(fresh)), fresh)
 
 
 def _better_cut(strategy: DDGStrategy, plan: Plan, batch: int) -> tuple[list[str], list[float]] | None:

@@ -620,6 +620,46 @@ def test_a_fit_cut_anew_where_the_measured_stage_times_balance_continues_the_met
     _assert_same(dict(model.state_dict()), expected)
 
 
+class _FrozenFirstLayers(MLPClassifier):
+    """Fine-tunes its linear layers after the first ``frozen`` with a learning-rate schedule; a layer that does
+    nothing (``_SlowLayer``) sleeps in the pipeline, at the start or at the end, where the plan timed none. Its
+    optimizer is given the parameters that train, so a stage of frozen layers alone is given none."""
+
+    def __init__(self, frozen: int, slow_first: bool) -> None:
+        super().__init__(step_lr=True, depth=frozen + 3)
+        layers = [*self.model, _SlowLayer(True)] if not slow_first else [_SlowLayer(True), *self.model]
+        self.model = torch.nn.Sequential(*layers)
+        linears = [m for m in self.model if isinstance(m, torch.nn.Linear)]
+        for linear in linears[:frozen]:
+            linear.requires_grad_(False)
+        self.slow = self.model[0] if slow_first else self.model[-1]
+        self.slow.seconds = 0.04  # far more than the loop's time per step, however loaded the machine
+
+    def configure_optimizers(self):
+        optimizer = make_optimizer("sgd", [p for p in self.parameters() if p.requires_grad])
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@pytest.mark.parametrize(("frozen", "slow_first"), [(2, True), (5, False)])
+def test_a_stage_whose_layers_to_train_come_or_go_when_cut_anew_trains_them_on_the_schedule(
+    tmp_path, frozen: int, slow_first: bool
+) -> None:
+    # the cut moves the first stage's only trainable layer to the next stage (slow first), or a trainable layer to
+    # a first stage that held frozen layers alone (slow last): a stage whose optimizer had nothing to step, or has
+    # nothing from then on; the layers go on training on the learning rate the schedule has reached, as on one device
+    after, epochs = stats.MEASURED_STEPS + 4, 6
+    model = _FrozenFirstLayers(frozen, slow_first)
+    initial = copy.deepcopy(model)
+    strategy = DDGStrategy(start_method="forkserver", balance_by="flops", rebalance_after_steps=after)
+    _trainer(strategy, 2, max_epochs=epochs, callbacks=[_RecordCuts(tmp_path)]).fit(model, loader())
+    first, second = ((tmp_path / "cuts0.txt").read_text().splitlines()[i].split() for i in (0, 1))
+    trains = [any(p.requires_grad for p in split_module(initial, cut).train[0].parameters()) for cut in (first, second)]
+    assert trains == [slow_first, not slow_first], (first, second)
+    initial.slow.slow = False
+    _assert_same(dict(model.state_dict()), _reference_cut_anew(initial, first, second, after, epochs * len(loader())))
+
+
 class _StopsAfterForwardOnTheSlowStage(_SlowLastStage):
     """Sets ``trainer.should_stop`` after ``self(x)`` in its training step number ``at`` of the fit (from 0)."""
 
@@ -677,7 +717,8 @@ def _reference_cut_anew(
             ref.step(x, y)
         ref.finish()
         for stage, optimizer in zip(stages, optimizers, strict=True):
-            momentum |= {name: optimizer.state[p]["momentum_buffer"] for name, p in stage.named_parameters()}
+            trained = [(name, p) for name, p in stage.named_parameters() if p.requires_grad]
+            momentum |= {name: optimizer.state[p]["momentum_buffer"] for name, p in trained}
         scheduler_state = schedulers[0].state_dict()
     return dict(model.state_dict())
 
