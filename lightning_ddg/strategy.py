@@ -5,7 +5,8 @@ Each process runs one stage. ``configure_optimizers`` sees this stage's paramete
 skipped (there is no loss there); when fit ends, the whole trained model is back in the module on every rank
 (see ``docs/usage.md``). Each hook hands its work to a module of its own (``docs/architecture.md``): the process
 group to ``job.py``, the cut to ``cutting.py``, the stage while it runs to ``stage_run.py``, what happens before a
-training batch to ``between_batches.py``, checkpoints to ``checkpoint_hooks.py``, collectives to ``collectives.py``.
+training batch to ``between_batches.py``, checkpoints to ``checkpoint_hooks.py``, collectives to ``collectives.py``,
+ranks and devices to ``layout.py``.
 
 Example::
 
@@ -35,8 +36,6 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
@@ -71,6 +70,7 @@ from lightning_ddg.collectives import StageCollectives
 from lightning_ddg.cutting import cut_module
 from lightning_ddg.job import JobMember
 from lightning_ddg.launchers import DDGScriptLauncher, DDGSpawnLauncher
+from lightning_ddg.layout import StageLayout
 from lightning_ddg.loaders import read_alike, shuffle_seed
 from lightning_ddg.metrics import quiet_epoch_sync_advice, scope_metrics
 from lightning_ddg.partition import Partition
@@ -79,14 +79,13 @@ from lightning_ddg.rebalancing import recut_batch, recut_where_measured
 from lightning_ddg.shard import rng_states
 from lightning_ddg.stage import DDGStage, MemoryMode
 from lightning_ddg.stage_run import StageRun
-from lightning_ddg.topology import Topology
 
 __all__ = ["DDGStrategy"]
 
 log = logging.getLogger(__name__)
 
 
-class DDGStrategy(StageCheckpointHooks, StageCollectives, ParallelStrategy):
+class DDGStrategy(StageLayout, StageCheckpointHooks, StageCollectives, ParallelStrategy):
     """Train a LightningModule split into pipeline stages with DDG, one stage per device, the pipeline optionally
     replicated with data parallelism.
 
@@ -194,55 +193,12 @@ class DDGStrategy(StageCheckpointHooks, StageCollectives, ParallelStrategy):
         self._between = BetweenBatches()  # stop signals, a fit's end, a recut: decided before a batch, no collective
         self._init_rng_states: dict[str, Tensor] | None = None  # when configure_model began building on meta
 
-    # --- layout ------------------------------------------------------------------------------------------
-    @property
-    @override
-    def root_device(self) -> torch.device:
-        assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
-
-    @property
-    def num_nodes(self) -> int:
-        return self._num_nodes
-
-    @num_nodes.setter
-    def num_nodes(self, num_nodes: int) -> None:
-        self._num_nodes = num_nodes
-
-    @property
-    def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices is not None else 0
-
-    @property
-    def topology(self) -> Topology:
-        processes = self.num_nodes * self.num_processes
-        stages = self.num_stages or processes
-        return Topology(num_stages=stages, num_replicas=max(processes // stages, 1))
-
-    @property
-    def is_distributed(self) -> bool:
-        # tells Lightning to shard the data over the replicas (distributed_sampler_kwargs) and to sync logged values
-        return self.topology.num_replicas > 1
-
-    @property
-    def stage_index(self) -> int:
-        return self.topology.stage_of(self.global_rank)
-
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # every stage reads the same batches in the same order: data is sharded over replicas, never stages
-        return {"num_replicas": self.topology.num_replicas, "rank": self.topology.replica_of(self.global_rank)}
-
+    # --- processes (layout.py: devices, ranks, stages and replicas) ------------------------------------------
     @property
     @override
     def handles_gradient_accumulation(self) -> bool:
         # stages step on windows aligned to batch numbers, so each stage decides when to step
         return True
-
-    @property
-    def process_group_backend(self) -> str | None:
-        return self._process_group_backend
 
     @override
     def _configure_launcher(self) -> None:
@@ -271,14 +227,6 @@ class DDGStrategy(StageCheckpointHooks, StageCollectives, ParallelStrategy):
             watch_parent=self._start_method != "popen" or self.local_rank > 0,
             rendezvous_timeout=self._rendezvous_timeout, timeout=self._timeout,
         )  # fmt: skip
-
-    def set_world_ranks(self) -> None:
-        # as DDPStrategy: ranks are numbered node by node (torchrun and SLURM set them themselves), so the
-        # consecutive ranks of a pipeline share a node when a node's devices are a multiple of num_stages
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
 
     # --- model -------------------------------------------------------------------------------------------
     @override
