@@ -3,10 +3,13 @@ a meta-device build, joining the job, the strategy's collectives."""
 
 from __future__ import annotations
 
+import ast
 import inspect
 import random
+import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +222,17 @@ def test_a_program_that_cannot_be_run_again_is_refused_before_any_process_starts
     for argv in (["-c"], [""], []):  # python -c "...", an interpreter
         with pytest.raises(Exception, match=r"not started from a script file .* strategy='ddg_spawn'"):
             check_relaunchable(argv, SimpleNamespace(__spec__=None))
+
+
+def test_only_the_modules_the_architecture_names_import_lightning() -> None:
+    package = Path(__file__).resolve().parents[1] / "lightning_ddg"
+    importing = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(name.split(".")[0] in ("lightning", "lightning_utilities") for name in names):
+                importing.add(path.name)
+    text = (package.parent / "docs" / "architecture.md").read_text()
+    paragraph = text[text.index("Only these modules import") : text.index("## The modules")]
+    assert importing == set(re.findall(r"`(\w+\.py)`", paragraph))
