@@ -45,7 +45,7 @@ from lightning_ddg.checks import (
 from lightning_ddg.planning import IMBALANCE_WARNING, Plan, better_cut
 from lightning_ddg.schedule import delay
 from lightning_ddg.stage import DDGStage
-from lightning_ddg.stats import Snapshot, StageCounters, interval_figures, measured_imbalance
+from lightning_ddg.stats import MEASURED_STEPS, Snapshot, StageCounters, interval_figures, measured_imbalance
 
 __all__ = ["LogStageFigures", "ShareLastStageMetrics", "StopTogether", "add_stage_callbacks", "check_callbacks"]
 
@@ -134,9 +134,10 @@ class StopTogether(Callback):
 
 
 class LogStageFigures(Callback):
-    """Logs every stage's figures as ``ddg/stage{k}/...`` whenever Lightning logs (every ``log_every_n_steps``)
-    and at the end of each training epoch: samples/s; compute, waiting, sending and other time per step (ms);
-    stashed weights and activations (MiB); the delay. They are averages since the previous logging.
+    """Logs every stage's figures as ``ddg/stage{k}/...`` whenever Lightning logs (every ``log_every_n_steps``),
+    :data:`~lightning_ddg.stats.MEASURED_STEPS` batches apart at least, and at the end of each training epoch:
+    samples/s; compute, waiting, sending and other time per step (ms); stashed weights and activations (MiB); the
+    delay. They are averages since the previous logging.
 
     The figures reach the last stage in the headers of the activations it receives, so logging them costs no
     message and no synchronisation. Evaluation time is left out.
@@ -154,6 +155,7 @@ class LogStageFigures(Callback):
     def __init__(self) -> None:
         self._evaluation_start: float | None = None
         self._logged: list[Snapshot] = []
+        self._batches_unlogged = 0
         self._trainer: pl.Trainer | None = None  # for state_dict, which Lightning calls without it
 
     @override
@@ -211,7 +213,10 @@ class LogStageFigures(Callback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if should_update_logs(trainer):
+        # when Lightning logs, but MEASURED_STEPS batches apart at least: figures over fewer steps are mostly noise,
+        # and each value logged costs Lightning's loop about 0.3 ms on the last stage, which sets the pipeline's pace
+        self._batches_unlogged += 1
+        if should_update_logs(trainer) and self._batches_unlogged >= MEASURED_STEPS:
             self._log(trainer, pl_module, on_step=True)
 
     @override
@@ -231,6 +236,7 @@ class LogStageFigures(Callback):
             rank_zero_warn(_slow_stage_advice(imbalance, per_step_ms, plan), category=PossibleUserWarning)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
+        self._batches_unlogged = 0
         stage = self._stage(trainer)
         if stage is None or not stage.is_last or not trainer.is_global_zero:
             return

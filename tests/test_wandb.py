@@ -59,14 +59,18 @@ def test_wandb_offline_run_records_user_and_stage_metrics(tmp_path, monkeypatch)
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="lightning-ddg-tests")
     trainer = cpu_trainer(DDGStrategy(start_method="spawn"), 3, logger=logger, log_every_n_steps=3)
-    trainer.fit(MLPClassifier(), loader(), loader())
+    trainer.fit(MLPClassifier(), loader(n=8 * 24), loader())
 
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    history = _wait_for_history(run_file, rows=4 + 2)  # logged steps, validations
+    history = _wait_for_history(run_file, rows=16 + 2)  # logged steps, validations
     logged = [row for row in history if "train_loss" in row]
-    assert len(logged) == 4  # 2 epochs of 6 steps, logged every 3 steps
+    assert len(logged) == 16  # 2 epochs of 24 steps, logged every 3 steps
     assert sum("val_loss" in row for row in history) == 2
-    for row in logged:  # the stage figures join the user's metrics, at the same steps
+    # the stage figures join the user's metrics, at the same steps: when Lightning logs, 20 batches apart at least
+    # (the 21st and 45th batch), and at each epoch's end (the 24th and 48th)
+    with_figures = [row for row in history if "ddg/stage0/busy_ms" in row]
+    assert [int(row["trainer/global_step"]) for row in with_figures if "train_loss" in row] == [20, 23, 44, 47]
+    for row in with_figures:
         for k in range(3):
             assert float(row[f"ddg/stage{k}/delay"]) == 2 - k
             for name in ("samples_per_s", "busy_ms", "activations_mb"):
