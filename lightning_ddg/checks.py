@@ -384,6 +384,12 @@ ONE_OPTIMIZER = (
     "strategy='ddp' and manual optimization."
 )
 
+ONE_STAGE = (
+    "DDGStrategy was given one process, so the model trains as one stage: plain backpropagation, no pipeline. "
+    "Give it one device per stage, e.g. Trainer(strategy='ddg', devices=4) (on a CPU, devices='auto' is one "
+    "process), or num_stages=1 to mean it."
+)
+
 NO_BATCH_SIZE_FINDER = (
     "Lightning's batch size finder (Tuner.scale_batch_size, the BatchSizeFinder callback) does not support "
     "DDGStrategy: each rank would save and restore a trial checkpoint of its own, and an out-of-memory error on one "

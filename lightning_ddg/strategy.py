@@ -36,6 +36,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from typing_extensions import override
 
@@ -53,6 +55,7 @@ from lightning_ddg.checkpoint import NothingToTrain
 from lightning_ddg.checkpoint_hooks import StageCheckpointHooks
 from lightning_ddg.checks import (
     ONE_OPTIMIZER,
+    ONE_STAGE,
     check_automatic_optimization,
     check_defines_forward,
     check_no_loss_scaling,
@@ -206,6 +209,8 @@ class DDGStrategy(StageLayout, StageCheckpointHooks, StageCollectives, ParallelS
         # here, when the Trainer is built, no process has been started yet: the error is shown once
         check_stage_count(self.num_nodes * self.num_processes, self.split_points, self.balance, self.num_stages)
         check_no_synced_batchnorm(syncs_batchnorm(self), self.topology.num_replicas)
+        if self.num_stages is None and self.num_nodes * self.num_processes == 1:
+            rank_zero_warn(ONE_STAGE, category=PossibleUserWarning)
         if self._start_method == "popen":
             self._launcher = DDGScriptLauncher(
                 self.cluster_environment, self.num_processes, self.num_nodes, describe=self.topology.describe

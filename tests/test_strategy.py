@@ -20,6 +20,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 
 import lightning_ddg
@@ -109,6 +110,15 @@ def test_one_stage_equals_plain_lightning() -> None:
     plain = copy.deepcopy(model)
     _trainer("auto", 1).fit(plain, loader(), loader())
     _assert_same(_fit_ddg(model, devices=1), dict(plain.state_dict()), rtol=0)
+
+
+def test_one_process_is_one_stage_and_is_said_so() -> None:
+    # Trainer(strategy="ddg") on a CPU: devices="auto" is one process, and the pipeline a user asked for is backprop
+    with pytest.warns(PossibleUserWarning, match=r"one process, so the model trains as one stage: .*devices=4"):
+        L.Trainer(strategy="ddg", accelerator="cpu", logger=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L.Trainer(strategy=DDGStrategy(num_stages=1), devices=1, accelerator="cpu", logger=False)  # meant
 
 
 @pytest.mark.parametrize(
