@@ -221,6 +221,15 @@ def materialize(
     missing = [type(m).__name__ for m in pending if not callable(getattr(m, "reset_parameters", None))]
     if missing:
         names = [n for n, m in module.named_modules() if m in set(pending) and type(m).__name__ in missing]
+        hugging_face = [n or "the module" for n, m in module.named_modules() if _is_hugging_face_model(m)]
+        if hugging_face:
+            raise ValueError(
+                f"{hugging_face[0]} is a Hugging Face model built on the meta device (in configure_model): such a "
+                "model initialises its weights with its own _init_weights, over the whole model, which a stage "
+                f"process cannot replay for its stage alone ({names[:3]}{' ...' if len(names) > 3 else ''} have no "
+                "reset_parameters()). Build it in __init__ (from_config or from_pretrained): each stage process still "
+                "keeps only its own stage's tensors once the model is cut."
+            )
         raise ValueError(
             f"the modules {names} were built on the meta device (in configure_model) but have no reset_parameters() "
             "to initialise their tensors on the stage that holds them: give them a reset_parameters() method, or "
@@ -253,6 +262,10 @@ def materialize(
                 for attr, t in table.items():
                     if t is not None and id(t) in replaced:
                         table[attr] = replaced[id(t)]
+
+
+def _is_hugging_face_model(module: nn.Module) -> bool:
+    return any(cls.__name__ == "PreTrainedModel" for cls in type(module).__mro__)
 
 
 def _meta_tensors(module: nn.Module) -> list[tuple[dict, str, Tensor]]:

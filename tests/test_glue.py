@@ -23,7 +23,7 @@ from lightning_ddg.launchers import check_relaunchable, launched_ranks
 from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling
 from lightning_ddg.local import local_links
 from lightning_ddg.rendezvous import needs_rendezvous
-from lightning_ddg.shard import rng_states
+from lightning_ddg.shard import materialize, rng_states
 from lightning_ddg.state import StageStates
 from lightning_ddg.stopping import JobStop
 from tests.models import batches, mlp, split_points_for
@@ -159,6 +159,31 @@ def test_a_model_built_on_meta_is_materialised_for_its_stage_as_a_whole_build_wo
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, expected[name])
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in whole.parameters())
+
+
+class _Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def test_a_meta_build_whose_values_a_stage_cannot_make_is_refused_with_advice() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), _Scale(), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"the modules \['1'\] .* no reset_parameters\(\) .* build them in __init__"):
+        materialize(model, {id(p) for p in model.parameters()}, torch.device("cpu"))
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    with torch.device("meta"):
+        llama = transformers.LlamaForCausalLM(config)
+    message = r"^model is a Hugging Face model built on the meta device .* Build it in __init__ \(from_config or"
+    with pytest.raises(ValueError, match=message):
+        materialize(nn.ModuleDict({"model": llama}), set(), torch.device("cpu"))
 
 
 def test_the_plain_parts_of_joining_a_job() -> None:
