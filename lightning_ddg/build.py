@@ -27,8 +27,9 @@ from datetime import timedelta
 import torch
 from torch import nn
 
+from lightning_ddg.exporting import place_devices
 from lightning_ddg.partition import Partition, split_module
-from lightning_ddg.shard import Removed, keep_only_stage, kept_tensors, materialize, on_meta
+from lightning_ddg.shard import Draw, Removed, keep_only_stage, kept_tensors, materialize, on_meta
 from lightning_ddg.stage import DDGStage, MemoryMode
 from lightning_ddg.topology import StageLinks, Topology
 
@@ -65,6 +66,7 @@ def build_stage(
     accumulate_grad_batches: int = 1,
     check_finite: bool = False,
     init_rng_states: dict[str, torch.Tensor] | None = None,
+    init_draws: list[Draw] | None = None,
 ) -> BuiltStage:
     """Build the stage global rank ``rank`` runs in ``topology``.
 
@@ -82,7 +84,8 @@ def build_stage(
         memory, accumulate_grad_batches, check_finite: passed to :class:`~lightning_ddg.stage.DDGStage`.
         init_rng_states: for a ``module`` built on the meta device, the random number generator states its build
             began with: this rank's stage gets real tensors, initialised as a whole build would
-            (:func:`~lightning_ddg.shard.materialize`).
+            (:func:`~lightning_ddg.shard.materialize`); ``init_draws``, the random values it drew
+            (:func:`~lightning_ddg.shard.record_draws`), which that initialisation must draw again alike.
     """
     if partition is None:
         partition = split_module(module, split_points=split_points, num_stages=topology.num_stages)
@@ -93,7 +96,10 @@ def build_stage(
     k = topology.stage_of(rank)
     if on_meta(module):
         holders = (partition.train[k], partition.eval[k])
-        materialize(module, kept_tensors(module, partition, k), torch.device(device), init_rng_states, holders)
+        kept = kept_tensors(module, partition, k)
+        materialize(module, kept, torch.device(device), init_rng_states, holders, init_draws)
+    for graph in (partition.train[k], partition.eval[k]):
+        place_devices(graph, torch.device(device))
     removed = keep_only_stage(module, partition, k) if keep_only else []
     module.to(device)
     if links is None and topology.world_size > 1:

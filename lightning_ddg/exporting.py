@@ -54,6 +54,7 @@ from lightning_ddg.layer_stacks import STACKS, stack_forward
 
 __all__ = [
     "export_trace",
+    "place_devices",
     "example_spec",
     "no_cache",
     "with_repeated",
@@ -497,6 +498,30 @@ def _localize(graph: fx.Graph, local: Callable[[fx.Node], bool]) -> None:
                 user.replace_input_with(node, _copy_local(graph, node, copies, local, user))
         if not node.users:
             graph.erase_node(node)
+
+
+def place_devices(module: nn.Module, device: torch.device) -> None:
+    """Make a stage's graph create its tensors on ``device``, where the stage runs. An export writes the device a
+    tensor was on when it traced into its graph (``torch.arange(n, device=x.device)`` becomes ``device=cpu``, or
+    ``meta`` for a model built on the meta device), and a stage may run elsewhere: a GPU, or the host once its
+    tensors are real."""
+    if not isinstance(module, fx.GraphModule):
+        return
+
+    def moves(value: Any) -> bool:
+        return isinstance(value, torch.device) and value.type in ("meta", "cpu") and value != device
+
+    placed = False
+    for node in module.graph.nodes:  # aten.to.device takes it positionally, aten.arange as a keyword
+        for i, value in enumerate(node.args):
+            if moves(value):
+                node.update_arg(i, device)
+                placed = True
+        if moves(node.kwargs.get("device")):
+            node.update_kwarg("device", device)
+            placed = True
+    if placed:
+        module.recompile()
 
 
 def _sink(graph: fx.Graph) -> None:

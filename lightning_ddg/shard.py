@@ -19,12 +19,15 @@ from __future__ import annotations
 import ctypes
 import gc
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lightning_ddg._compat import buffer_table, non_persistent_buffers, parameter_table
@@ -38,6 +41,7 @@ __all__ = [
     "kept_tensors",
     "on_meta",
     "materialize",
+    "record_draws",
     "rng_states",
     "aliases",
 ]
@@ -203,69 +207,280 @@ def materialize(
     device: torch.device,
     rng_states: dict[str, Tensor] | None = None,
     holders: Sequence[nn.Module] = (),
+    draws: list[Draw] | None = None,
 ) -> None:
     """Give the meta-device tensors of ``module`` whose ``id`` is in ``kept`` real storage on ``device``, initialised
-    as building the whole model would: module by module in the order of ``module.modules()``, each with its own
-    ``reset_parameters()``, from the random number generator states ``rng_states`` (``"cpu"``, and ``"cuda"`` for a
-    GPU ``device``) that the build began with. The modules of other stages are initialised too, one at a time on
-    temporary tensors that are freed at once, so that every stage draws from the same random stream as one whole
-    build: memory holds the kept tensors and one other module at most. The generators are left as the whole build
-    would have left them.
+    as building the whole model would, from the random number generator states ``rng_states`` (``"cpu"``, and
+    ``"cuda"`` for a GPU ``device``) that the build began with: the build is replayed module by module in the order
+    it made them, children before the ``reset_parameters()`` that ends a module's ``__init__``; a Hugging Face model
+    (``PreTrainedModel``) then initialises its modules as its ``post_init`` does, with its own ``_init_weights``.
+    The modules of other stages are initialised too, one at a time on temporary tensors that are freed at once, so
+    that every stage draws from the same random stream as one whole build: memory holds the kept tensors and one
+    other module at most. The generators are left as the whole build would have left them.
 
     ``holders`` (traced stage modules) have their references to the kept meta tensors replaced as well. A tensor
-    several modules hold (a tied weight) stays one tensor, with the values its first module gives it.
+    several modules hold (a tied weight) stays one tensor, with the values its first module gives it; the others
+    draw into temporary tensors of their own, as each built its own before it was tied.
 
-    Raises ``ValueError`` when a meta tensor's module has no ``reset_parameters`` (its values would be unknown).
+    ``draws``: the random values the build drew (:func:`record_draws`; on the meta device they drew nothing), which
+    the replay must draw again alike.
+
+    Raises ``ValueError`` when a meta tensor's values would be unknown: its module has no ``reset_parameters``
+    (outside a Hugging Face model, whose ``_init_weights`` sets them), an initialisation wrote no value into a tensor
+    this stage keeps or drew values into another stage's, or the replay drew other values than ``draws``.
     """
-    pending = [m for m in module.modules() if _meta_tensors(m)]
-    missing = [type(m).__name__ for m in pending if not callable(getattr(m, "reset_parameters", None))]
-    if missing:
-        names = [n for n, m in module.named_modules() if m in set(pending) and type(m).__name__ in missing]
-        hugging_face = [n or "the module" for n, m in module.named_modules() if _is_hugging_face_model(m)]
-        if hugging_face:
-            raise ValueError(
-                f"{hugging_face[0]} is a Hugging Face model built on the meta device (in configure_model): such a "
-                "model initialises its weights with its own _init_weights, over the whole model, which a stage "
-                f"process cannot replay for its stage alone ({names[:3]}{' ...' if len(names) > 3 else ''} have no "
-                "reset_parameters()). Build it in __init__ (from_config or from_pretrained): each stage process still "
-                "keeps only its own stage's tensors once the model is cut."
-            )
-        raise ValueError(
-            f"the modules {names} were built on the meta device (in configure_model) but have no reset_parameters() "
-            "to initialise their tensors on the stage that holds them: give them a reset_parameters() method, or "
-            "build them in __init__"
-        )
+    replay = _Replay(module, kept, device)
+    replay.check()
     if rng_states is not None:
         torch.set_rng_state(rng_states["cpu"])
         if "cuda" in rng_states and device.type == "cuda":
             torch.cuda.set_rng_state(rng_states["cuda"], device)
-    replaced: dict[int, Tensor] = {}
-    done: dict[int, Tensor] = {}  # meta tensor -> what its first module made of it (a tied weight has several)
-    for m in pending:
-        before = _meta_tensors(m)
-        for table, attr, old in before:
-            empty = torch.empty_like(old, device=device)
-            table[attr] = nn.Parameter(empty, old.requires_grad) if isinstance(old, nn.Parameter) else empty
-        if any(id(old) not in done for _, _, old in before):
-            with torch.no_grad():
-                m.reset_parameters()
-        for table, attr, old in before:
-            if id(old) in done:  # a tied weight keeps the values of the module that holds it first
-                table[attr] = done[id(old)]
-            elif id(old) in kept:
-                replaced[id(old)] = done[id(old)] = table[attr]
-            else:
-                table[attr] = done[id(old)] = old  # another stage's: back to meta, the values drawn are dropped
+    with record_draws() as replayed:
+        replay.build(module)
+    replay.tie()
+    replay.check_written()
+    if draws is not None and replayed != draws:
+        raise ValueError(
+            f"building the model drew random values that its modules' reset_parameters() do not draw again "
+            f"({_first_difference(draws, replayed)}), so a stage cannot initialise its part as a whole build would: "
+            "build the model in __init__, or give each module a reset_parameters() that draws what its __init__ does"
+        )
     for holder in holders:
         for m in holder.modules():
             for table in (parameter_table(m), buffer_table(m)):
                 for attr, t in table.items():
-                    if t is not None and id(t) in replaced:
-                        table[attr] = replaced[id(t)]
+                    if t is not None and id(t) in replay.made:
+                        table[attr] = replay.made[id(t)]
+
+
+class _Replay:
+    """A whole build of ``module`` on the meta device replayed one module at a time (:func:`materialize`)."""
+
+    def __init__(self, module: nn.Module, kept: set[int], device: torch.device) -> None:
+        self.module, self.kept, self.device = module, kept, device
+        # each module's own meta tensors, as built; the first module holding a tensor is the one whose values it keeps
+        self.own = {id(m): _meta_tensors(m) for m in module.modules()}
+        self.first: dict[int, int] = {}
+        for m in module.modules():
+            for _, _, t in self.own[id(m)]:
+                self.first.setdefault(id(t), id(m))
+        self.made: dict[int, Tensor] = {}  # meta tensor -> the real tensor this stage keeps
+        self.built: set[int] = set()
+
+    def check(self) -> None:
+        in_hugging_face = {id(m) for h in self.module.modules() if _is_hugging_face_model(h) for m in h.modules()}
+        missing = [
+            name
+            for name, m in self.module.named_modules()
+            if self.own[id(m)] and _reset(m) is None and id(m) not in in_hugging_face
+        ]
+        if in_hugging_face and not _replays_hugging_face():
+            names = [n or "the module" for n, m in self.module.named_modules() if _is_hugging_face_model(m)]
+            raise ValueError(
+                f"{names[0]} is a Hugging Face model built on the meta device (in configure_model): its weights are "
+                "initialised as a whole build would only with transformers 5 or later. Upgrade transformers, or build "
+                "it in __init__ (from_config or from_pretrained): each stage process still keeps only its own stage's "
+                "tensors once the model is cut."
+            )
+        if missing:
+            raise ValueError(
+                f"the modules {missing[:5]}{' ...' if len(missing) > 5 else ''} were built on the meta device (in "
+                "configure_model) but have no reset_parameters() to initialise their tensors on the stage that holds "
+                "them: give them a reset_parameters() method, or build them in __init__"
+            )
+
+    @contextmanager
+    def real(self, m: nn.Module) -> Iterator[None]:
+        """``m``'s own tensors real while its initialisation runs: the tensor this stage keeps where ``m`` is the
+        first to hold it (made once, then written again by a later initialisation, as in a whole build), a temporary
+        one otherwise; back to what they were afterwards."""
+        own = self.own[id(m)]
+        for table, attr, old in own:
+            if id(old) in self.kept and self.first[id(old)] == id(m):
+                if id(old) not in self.made:
+                    self.made[id(old)] = _filled(old, self.device, keep=True)
+                table[attr] = self.made[id(old)]
+            else:
+                table[attr] = _filled(old, self.device, keep=False)
+        try:
+            with _no_meta_writes(m):
+                yield
+        finally:
+            for table, attr, old in own:
+                table[attr] = self.made.get(id(old), old)
+
+    def build(self, m: nn.Module) -> None:
+        """``m`` as a whole build made it: its children, then its own ``reset_parameters()``, which ends a layer's
+        ``__init__`` (``nn.MultiheadAttention`` sets its child's bias there); a Hugging Face model ends with its
+        ``post_init``: each of its modules initialised by ``_init_weights``, children first."""
+        if id(m) in self.built:
+            return
+        self.built.add(id(m))
+        for child in m.children():
+            self.build(child)
+        reset = _reset(m)
+        if reset is not None:  # nn.Transformer's holds no tensor of its own, and draws its layers' values
+            with self.real(m), torch.no_grad():
+                reset()
+        if _is_hugging_face_model(m):
+            from transformers import initialization  # a Hugging Face model is built: transformers is there
+
+            with torch.no_grad(), initialization.guard_torch_init_functions(), _Recorder.paused():
+                self._initialise(m, m._initialize_weights, m.is_custom_code())
+
+    def _initialise(self, m: nn.Module, init: Callable[..., None], custom_code: bool) -> None:
+        for child in m.children():  # as PreTrainedModel.initialize_weights: a sub-model brings its own
+            self._initialise(child, child._initialize_weights if _is_hugging_face_model(child) else init, custom_code)
+        if getattr(m, "_is_hf_initialized", False):
+            return
+        with self.real(m):
+            init(m, custom_code)
+
+    def tie(self) -> None:
+        """Every holder of a kept tensor holds it, the values its first holder gave it."""
+        for m in self.module.modules():
+            for table, attr, old in self.own[id(m)]:
+                if id(old) in self.made:
+                    table[attr] = self.made[id(old)]
+
+    def check_written(self) -> None:
+        unwritten = [
+            name
+            for name, m in self.module.named_modules()
+            for table, attr, old in self.own[id(m)]
+            if id(old) in self.made and self.first[id(old)] == id(m) and _still_filled(self.made[id(old)])
+            for name in [f"{name}.{attr}" if name else attr]
+        ]
+        if unwritten:
+            raise ValueError(
+                f"{unwritten[:5]} were built on the meta device (in configure_model), and their module's "
+                "initialisation gave them no values: build the model in __init__, or give the module a "
+                "reset_parameters() that sets them"
+            )
+
+
+_UNWRITTEN = {torch.bool: True}
+
+
+def _filled(like: Tensor, device: torch.device, keep: bool) -> Tensor:
+    """A real tensor shaped like ``like``; one this stage keeps starts as NaN (or its dtype's largest value), so that
+    :meth:`_Replay.check_written` finds values no initialisation wrote."""
+    t = torch.empty_like(like, device=device)
+    if keep and not t.dtype.is_complex and t.dtype not in _UNWRITTEN:
+        t.fill_(float("nan") if t.is_floating_point() else torch.iinfo(t.dtype).max)
+    return nn.Parameter(t, like.requires_grad) if isinstance(like, nn.Parameter) else t
+
+
+def _still_filled(t: Tensor) -> bool:
+    if t.dtype.is_complex or t.dtype in _UNWRITTEN or t.numel() == 0:
+        return False
+    values = t.detach()
+    return bool(values.isnan().any() if t.is_floating_point() else (values == torch.iinfo(t.dtype).max).all())
+
+
+@contextmanager
+def _no_meta_writes(m: nn.Module) -> Iterator[None]:
+    """Raise when ``m``'s initialisation draws random values into a meta tensor: another stage's tensor of another
+    module, which this one initialised in a whole build, drawing random numbers that the replay would miss."""
+    with _RefuseMetaWrites(m):
+        yield
+
+
+_RANDOM_FILLS = {"normal_", "uniform_", "bernoulli_", "exponential_", "random_", "cauchy_", "log_normal_", "geometric_"}
+
+
+class _RefuseMetaWrites(TorchFunctionMode):
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        random_fill = getattr(func, "__name__", "") in _RANDOM_FILLS
+        if random_fill and args and isinstance(args[0], Tensor) and args[0].is_meta:
+            raise ValueError(
+                f"the initialisation of {type(self.module).__name__} (built on the meta device, in configure_model) "
+                "draws random values into the tensors of other modules, which a stage cannot replay for its part "
+                "alone: build the model in __init__"
+            )
+        return func(*args, **kwargs)
 
 
 def _is_hugging_face_model(module: nn.Module) -> bool:
     return any(cls.__name__ == "PreTrainedModel" for cls in type(module).__mro__)
+
+
+def _replays_hugging_face() -> bool:
+    """Whether transformers initialises a model module by module as :class:`_Replay` calls it (transformers 5)."""
+    try:
+        from transformers import PreTrainedModel, initialization
+    except ImportError:
+        return False
+    needed = ("_initialize_weights", "is_custom_code")
+    return hasattr(initialization, "guard_torch_init_functions") and all(hasattr(PreTrainedModel, n) for n in needed)
+
+
+def _reset(module: nn.Module) -> Callable[[], None] | None:
+    """What sets a module's own tensors as its ``__init__`` did: ``reset_parameters()`` (``_reset_parameters()`` for
+    ``nn.MultiheadAttention``)."""
+    reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+    return reset if callable(reset) else None
+
+
+Draw = tuple[str, tuple[int, ...]]  # a random function and the shape of what it filled or made
+
+_RANDOM_MADE = {"rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson"}
+_RANDOM_MADE |= {f"{name}_like" for name in ("rand", "randn", "randint")}
+
+
+class _Recorder(TorchFunctionMode):
+    """Lists the random values drawn while it is active (:func:`record_draws`)."""
+
+    active: list[_Recorder] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws: list[Draw] = []
+        self.on = True
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        result = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if self.on and (name in _RANDOM_FILLS or name in _RANDOM_MADE) and isinstance(result, Tensor):
+            self.draws.append((name, tuple(result.shape)))
+        return result
+
+    @classmethod
+    @contextmanager
+    def paused(cls) -> Iterator[None]:
+        recorders = list(cls.active)
+        for recorder in recorders:
+            recorder.on = False
+        try:
+            yield
+        finally:
+            for recorder in recorders:
+                recorder.on = True
+
+
+@contextmanager
+def record_draws() -> Iterator[list[Draw]]:
+    """The random values drawn in the ``with`` block, as ``(function, shape)`` in order: on the meta device a build
+    draws none, but the calls are made and listed, for :func:`materialize` to draw them again alike."""
+    recorder = _Recorder()
+    _Recorder.active.append(recorder)
+    try:
+        with recorder:
+            yield recorder.draws
+    finally:
+        _Recorder.active.remove(recorder)
+
+
+def _first_difference(built: list[Draw], replayed: list[Draw]) -> str:
+    for i, (a, b) in enumerate(zip(built, replayed, strict=False)):
+        if a != b:
+            return f"draw {i}: the build's {a[0]} of shape {a[1]}, the replay's {b[0]} of shape {b[1]}"
+    return f"the build drew {len(built)} times, the replay {len(replayed)}"
 
 
 def _meta_tensors(module: nn.Module) -> list[tuple[dict, str, Tensor]]:

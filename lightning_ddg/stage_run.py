@@ -39,7 +39,7 @@ from lightning_ddg.checks import NONE_LOSS, check_finite
 from lightning_ddg.comm import PipelineStopped
 from lightning_ddg.forward import PipelinedForward, StageDone
 from lightning_ddg.partition import Partition
-from lightning_ddg.shard import on_meta, put_back
+from lightning_ddg.shard import Draw, on_meta, put_back
 from lightning_ddg.stage import DDGStage, MemoryMode
 from lightning_ddg.state import StageStates
 from lightning_ddg.stopping import JobStop
@@ -117,6 +117,7 @@ class StageRun:
         accumulate_grad_batches: int = 1,
         check_finite: bool = False,
         init_rng_states: dict[str, Tensor] | None = None,
+        init_draws: list[Draw] | None = None,
         on_stop: Callable[[int], BaseException] | None = None,
     ) -> StageRun:
         """Build global rank ``rank``'s stage of ``module`` cut as ``partition`` (:func:`build_stage`, keeping only
@@ -138,6 +139,7 @@ class StageRun:
             accumulate_grad_batches=accumulate_grad_batches,
             check_finite=check_finite,
             init_rng_states=init_rng_states,
+            init_draws=init_draws,
         )
         return cls(module, built, states, torch.device(device), keep_stage, on_stop)
 

@@ -79,7 +79,7 @@ from lightning_ddg.metrics import quiet_epoch_sync_advice, scope_metrics
 from lightning_ddg.partition import Partition
 from lightning_ddg.planning import Plan
 from lightning_ddg.rebalancing import recut_batch, recut_where_measured
-from lightning_ddg.shard import rng_states
+from lightning_ddg.shard import Draw, record_draws, rng_states
 from lightning_ddg.stage import DDGStage, MemoryMode
 from lightning_ddg.stage_run import StageRun
 
@@ -195,6 +195,7 @@ class DDGStrategy(StageLayout, StageCheckpointHooks, StageCollectives, ParallelS
         self._shuffle_seed = 0
         self._between = BetweenBatches()  # stop signals, a fit's end, a recut: decided before a batch, no collective
         self._init_rng_states: dict[str, Tensor] | None = None  # when configure_model began building on meta
+        self._init_draws: list[Draw] | None = None  # the random values that build drew (none: it was on meta)
 
     # --- processes (layout.py: devices, ranks, stages and replicas) ------------------------------------------
     @property
@@ -259,7 +260,8 @@ class DDGStrategy(StageLayout, StageCheckpointHooks, StageCollectives, ParallelS
         }  # fmt: skip
         self._run = StageRun.start(  # stage_run.py: this rank's stage built, the module's forward the pipeline
             module, self.topology, rank, partition=self.partition, world_size=self.world_size, device=device,
-            init_rng_states=self._init_rng_states, on_stop=self._between.stopping, **self._stage_options,
+            init_rng_states=self._init_rng_states, init_draws=self._init_draws, on_stop=self._between.stopping,
+            **self._stage_options,
         )  # fmt: skip
         if self.world_size > 1:  # between_batches.py: in place of Lightning's per-batch broadcast and signal handlers
             recut_at = recut_batch(self.rebalance_after_steps, self.topology.num_stages, trainer, self._run.keep_stage)
@@ -287,11 +289,11 @@ class DDGStrategy(StageLayout, StageCheckpointHooks, StageCollectives, ParallelS
         """``configure_model`` builds the layers on the meta device, without their data; each stage process then
         gives real tensors to its own stage only (:func:`lightning_ddg.shard.materialize`), with the initial values
         a whole build from the same random state would give them."""
-        with torch.device("meta"):
+        with torch.device("meta"), record_draws() as draws:
             yield
         # taken after the build: initialising meta tensors draws no random numbers, so these are the states the
         # layers' initialisation would have begun with, a torch.manual_seed in configure_model included
-        self._init_rng_states = rng_states(self.root_device)
+        self._init_rng_states, self._init_draws = rng_states(self.root_device), draws
 
     def _check_supported(self, module: pl.LightningModule) -> None:
         scaled = isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None

@@ -99,6 +99,31 @@ def test_a_third_party_model_is_planned_on_the_gpu() -> None:
     assert planned.num_stages == 3 and planned.imbalance < 2, planned
 
 
+class _CausalLM(nn.Module):
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids).logits
+
+
+def test_a_hugging_face_model_opened_on_the_host_runs_its_stages_on_the_gpu() -> None:
+    # torch.export writes the device it traced on into the graph (position ids made on the host): each stage's graph
+    # makes them on the GPU it runs on
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    model = _CausalLM(transformers.LlamaForCausalLM(config))
+    ids = torch.randint(0, 64, (4, 12))
+    expected = copy.deepcopy(model).to(GPU)(ids.to(GPU))
+    pipeline = LockStep(model, ["lm.model.layers.1"], device=GPU, example_input=(ids,))  # cut on the host
+    output = pipeline.step(ids.to(GPU), lambda out: out.float().mean())
+    torch.testing.assert_close(output, expected)
+
+
 def _gpu_trainer(strategy, precision: str, root) -> L.Trainer:
     return L.Trainer(
         accelerator="gpu",

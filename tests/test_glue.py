@@ -23,7 +23,7 @@ from lightning_ddg.launchers import check_relaunchable, launched_ranks
 from lightning_ddg.loaders import check_sampler_shards_replicas, loader_length, seed_shuffling
 from lightning_ddg.local import local_links
 from lightning_ddg.rendezvous import needs_rendezvous
-from lightning_ddg.shard import materialize, rng_states
+from lightning_ddg.shard import materialize, record_draws, rng_states
 from lightning_ddg.state import StageStates
 from lightning_ddg.stopping import JobStop
 from tests.models import batches, mlp, split_points_for
@@ -175,15 +175,38 @@ def test_a_meta_build_whose_values_a_stage_cannot_make_is_refused_with_advice() 
         model = nn.Sequential(nn.Linear(8, 8), _Scale(), nn.Linear(8, 8))
     with pytest.raises(ValueError, match=r"the modules \['1'\] .* no reset_parameters\(\) .* build them in __init__"):
         materialize(model, {id(p) for p in model.parameters()}, torch.device("cpu"))
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
-    )
+    # nn.Transformer's reset draws the values of its layers' tensors: another stage's, which cannot be drawn alone
     with torch.device("meta"):
-        llama = transformers.LlamaForCausalLM(config)
-    message = r"^model is a Hugging Face model built on the meta device .* Build it in __init__ \(from_config or"
+        model = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=8)
+    with pytest.raises(ValueError, match=r"Transformer .* draws random values into the tensors of other modules"):
+        materialize(model, {id(p) for p in model.decoder.parameters()}, torch.device("cpu"))
+    # a buffer that __init__ computes and reset_parameters does not set
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), _Masked())
+    with pytest.raises(ValueError, match=r"\['1.mask'\] .* gave them no values: build the model in __init__"):
+        materialize(model, {id(t) for t in [*model.parameters(), *model.buffers()]}, torch.device("cpu"))
+    # GPT-2's Conv1D draws its values in __init__, and has no reset_parameters: the replay would draw other values
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32)
+    with torch.device("meta"), record_draws() as draws:
+        gpt2 = transformers.GPT2LMHeadModel(config)
+    message = r"drew random values that its modules' reset_parameters\(\) do not draw again \(the build drew 10 times"
     with pytest.raises(ValueError, match=message):
-        materialize(nn.ModuleDict({"model": llama}), set(), torch.device("cpu"))
+        materialize(gpt2, set(), torch.device("cpu"), draws=draws)
+
+
+class _Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(8))
+        self.register_buffer("mask", torch.tril(torch.ones(8, 8)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.mask * self.weight
 
 
 def test_the_plain_parts_of_joining_a_job() -> None:

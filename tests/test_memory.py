@@ -7,14 +7,16 @@ import json
 import zipfile
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.data import DataLoader
 
 from lightning_ddg import DDGStrategy, checkpoint_io, plan, split_module
 from lightning_ddg.checkpoint_io import save_streamed
-from lightning_ddg.shard import keep_only_stage, kept_tensors, materialize, put_back
+from lightning_ddg.shard import keep_only_stage, kept_tensors, materialize, put_back, record_draws
 from tests.jobs import run_job
 from tests.lightning_models import MLPClassifier, cpu_trainer, loader
 from tests.models import TiedLM
@@ -125,6 +127,42 @@ def test_materializing_one_stage_gives_the_values_of_a_whole_build() -> None:
     assert partition.train[1](torch.randn(4, 16, dtype=torch.float64)).shape == (4, 3)
 
 
+def _hugging_face(kind: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    small = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2}
+    if kind == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**small, num_attention_heads=2))
+    if kind == "gemma":  # tied input and output embeddings
+        config = transformers.GemmaConfig(**small, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+        return transformers.GemmaForCausalLM(config)
+    config = transformers.BertConfig(**small, num_attention_heads=2, max_position_embeddings=32)
+    return transformers.BertForMaskedLM(config)  # position ids among the buffers
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma", "bert"])
+def test_materializing_a_stage_of_a_hugging_face_model_gives_the_values_of_a_whole_build(kind: str) -> None:
+    # the model's own _init_weights, which post_init runs over the whole model, replayed module by module
+    torch.manual_seed(0)
+    whole = _hugging_face(kind)
+    after_whole = torch.rand(3)
+    expected = {**dict(whole.named_parameters()), **dict(whole.named_buffers())}
+    names = list(expected)
+    for kept_names in (names[: len(names) // 2], names[len(names) // 2 :]):
+        torch.manual_seed(0)
+        with torch.device("meta"), record_draws() as draws:
+            model = _hugging_face(kind)
+        states = {"cpu": torch.get_rng_state()}
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        materialize(model, {id(tensors[n]) for n in kept_names}, torch.device("cpu"), states, draws=draws)
+        assert torch.equal(torch.rand(3), after_whole)  # the random stream goes on as after the whole build
+        made = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        for name in names:
+            if name in kept_names:
+                assert torch.equal(made[name], expected[name]), name
+            else:
+                assert made[name].is_meta or any(made[name] is made[k] for k in kept_names), name
+
+
 def test_a_module_another_stage_holds_says_so_when_called_until_it_is_put_back() -> None:
     model, x = _layers().eval(), torch.randn(4, 8, dtype=torch.float64)
     expected, full = model(x), {k: v.clone() for k, v in model.state_dict().items()}
@@ -181,6 +219,64 @@ def test_a_model_built_in_configure_model_trains_as_one_built_in_init(tmp_path) 
     ]
     assert after_fit[0] == [sorted(weights[0])] * 3
     assert sorted(sum(after_fit[1], [])) == sorted(weights[0]) and all(after_fit[1])
+
+
+def _tokens() -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(1))
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+class _HuggingFaceLM(L.LightningModule):
+    """A Hugging Face causal LM built in ``__init__`` or in ``configure_model``; it writes the whole trained state."""
+
+    def __init__(self, in_configure_model: bool, out_dir: str) -> None:
+        super().__init__()
+        self.model = None if in_configure_model else self.build()
+        self.out_dir = out_dir
+
+    @staticmethod
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        transformers = pytest.importorskip("transformers")
+        config = transformers.LlamaConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+        )
+        return transformers.LlamaForCausalLM(config)
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self.build()
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.model(**batch)
+
+    def training_step(self, batch, batch_idx):
+        return self(batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def on_fit_end(self) -> None:
+        state = self.trainer.strategy.full_state_dict()
+        if self.global_rank == 0:
+            torch.save(state, f"{self.out_dir}/weights.pt")
+
+
+def test_a_hugging_face_model_built_in_configure_model_trains_as_one_built_in_init(tmp_path) -> None:
+    # its modules initialised one at a time by the model's own _init_weights, as its post_init does; the export's
+    # graph, traced on the meta device, makes its position ids on the stage's device
+    pytest.importorskip("transformers")
+    weights = []
+    for in_configure_model in (False, True):
+        out = tmp_path / str(in_configure_model)
+        out.mkdir()
+        strategy = DDGStrategy(start_method="forkserver", split_points=["model.model.layers.1"])
+        model = _HuggingFaceLM(in_configure_model, str(out))
+        cpu_trainer(strategy, 2, max_steps=4).fit(model, DataLoader(_tokens(), batch_size=4))
+        weights.append(torch.load(out / "weights.pt"))
+    assert list(weights[0]) == list(weights[1])
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
 
 
 def test_a_model_built_in_configure_model_resumes_from_a_checkpoint(tmp_path) -> None:
