@@ -89,7 +89,10 @@ def export_trace(
     shares its tensors. Raises what ``torch.export`` raises."""
     if _swap is None:
         raise RuntimeError("opening a module with torch.export needs a torch with torch.export._swap (torch >= 2.5)")
-    device = next((t.device for t in module.parameters() if t.device.type != "meta"), torch.device("cpu"))
+    # where the parameters are; on the meta device (a model built without its data) the example goes there too:
+    # torch < 2.14 refuses an export whose weights and inputs are on different devices
+    devices = [t.device for t in module.parameters()]
+    device = next((d for d in devices if d.type != "meta"), torch.device("meta" if devices else "cpu"))
     signature = inspect.signature(module.forward)
     bound = signature.bind(*pytree.tree_map_only(torch.Tensor, lambda t: _concrete(t, device), example))
     bound.apply_defaults()
