@@ -266,16 +266,25 @@ class _Replay:
                 self.first.setdefault(id(t), id(m))
         self.made: dict[int, Tensor] = {}  # meta tensor -> the real tensor this stage keeps
         self.built: set[int] = set()
+        # the modules the replay initialises: built on the meta device (their tensors, or those below them), none of
+        # their own tensors real (a part built in __init__, pretrained weights, say, keeps its values)
+        self.replayed = {
+            id(m)
+            for m in module.modules()
+            if on_meta(m) and not any(not t.is_meta for t in [*m.parameters(False), *m.buffers(False)])
+        }
 
     def check(self) -> None:
-        in_hugging_face = {id(m) for h in self.module.modules() if _is_hugging_face_model(h) for m in h.modules()}
+        in_hugging_face = {
+            id(m) for h in self.module.modules() if self._hugging_face(h) for m in h.modules() if id(m) in self.replayed
+        }
         missing = [
             name
             for name, m in self.module.named_modules()
             if self.own[id(m)] and _reset(m) is None and id(m) not in in_hugging_face
         ]
         if in_hugging_face and not _replays_hugging_face():
-            names = [n or "the module" for n, m in self.module.named_modules() if _is_hugging_face_model(m)]
+            names = [n or "the module" for n, m in self.module.named_modules() if self._hugging_face(m)]
             raise ValueError(
                 f"{names[0]} is a Hugging Face model built on the meta device (in configure_model): its weights are "
                 "initialised as a whole build would only with transformers 5 or later. Upgrade transformers, or build "
@@ -318,20 +327,25 @@ class _Replay:
         self.built.add(id(m))
         for child in m.children():
             self.build(child)
+        if id(m) not in self.replayed:
+            return  # built in __init__: its values are the ones it has
         reset = _reset(m)
         if reset is not None:  # nn.Transformer's holds no tensor of its own, and draws its layers' values
             with self.real(m), torch.no_grad():
                 reset()
-        if _is_hugging_face_model(m):
+        if self._hugging_face(m):
             from transformers import initialization  # a Hugging Face model is built: transformers is there
 
             with torch.no_grad(), initialization.guard_torch_init_functions(), _Recorder.paused():
                 self._initialise(m, m._initialize_weights, m.is_custom_code())
 
+    def _hugging_face(self, m: nn.Module) -> bool:
+        return id(m) in self.replayed and _is_hugging_face_model(m)
+
     def _initialise(self, m: nn.Module, init: Callable[..., None], custom_code: bool) -> None:
         for child in m.children():  # as PreTrainedModel.initialize_weights: a sub-model brings its own
             self._initialise(child, child._initialize_weights if _is_hugging_face_model(child) else init, custom_code)
-        if getattr(m, "_is_hf_initialized", False):
+        if getattr(m, "_is_hf_initialized", False) or id(m) not in self.replayed:
             return
         with self.real(m):
             init(m, custom_code)

@@ -163,6 +163,24 @@ def test_materializing_a_stage_of_a_hugging_face_model_gives_the_values_of_a_who
                 assert made[name].is_meta or any(made[name] is made[k] for k in kept_names), name
 
 
+def test_materializing_leaves_the_values_of_a_part_built_in_init() -> None:
+    # a pretrained part built in __init__, a new head built in configure_model (on the meta device)
+    backbone = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.MultiheadAttention(16, 2, batch_first=True))
+    values = {n: t.clone() for n, t in backbone.state_dict().items()}
+    torch.manual_seed(0)
+    whole_head = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 3))
+    torch.manual_seed(0)
+    with torch.device("meta"), record_draws() as draws:
+        head = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 3))
+    model = nn.ModuleDict({"backbone": backbone, "head": head})
+    states = {"cpu": torch.get_rng_state()}
+    materialize(model, {id(p) for p in head.parameters()}, torch.device("cpu"), states, draws=draws)
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(value, values[name]), name
+    for name, value in head.state_dict().items():
+        assert torch.equal(value, whole_head.state_dict()[name]), name
+
+
 def test_a_module_another_stage_holds_says_so_when_called_until_it_is_put_back() -> None:
     model, x = _layers().eval(), torch.randn(4, 8, dtype=torch.float64)
     expected, full = model(x), {k: v.clone() for k, v in model.state_dict().items()}
