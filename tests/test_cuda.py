@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ddg import DDGReference, DDGStrategy, plan, split_module
 from lightning_ddg.local import LockStep
-from tests.lightning_models import MLPClassifier, loader
+from tests.lightning_models import MLPClassifier, cpu_trainer, loader
 from tests.models import batches, make_optimizer, mlp, split_points_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -125,18 +125,8 @@ def test_a_hugging_face_model_opened_on_the_host_runs_its_stages_on_the_gpu() ->
 
 
 def _gpu_trainer(strategy, precision: str, root) -> L.Trainer:
-    return L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        strategy=strategy,
-        precision=precision,
-        max_epochs=2,
-        logger=False,
-        default_root_dir=root,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    options = {"precision": precision, "default_root_dir": root, "enable_checkpointing": True}
+    return cpu_trainer(strategy, 1, accelerator="gpu", **options)
 
 
 def _on_host(state: dict) -> dict:
