@@ -359,11 +359,10 @@ class _Replay:
 
     def check_written(self) -> None:
         unwritten = [
-            name
+            f"{name}.{attr}" if name else attr
             for name, m in self.module.named_modules()
-            for table, attr, old in self.own[id(m)]
+            for _, attr, old in self.own[id(m)]
             if id(old) in self.made and self.first[id(old)] == id(m) and _still_filled(self.made[id(old)])
-            for name in [f"{name}.{attr}" if name else attr]
         ]
         if unwritten:
             raise ValueError(
@@ -373,7 +372,7 @@ class _Replay:
             )
 
 
-_UNWRITTEN = {torch.bool: True}
+_UNWRITTEN = frozenset({torch.bool})  # no value of these marks a tensor that no initialisation wrote
 
 
 def _filled(like: Tensor, device: torch.device, keep: bool) -> Tensor:
