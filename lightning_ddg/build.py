@@ -98,8 +98,8 @@ def build_stage(
         holders = (partition.train[k], partition.eval[k])
         kept = kept_tensors(module, partition, k)
         materialize(module, kept, torch.device(device), init_rng_states, holders, init_draws)
-    for graph in (partition.train[k], partition.eval[k]):
-        place_devices(graph, torch.device(device))
+    for graph in (partition.train[k], partition.eval[k]) if partition.exported_with is not None else ():
+        place_devices(graph, torch.device(device))  # the export wrote the devices it traced on into the graphs
     removed = keep_only_stage(module, partition, k) if keep_only else []
     module.to(device)
     if links is None and topology.world_size > 1:

@@ -235,10 +235,10 @@ def materialize(
         torch.set_rng_state(rng_states["cpu"])
         if "cuda" in rng_states and device.type == "cuda":
             torch.cuda.set_rng_state(rng_states["cuda"], device)
-    with record_draws() as replayed:
-        replay.build(module)
+    replay.build(module)
     replay.tie()
     replay.check_written()
+    replayed = replay.drawn.draws
     if draws is not None and replayed != draws:
         raise ValueError(
             f"building the model drew random values that its modules' reset_parameters() do not draw again "
@@ -266,6 +266,7 @@ class _Replay:
                 self.first.setdefault(id(t), id(m))
         self.made: dict[int, Tensor] = {}  # meta tensor -> the real tensor this stage keeps
         self.built: set[int] = set()
+        self.drawn = _Recorder()  # what the resets draw: what a build on the meta device records (record_draws)
         # the modules the replay initialises: built on the meta device (their tensors, or those below them), none of
         # their own tensors real (a part built in __init__, pretrained weights, say, keeps its values)
         self.replayed = {
@@ -312,7 +313,7 @@ class _Replay:
             else:
                 table[attr] = _filled(old, self.device, keep=False)
         try:
-            with _no_meta_writes(m):
+            with _RefuseMetaWrites(m):
                 yield
         finally:
             for table, attr, old in own:
@@ -331,12 +332,12 @@ class _Replay:
             return  # built in __init__: its values are the ones it has
         reset = _reset(m)
         if reset is not None:  # nn.Transformer's holds no tensor of its own, and draws its layers' values
-            with self.real(m), torch.no_grad():
+            with self.real(m), torch.no_grad(), self.drawn:
                 reset()
         if self._hugging_face(m):
             from transformers import initialization  # a Hugging Face model is built: transformers is there
 
-            with torch.no_grad(), initialization.guard_torch_init_functions(), _Recorder.paused():
+            with torch.no_grad(), initialization.guard_torch_init_functions():
                 self._initialise(m, m._initialize_weights, m.is_custom_code())
 
     def _hugging_face(self, m: nn.Module) -> bool:
@@ -391,18 +392,13 @@ def _still_filled(t: Tensor) -> bool:
     return bool(values.isnan().any() if t.is_floating_point() else (values == torch.iinfo(t.dtype).max).all())
 
 
-@contextmanager
-def _no_meta_writes(m: nn.Module) -> Iterator[None]:
-    """Raise when ``m``'s initialisation draws random values into a meta tensor: another stage's tensor of another
-    module, which this one initialised in a whole build, drawing random numbers that the replay would miss."""
-    with _RefuseMetaWrites(m):
-        yield
-
-
 _RANDOM_FILLS = {"normal_", "uniform_", "bernoulli_", "exponential_", "random_", "cauchy_", "log_normal_", "geometric_"}
 
 
 class _RefuseMetaWrites(TorchFunctionMode):
+    """Raises when ``module``'s initialisation draws random values into a meta tensor: another stage's tensor of
+    another module, which this one initialised in a whole build, drawing random numbers that the replay would miss."""
+
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
@@ -449,44 +445,24 @@ _RANDOM_MADE |= {f"{name}_like" for name in ("rand", "randn", "randint")}
 class _Recorder(TorchFunctionMode):
     """Lists the random values drawn while it is active (:func:`record_draws`)."""
 
-    active: list[_Recorder] = []
-
     def __init__(self) -> None:
         super().__init__()
         self.draws: list[Draw] = []
-        self.on = True
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         result = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
-        if self.on and (name in _RANDOM_FILLS or name in _RANDOM_MADE) and isinstance(result, Tensor):
+        if (name in _RANDOM_FILLS or name in _RANDOM_MADE) and isinstance(result, Tensor):
             self.draws.append((name, tuple(result.shape)))
         return result
-
-    @classmethod
-    @contextmanager
-    def paused(cls) -> Iterator[None]:
-        recorders = list(cls.active)
-        for recorder in recorders:
-            recorder.on = False
-        try:
-            yield
-        finally:
-            for recorder in recorders:
-                recorder.on = True
 
 
 @contextmanager
 def record_draws() -> Iterator[list[Draw]]:
     """The random values drawn in the ``with`` block, as ``(function, shape)`` in order: on the meta device a build
     draws none, but the calls are made and listed, for :func:`materialize` to draw them again alike."""
-    recorder = _Recorder()
-    _Recorder.active.append(recorder)
-    try:
-        with recorder:
-            yield recorder.draws
-    finally:
-        _Recorder.active.remove(recorder)
+    with _Recorder() as recorder:
+        yield recorder.draws
 
 
 def _first_difference(built: list[Draw], replayed: list[Draw]) -> str:

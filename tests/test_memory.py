@@ -129,17 +129,27 @@ def test_materializing_one_stage_gives_the_values_of_a_whole_build() -> None:
 
 def _hugging_face(kind: str) -> nn.Module:
     transformers = pytest.importorskip("transformers")
-    small = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2}
-    if kind == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**small, num_attention_heads=2))
-    if kind == "gemma":  # tied input and output embeddings
-        config = transformers.GemmaConfig(**small, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
-        return transformers.GemmaForCausalLM(config)
-    config = transformers.BertConfig(**small, num_attention_heads=2, max_position_embeddings=32)
-    return transformers.BertForMaskedLM(config)  # position ids among the buffers
+    small = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
+    grouped = {**small, "intermediate_size": 32, "num_key_value_heads": 1}
+    builds = {
+        "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**small, intermediate_size=32)),
+        "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**grouped)),
+        "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**grouped)),
+        # tied input and output embeddings
+        "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(**grouped, head_dim=8)),
+        "phi": lambda: transformers.PhiForCausalLM(transformers.PhiConfig(**small, intermediate_size=32)),
+        "opt": lambda: transformers.OPTForCausalLM(
+            transformers.OPTConfig(**small, ffn_dim=32, max_position_embeddings=32, word_embed_proj_dim=16)
+        ),
+        # position ids among the buffers
+        "bert": lambda: transformers.BertForMaskedLM(
+            transformers.BertConfig(**small, intermediate_size=32, max_position_embeddings=32)
+        ),
+    }
+    return builds[kind]()
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gemma", "phi", "opt", "bert"])
 def test_materializing_a_stage_of_a_hugging_face_model_gives_the_values_of_a_whole_build(kind: str) -> None:
     # the model's own _init_weights, which post_init runs over the whole model, replayed module by module
     torch.manual_seed(0)
