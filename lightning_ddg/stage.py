@@ -13,8 +13,8 @@ at the last step of the drain), every owner sums the gradients all owners comput
 
 Memory modes (see ``docs/semantics.md``):
 
-- ``"stash"``: keep each in-flight batch's autograd graph, built on a private copy of the weights (of those its
-  backward reads: not an embedding's).
+- ``"stash"``: keep each in-flight batch's autograd graph, built on the weights its forward read (those its backward
+  reads: not an embedding's): the live ones until the next optimizer step, a copy of them from then on.
 - ``"recompute"``: keep the stage input, the weight copy and the RNG state; redo the forward at backward.
 - ``"replay"``: keep the stage input and RNG state; redo the forward with the *current* weights (inexact).
 
@@ -75,11 +75,15 @@ class _InFlight:
     batch: int
     inputs: list[Any]
     outputs: list[torch.Tensor] | None  # autograd graph (stash) or None (recompute, replay)
-    weights: list[torch.Tensor] | None  # private weight copy, None when the live weights are exact
+    # the weights its forward used, None when the live weights are exact: leaves on the data the live weights had
+    # then, which they leave to the batch at the next optimizer step (``copy``)
+    weights: list[torch.Tensor] | None
     rng: tuple[torch.Tensor, torch.Tensor | None] | None
     autocast: tuple[str, torch.dtype, bool] | None
     returned: list[torch.Tensor]  # received inputs the last stage returned as they are: the caller may keep them
     buffers: dict[int, torch.Tensor] | None = None  # recompute: the buffers the forward updates, as it read them
+    versions: list[int] | None = None  # of the live weights when the forward read them
+    copy: list[torch.Tensor] | None = None  # that data, once the live weights moved on
 
 
 @dataclass
@@ -167,7 +171,7 @@ class DDGStage:
         self._stashed_parameters = [self.parameters[i] for i in self._stashed]
         self._weight_bytes = sum(p.numel() * p.element_size() for p in self._stashed_parameters)  # of one stash
         self._inflight: deque[_InFlight] = deque()
-        self._spare_copies: list[list[torch.Tensor]] = []
+        self._spare_copies: list[list[torch.Tensor]] = []  # copies no batch in flight reads any more
         self._grads: list[torch.Tensor | None] = [None] * len(self.parameters)
         self._has_grads = False
         self.batches_forwarded = 0
@@ -304,7 +308,7 @@ class DDGStage:
         counters = self.counters
         counters.steps += 1
         counters.samples += _batch_size(inputs)
-        weights = self._copy_weights() if copies_weights(self.memory, self.delay) else None
+        weights = self._live_weights() if copies_weights(self.memory, self.delay) else None
         keep_graph = keeps_graph(self.memory, self.delay)
         rng = autocast = None
         if not keep_graph:
@@ -320,8 +324,9 @@ class DDGStage:
         outputs = crossing_values(output, self.module, self.stage_index) if not self.is_last else None
         returned = [] if self.is_first or not self.is_last else _among(inputs, output)
         kept = outputs if keep_graph else None
+        versions = [version_counter(p) for p in self._stashed_parameters] if weights is not None else None
         self._inflight.append(
-            _InFlight(self.batches_forwarded, inputs, kept, weights, rng, autocast, returned, kept_buffers)
+            _InFlight(self.batches_forwarded, inputs, kept, weights, rng, autocast, returned, kept_buffers, versions)
         )
         self._record("F", self.batches_forwarded)
         if self.batches_forwarded == 0:
@@ -379,7 +384,7 @@ class DDGStage:
                     f"{held}: call backward() once after each forward()"
                 )
             completes = self._backward_oldest(loss)
-        return self._updates_due(step, completes, draining=False)
+        return self._leave_unless(self._updates_due(step, completes, draining=False))
 
     def drain(self) -> Iterator[bool]:
         """The steps after the last batch: backward the batches still in flight, one per step, until every owner
@@ -399,10 +404,17 @@ class DDGStage:
                 for p in self.parameters:
                     p.grad = None  # already stepped with; install_gradients sets every p.grad again
             completes = self._backward_oldest(None) if due else False
-            yield self._updates_due(step, completes, draining=True)
+            yield self._leave_unless(self._updates_due(step, completes, draining=True))
         if self._has_grads:
             self._own_due, self._tied_due = True, []
             yield True
+
+    def _leave_unless(self, update_due: bool) -> bool:
+        """Where no optimizer step follows, the step ends here: the live weights move on now (what the caller does
+        until the next forward, a callback that changes weights, say, then leaves the batches in flight alone)."""
+        if not update_due:
+            self._leave_live_weights()
+        return update_due
 
     def _updates_due(self, step: int, window_complete: bool, draining: bool) -> bool:
         """Whether an optimizer step follows ``step``: the stage's window is complete, or a tied weight is due.
@@ -458,8 +470,8 @@ class DDGStage:
             if g is not None:
                 copy.grad = g if copy.grad is None else copy.grad.add_(g)
         self._accumulate(weight_grads)
-        if item.weights is not None:
-            self._spare_copies.append(item.weights)  # its graph is gone: the buffers serve a later batch
+        if item.copy is not None and not any(other.copy is item.copy for other in self._inflight):
+            self._spare_copies.append(item.copy)  # no graph reads it any more: it serves a later update
         if not self.is_first:
             input_grads = dict(zip(map(id, float_inputs), grads[len(weights) :], strict=False))
             self._send_input_gradients(item.inputs, input_grads)
@@ -474,20 +486,50 @@ class DDGStage:
         counters.busy_s += time.perf_counter() - start - (counters.wait_s - waited) - (counters.send_s - sent)
         return completes
 
-    def _copy_weights(self) -> list[torch.Tensor]:
-        """A private copy of the current weights, in buffers left by a batch whose backward is done: after
-        the first ``d+1`` steps, stashing allocates nothing."""
+    def _live_weights(self) -> list[torch.Tensor]:
+        """The weights a forward runs on: leaves on the live weights' data, with version counters of their own (the
+        optimizer's in-place update bumps the live weights' counters), until :meth:`install_gradients` gives the live
+        weights new data and leaves the old data to the batches in flight."""
+        weights = list(self.parameters)
+        for i in self._stashed:
+            weights[i] = weights[i].data.requires_grad_()
+        return weights
+
+    def _leave_live_weights(self) -> None:
+        """At the end of a step (before its optimizer step, if any): the live weights move to new data, a copy of
+        their values, and leave the data they had to the batch forwarded in the step, whose graph holds it (through
+        views too). Copying here rather than at the forward keeps ``d`` copies on a stage with delay ``d``, not
+        ``d + 1``: the batch forwarded last reads the live weights until its step ends. After the first ``d`` steps,
+        moving allocates nothing."""
+        sharing = [item for item in self._inflight if item.weights is not None and item.copy is None]
+        if not sharing or not self._stashed:  # a stage of embeddings alone copies nothing
+            return
+        for item in sharing:
+            self._check_unchanged(item)
         if self._spare_copies:
-            copy = self._spare_copies.pop()
+            fresh = self._spare_copies.pop()
         else:
-            copy = list(self.parameters)
-            for i in self._stashed:
-                copy[i] = torch.empty_like(copy[i], memory_format=torch.preserve_format).requires_grad_()
-        if self._stashed:  # a stage of embeddings alone copies nothing
-            copies = copy if len(self._stashed) == len(copy) else [copy[i] for i in self._stashed]
-            with torch.no_grad():
-                foreach_copy_(copies, self._stashed_parameters)
-        return copy
+            fresh = [torch.empty_like(p, memory_format=torch.preserve_format) for p in self._stashed_parameters]
+        with torch.no_grad():
+            foreach_copy_(fresh, self._stashed_parameters)
+        left = [p.data for p in self._stashed_parameters]
+        for p, data in zip(self._stashed_parameters, fresh, strict=True):
+            p.data = data
+        for item in sharing:
+            item.copy = left
+
+    def _check_unchanged(self, item: _InFlight) -> None:
+        assert item.versions is not None
+        for j, p in enumerate(self._stashed_parameters):
+            if version_counter(p) != item.versions[j]:
+                name = self._names[self._stashed[j]]
+                raise RuntimeError(
+                    f"the weight {name!r} of stage {self.stage_index} was changed in place after batch {item.batch}'s "
+                    "forward and before the end of its step. The stage reads a batch's weights for its delayed "
+                    "backward from the live ones until its step ends, so the backward would read values the forward "
+                    "did not use. Change weights in the optimizer step or after the step (from on_train_batch_end, "
+                    "say), not between the forward and the optimizer step."
+                )
 
     def _recompute(self, item: _InFlight) -> list[torch.Tensor]:
         """Redo the forward of ``item`` with its RNG state, and in recompute mode with the buffers it read, leaving
@@ -524,7 +566,7 @@ class DDGStage:
         Weight copies are counted as held now; activations as the most the in-flight graphs hold at once (the
         saved tensors of one batch, measured every so often, times the graphs kept).
         """
-        weights = self._weight_bytes * sum(item.weights is not None for item in self._inflight)
+        weights = self._weight_bytes * len({id(item.copy) for item in self._inflight if item.copy is not None})
         if keeps_graph(self.memory, self.delay):
             activations = self._activation_bytes * (self.delay + 1)
         else:  # the inputs kept for recomputation, and one recomputed graph at a time
@@ -567,7 +609,9 @@ class DDGStage:
     def install_gradients(self) -> None:
         """Put the gradients of the update that :meth:`backward` or :meth:`drain` announced into ``p.grad`` of the
         live parameters, ``None`` for the others: a complete window's sums, averaged over the replicas if any (a new
-        window starts), and each due tied weight's sum over its owners (a collective over its group)."""
+        window starts), and each due tied weight's sum over its owners (a collective over its group). The live weights
+        move to new data first (:meth:`_leave_live_weights`): the optimizer step then changes them in place."""
+        self._leave_live_weights()
         if self._own_due:
             own = [self._grads[i] for i in self._own]
             if self._replicas is not None:

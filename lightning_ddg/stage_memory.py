@@ -3,14 +3,15 @@
 Stage ``k`` of ``K`` has delay ``d_k = K-1-k`` and holds, besides what every process imports:
 
 - its parameters, their gradients and the optimizer's state;
-- in ``"stash"`` and ``"recompute"``, the weight copies of its in-flight batches: ``d_k + 1`` on a stage with
-  ``d_k > 0`` (the batch being forwarded and the ``d_k`` whose backward is still to come), none on the last stage
-  and in ``"replay"`` (an upper bound in ``"stash"``: a stage copies no weight of an embedding it calls itself);
+- in ``"stash"`` and ``"recompute"``, the weight copies of its in-flight batches: ``d_k`` on a stage with
+  ``d_k > 0`` (one for each batch whose backward is still to come; the batch being forwarded reads the live weights
+  until its step ends), none on the last stage and in ``"replay"`` (an upper bound in ``"stash"``: a stage copies
+  no weight of an embedding it calls itself);
 - the activations of its ``d_k + 1`` in-flight batches: what autograd saves for the backward in ``"stash"`` (and on
   the last stage); in ``"recompute"`` and ``"replay"`` only their inputs, and one batch's saved activations while
   it is recomputed.
 
-So a stage with a delay holds ``3 + d_k + 1`` bytes per byte of trainable parameters under SGD with momentum
+So a stage with a delay holds ``3 + d_k`` bytes per byte of trainable parameters under SGD with momentum
 (``"stash"``), the last stage 3: the first stages fill up first. :func:`stage_memory` is the formula;
 :func:`segment_memory` measures, per piece of a model, what the formula needs (parameter bytes, the bytes autograd
 saves for one batch, the bytes of the piece's input), on any device, the meta device included.
@@ -21,8 +22,8 @@ Example::
     >>> parts = stage_memory(parameter_bytes=4 * 2**20, activation_bytes=2**20, input_bytes=2**18, delay=3,
     ...                      memory="stash", optimizer_state_bytes=4 * 2**20)
     >>> {name: value / 2**20 for name, value in parts.items()}  # doctest: +NORMALIZE_WHITESPACE
-    {'parameters': 4.0, 'gradients': 4.0, 'optimizer_state': 4.0, 'weight_copies': 16.0, 'activations': 4.0,
-     'total': 32.0}
+    {'parameters': 4.0, 'gradients': 4.0, 'optimizer_state': 4.0, 'weight_copies': 12.0, 'activations': 4.0,
+     'total': 28.0}
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def stage_memory(
     """
     trainable = parameter_bytes if trainable_bytes is None else trainable_bytes
     in_flight = delay + 1
-    copies = in_flight if copies_weights(memory, delay) else 0
+    copies = delay if copies_weights(memory, delay) else 0  # the batch being forwarded reads the live weights
     if keeps_graph(memory, delay):
         activations = in_flight * activation_bytes
     else:  # the inputs of the in-flight batches, and one batch's activations while it is recomputed

@@ -234,14 +234,14 @@ def test_an_embedding_weight_is_not_copied_for_the_batches_in_flight() -> None:
     _check(3, {"model": "tied lm", "memory": "stash", "optimizer": "adam", "batches": 6, "seed": 4, "tie_head": False})
     for memory in MEMORY_MODES:
         first = LockStep(TiedLM(tie_head=False), TiedLM.SPLIT_POINTS[3], memory=memory).stages[0]
-        copied = first._copy_weights()
+        copied = first._live_weights()
         kept = [name for name, p, c in zip(first._names, first.parameters, copied, strict=True) if c is p]
         assert kept == (["embed.weight"] if memory == "stash" else []), memory  # recompute runs the forward again
     # a first stage of the embedding alone copies nothing, and trains
     model = TiedLM(tie_head=False)
     pipeline = LockStep(model, ["blocks.0", "blocks.4"], memory="stash")
     first = pipeline.stages[0]
-    assert [c is p for c, p in zip(first._copy_weights(), first.parameters, strict=True)] == [True]
+    assert [c is p for c, p in zip(first._live_weights(), first.parameters, strict=True)] == [True]
     optimizers = [make_optimizer("sgd", stage.parameters) for stage in pipeline.stages]
     before = model.embed.weight.detach().clone()
     for x, y in token_batches(4):
@@ -251,7 +251,7 @@ def test_an_embedding_weight_is_not_copied_for_the_batches_in_flight() -> None:
     # an embedding that a module called whole runs under a checkpoint is read again in backward: copied
     model = nn.Sequential(_CheckpointedEmbedding(), nn.Linear(16, 16), nn.Linear(16, 16))
     first = LockStep(model, ["2"], memory="stash").stages[0]
-    assert all(c is not p for p, c in zip(first.parameters, first._copy_weights(), strict=True))
+    assert all(c is not p for p, c in zip(first.parameters, first._live_weights(), strict=True))
 
 
 # over the real transport, one launch of three gloo processes serves three tests (a launch costs more than them)
@@ -268,6 +268,47 @@ def _over_gloo(rank: int, world_size: int) -> tuple[list, tuple[int, list[int]]]
 @pytest.fixture(scope="module")
 def three_gloo_processes() -> list[tuple[list, tuple[int, list[int]]]]:
     return run_processes(_over_gloo, 3, timeout=180)
+
+
+@pytest.mark.parametrize("memory", ["stash", "recompute"])
+def test_a_stage_with_delay_d_holds_d_weight_copies(memory: str) -> None:
+    """The batch a stage forwards reads the live weights until its step ends; each of the ``d`` batches before it
+    holds the data the live weights had in its own step: ``d`` copies on a stage of delay ``d`` (none on the last),
+    allocated in the first ``d`` steps and reused from then on."""
+    model = mlp(depth=8)
+    pipeline = LockStep(model, split_points_for(model, 4), memory=memory)
+    optimizers = [make_optimizer("sgd", stage.parameters) for stage in pipeline.stages]
+    storages: list[set[int]] = [set() for _ in pipeline.stages]
+    for t, (x, y) in enumerate(batches(9)):
+        pipeline.step(x, lambda out, y=y: LOSS(out, y), optimizers)
+        for stage, seen in zip(pipeline.stages, storages, strict=True):
+            copies = {id(item.copy) for item in stage._inflight if item.copy is not None}
+            assert len(copies) == min(t + 1, stage.delay)
+            seen.update(data[0].data_ptr() for data in [*(item.copy for item in stage._inflight if item.copy)])
+            seen.add(stage.parameters[0].data_ptr())
+            held = stage.snapshots()[-1].stashed_weight_bytes
+            assert held == len(copies) * sum(p.numel() * p.element_size() for p in stage.parameters)
+    assert [len(seen) for seen in storages] == [4, 3, 2, 1]  # the live weights' data and the d copies, in turn
+    pipeline.drain(optimizers)
+    assert all(not stage._inflight for stage in pipeline.stages)
+
+
+def test_a_weight_changed_in_place_between_a_forward_and_its_step_is_refused() -> None:
+    # the batch just forwarded reads the live weights until its step ends: a change before then is caught, not used
+    model = mlp()
+    pipeline = LockStep(model, split_points_for(model, 2), memory="stash")
+    optimizers = [make_optimizer("sgd", stage.parameters) for stage in pipeline.stages]
+    first_weight = pipeline.stages[0].parameters[0]
+
+    def loss_changing_a_weight(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            first_weight.mul_(0.5)  # after every stage's forward, before the backwards and the steps
+        return LOSS(out, y)
+
+    (x, y), (x2, y2) = batches(2)
+    pipeline.step(x, lambda out: LOSS(out, y), optimizers)
+    with pytest.raises(RuntimeError, match=r"'0.weight' of stage 0 was changed in place after batch 1's forward"):
+        pipeline.step(x2, lambda out: loss_changing_a_weight(out, y2), optimizers)
 
 
 def test_stash_and_recompute_match_reference_across_gloo_processes(three_gloo_processes: list) -> None:
@@ -392,7 +433,8 @@ def test_last_stage_receives_every_stages_figures(three_gloo_processes: list) ->
     assert [s.samples for s in last] == [4 * 6 + 4] * 3
     assert all(s.busy_us > 0 and s.active_us >= s.busy_us for s in last)
     assert last[1].wait_us > 0  # stage 1 waits for stage 0's activations
-    # stage 0 held 3 weight copies when it sent its last activation, and 2 once that step's backward was done
-    assert 2 * last[0].stashed_weight_bytes == 3 * by_stage[0][0].stashed_weight_bytes > 0
+    # stage 0 (delay 2) holds 2 weight copies, when it sends an activation as after the step: the batch it forwards
+    # reads the live weights until the optimizer step
+    assert last[0].stashed_weight_bytes == by_stage[0][0].stashed_weight_bytes > 0
     assert last[2].stashed_weight_bytes == 0
     assert all(s.activation_bytes > 0 for s in last)

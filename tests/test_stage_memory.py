@@ -23,9 +23,10 @@ def _mlp(device: str = "cpu") -> nn.Sequential:
 
 def _expected(layers: int, delay: int, memory: str = "stash", optimizer_states: int = 1) -> float:
     """What a stage of ``layers`` layers holds, written out: weights, gradients, momentum, the weight copies of its
-    ``delay + 1`` in-flight batches (none on the last stage), and what those batches save for the backward."""
+    ``delay + 1`` in-flight batches but the one forwarded last (none on the last stage), and what those batches save
+    for the backward."""
     weights = layers * LAYER_BYTES
-    copies = delay + 1 if delay > 0 and memory != "replay" else 0
+    copies = delay if memory != "replay" else 0
     if memory == "stash" or delay == 0:
         activations = (delay + 1) * layers * INPUT_BYTES
     else:  # the in-flight batches' inputs, and one batch's activations while it is recomputed
@@ -38,7 +39,7 @@ def _expected(layers: int, delay: int, memory: str = "stash", optimizer_states: 
 def test_the_formula_counts_what_a_stage_holds(memory: str, delay: int) -> None:
     parts = stage_memory(5 * LAYER_BYTES, 5 * INPUT_BYTES, INPUT_BYTES, delay, memory, 5 * LAYER_BYTES)
     assert parts["total"] == _expected(5, delay, memory) == sum(v for k, v in parts.items() if k != "total")
-    assert parts["weight_copies"] == (0 if delay == 0 or memory == "replay" else (delay + 1) * 5 * LAYER_BYTES)
+    assert parts["weight_copies"] == (0 if memory == "replay" else delay * 5 * LAYER_BYTES)
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -54,8 +55,8 @@ def test_a_piece_brings_its_parameters_and_what_autograd_saves(device: str) -> N
 
 
 def test_a_memory_plan_puts_fewer_layers_on_the_stages_that_stash_more() -> None:
-    """Stage k of 4 holds 3 + (d_k + 1) weight-sized tensors per layer (last stage: 3): the cut that makes the
-    largest stage smallest, found by trying every cut, is the plan's, and each stage holds what the formula says."""
+    """Stage k of 4 holds 3 + d_k weight-sized tensors per layer: the cut that makes the largest stage smallest,
+    found by trying every cut, is the plan's, and each stage holds what the formula says."""
     num_stages, x = 4, torch.randn(BATCH, WIDTH)
     p = plan(_mlp(), x, num_stages, balance_by="memory", optimizer_states=1)
 
@@ -66,7 +67,7 @@ def test_a_memory_plan_puts_fewer_layers_on_the_stages_that_stash_more() -> None
     counts = [tuple(b - a for a, b in zip((0, *c), (*c, LAYERS), strict=True)) for c in cuts]
     best = min(largest(c) for c in counts)
     layers = tuple(len(s.modules) for s in p.stages)
-    assert layers == (2, 3, 4, 7) and largest(layers) == best  # the time or parameter balance is (4, 4, 4, 4)
+    assert layers == (3, 3, 4, 6) and largest(layers) == best  # the time or parameter balance is (4, 4, 4, 4)
     assert [s.holds for s in p.stages] == [_expected(n, num_stages - 1 - k) for k, n in enumerate(layers)]
     assert p.balance_by == "memory" and p.note is None
     assert [s.cost for s in p.stages] == [s.holds / 2**20 for s in p.stages]
@@ -87,9 +88,9 @@ def test_a_memory_plan_puts_fewer_layers_on_the_stages_that_stash_more() -> None
 def test_without_an_input_a_memory_plan_counts_the_parameters_and_says_so() -> None:
     p = plan(_mlp(), None, 2, balance_by="memory", optimizer_states=1)
     assert "balanced by memory without the activations: no example input" in p.note
-    # weights, gradients, momentum and two copies on stage 0; weights, gradients and momentum on stage 1
-    assert [len(s.modules) for s in p.stages] == [6, 10]
-    assert [s.holds for s in p.stages] == [6 * 5 * LAYER_BYTES, 10 * 3 * LAYER_BYTES]
+    # weights, gradients, momentum and one copy on stage 0; weights, gradients and momentum on stage 1
+    assert [len(s.modules) for s in p.stages] == [7, 9]
+    assert [s.holds for s in p.stages] == [7 * 4 * LAYER_BYTES, 9 * 3 * LAYER_BYTES]
 
 
 class _SkipOverTheThird(nn.Module):
@@ -109,8 +110,8 @@ class _SkipOverTheThird(nn.Module):
 def test_among_equally_fast_cuts_the_default_plan_takes_one_whose_first_stage_holds_less(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Three layers and two, or two and three, are equally fast; the first stage keeps two weight copies, so the cut
-    that leaves it two layers holds a third less in its largest stage, and wins over the one that sends fewer bytes."""
+    """Three layers and two, or two and three, are equally fast; the first stage keeps a weight copy, so the cut that
+    leaves it two layers holds a quarter less in its largest stage, and wins over the one that sends fewer bytes."""
     x = torch.randn(BATCH, WIDTH)
     chosen = plan(_SkipOverTheThird(), x, 2, balance_by="flops")
     monkeypatch.setattr(planning, "MEMORY_TIE_TOLERANCE", float("inf"))  # memory left out: the fewest bytes win
