@@ -6,6 +6,7 @@ Run from the repository root::
     python benchmarks/memory.py --width 4096             # the 268M-parameter MLP (1 GiB of fp32 weights)
     python benchmarks/memory.py --stages 2 --memory stash --build init
     python benchmarks/memory.py --width 4096 --memory stash --plan layers memory   # also the memory-balanced cut
+    python benchmarks/memory.py --plot benchmarks/results/memory.json              # only the plot, of that JSON
 
 The model is an MLP of ``--layers`` square linear layers, trained with SGD + momentum for ``--steps`` steps with
 ``Trainer.fit``: plain Lightning on one process (backprop), and ``DDGStrategy`` with K = 2 and 4 stages, in each
@@ -15,7 +16,10 @@ or in ``configure_model`` (``configure_model``). Every configuration runs as a u
 ``python`` process that launches the others (``strategy="ddg"``).
 
 Each process reports its host memory (on the CPU; on a GPU it would be ``torch.cuda.max_memory_allocated``) in
-two measures, both from ``/proc/self/status``:
+two measures, both from ``/proc/self/status``. What every process holds after its imports depends on torch's build:
+on a machine without a GPU, measure with the CPU build (``pip install torch --index-url
+https://download.pytorch.org/whl/cpu``), since a CUDA build loads its CUDA libraries there too (about 500 MiB more
+resident per process, ``docs/performance.md``).
 
 - *resident* (RSS): ``VmRSS``, and its high-water mark ``VmHWM`` (reset before each phase); exact, and what a
   process counts against a node's memory, but it includes the pages of the shared libraries it maps (torch's
@@ -51,7 +55,7 @@ maps, what ending it frees) and its *PSS* (each shared page divided among the pr
 
 next to the formula of what the stage needs (:func:`lightning_ddg.stage_memory.stage_memory`, the formula the
 planner balances by with ``balance_by="memory"``): its parameters, their gradients, the optimizer state, the weight
-copies of in-flight batches (``d_k + 1`` copies on a stage with delay ``d_k > 0`` in ``stash`` and ``recompute``,
+copies of in-flight batches (``d_k`` copies on a stage with delay ``d_k > 0`` in ``stash`` and ``recompute``,
 none in ``replay`` and on the last stage) and the activations of ``d_k + 1`` in-flight batches. Prints a table and
 the memory targets, met or not, in both measures; writes JSON to ``--out`` and a PNG beside it.
 """
@@ -365,8 +369,12 @@ def main() -> None:
     parser.add_argument("--plan", nargs="+", choices=["layers", "memory"], default=["layers"])
     parser.add_argument("--start-method", choices=["popen", "forkserver"], default="popen")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
+    parser.add_argument("--plot", type=Path, help="only draw the plot of an earlier run's JSON, beside it")
     parser.add_argument("--report-dir", help=argparse.SUPPRESS)  # set for the run of one configuration
     args = parser.parse_args()
+    if args.plot is not None:  # an environment kept free of matplotlib measures; another one draws
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return
     if args.report_dir is not None:
         run_one(args)
         return
