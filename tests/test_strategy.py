@@ -136,6 +136,37 @@ def test_matches_reference(devices: int, optimizer: str, memory: str, split_poin
     _assert_same(_fit_ddg(model, devices, split_points=split_points, memory=memory), expected)
 
 
+class _ClampWeights(L.Callback):
+    """A weight constraint applied after each training step, in place, as max-norm or clipping callbacks do."""
+
+    BOUND = 0.05
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():
+            for p in pl_module.parameters():
+                p.clamp_(-self.BOUND, self.BOUND)
+
+
+def test_weights_changed_in_place_after_each_step_leave_the_batches_in_flight_their_own() -> None:
+    # each batch's delayed backward reads the weights its forward read, also when a callback changes the live ones
+    # after a step that does not update them (accumulation)
+    model = MLPClassifier(optimizer="sgd")
+    points = ["model.2", "model.6"]
+    reference = copy.deepcopy(model)
+    stages = split_module(reference, split_points=points).train
+    optimizers = [make_optimizer("sgd", s.parameters()) for s in stages]
+    ref = DDGReference(stages, optimizers, torch.nn.functional.cross_entropy, accumulate_grad_batches=2)
+    for _ in range(EPOCHS):
+        for x, y in loader():
+            ref.step(x, y)
+            _ClampWeights().on_train_batch_end(None, reference, None, None, 0)
+    ref.finish()
+    strategy = DDGStrategy(start_method="forkserver", split_points=points)
+    trainer = _trainer(strategy, 3, accumulate_grad_batches=2, callbacks=[_ClampWeights()])
+    trainer.fit(model, loader())
+    _assert_same({k: v.clone() for k, v in model.state_dict().items()}, dict(reference.state_dict()))
+
+
 def test_epoch_interval_scheduler_matches_reference() -> None:
     model = MLPClassifier(optimizer="sgd", step_lr=True, lr_interval="epoch")
     expected = _reference(model, ["model.2", "model.6"])
