@@ -66,8 +66,9 @@ def keeps_graph(memory: str, stage_delay: int) -> bool:
 
 
 def copies_weights(memory: str, stage_delay: int) -> bool:
-    """Whether the forward keeps a copy of the weights it used: the backward of a delayed batch must be taken at
-    those weights, except in ``"replay"`` (inexact: the current ones) and on the last stage (no delay)."""
+    """Whether a batch keeps the weights its forward used (the data the live weights had, which they leave to it when
+    its step ends): the backward of a delayed batch must be taken at those weights, except in ``"replay"`` (inexact:
+    the current ones) and on the last stage (no delay)."""
     return stage_delay > 0 and memory != "replay"
 
 

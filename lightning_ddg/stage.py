@@ -13,8 +13,9 @@ at the last step of the drain), every owner sums the gradients all owners comput
 
 Memory modes (see ``docs/semantics.md``):
 
-- ``"stash"``: keep each in-flight batch's autograd graph, built on the weights its forward read (those its backward
-  reads: not an embedding's): the live ones until the next optimizer step, a copy of them from then on.
+- ``"stash"``: keep each in-flight batch's autograd graph, built on the data the live weights had when its forward
+  ran (of those its backward reads: not an embedding's), which the batch keeps when its step ends: the live weights
+  then move to a copy of it.
 - ``"recompute"``: keep the stage input, the weight copy and the RNG state; redo the forward at backward.
 - ``"replay"``: keep the stage input and RNG state; redo the forward with the *current* weights (inexact).
 
@@ -76,7 +77,7 @@ class _InFlight:
     inputs: list[Any]
     outputs: list[torch.Tensor] | None  # autograd graph (stash) or None (recompute, replay)
     # the weights its forward used, None when the live weights are exact: leaves on the data the live weights had
-    # then, which they leave to the batch at the next optimizer step (``copy``)
+    # then, which they leave to the batch when its step ends (``copy``)
     weights: list[torch.Tensor] | None
     rng: tuple[torch.Tensor, torch.Tensor | None] | None
     autocast: tuple[str, torch.dtype, bool] | None
@@ -488,8 +489,8 @@ class DDGStage:
 
     def _live_weights(self) -> list[torch.Tensor]:
         """The weights a forward runs on: leaves on the live weights' data, with version counters of their own (the
-        optimizer's in-place update bumps the live weights' counters), until :meth:`install_gradients` gives the live
-        weights new data and leaves the old data to the batches in flight."""
+        optimizer's in-place update bumps the live weights' counters); when the step ends, the live weights move to
+        new data and leave this data to the batch (:meth:`_leave_live_weights`)."""
         weights = list(self.parameters)
         for i in self._stashed:
             weights[i] = weights[i].data.requires_grad_()
