@@ -33,7 +33,23 @@ from typing import Any
 
 os.environ["OMP_NUM_THREADS"] = "1"
 
+import lightning as L  # noqa: E402
+
 ENGINES = ("fit backprop", "fit backprop apart", "fit ddp", "fit ddg")
+
+
+class FitClock(L.Callback):
+    """Times a fit's batches after the first ``warmup``: ``start`` when batch ``warmup - 1`` ended, ``end`` when the
+    last one did (the clock of every ``Trainer.fit`` these benchmarks time)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start = self.end = 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.warmup - 1:
+            self.start = time.perf_counter()
+        self.end = time.perf_counter()
 
 
 def fit_rates(cfg: dict[str, Any], stages: int, timeout: float) -> dict[str, dict[str, Any]]:
@@ -79,7 +95,6 @@ def stage_figures(metrics: dict[str, Any], stages: int) -> list[dict[str, float]
 
 def _fit(engine: str, cfg: dict[str, Any], out: str) -> None:
     sys.path[:0] = [os.path.dirname(os.path.abspath(__file__))]
-    import lightning as L
     import torch
     from peers import batches, lightning_module
     from torch.utils.data import DataLoader, TensorDataset
@@ -91,9 +106,9 @@ def _fit(engine: str, cfg: dict[str, Any], out: str) -> None:
 
     Module = lightning_module(cfg["model"])
 
-    class Clock(L.Callback):
+    class Clock(FitClock):
         def __init__(self) -> None:
-            self.start = self.end = 0.0
+            super().__init__(warmup)
             self.cuts: list[list[str]] = []
 
         def on_train_start(self, trainer, pl_module) -> None:
@@ -101,11 +116,6 @@ def _fit(engine: str, cfg: dict[str, Any], out: str) -> None:
 
         def on_train_end(self, trainer, pl_module) -> None:
             self.cuts.append(_cut(trainer))  # another, when the fit cut its stages anew
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if batch_idx == warmup - 1:
-                self.start = time.perf_counter()
-            self.end = time.perf_counter()
 
     xs, ys = batches(cfg["model"], warmup + steps, batch, torch.device("cpu"))
     data = TensorDataset(xs.flatten(0, 1), ys.flatten())

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ["OMP_NUM_THREADS"] = "1"
@@ -29,6 +28,7 @@ EVERY = (1, 50)
 def _fit(engine: str, every: int, out: str) -> None:
     import lightning as L
     import torch
+    from fit_path import FitClock  # the clock of every timed fit here
     from lightning.pytorch.loggers import CSVLogger
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
@@ -55,15 +55,7 @@ def _fit(engine: str, every: int, out: str) -> None:
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
-    class Clock(L.Callback):
-        start = end = 0.0
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if batch_idx == WARMUP - 1:
-                self.start = time.perf_counter()
-            self.end = time.perf_counter()
-
-    clock = Clock()
+    clock = FitClock(WARMUP)
     ddg = engine.startswith("ddg")
     trainer = L.Trainer(
         strategy=DDGStrategy(split_points=[f"net.{LAYERS}"]) if ddg else "auto",
