@@ -1,9 +1,11 @@
-"""What posting one point-to-point transfer costs the calling thread: two processes joined by gloo, one thread
-each, exchanging small tensors the way two stages' channels do (``isend`` on one side, ``irecv`` on the other, each
-waited on). This is the fixed part of a message's cost that ``docs/performance.md`` ("Communication") counts per
+"""What one point-to-point transfer costs: two processes joined by gloo, one thread each, exchanging tensors the way
+two stages' channels do (``isend`` on one side, ``irecv`` on the other, each waited on), for a channel's header
+(2 KiB) and for payloads of 256 KiB and 1 MiB. For each: what posting the call costs the calling thread, and the CPU
+time the process spends per transfer in all its threads (gloo's included), which is what a transfer takes from a
+stage's compute on a machine whose cores are all busy. ``docs/performance.md`` ("Communication") counts these per
 step: one transfer for a message's header and one per tensor.
 
-    python benchmarks/transfer_cost.py            # a few seconds; prints microseconds per call
+    python benchmarks/transfer_cost.py            # a few seconds; prints microseconds per transfer
 """
 
 from __future__ import annotations
@@ -16,25 +18,34 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-TRANSFERS, WARM, NUMEL = 2000, 200, 256  # 256 int64: the size of a channel's header, 2 KiB
+TRANSFERS, WARM = 1000, 100
+SIZES = {"header, 2 KiB": 256, "256 KiB": 2**16, "1 MiB": 2**18}  # in float32 / int64 elements of 4 or 8 bytes
 
 
 def _run(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    tensor = torch.zeros(NUMEL, dtype=torch.int64)
-    posting = 0.0
-    for i in range(WARM + TRANSFERS):
-        start = time.perf_counter()
-        work = dist.isend(tensor, 1) if rank == 0 else dist.irecv(tensor, 0)
-        if i >= WARM:
-            posting += time.perf_counter() - start
-        work.wait()
     call = "dist.isend" if rank == 0 else "dist.irecv"
-    time.sleep(0.1 * rank)  # one line each
-    per_call = 1e6 * posting / TRANSFERS
-    print(f"{call}: {per_call:.1f} us to post, over {TRANSFERS} transfers of {8 * NUMEL} bytes", flush=True)
-    dist.barrier()
+    for name, numel in SIZES.items():
+        tensor = torch.zeros(numel, dtype=torch.int64 if name.startswith("header") else torch.float32)
+        posting = 0.0
+        for i in range(WARM + TRANSFERS):
+            if i == WARM:
+                dist.barrier()
+                cpu = time.process_time()
+            start = time.perf_counter()
+            work = dist.isend(tensor, 1) if rank == 0 else dist.irecv(tensor, 0)
+            if i >= WARM:
+                posting += time.perf_counter() - start
+            work.wait()
+        cpu = time.process_time() - cpu
+        time.sleep(0.1 * rank)  # one line each
+        print(
+            f"{name:>14}, {call}: {1e6 * posting / TRANSFERS:5.0f} us to post, "
+            f"{1e6 * cpu / TRANSFERS:5.0f} us of CPU time per transfer (every thread), over {TRANSFERS} transfers",
+            flush=True,
+        )
+        dist.barrier()
     dist.destroy_process_group()
 
 
