@@ -53,6 +53,29 @@ def test_stages_on_the_gpu_match_the_reference_on_the_host(memory: str) -> None:
     _assert_close(trained, dict(model.state_dict()))
 
 
+def test_a_stage_with_delay_d_holds_d_weight_copies_on_the_gpu() -> None:
+    # the live weights move to a fresh buffer on the GPU when a step ends; the d batches in flight keep the data their
+    # forward read, and the buffers are reused once the pipeline is full: the GPU's allocated bytes stop growing
+    model = mlp(depth=8).to(GPU)
+    pipeline = LockStep(model, split_points_for(model, 4), device=GPU, memory="stash")
+    optimizers = [make_optimizer("sgd", stage.parameters) for stage in pipeline.stages]
+    allocated = []
+    for t, (x, y) in enumerate(batches(9)):
+        y = y.to(GPU)
+        pipeline.step(x.to(GPU), lambda out, y=y: LOSS(out, y), optimizers)
+        for stage in pipeline.stages:
+            copies = [item.copy for item in stage._inflight if item.copy is not None]
+            assert len(copies) == min(t + 1, stage.delay)
+            assert all(c.device == GPU for copy in copies for c in copy)
+            held = stage.snapshots()[-1].stashed_weight_bytes
+            assert held == len(copies) * sum(p.numel() * p.element_size() for p in stage.parameters)
+        torch.cuda.synchronize()
+        allocated.append(torch.cuda.memory_allocated(GPU))
+    assert len(set(allocated[3:-1])) == 1, allocated  # steady once the pipeline is full (the last batch is smaller)
+    pipeline.drain(optimizers)
+    assert all(not stage._inflight for stage in pipeline.stages)
+
+
 def test_a_recomputed_forward_draws_the_dropout_masks_of_its_batch_on_the_gpu() -> None:
     # recompute runs each forward again in backward: with the CUDA generator's state of the first run, or the masks
     # differ from the ones the loss saw
