@@ -15,8 +15,8 @@ when it started and when it ended.
 
 The clock runs on global rank 0 from the end of the warm-up steps to the end of the last step. A DDG fit also
 reports the per-stage figures the strategy logged last (``ddg/stage{k}/busy_ms``, ``wait_ms``, ``send_ms``,
-``other_ms``: at the end of the epoch, over the steps since the previous logging), which show what Lightning's loop
-adds to each stage's step (``other``).
+``update_ms``, ``load_ms``, ``other_ms``: at the end of the epoch, over the steps since the previous logging), which
+show what the optimizer step, loading the batches and Lightning's loop (``other``) add to each stage's step.
 ``benchmarks/peers.py`` calls :func:`fit_rates` in every round, next to the runtime configurations;
 ``python benchmarks/fit_path.py ENGINE CONFIG_JSON OUT_JSON`` runs one fit.
 """
@@ -36,6 +36,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import lightning as L  # noqa: E402
 
 ENGINES = ("fit backprop", "fit backprop apart", "fit ddp", "fit ddg")
+STAGE_PARTS = ("busy", "wait", "send", "update", "load", "other")  # a stage's step, as the strategy logs it
 
 
 class FitClock(L.Callback):
@@ -82,11 +83,11 @@ def fit_rates(cfg: dict[str, Any], stages: int, timeout: float) -> dict[str, dic
 
 
 def stage_figures(metrics: dict[str, Any], stages: int) -> list[dict[str, float]]:
-    """The per-stage figures among a trainer's ``callback_metrics``, one dict per stage: the ``busy``, ``wait``,
-    ``send`` and ``other`` milliseconds per step, and each one's share of their sum."""
+    """The per-stage figures among a trainer's ``callback_metrics``, one dict per stage: the milliseconds per step of
+    each of :data:`STAGE_PARTS`, and each one's share of their sum."""
     figures = []
     for k in range(stages):
-        ms = {part: float(metrics[f"ddg/stage{k}/{part}_ms"]) for part in ("busy", "wait", "send", "other")}
+        ms = {part: float(metrics[f"ddg/stage{k}/{part}_ms"]) for part in STAGE_PARTS}
         step = sum(ms.values()) or 1.0
         shares = {f"{part}_share": value / step for part, value in ms.items()}
         figures.append({"stage": k} | {f"{part}_ms": value for part, value in ms.items()} | shares)

@@ -56,7 +56,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from cifar_resnet import cifar_resnet  # noqa: E402
-from fit_path import fit_rates  # noqa: E402
+from fit_path import STAGE_PARTS, fit_rates  # noqa: E402
 from harness import can_pin, device_of, launch, peak_memory_mib, reset_peak_memory, synchronize  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -483,8 +483,7 @@ def report(result: dict[str, Any]) -> None:
             )
         elif run.get("fit_stages"):
             shares = "  ".join(
-                f"s{r['stage']} busy {r['busy_share']:.0%} wait {r['wait_share']:.0%} send {r['send_share']:.0%} "
-                f"other {r['other_share']:.0%}"
+                f"s{r['stage']} " + " ".join(f"{part} {r[f'{part}_share']:.0%}" for part in STAGE_PARTS)
                 for r in run["fit_stages"]
             )
         elif run["processes"] > 1 or run["name"] == "backprop":
@@ -551,7 +550,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['balanced_by']}: {' / '.join(f'{share:.0%}' for share in result['stage_cost_shares'])} of the "
         "cost), for DDG and the pipeline schedules alike.\n",
         "| configuration | processes | samples/s | each round | speedup | peak memory (MiB) "
-        "| stage compute / wait / send (/ other) |",
+        "| stage compute / wait / send (/ update / load / other) |",
         "|---|---|---|---|---|---|---|",
     ]
     for run in result["runs"]:
@@ -560,10 +559,8 @@ def markdown(result: dict[str, Any]) -> str:
             ranks = sorted(run["ranks"], key=lambda r: r["stage"])
             shares = ", ".join(f"{r['busy_share']:.0%} / {r['wait_share']:.0%} / {r['send_share']:.0%}" for r in ranks)
         elif run.get("fit_stages"):  # as the strategy logged them, with Lightning's loop as "other"
-            shares = ", ".join(
-                f"{r['busy_share']:.0%} / {r['wait_share']:.0%} / {r['send_share']:.0%} / {r['other_share']:.0%}"
-                for r in run["fit_stages"]
-            )
+            stages = run["fit_stages"]
+            shares = ", ".join(" / ".join(f"{r[f'{part}_share']:.0%}" for part in STAGE_PARTS) for r in stages)
         peak = "" if run["peak_mib"] != run["peak_mib"] else f"{run['peak_mib']:.0f}"
         lines.append(
             f"| {run['name']} | {run['processes']} | {run['samples_per_s']:.0f} | {_rounds(run)} "

@@ -25,6 +25,7 @@ Example (``channels`` from :class:`~lightning_ddg.topology.StageLinks`)::
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["ReceivedBatches", "SentBatches", "carried_batches"]
 
 _END = "end"  # of an iteration
+_EXHAUSTED = object()  # what the loader's iterator gives once it is done
 _TOGETHER = "together"  # the first stage reached a point every stage reaches after the same batch
 _NOT_TOGETHER = (
     "the stages did not stop after the same batch: {who}. A hook decided to stop (trainer.should_stop) from what "
@@ -49,10 +51,12 @@ _NOT_TOGETHER = (
 
 
 class _Wrapped:
-    """A data loader's stand-in: its length and attributes, another way to iterate."""
+    """A data loader's stand-in: its length and attributes, another way to iterate. ``timed``, where set, is told
+    what fetching each batch took: the seconds spent loading it, and those spent blocked on a neighbouring stage."""
 
     def __init__(self, loader: Any) -> None:
         self.loader = loader
+        self.timed: Callable[[float, float], None] | None = None
 
     def __len__(self) -> int:
         return len(self.loader)  # a TypeError without a length, as the loader itself
@@ -81,7 +85,12 @@ class SentBatches(_Wrapped):
         self.ends_fit = False  # the next batch fetched (or the end of the iteration) is the fit's last
 
     def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, _EXHAUSTED)
+            if batch is _EXHAUSTED:
+                break
             leaves, spec = tree_flatten(batch)
             where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
             tensors = [leaves[i] for i in where]
@@ -90,6 +99,8 @@ class SentBatches(_Wrapped):
             for channel, full in self.channels:
                 # a copy: the training step may change the batch in place while it is being sent
                 channel.send([layout, *(t.detach().clone() for t in tensors)] if full else [layout])
+            if self.timed is not None:
+                self.timed(time.perf_counter() - start, 0.0)
             yield batch
         end = self._message(_END)
         for channel, _ in self.channels:
@@ -136,12 +147,14 @@ class ReceivedBatches(_Wrapped):
 
     def __iter__(self) -> Iterator[Any]:
         while True:
+            start = time.perf_counter()
             try:
                 layout, *tensors = self.channel.recv()
             except PipelineStopped as stopped:
                 if self.on_stop is None:
                     raise
                 raise self.on_stop(stopped.signum) from None
+            received = time.perf_counter()
             ends_fit, decoded = _decode(layout)
             if ends_fit and self.on_fit_end is not None:
                 self.on_fit_end()
@@ -154,7 +167,10 @@ class ReceivedBatches(_Wrapped):
                 tensors = [self._zero(dtype, shape) for dtype, shape in specs]
             for i, tensor in zip(where, tensors, strict=True):
                 leaves[i] = tensor
-            yield tree_unflatten(leaves, spec)
+            batch = tree_unflatten(leaves, spec)
+            if self.timed is not None:
+                self.timed(time.perf_counter() - received, received - start)
+            yield batch
 
     def check_together(self) -> None:
         """This stage has reached a point (a validation, an epoch's end) that every stage must reach after the same

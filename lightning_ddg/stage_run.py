@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import time
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -238,8 +239,11 @@ class StageRun:
         """Install the window's gradients and call ``step``, which steps the optimizer."""
         assert self.stage is not None
         self.update_due = False
+        counters = self.stage.counters
+        start, waited, sent = time.perf_counter(), counters.wait_s, counters.send_s
         self.stage.install_gradients()
         step()
+        counters.update_s += time.perf_counter() - start - (counters.wait_s - waited) - (counters.send_s - sent)
 
     def check_together(self) -> None:
         """At a point of a fit that every stage must reach after the same training batch (a validation, an epoch's
@@ -271,7 +275,14 @@ class StageRun:
         self.loaders.append(wrapped)
         if training:
             self.training_batches = wrapped
+            wrapped.timed = self._loaded
         return wrapped
+
+    def _loaded(self, load_s: float, wait_s: float) -> None:
+        # the time Lightning's loop spent fetching a training batch, in the stage's figures (load_ms, wait_ms)
+        if self.stage is not None:
+            self.stage.counters.load_s += load_s
+            self.stage.counters.wait_s += wait_s
 
     # --- a new cut, in the middle of a run -----------------------------------------------------------------
     def recut(self, cut: Callable[[nn.Module], Partition], **options: Any) -> StageRun:
@@ -288,6 +299,8 @@ class StageRun:
         )  # fmt: skip
         run.loaders, self.loaders = self.loaders, []
         run.training_batches, self.training_batches = self.training_batches, None
+        if run.training_batches is not None:
+            run.training_batches.timed = run._loaded
         self.stage = self.links = None
         return run
 

@@ -46,6 +46,8 @@ class Snapshot:
     active_us: int  # wall time spent training (evaluation excluded)
     stashed_weight_bytes: int  # weight copies held for in-flight batches, now
     activation_bytes: int  # activations the autograd graphs of in-flight batches hold at most (sampled)
+    update_us: int = 0  # the optimizer step, with the gradients installed and the live weights moved
+    load_us: int = 0  # fetching the training batches: reading and sending them, or taking them as they arrive
 
 
 _WIDTH = len(fields(Snapshot))
@@ -60,6 +62,8 @@ class StageCounters:
     busy_s: float = 0.0
     wait_s: float = 0.0
     send_s: float = 0.0
+    update_s: float = 0.0
+    load_s: float = 0.0
     paused_s: float = 0.0
     start: float = field(default_factory=time.perf_counter)
 
@@ -78,6 +82,8 @@ class StageCounters:
             round(1e6 * active),
             stashed_weight_bytes,
             activation_bytes,
+            round(1e6 * self.update_s),
+            round(1e6 * self.load_s),
         )
 
 
@@ -98,14 +104,15 @@ def interval_figures(before: Snapshot | None, after: Snapshot, delay: int) -> di
     if steps <= 0:
         return None
     active_us = max(after.active_us - before.active_us, 1)
-    busy, wait, send = (after.busy_us - before.busy_us, after.wait_us - before.wait_us, after.send_us - before.send_us)
+    parts = {
+        name: getattr(after, f"{name}_us") - getattr(before, f"{name}_us")
+        for name in ("busy", "wait", "send", "update", "load")
+    }
     return {
         "delay": float(delay),
         "samples_per_s": 1e6 * (after.samples - before.samples) / active_us,
-        "busy_ms": busy / 1e3 / steps,
-        "wait_ms": wait / 1e3 / steps,
-        "send_ms": send / 1e3 / steps,
-        "other_ms": max(active_us - busy - wait - send, 0) / 1e3 / steps,
+        **{f"{name}_ms": us / 1e3 / steps for name, us in parts.items()},
+        "other_ms": max(active_us - sum(parts.values()), 0) / 1e3 / steps,  # Lightning's loop, hooks, logging
         "stashed_weights_mb": after.stashed_weight_bytes / 2**20,
         "activations_mb": after.activation_bytes / 2**20,
     }

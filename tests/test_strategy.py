@@ -340,7 +340,8 @@ def test_last_stage_metrics_reach_the_logger_and_checkpoints_are_whole(tmp_path)
     assert {"train_loss", "val_loss", "val_acc"} <= set(metrics.splitlines()[0].split(","))
     header = metrics.splitlines()[0].split(",")
     for k in range(2):
-        expected = {"delay", "samples_per_s", "busy_ms", "wait_ms", "send_ms", "stashed_weights_mb", "activations_mb"}
+        expected = {"delay", "samples_per_s", "busy_ms", "wait_ms", "send_ms", "update_ms", "load_ms", "other_ms"}
+        expected |= {"stashed_weights_mb", "activations_mb"}
         assert {f"ddg/stage{k}/{name}" for name in expected} <= set(header)
     split_points = balanced_split_points(copy.deepcopy(MLPClassifier(optimizer="sgd")), 2)
     _assert_same(dict(model.state_dict()), _reference(MLPClassifier(optimizer="sgd"), split_points))
@@ -350,6 +351,45 @@ def test_last_stage_metrics_reach_the_logger_and_checkpoints_are_whole(tmp_path)
     loaded = MLPClassifier.load_from_checkpoint(checkpoint)
     before_drain = _reference(MLPClassifier(optimizer="sgd"), split_points, drain=False)
     _assert_same(dict(loaded.state_dict()), before_drain)
+
+
+_SLEEP_S = 0.05  # far above what a step of the tests' MLP takes otherwise
+
+
+def _slow_collate(samples: list) -> Any:
+    time.sleep(_SLEEP_S)
+    return torch.utils.data.default_collate(samples)
+
+
+class _SlowOptimizerStep(L.Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        time.sleep(_SLEEP_S)
+
+
+def test_the_stage_figures_give_loading_and_the_optimizer_step_their_own_share(tmp_path) -> None:
+    # a loader and an optimizer step that each take 50 ms: on the first stage, which loads, load_ms holds the one;
+    # on every stage update_ms holds the other; other_ms (Lightning's loop) holds neither
+    from lightning.pytorch.loggers import CSVLogger
+
+    data = DataLoader(loader(n=24 * 4).dataset, batch_size=4, collate_fn=_slow_collate)
+    trainer = _trainer(
+        DDGStrategy(start_method="forkserver", split_points=["model.4"]),
+        2,
+        max_epochs=1,
+        logger=CSVLogger(tmp_path, name="run"),
+        callbacks=[_SlowOptimizerStep()],
+    )
+    trainer.fit(MLPClassifier(optimizer="sgd"), data)
+    header, *rows = [row.split(",") for row in (tmp_path / "run" / "version_0" / "metrics.csv").read_text().split()]
+    logged = [dict(zip(header, row, strict=True)) for row in rows]
+    (row,) = [row for row in logged if row["ddg/stage0/busy_ms"]]  # at the epoch's end, the only logging step
+    figures = {name: float(value) for name, value in row.items() if name.startswith("ddg/stage")}
+    ms = _SLEEP_S * 1e3
+    assert figures["ddg/stage0/load_ms"] >= ms, figures  # the first stage's loader
+    assert figures["ddg/stage1/load_ms"] < ms / 2, figures  # the last stage takes the batches as they arrive
+    for k in range(2):
+        assert figures[f"ddg/stage{k}/update_ms"] >= 0.8 * ms, figures  # stage 0 does not update in its first step
+        assert figures[f"ddg/stage{k}/other_ms"] < ms / 2, figures
 
 
 class _SlowLayer(torch.nn.Module):

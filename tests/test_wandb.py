@@ -75,7 +75,7 @@ def test_wandb_offline_run_records_user_and_stage_metrics(tmp_path, monkeypatch)
             assert float(row[f"ddg/stage{k}/delay"]) == 2 - k
             for name in ("samples_per_s", "busy_ms", "activations_mb"):
                 assert float(row[f"ddg/stage{k}/{name}"]) > 0
-            for name in ("wait_ms", "send_ms", "other_ms"):
+            for name in ("wait_ms", "send_ms", "update_ms", "load_ms", "other_ms"):
                 assert float(row[f"ddg/stage{k}/{name}"]) >= 0
         # stage 0 holds weight copies for its in-flight batches; the last stage holds none
         assert float(row["ddg/stage0/stashed_weights_mb"]) > 0
