@@ -96,11 +96,13 @@ class SentBatches(_Wrapped):
             tensors = [leaves[i] for i in where]
             others = [None if i in where else leaf for i, leaf in enumerate(leaves)]
             layout = self._message((spec, others, where, _specs(tensors)))
+            blocked = sum(channel.blocked_s for channel, _ in self.channels)
             for channel, full in self.channels:
                 # a copy: the training step may change the batch in place while it is being sent
                 channel.send([layout, *(t.detach().clone() for t in tensors)] if full else [layout])
             if self.timed is not None:
-                self.timed(time.perf_counter() - start, 0.0)
+                waited = sum(channel.blocked_s for channel, _ in self.channels) - blocked  # a later stage lagged
+                self.timed(time.perf_counter() - start - waited, waited)
             yield batch
         end = self._message(_END)
         for channel, _ in self.channels:

@@ -26,6 +26,7 @@ every update of the weight.
 from __future__ import annotations
 
 import struct
+import time
 from collections import deque
 from datetime import timedelta
 from typing import Any
@@ -187,6 +188,7 @@ class Channel:
         self._free: dict[tuple[torch.dtype, tuple[int, ...]], list[torch.Tensor]] = {}  # released, by shape
         self._free_header: torch.Tensor | None = None
         self.note: list[int] = []  # the note of the last message received
+        self.blocked_s = 0.0  # seconds sends waited for the peer to take older messages (it lagged behind)
 
     # sending -------------------------------------------------------------------------------------------
     def send(self, message: list[Any], note: list[int] | None = None) -> None:
@@ -214,10 +216,13 @@ class Channel:
     def _retire_old_sends(self) -> None:
         # A transfer is known to be done only once waited on (gloo never reports completion otherwise), so keep
         # the last two messages in flight and wait on older ones: the peer has posted their receives long ago
-        # and they are done, so the wait returns at once and the number of buffers held stays bounded.
+        # and they are done, so the wait returns at once and the number of buffers held stays bounded. Where the
+        # peer lags behind, it does not: that wait is on the peer (blocked_s), not the cost of sending.
+        start = time.perf_counter()
         while len(self._sends) > self.unreaped:
             for work, _ in self._sends.popleft():
                 work.wait(self.timeout)
+        self.blocked_s += time.perf_counter() - start
 
     @property
     def pending_sends(self) -> int:

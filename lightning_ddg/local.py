@@ -52,6 +52,7 @@ class LocalChannel:
         self.device = torch.device(device)
         self.note: list[int] = []  # the note of the last message received
         self.pending_sends = 0
+        self.blocked_s = 0.0  # a send never waits here
 
     def send(self, message: list[Any], note: list[int] | None = None) -> None:
         copies = [v.detach().to(self.device, copy=True) if isinstance(v, torch.Tensor) else v for v in message]

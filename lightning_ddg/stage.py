@@ -243,9 +243,11 @@ class DDGStage:
         return tensors
 
     def _send(self, channel: Any, tensors: list[Any], note: list[int] | None = None) -> None:
-        start = time.perf_counter()
+        start, blocked = time.perf_counter(), channel.blocked_s
         channel.send(tensors, note)
-        self.counters.send_s += time.perf_counter() - start
+        waited = channel.blocked_s - blocked  # for the peer to take older messages: waiting on it, not sending
+        self.counters.send_s += time.perf_counter() - start - waited
+        self.counters.wait_s += waited
 
     def _send_outputs(self, outputs: list[Any]) -> None:
         # the header carries this stage's figures and those of the stages before it on to the last stage

@@ -41,7 +41,7 @@ class Snapshot:
     steps: int
     samples: int
     busy_us: int  # forward and backward compute
-    wait_us: int  # blocked on a receive from a neighbouring stage (the transfer included)
+    wait_us: int  # blocked on a neighbouring stage: a receive (the transfer included), a send it lags behind
     send_us: int  # handing tensors to the communication backend
     active_us: int  # wall time spent training (evaluation excluded)
     stashed_weight_bytes: int  # weight copies held for in-flight batches, now

@@ -3,6 +3,7 @@ among the tensors, notes, clean closing."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -83,3 +84,27 @@ def test_a_long_stream_holds_only_the_last_messages_sends() -> None:
 def test_a_dtype_that_cannot_cross_says_what_to_do() -> None:
     with pytest.raises(TypeError, match=r"complex128 cannot cross .* Cast the value to one of them before the cut"):
         _encode([torch.zeros(4, 3), torch.zeros(4, dtype=torch.complex128)])
+
+
+def _lagging_receiver(rank: int, world_size: int, lag_s: float) -> float:
+    group = dist.new_group([0, 1])
+    channel = Channel(peer=1 - rank, group=group)
+    dist.barrier()
+    if rank == 1:
+        time.sleep(lag_s)  # the receiver is busy elsewhere, as a slower stage is
+    for i in range(4):
+        if rank == 0:
+            channel.send([torch.full((2**20,), float(i))])  # 4 MiB: more than the transport buffers
+        else:
+            assert channel.recv()[0][0].item() == i
+    channel.send_end() if rank == 0 else channel.close_recv()
+    channel.flush()
+    return channel.blocked_s
+
+
+def test_a_sender_counts_its_wait_for_a_lagging_receiver_apart_from_sending() -> None:
+    # a stage whose next stage lags behind waits in send for it to take older messages: that is waiting on a
+    # neighbour (wait_ms in the stage figures), not the cost of sending
+    lag_s = 1.0
+    blocked, _ = run_processes(_lagging_receiver, 2, lag_s, timeout=60)
+    assert blocked >= lag_s / 2

@@ -416,8 +416,12 @@ class _SlowLastStage(MLPClassifier):
 class _SlowInTraining(L.Callback):
     """Makes the slow layer slow once training starts: the plan, made before, timed it fast."""
 
+    def __init__(self, seconds: float = 0.01) -> None:
+        self.seconds = seconds
+
     def on_train_start(self, trainer, pl_module) -> None:
         pl_module.model[-1].slow = True
+        pl_module.model[-1].seconds = self.seconds
 
 
 class _RecordCut(L.Callback):
@@ -636,7 +640,9 @@ def test_a_fit_resumed_where_the_measured_stage_times_balance_continues_the_meth
     where they balance (lightning_ddg.measured_split_points names that cut), and it is the method on that cut, from
     the saved state."""
     epochs = -(-stats.MEASURED_STEPS // len(loader()))  # enough steps to be measured
-    _checkpointing_trainer(tmp_path, 2, epochs, callbacks=[_SlowInTraining()]).fit(_SlowLastStage(slow=False), loader())
+    # 30 ms: each stage's time per step also holds its share of the checkpoint saved after each epoch of 6 steps
+    slow = _SlowInTraining(seconds=0.03)
+    _checkpointing_trainer(tmp_path, 2, epochs, callbacks=[slow]).fit(_SlowLastStage(slow=False), loader())
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
     figures = checkpoint["callbacks"]["LogStageFigures"]
     assert figures["split_points"] == SPLITS[2] and figures["stage_ms"][1] > figures["stage_ms"][0] + 5  # ms: the sleep
