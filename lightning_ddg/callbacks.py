@@ -140,7 +140,7 @@ class LogStageFigures(Callback):
     delay. They are averages since the previous logging.
 
     The figures reach the last stage in the headers of the activations it receives, so logging them costs no
-    message and no synchronisation. Evaluation time is left out.
+    message and no synchronisation. Evaluation and checkpoint saving are left out.
 
     When training ends, it logs ``ddg/measured_imbalance``: the slowest stage's time per step over the mean (waits
     left out, see :func:`~lightning_ddg.stats.measured_imbalance`), what the pipeline made of the plan's estimate

@@ -10,6 +10,7 @@ number of stages.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -28,6 +29,7 @@ class StageCheckpointHooks:
     reads the strategy's ``_run`` (:class:`~lightning_ddg.stage_run.StageRun`), ``topology`` and ``partition``."""
 
     _run: Any
+    _saving_since: float | None = None  # when the checkpoint being saved began gathering the model's state
 
     @property
     def states(self) -> StageStates:
@@ -60,6 +62,17 @@ class StageCheckpointHooks:
             self.checkpoint_io = atomic(self.checkpoint_io)
         self.states.save_checkpoint(checkpoint, filepath, self.checkpoint_io, storage_options)
 
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        super().barrier(*args, **kwargs)  # type: ignore[misc]
+        if (args[:1] or (kwargs.get("name"),))[0] == "Trainer.save_checkpoint" and self._saving_since is not None:
+            # the save is over on every rank: its gathers, its writing and the waits on each other are no part of
+            # the stages' steps, and their figures leave it out as they do validation
+            stage = self._run.stage if self._run is not None else None
+            if stage is not None:
+                stage.counters.pause(time.perf_counter() - self._saving_since)
+            self._saving_since = None
+
     @property
     @override
     def restore_checkpoint_after_setup(self) -> bool:
@@ -81,6 +94,7 @@ class StageCheckpointHooks:
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         assert self.lightning_module is not None
+        self._saving_since = time.perf_counter()  # the first thing Trainer.save_checkpoint asks for
         if self._whole:
             return super().lightning_module_state_dict()
         return self.states.module_state_dict(self.lightning_module)

@@ -43,7 +43,7 @@ class Snapshot:
     busy_us: int  # forward and backward compute
     wait_us: int  # blocked on a neighbouring stage: a receive (the transfer included), a send it lags behind
     send_us: int  # handing tensors to the communication backend
-    active_us: int  # wall time spent training (evaluation excluded)
+    active_us: int  # wall time spent training (evaluation and checkpoint saving excluded)
     stashed_weight_bytes: int  # weight copies held for in-flight batches, now
     activation_bytes: int  # activations the autograd graphs of in-flight batches hold at most (sampled)
     update_us: int = 0  # the optimizer step, with the gradients installed and the live weights moved

@@ -380,16 +380,44 @@ def test_the_stage_figures_give_loading_and_the_optimizer_step_their_own_share(t
         callbacks=[_SlowOptimizerStep()],
     )
     trainer.fit(MLPClassifier(optimizer="sgd"), data)
-    header, *rows = [row.split(",") for row in (tmp_path / "run" / "version_0" / "metrics.csv").read_text().split()]
-    logged = [dict(zip(header, row, strict=True)) for row in rows]
-    (row,) = [row for row in logged if row["ddg/stage0/busy_ms"]]  # at the epoch's end, the only logging step
-    figures = {name: float(value) for name, value in row.items() if name.startswith("ddg/stage")}
+    figures = _figures_at_the_epochs_end(tmp_path / "run" / "version_0" / "metrics.csv")
     ms = _SLEEP_S * 1e3
     assert figures["ddg/stage0/load_ms"] >= ms, figures  # the first stage's loader
     assert figures["ddg/stage1/load_ms"] < ms / 2, figures  # the last stage takes the batches as they arrive
     for k in range(2):
         assert figures[f"ddg/stage{k}/update_ms"] >= 0.8 * ms, figures  # stage 0 does not update in its first step
         assert figures[f"ddg/stage{k}/other_ms"] < ms / 2, figures
+
+
+def _figures_at_the_epochs_end(metrics_csv: Path) -> dict[str, float]:
+    header, *rows = [row.split(",") for row in metrics_csv.read_text().split()]
+    logged = [dict(zip(header, row, strict=True)) for row in rows]
+    (row,) = [row for row in logged if row["ddg/stage0/busy_ms"]]  # in a fit of fewer than 20 steps, the only one
+    return {name: float(value) for name, value in row.items() if name.startswith("ddg/stage")}
+
+
+class _SlowCheckpoint(L.Callback):
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        time.sleep(_SLEEP_S)
+
+
+def test_the_stage_figures_leave_checkpoint_saving_out(tmp_path) -> None:
+    # a checkpoint after every step, each taking 50 ms on every stage: no part of a step, as validation is not
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = _trainer(
+        DDGStrategy(start_method="forkserver", split_points=["model.4"]),
+        2,
+        max_epochs=1,
+        logger=CSVLogger(tmp_path, name="run"),
+        enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1), _SlowCheckpoint()],
+    )
+    trainer.fit(MLPClassifier(optimizer="sgd"), loader(n=12 * 4, batch_size=4))
+    assert len(list(tmp_path.glob("*.ckpt"))) == 12  # it did save after every step
+    figures = _figures_at_the_epochs_end(tmp_path / "run" / "version_0" / "metrics.csv")
+    for k in range(2):
+        assert figures[f"ddg/stage{k}/other_ms"] < _SLEEP_S * 1e3 / 2, figures
 
 
 class _SlowLayer(torch.nn.Module):
@@ -640,8 +668,7 @@ def test_a_fit_resumed_where_the_measured_stage_times_balance_continues_the_meth
     where they balance (lightning_ddg.measured_split_points names that cut), and it is the method on that cut, from
     the saved state."""
     epochs = -(-stats.MEASURED_STEPS // len(loader()))  # enough steps to be measured
-    # 30 ms: each stage's time per step also holds its share of the checkpoint saved after each epoch of 6 steps
-    slow = _SlowInTraining(seconds=0.03)
+    slow = _SlowInTraining(seconds=0.03)  # well above what a loaded machine adds to a stage's step
     _checkpointing_trainer(tmp_path, 2, epochs, callbacks=[slow]).fit(_SlowLastStage(slow=False), loader())
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
     figures = checkpoint["callbacks"]["LogStageFigures"]
