@@ -63,9 +63,9 @@ class StageCheckpointHooks:
         self.states.save_checkpoint(checkpoint, filepath, self.checkpoint_io, storage_options)
 
     @override
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        super().barrier(*args, **kwargs)  # type: ignore[misc]
-        if (args[:1] or (kwargs.get("name"),))[0] == "Trainer.save_checkpoint" and self._saving_since is not None:
+    def barrier(self, name: str | None = None) -> None:
+        super().barrier(name)  # type: ignore[misc]
+        if name == "Trainer.save_checkpoint" and self._saving_since is not None:
             # the save is over on every rank: its gathers, its writing and the waits on each other are no part of
             # the stages' steps, and their figures leave it out as they do validation
             stage = self._run.stage if self._run is not None else None

@@ -296,7 +296,7 @@ class DDGStage:
         input from the previous stage. The last stage returns the model output (compute the loss from it
         and pass it to :meth:`backward`); the others send their output on and return ``None``.
         """
-        start, waited, sent = time.perf_counter(), self.counters.wait_s, self.counters.send_s
+        mark = self.counters.mark()
         if [p.requires_grad for _, p in self._every_parameter] != self._trainable:
             check_trainable_unchanged(self._every_parameter, self._trainable)
         if self.is_first:
@@ -345,7 +345,7 @@ class DDGStage:
             self._send_outputs(outputs)
         if not self.is_last and self.links.grad_in is not None:
             self.links.grad_in.prefetch()
-        counters.busy_s += time.perf_counter() - start - (counters.wait_s - waited) - (counters.send_s - sent)
+        counters.busy_s += counters.own_since(mark)
         return output if self.is_last else None
 
     def stop(self, signum: int) -> None:
@@ -439,7 +439,7 @@ class DDGStage:
         return window_complete or bool(self._tied_due)
 
     def _backward_oldest(self, loss: torch.Tensor | None) -> bool:
-        start, waited, sent = time.perf_counter(), self.counters.wait_s, self.counters.send_s
+        mark = self.counters.mark()
         item = self._inflight.popleft()
         if self.is_last:
             if loss is None:
@@ -486,7 +486,7 @@ class DDGStage:
         self.batches_backwarded += 1
         self._record("B", item.batch)
         counters = self.counters
-        counters.busy_s += time.perf_counter() - start - (counters.wait_s - waited) - (counters.send_s - sent)
+        counters.busy_s += counters.own_since(mark)
         return completes
 
     def _live_weights(self) -> list[torch.Tensor]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import time
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -240,10 +239,10 @@ class StageRun:
         assert self.stage is not None
         self.update_due = False
         counters = self.stage.counters
-        start, waited, sent = time.perf_counter(), counters.wait_s, counters.send_s
+        mark = counters.mark()
         self.stage.install_gradients()
         step()
-        counters.update_s += time.perf_counter() - start - (counters.wait_s - waited) - (counters.send_s - sent)
+        counters.update_s += counters.own_since(mark)
 
     def check_together(self) -> None:
         """At a point of a fit that every stage must reach after the same training batch (a validation, an epoch's

@@ -67,6 +67,15 @@ class StageCounters:
     paused_s: float = 0.0
     start: float = field(default_factory=time.perf_counter)
 
+    def mark(self) -> tuple[float, float, float]:
+        """The clock, and the waits and sends counted so far, for :meth:`own_since`."""
+        return time.perf_counter(), self.wait_s, self.send_s
+
+    def own_since(self, mark: tuple[float, float, float]) -> float:
+        """Seconds since ``mark`` that went to the stage's own work: the waits and sends counted meanwhile left out."""
+        start, waited, sent = mark
+        return time.perf_counter() - start - (self.wait_s - waited) - (self.send_s - sent)
+
     def pause(self, seconds: float) -> None:
         """Leave ``seconds`` of wall time (an evaluation run, say) out of the training time."""
         self.paused_s += seconds
