@@ -98,8 +98,8 @@ class SentBatches(_Wrapped):
             layout = self._message((spec, others, where, _specs(tensors)))
             blocked = sum(channel.blocked_s for channel, _ in self.channels)
             for channel, full in self.channels:
-                # a copy: the training step may change the batch in place while it is being sent
-                channel.send([layout, *(t.detach().clone() for t in tensors)] if full else [layout])
+                # the training step may change the batch in place while it is being sent
+                channel.send([layout, *tensors] if full else [layout], may_change=True)
             if self.timed is not None:
                 waited = sum(channel.blocked_s for channel, _ in self.channels) - blocked  # a later stage lagged
                 self.timed(time.perf_counter() - start - waited, waited)
@@ -149,7 +149,7 @@ class ReceivedBatches(_Wrapped):
 
     def __iter__(self) -> Iterator[Any]:
         while True:
-            start = time.perf_counter()
+            start, copied = time.perf_counter(), self.channel.copied_s
             try:
                 layout, *tensors = self.channel.recv()
             except PipelineStopped as stopped:
@@ -171,7 +171,8 @@ class ReceivedBatches(_Wrapped):
                 leaves[i] = tensor
             batch = tree_unflatten(leaves, spec)
             if self.timed is not None:
-                self.timed(time.perf_counter() - received, received - start)
+                copying = self.channel.copied_s - copied  # taking it out of shared memory is loading, not waiting
+                self.timed(time.perf_counter() - received + copying, received - start - copying)
             yield batch
 
     def check_together(self) -> None:

@@ -10,7 +10,10 @@ size read from a shape): they travel in the header.
 As soon as a message has arrived, the receives of the next one are posted, shaped like it; a sender whose
 shapes changed first answers those receives with placeholders. Sends never block: they complete in the
 background and are reaped later. A receiver hands the tensors it is done with back (:meth:`Channel.release`)
-and later messages arrive in them, so that in steady state receiving allocates nothing.
+and later messages arrive in them, so that in steady state receiving allocates nothing. Between two processes of
+one host, a gloo channel carries the tensors through shared memory after a handshake at setup
+(:func:`share_memory`, :mod:`~lightning_ddg.shared_memory`): the header names the slot that holds them, and
+a message whose slot is still taken travels as above.
 
 Example (two processes, gloo)::
 
@@ -34,11 +37,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_ddg import shared_memory
 from lightning_ddg._compat import storage_use_count
+from lightning_ddg.shared_memory import SlotReader, SlotWriter
 
-__all__ = ["Channel", "HEADER_SIZE", "PipelineStopped", "TiedGroup", "UNREAPED_MESSAGES"]
+__all__ = ["Channel", "HEADER_SIZE", "PipelineStopped", "TiedGroup", "UNREAPED_MESSAGES", "share_memory"]
 
 HEADER_SIZE = 256
+_ROOM = HEADER_SIZE - 3  # the last three entries: where in shared memory the tensors are (slot + 1, or 0)
 UNREAPED_MESSAGES = 1  # messages besides the newest whose sends are not waited on yet
 _MAX_FREE = 8  # released buffers kept per shape
 _END = -1
@@ -86,7 +92,10 @@ def _tensors(message: list[Any]) -> list[torch.Tensor]:
     return [v for v in message if isinstance(v, torch.Tensor)]
 
 
-def _encode(message: list[Any], note: list[int] | None = None) -> torch.Tensor:
+def _encode(
+    message: list[Any], note: list[int] | None = None, place: tuple[int, int, int] | None = None
+) -> torch.Tensor:
+    """The header of ``message``; ``place`` says where in shared memory its tensors are (else they follow)."""
     values = [len(message)]
     for item in message:
         if not isinstance(item, torch.Tensor):
@@ -104,16 +113,17 @@ def _encode(message: list[Any], note: list[int] | None = None) -> torch.Tensor:
                 "point it does not cross."
             )
         values += [_CODE[dtype], len(shape), *shape]
-    if len(values) + 1 > HEADER_SIZE:
+    if len(values) + 1 > _ROOM:
         raise ValueError(
             f"{len(message)} values crossing one stage boundary need a header of {len(values)} entries, more than "
-            f"{HEADER_SIZE}: choose split points where fewer values cross."
+            f"{_ROOM}: choose split points where fewer values cross."
         )
     note = note or []
-    if len(values) + 1 + len(note) > HEADER_SIZE:
+    if len(values) + 1 + len(note) > _ROOM:
         note = []  # a note is best effort: it never costs a message of its own
     values += [len(note), *note]
-    return torch.tensor(values + [0] * (HEADER_SIZE - len(values)), dtype=torch.int64)
+    slot, generation, number = place if place is not None else (-1, 0, 0)
+    return torch.tensor(values + [0] * (_ROOM - len(values)) + [slot + 1, generation, number], dtype=torch.int64)
 
 
 def _held_only_by(t: torch.Tensor) -> bool:
@@ -122,13 +132,15 @@ def _held_only_by(t: torch.Tensor) -> bool:
     return count is not None and count <= 2
 
 
-def _decode(header: torch.Tensor) -> tuple[Specs, list[Any] | None, list[int]]:
+def _decode(header: torch.Tensor) -> tuple[Specs, list[Any] | None, list[int], tuple[int, int, int] | None]:
     """The message's tensors' specs; its layout (the values that travelled in the header, ``_TENSOR`` where a
-    tensor goes), None for the end of the data; and the note."""
+    tensor goes), None for the end of the data; the note; and where in shared memory the tensors are, if there."""
     values = header.tolist()
     count, pos, specs, layout = values[0], 1, [], []
     if count == _END:
-        return (), None, values[1:2]  # the signal that stopped the job, 0 for a plain end
+        return (), None, values[1:2], None  # the signal that stopped the job, 0 for a plain end
+    slot, generation, number = values[_ROOM:]
+    place = (slot - 1, generation, number) if slot else None
     for _ in range(count):
         code = values[pos]
         kind = _VALUE_TYPE.get(code)
@@ -145,7 +157,7 @@ def _decode(header: torch.Tensor) -> tuple[Specs, list[Any] | None, list[int]]:
         specs.append((dtype, tuple(values[pos + 2 : pos + 2 + ndim])))
         layout.append(_TENSOR)
         pos += 2 + ndim
-    return tuple(specs), layout, values[pos + 1 : pos + 1 + values[pos]]
+    return tuple(specs), layout, values[pos + 1 : pos + 1 + values[pos]], place
 
 
 def _assemble(layout: list[Any], tensors: list[torch.Tensor]) -> list[Any]:
@@ -189,21 +201,41 @@ class Channel:
         self._free_header: torch.Tensor | None = None
         self.note: list[int] = []  # the note of the last message received
         self.blocked_s = 0.0  # seconds sends waited for the peer to take older messages (it lagged behind)
+        self.copied_s = 0.0  # seconds receives spent copying tensors out of shared memory: work, not waiting
+        # with a peer on this host: the tensors travel through shared memory (share_memory), the header over gloo
+        self._writer: SlotWriter | None = None
+        self._reader: SlotReader | None = None
+
+    @property
+    def slots(self) -> int:
+        """Shared-memory slots the messages take in turn: enough that a receiver that keeps up always frees one
+        before the sender comes back to it (the sender runs at most ``unreaped + 1`` messages ahead)."""
+        return self.unreaped + 2
+
+    @property
+    def shares_memory(self) -> bool:
+        """Whether tensors reach the peer through shared memory (see :func:`share_memory`)."""
+        return self._writer is not None or self._reader is not None
 
     # sending -------------------------------------------------------------------------------------------
-    def send(self, message: list[Any], note: list[int] | None = None) -> None:
+    def send(self, message: list[Any], note: list[int] | None = None, may_change: bool = False) -> None:
         """Start sending ``message`` (tensors and values that :func:`crosses` allows), and ``note`` in the header
-        if it fits; returns at once. The tensors must not be modified afterwards."""
+        if it fits; returns at once. The tensors must not be modified afterwards, unless ``may_change``: the
+        channel then sends copies where it does not copy them at once (into shared memory) anyway."""
         self._retire_old_sends()
         self._sends.append([])
         tensors = _tensors(message)
+        place = self._writer.write(tensors) if self._writer is not None else None
+        self._isend(_encode(message, note, place).to(self._header_device))
+        if place is not None:
+            return
         specs = _specs(tensors)
-        self._isend(_encode(message, note).to(self._header_device))
         if self._sent_specs is not None and specs != self._sent_specs:
             self._fill_posted(self._sent_specs)
         for t in tensors:
-            self._isend(t.detach().contiguous())
-        self._sent_specs = specs
+            self._isend(t.detach().clone() if may_change else t.detach().contiguous())
+        if self._writer is None:  # the receiver posts the next data ahead only without shared memory
+            self._sent_specs = specs
 
     def _isend(self, tensor: torch.Tensor) -> None:
         self._sends[-1].append((dist.isend(tensor, self.peer, group=self.group), tensor))
@@ -262,31 +294,42 @@ class Channel:
             if len(free) < _MAX_FREE and _held_only_by(t):
                 free.append(t.requires_grad_(False))  # a received tensor is a leaf of any graph it was in
 
-    def _take_posted(self) -> tuple[Specs, list[Any] | None, list[torch.Tensor], list[dist.Work]]:
+    def _take_posted(
+        self,
+    ) -> tuple[Specs, list[Any] | None, list[torch.Tensor], list[dist.Work], tuple[int, int, int] | None]:
         self.prefetch()
         assert self._posted is not None
         header, tensors, works = self._posted
         self._posted = None
         works[0].wait(self.timeout)
-        specs, layout, self.note = _decode(header.cpu())
+        specs, layout, self.note, place = _decode(header.cpu())
         self._free_header = header
-        return specs, layout, tensors, works[1:]
+        return specs, layout, tensors, works[1:], place
 
     def recv(self) -> list[Any]:
         """Receive the next message; the receives of the one after it are posted before returning."""
         expected = self._expected
-        specs, layout, tensors, works = self._take_posted()
+        specs, layout, tensors, works, place = self._take_posted()
         if layout is None:
             if self.note and self.note[0]:
                 raise PipelineStopped(self.note[0])
             raise RuntimeError(f"rank {self.peer} closed the channel while this rank still expected data")
+        if place is not None:
+            assert self._reader is not None and not works
+            start = time.perf_counter()
+            tensors = [self._buffer(dtype, shape) for dtype, shape in specs]
+            self._reader.read(place, tensors)
+            self.copied_s += time.perf_counter() - start
+            self.prefetch()
+            return _assemble(layout, tensors)
         if specs != expected:
             for work in works:  # placeholders for the buffers posted with the previous shapes
                 work.wait(self.timeout)
             self.release(tensors)
             tensors = [self._buffer(dtype, shape) for dtype, shape in specs]
             works = [dist.irecv(t, self.peer, group=self.group) for t in tensors]
-        self._expected = specs
+        if self._reader is None:  # with shared memory, no data is posted ahead
+            self._expected = specs
         self.prefetch()
         for work in works:
             work.wait(self.timeout)
@@ -306,13 +349,67 @@ class Channel:
 
     def close_recv(self) -> None:
         """Consume the peer's end-of-data marker, so that no receive stays posted."""
-        _, layout, _, works = self._take_posted()
+        _, layout, _, works, _ = self._take_posted()
         for work in works:
             work.wait(self.timeout)
         self._expected = None
         self._free.clear()
         if layout is not None:
             raise RuntimeError(f"rank {self.peer} sent data that this rank never received")
+
+    def release_memory(self) -> None:
+        """Let go of the shared memory, at the end of a run (after :meth:`send_end` and :meth:`close_recv`, or
+        where the peer stopped): names the peer never mapped are removed."""
+        for end in (self._writer, self._reader):
+            if end is not None:
+                end.close()
+        self._writer = self._reader = None
+
+
+def share_memory(sending: list[Channel], receiving: list[Channel]) -> None:
+    """Let every channel here whose two ends share a host carry its tensors through shared memory
+    (:mod:`~lightning_ddg.shared_memory`): gloo channels on the host, where this machine has ``/dev/shm``.
+
+    A collective between neighbours at setup: every rank passes every channel it sends and receives on. The sender
+    offers a slot holding a random number; the receiver accepts where it finds that number in it, which it does only
+    on the same host. Each rank posts all its offers before it waits on any, so no two ranks wait on each other.
+    """
+
+    def on_gloo(channels: list[Channel]) -> list[Channel]:
+        return [c for c in channels if dist.get_backend(c.group) == "gloo"]  # both ends see the same backend
+
+    def usable(channel: Channel) -> bool:
+        return channel.device.type == "cpu" and shared_memory.available()
+
+    offers, works = [], []
+    for channel in on_gloo(sending):
+        writer = SlotWriter(channel.slots) if usable(channel) else None
+        offer = torch.tensor([writer.token, writer.nonce] if writer is not None else [0, 0], dtype=torch.int64)
+        works.append(dist.isend(offer, channel.peer, group=channel.group))
+        offers.append((channel, writer, offer))
+    offered = []
+    for channel in on_gloo(receiving):
+        offer = torch.zeros(2, dtype=torch.int64)
+        offered.append((channel, offer, dist.irecv(offer, channel.peer, group=channel.group)))
+    replies = []
+    for channel, offer, work in offered:
+        work.wait(channel.timeout)
+        token, nonce = offer.tolist()
+        reader = SlotReader(token, channel.slots) if token and usable(channel) else None
+        if reader is not None and reader.open(nonce):
+            channel._reader = reader
+        reply = torch.tensor([int(channel._reader is not None)], dtype=torch.int64)
+        works.append(dist.isend(reply, channel.peer, group=channel.group))
+        replies.append(reply)
+    for channel, writer, _ in offers:
+        reply = torch.zeros(1, dtype=torch.int64)
+        dist.irecv(reply, channel.peer, group=channel.group).wait(channel.timeout)
+        if writer is not None and reply.item():
+            channel._writer = writer
+        elif writer is not None:
+            writer.close()
+    for work in works:
+        work.wait()
 
 
 class TiedGroup:

@@ -53,6 +53,7 @@ class LocalChannel:
         self.note: list[int] = []  # the note of the last message received
         self.pending_sends = 0
         self.blocked_s = 0.0  # a send never waits here
+        self.copied_s = 0.0  # nor copies out of shared memory
 
     def send(self, message: list[Any], note: list[int] | None = None) -> None:
         copies = [v.detach().to(self.device, copy=True) if isinstance(v, torch.Tensor) else v for v in message]

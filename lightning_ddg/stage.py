@@ -231,9 +231,11 @@ class DDGStage:
 
     # forward ---------------------------------------------------------------------------------------------
     def _receive(self, channel: Any) -> list[torch.Tensor]:
-        start = time.perf_counter()
+        start, copied = time.perf_counter(), channel.copied_s
         tensors = channel.recv()
-        self.counters.wait_s += time.perf_counter() - start
+        copying = channel.copied_s - copied  # out of shared memory: the cost of receiving, not waiting
+        self.counters.wait_s += time.perf_counter() - start - copying
+        self.counters.send_s += copying
         return tensors
 
     def _receive_inputs(self) -> list[torch.Tensor]:

@@ -28,7 +28,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from lightning_ddg.comm import Channel, TiedGroup
+from lightning_ddg.comm import Channel, TiedGroup, share_memory
 
 __all__ = ["Topology", "StageLinks"]
 
@@ -92,12 +92,14 @@ class StageLinks:
         device: torch.device,
         timeout: timedelta = timedelta(minutes=30),
         tied: Sequence[Sequence[int]] = (),
+        shared_memory: bool = True,
     ) -> StageLinks:
         """Create every group of the job (a collective: all ranks call it) and keep this rank's channels.
 
         ``tied`` lists, per weight shared across stages, the stages that use it (``[w.stages for w in
         partition.tied]``): each gets a :class:`~lightning_ddg.comm.TiedGroup` of those stages' ranks in every
-        replica, whose copies start from the first stage's in replica 0.
+        replica, whose copies start from the first stage's in replica 0. With ``shared_memory``, the channels
+        between stages on one host carry their tensors through shared memory (:func:`~lightning_ddg.comm.share_memory`).
         """
         links = cls()
         stage, replica = topology.stage_of(rank), topology.replica_of(rank)
@@ -137,6 +139,10 @@ class StageLinks:
             group = dist.new_group(ranks, timeout=timeout)
             source = topology.rank_of(min(stages), replica=0)
             links.tied.append(TiedGroup(group, source, topology.num_replicas) if rank in ranks else None)
+        if shared_memory:
+            sending = [c for c in (links.act_out, links.grad_out) if c is not None] + [c for c, _ in links.batch_out]
+            receiving = [c for c in (links.act_in, links.grad_in, links.batch_in) if c is not None]
+            share_memory(sending, receiving)
         return links
 
     def close(self) -> None:
@@ -158,6 +164,8 @@ class StageLinks:
         """
         channels = [c for c in (self.act_in, self.act_out, self.grad_in, self.grad_out, self.batch_in) if c is not None]
         channels += [c for c, _ in self.batch_out]
+        for channel in channels:
+            channel.release_memory()
         groups = {id(c.group): c.group for c in channels}
         if self.replica_group is not None:
             groups[id(self.replica_group)] = self.replica_group

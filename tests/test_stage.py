@@ -260,13 +260,14 @@ FIGURES_CASE = {"memory": "stash", "optimizer": "sgd", "batches": 5, "seed": 1, 
 STORAGE_STEPS = 40
 
 
-def _over_gloo(rank: int, world_size: int) -> tuple[list, tuple[int, list[int]]]:
+def _over_gloo(rank: int, world_size: int) -> tuple[list, list[tuple[int, list[int]]]]:
     trained = _train_cases(rank, world_size, [*GLOO_CASES, FIGURES_CASE])
-    return trained, _received_storages(rank, world_size, STORAGE_STEPS)
+    storages = [_received_storages(rank, world_size, STORAGE_STEPS, shared) for shared in (False, True)]
+    return trained, storages
 
 
 @pytest.fixture(scope="module")
-def three_gloo_processes() -> list[tuple[list, tuple[int, list[int]]]]:
+def three_gloo_processes() -> list[tuple[list, list[tuple[int, list[int]]]]]:
     return run_processes(_over_gloo, 3, timeout=180)
 
 
@@ -343,10 +344,12 @@ def test_values_passing_through_stages_match_the_reference_in_one_process() -> N
     _check(4, *PASSING_THROUGH)
 
 
-def _received_storages(rank: int, world_size: int, steps: int) -> tuple[int, list[int]]:
+def _received_storages(rank: int, world_size: int, steps: int, shared_memory: bool) -> tuple[int, list[int]]:
     """How many distinct buffers this rank's stage received its inputs and gradients in, over ``steps`` steps."""
     model = mlp()
-    built = build_stage(model, Topology(num_stages=world_size), rank, split_points=split_points_for(model, world_size))
+    topology = Topology(num_stages=world_size)
+    links = StageLinks.create(topology, rank, torch.device("cpu"), shared_memory=shared_memory)
+    built = build_stage(model, topology, rank, split_points=split_points_for(model, world_size), links=links)
     stage, links, k = built.stage, built.links, built.stage.stage_index
     # every tensor received stays referenced here, so that no address is freed and handed out again
     seen: dict[str, list[torch.Tensor]] = {"act_in": [], "grad_in": []}
@@ -387,9 +390,12 @@ def test_weights_tied_across_stages_match_reference() -> None:
 
 
 def test_receiving_allocates_nothing_in_steady_state(three_gloo_processes: list) -> None:
-    counts = dict(storages for _, storages in three_gloo_processes)
+    over_gloo = dict(storages[0] for _, storages in three_gloo_processes)
     # stage k holds the inputs of d+1 batches and the one posted ahead; a gradient and the one posted ahead
-    assert counts == {0: [0, 2], 1: [3, 2], 2: [2, 0]}
+    assert over_gloo == {0: [0, 2], 1: [3, 2], 2: [2, 0]}
+    through_shared_memory = dict(storages[1] for _, storages in three_gloo_processes)
+    # nothing is posted ahead: a message is copied into a buffer as it arrives
+    assert through_shared_memory == {0: [0, 1], 1: [2, 1], 2: [1, 0]}
 
 
 class _ReturnsItsInput(nn.Module):
