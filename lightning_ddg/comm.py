@@ -39,12 +39,14 @@ import torch.distributed as dist
 
 from lightning_ddg import shared_memory
 from lightning_ddg._compat import storage_use_count
-from lightning_ddg.shared_memory import SlotReader, SlotWriter
+from lightning_ddg.shared_memory import Place, SlotReader, SlotWriter
 
 __all__ = ["Channel", "HEADER_SIZE", "PipelineStopped", "TiedGroup", "UNREAPED_MESSAGES", "share_memory"]
 
 HEADER_SIZE = 256
-_ROOM = HEADER_SIZE - 3  # the last three entries: where in shared memory the tensors are (slot + 1, or 0)
+# the header's last four entries say where in shared memory the tensors are: the slot + 1 (0: they follow over
+# gloo), the slot's generation and file descriptor, the message's number (shared_memory.Place)
+_ROOM = HEADER_SIZE - 4
 UNREAPED_MESSAGES = 1  # messages besides the newest whose sends are not waited on yet
 _MAX_FREE = 8  # released buffers kept per shape
 _END = -1
@@ -92,9 +94,7 @@ def _tensors(message: list[Any]) -> list[torch.Tensor]:
     return [v for v in message if isinstance(v, torch.Tensor)]
 
 
-def _encode(
-    message: list[Any], note: list[int] | None = None, place: tuple[int, int, int] | None = None
-) -> torch.Tensor:
+def _encode(message: list[Any], note: list[int] | None = None, place: Place | None = None) -> torch.Tensor:
     """The header of ``message``; ``place`` says where in shared memory its tensors are (else they follow)."""
     values = [len(message)]
     for item in message:
@@ -122,8 +122,8 @@ def _encode(
     if len(values) + 1 + len(note) > _ROOM:
         note = []  # a note is best effort: it never costs a message of its own
     values += [len(note), *note]
-    slot, generation, number = place if place is not None else (-1, 0, 0)
-    return torch.tensor(values + [0] * (_ROOM - len(values)) + [slot + 1, generation, number], dtype=torch.int64)
+    slot, *where = place if place is not None else (-1, 0, 0, 0)
+    return torch.tensor(values + [0] * (_ROOM - len(values)) + [slot + 1, *where], dtype=torch.int64)
 
 
 def _held_only_by(t: torch.Tensor) -> bool:
@@ -132,15 +132,15 @@ def _held_only_by(t: torch.Tensor) -> bool:
     return count is not None and count <= 2
 
 
-def _decode(header: torch.Tensor) -> tuple[Specs, list[Any] | None, list[int], tuple[int, int, int] | None]:
+def _decode(header: torch.Tensor) -> tuple[Specs, list[Any] | None, list[int], Place | None]:
     """The message's tensors' specs; its layout (the values that travelled in the header, ``_TENSOR`` where a
     tensor goes), None for the end of the data; the note; and where in shared memory the tensors are, if there."""
     values = header.tolist()
     count, pos, specs, layout = values[0], 1, [], []
     if count == _END:
         return (), None, values[1:2], None  # the signal that stopped the job, 0 for a plain end
-    slot, generation, number = values[_ROOM:]
-    place = (slot - 1, generation, number) if slot else None
+    slot, *where = values[_ROOM:]
+    place = (slot - 1, *where) if slot else None
     for _ in range(count):
         code = values[pos]
         kind = _VALUE_TYPE.get(code)
@@ -296,7 +296,7 @@ class Channel:
 
     def _take_posted(
         self,
-    ) -> tuple[Specs, list[Any] | None, list[torch.Tensor], list[dist.Work], tuple[int, int, int] | None]:
+    ) -> tuple[Specs, list[Any] | None, list[torch.Tensor], list[dist.Work], Place | None]:
         self.prefetch()
         assert self._posted is not None
         header, tensors, works = self._posted
@@ -368,7 +368,7 @@ class Channel:
 
 def share_memory(sending: list[Channel], receiving: list[Channel]) -> None:
     """Let every channel here whose two ends share a host carry its tensors through shared memory
-    (:mod:`~lightning_ddg.shared_memory`): gloo channels on the host, where this machine has ``/dev/shm``.
+    (:mod:`~lightning_ddg.shared_memory`): gloo channels on the host, where :func:`shared_memory.available`.
 
     A collective between neighbours at setup: every rank passes every channel it sends and receives on. The sender
     offers a slot holding a random number; the receiver accepts where it finds that number in it, which it does only
@@ -383,20 +383,26 @@ def share_memory(sending: list[Channel], receiving: list[Channel]) -> None:
 
     offers, works = [], []
     for channel in on_gloo(sending):
-        writer = SlotWriter(channel.slots) if usable(channel) else None
-        offer = torch.tensor([writer.token, writer.nonce] if writer is not None else [0, 0], dtype=torch.int64)
+        writer = None
+        if usable(channel):
+            try:
+                writer = SlotWriter(channel.slots)
+            except OSError:
+                pass
+        values = [writer.pid, writer.first_fd, writer.nonce] if writer is not None else [0, 0, 0]
+        offer = torch.tensor(values, dtype=torch.int64)
         works.append(dist.isend(offer, channel.peer, group=channel.group))
         offers.append((channel, writer, offer))
     offered = []
     for channel in on_gloo(receiving):
-        offer = torch.zeros(2, dtype=torch.int64)
+        offer = torch.zeros(3, dtype=torch.int64)
         offered.append((channel, offer, dist.irecv(offer, channel.peer, group=channel.group)))
     replies = []
     for channel, offer, work in offered:
         work.wait(channel.timeout)
-        token, nonce = offer.tolist()
-        reader = SlotReader(token, channel.slots) if token and usable(channel) else None
-        if reader is not None and reader.open(nonce):
+        pid, first_fd, nonce = offer.tolist()
+        reader = SlotReader(pid, channel.slots) if pid and usable(channel) else None
+        if reader is not None and reader.open(first_fd, nonce):
             channel._reader = reader
         reply = torch.tensor([int(channel._reader is not None)], dtype=torch.int64)
         works.append(dist.isend(reply, channel.peer, group=channel.group))
