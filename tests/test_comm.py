@@ -46,9 +46,8 @@ def _exchange(rank: int, world_size: int) -> list[list[torch.Tensor]]:
     return received
 
 
-def test_messages_arrive_intact_in_order_across_sessions() -> None:
-    _, received = run_processes(_exchange, 2, timeout=60)  # rank 1 also checks each message's note
-    expected = _messages(0) + _messages(1)
+def assert_received_as_sent(received: list[list[Any]], expected: list[list[Any]]) -> None:
+    """Every message arrived, in order, with the same values and bit-identical tensors of the same dtypes."""
     assert len(received) == len(expected)
     for got, want in zip(received, expected, strict=True):
         assert len(got) == len(want)
@@ -58,6 +57,11 @@ def test_messages_arrive_intact_in_order_across_sessions() -> None:
                 continue
             assert a.dtype == b.dtype
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_messages_arrive_intact_in_order_across_sessions() -> None:
+    _, received = run_processes(_exchange, 2, timeout=60)  # rank 1 also checks each message's note
+    assert_received_as_sent(received, _messages(0) + _messages(1))
 
 
 def _stream(rank: int, world_size: int, count: int) -> int:

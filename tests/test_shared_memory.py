@@ -15,7 +15,7 @@ from lightning_ddg import shared_memory
 from lightning_ddg.comm import Channel, share_memory
 from lightning_ddg.shared_memory import SlotReader, SlotWriter
 from tests.multiprocess import run_processes
-from tests.test_comm import _messages
+from tests.test_comm import _messages, assert_received_as_sent
 
 pytestmark = pytest.mark.skipif(not shared_memory.available(), reason="no anonymous memory files on an x86-64 Linux")
 
@@ -128,15 +128,7 @@ def test_messages_through_shared_memory_arrive_as_over_gloo_also_when_the_receiv
     assert sender_shares and receiver_shares
     expected = _messages(0) + _messages(1)
     assert 0 < written < len(expected)
-    assert len(received) == len(expected)
-    for got, want in zip(received, expected, strict=True):
-        assert len(got) == len(want)
-        for a, b in zip(got, want, strict=True):
-            if not isinstance(b, torch.Tensor):
-                assert type(a) is type(b) and a == b
-                continue
-            assert a.dtype == b.dtype
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_received_as_sent(received, expected)
 
 
 def _declined(rank: int, world_size: int) -> tuple[bool, float]:
