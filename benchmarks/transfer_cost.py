@@ -3,7 +3,8 @@ two stages' channels do (``isend`` on one side, ``irecv`` on the other, each wai
 (2 KiB) and for payloads of 256 KiB and 1 MiB. For each: what posting the call costs the calling thread, and the CPU
 time the process spends per transfer in all its threads (gloo's included), which is what a transfer takes from a
 stage's compute on a machine whose cores are all busy. ``docs/performance.md`` ("Communication") counts these per
-step: one transfer for a message's header and one per tensor.
+step: one transfer for a message's header and one per tensor. Then the same per message of one tensor, sent on a
+stage's :class:`~lightning_ddg.comm.Channel` over gloo and through shared memory (``lightning_ddg.shared_memory``).
 
     python benchmarks/transfer_cost.py            # a few seconds; prints microseconds per transfer
 """
@@ -19,6 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 TRANSFERS, WARM = 1000, 100
+MESSAGES = 500
+COMPUTE_S = 0.002  # between two messages of a channel
 SIZES = {"header, 2 KiB": 256, "256 KiB": 2**16, "1 MiB": 2**18}  # in float32 / int64 elements of 4 or 8 bytes
 
 
@@ -46,7 +49,47 @@ def _run(rank: int, port: int) -> None:
             flush=True,
         )
         dist.barrier()
+    for shared in (False, True):
+        _channel_messages(rank, shared)
     dist.destroy_process_group()
+
+
+def _channel_messages(rank: int, shared: bool) -> None:
+    """A stage's channel sending messages of one tensor, over gloo or through shared memory, as a stage does: each
+    side sleeps a few milliseconds between messages in place of its compute, so that messages are waiting when
+    they are received. The CPU time each side spends per message, in all its threads (the header's transfer
+    included; sleeping takes none)."""
+    from lightning_ddg.comm import Channel, share_memory
+
+    channel = Channel(peer=1 - rank, group=dist.new_group([0, 1]))
+    if shared:
+        share_memory([channel], []) if rank == 0 else share_memory([], [channel])
+    how = "through shared memory" if channel.shares_memory else "over gloo"
+    for name, numel in SIZES.items():
+        if name.startswith("header"):
+            continue
+        tensor = torch.ones(numel)
+        for i in range(WARM + MESSAGES):
+            if i == WARM:
+                dist.barrier()
+                cpu = time.process_time()
+            if rank == 0:
+                channel.send([tensor])
+            else:
+                channel.release(channel.recv())
+            time.sleep(COMPUTE_S)
+        channel.flush() if rank == 0 else None
+        cpu = time.process_time() - cpu
+        time.sleep(0.1 * rank)
+        side = "sending" if rank == 0 else "receiving"
+        print(
+            f"{name:>14} messages {how}, {side}: {1e6 * cpu / MESSAGES:5.0f} us of CPU time per message",
+            flush=True,
+        )
+        dist.barrier()
+    channel.send_end() if rank == 0 else channel.close_recv()
+    channel.flush()
+    channel.release_memory()
 
 
 def main() -> None:
