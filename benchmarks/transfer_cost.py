@@ -78,7 +78,8 @@ def _channel_messages(rank: int, shared: bool) -> None:
             else:
                 channel.release(channel.recv())
             time.sleep(COMPUTE_S)
-        channel.flush() if rank == 0 else None
+        if rank == 0:
+            channel.flush()
         cpu = time.process_time() - cpu
         time.sleep(0.1 * rank)
         side = "sending" if rank == 0 else "receiving"

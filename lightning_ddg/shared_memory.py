@@ -58,9 +58,8 @@ def _layout(tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
     return offsets, end
 
 
-def _views(memory: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """Where each of ``tensors`` (or tensors shaped like them) lies in the slot ``memory``."""
-    offsets, _ = _layout(tensors)
+def _views(memory: torch.Tensor, tensors: Sequence[torch.Tensor], offsets: list[int]) -> Iterator[torch.Tensor]:
+    """Where each of ``tensors`` (or tensors shaped like them) lies in the slot ``memory``, at ``offsets``."""
     for t, start in zip(tensors, offsets, strict=True):
         yield memory[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
 
@@ -116,13 +115,13 @@ class SlotWriter:
         memory = self._memory[slot]
         if memory is not None and self._last[slot] >= 0 and int(_counter(memory)[0]) - 1 < self._last[slot]:
             return None  # the receiver has not taken the message written there last
-        _, size = _layout(tensors)
+        offsets, size = _layout(tensors)
         if memory is None or memory.numel() < size:
             if not self._create(slot, max(size, 2 * (memory.numel() if memory is not None else 0), _MIN_SLOT)):
                 return None
             memory = self._memory[slot]
             assert memory is not None
-        for view, t in zip(_views(memory, tensors), tensors, strict=True):
+        for view, t in zip(_views(memory, tensors, offsets), tensors, strict=True):
             view.copy_(t.detach())
         self._last[slot] = number
         self.written += 1
@@ -164,7 +163,7 @@ class SlotReader:
             self._map(slot, generation, fd)
         memory = self._memory[slot]
         assert memory is not None
-        for view, b in zip(_views(memory, buffers), buffers, strict=True):
+        for view, b in zip(_views(memory, buffers, _layout(buffers)[0]), buffers, strict=True):
             b.copy_(view)
         _counter(memory)[0] = number + 1
 

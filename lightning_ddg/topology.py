@@ -140,20 +140,25 @@ class StageLinks:
             source = topology.rank_of(min(stages), replica=0)
             links.tied.append(TiedGroup(group, source, topology.num_replicas) if rank in ranks else None)
         if shared_memory:
-            sending = [c for c in (links.act_out, links.grad_out) if c is not None] + [c for c, _ in links.batch_out]
-            receiving = [c for c in (links.act_in, links.grad_in, links.batch_in) if c is not None]
-            share_memory(sending, receiving)
+            share_memory(links.sending(), links.receiving())
         return links
+
+    def sending(self) -> list[Channel]:
+        """The channels this rank sends on."""
+        return [c for c in (self.act_out, self.grad_out) if c is not None] + [c for c, _ in self.batch_out]
+
+    def receiving(self) -> list[Channel]:
+        """The channels this rank receives on."""
+        return [c for c in (self.act_in, self.grad_in, self.batch_in) if c is not None]
 
     def close(self) -> None:
         """End every channel so that no receive is left posted; a collective between neighbours."""
         # every rank posts its end markers before it waits, so no two ranks wait on each other
-        senders = [c for c in (self.act_out, self.grad_out) if c is not None] + [c for c, _ in self.batch_out]
+        senders = self.sending()
         for channel in senders:
             channel.send_end()
-        for channel in (self.act_in, self.grad_in, self.batch_in):
-            if channel is not None:
-                channel.close_recv()
+        for channel in self.receiving():
+            channel.close_recv()
         for channel in senders:
             channel.flush()
 
@@ -162,8 +167,7 @@ class StageLinks:
 
         A script that runs several fits creates new groups for each, so the old ones must not pile up.
         """
-        channels = [c for c in (self.act_in, self.act_out, self.grad_in, self.grad_out, self.batch_in) if c is not None]
-        channels += [c for c, _ in self.batch_out]
+        channels = self.sending() + self.receiving()
         for channel in channels:
             channel.release_memory()
         groups = {id(c.group): c.group for c in channels}
