@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["Place", "SlotReader", "SlotWriter", "available"]
+__all__ = ["Place", "SlotReader", "SlotWriter", "WriterGone", "available"]
 
 Place = tuple[int, int, int, int]  # a message's slot, the slot's generation and file descriptor, the message's number
 _CONTROL = 64  # bytes before a slot's data: the number of the last message copied out of it plus one (0: none),
@@ -47,6 +47,11 @@ def available() -> bool:
     order after its loads (x86-64), so that a slot marked free has been read to the end."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     return x86 and hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+
+
+class WriterGone(ConnectionError):
+    """The process that wrote a message has exited before the receiver opened the message's slot: a peer went
+    away, like a closed connection over gloo."""
 
 
 def _layout(tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
@@ -153,7 +158,10 @@ class SlotReader:
 
     def _map(self, slot: int, generation: int, fd: int) -> None:
         path = f"/proc/{self.pid}/fd/{fd}"
-        self._memory[slot] = torch.from_file(path, shared=True, size=os.stat(path).st_size, dtype=torch.uint8)
+        try:
+            self._memory[slot] = torch.from_file(path, shared=True, size=os.stat(path).st_size, dtype=torch.uint8)
+        except (OSError, RuntimeError) as err:  # its files close as the process exits
+            raise WriterGone(f"process {self.pid} sent a message through shared memory and has exited") from err
         self._generation[slot] = generation
 
     def read(self, place: Place, buffers: Sequence[torch.Tensor]) -> None:

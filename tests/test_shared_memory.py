@@ -5,6 +5,8 @@ declines."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,7 +15,8 @@ import torch.distributed as dist
 
 from lightning_ddg import shared_memory
 from lightning_ddg.comm import Channel, share_memory
-from lightning_ddg.shared_memory import SlotReader, SlotWriter
+from lightning_ddg.shared_memory import SlotReader, SlotWriter, WriterGone
+from lightning_ddg.watchdog import _is_communication_error
 from tests.multiprocess import run_processes
 from tests.test_comm import _messages, assert_received_as_sent
 
@@ -96,6 +99,33 @@ def test_a_reader_that_does_not_see_the_same_memory_declines() -> None:
     assert not SlotReader(writer.pid, slots=2).open(writer.first_fd + 100, writer.nonce)  # no such file there
     assert not SlotReader(writer.pid, slots=2).open(writer.first_fd, writer.nonce + 1)  # another memory
     writer.close()
+
+
+_WRITE_TWO_AND_EXIT = """
+import sys, torch
+from lightning_ddg.shared_memory import SlotWriter
+writer = SlotWriter(slots=2)
+places = [writer.write([torch.full((4,), float(i))]) for i in range(2)]
+print(writer.pid, writer.first_fd, writer.nonce, *places[1], flush=True)
+sys.stdin.readline()  # the reader has opened the first slot
+"""
+
+
+def test_a_message_whose_writer_has_exited_is_a_peer_gone() -> None:
+    # the header of a message can arrive after its sender died; the slot it names may no longer be open
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITE_TWO_AND_EXIT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None and writer.stdin is not None
+    pid, first_fd, nonce, *place = map(int, writer.stdout.readline().split())
+    reader = SlotReader(pid, slots=2)
+    assert reader.open(first_fd, nonce)
+    writer.stdin.write("\n")
+    writer.stdin.flush()
+    assert writer.wait(timeout=30) == 0
+    with pytest.raises(WriterGone, match=f"process {pid} .* has exited") as raised:
+        reader.read(tuple(place), [torch.zeros(4)])
+    assert _is_communication_error(raised.value)  # the watchdog waits for the cause: a peer killed
 
 
 def _exchange(rank: int, world_size: int, lag_s: float) -> tuple[list, bool, int]:
