@@ -11,9 +11,9 @@ As soon as a message has arrived, the receives of the next one are posted, shape
 shapes changed first answers those receives with placeholders. Sends never block: they complete in the
 background and are reaped later. A receiver hands the tensors it is done with back (:meth:`Channel.release`)
 and later messages arrive in them, so that in steady state receiving allocates nothing. Between two processes of
-one host, a gloo channel carries the tensors through shared memory after a handshake at setup
-(:func:`share_memory`, :mod:`~lightning_ddg.shared_memory`): the header names the slot that holds them, and
-a message whose slot is still taken travels as above.
+one host, a gloo channel carries its messages through shared memory after a handshake at setup
+(:func:`share_memory`, :mod:`~lightning_ddg.shared_memory`): the header goes through a pipe and names the slot that
+holds the tensors, and where the slot is still taken the tensors follow over gloo.
 
 Example (two processes, gloo)::
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import struct
 import time
+from array import array
 from collections import deque
 from datetime import timedelta
 from typing import Any
@@ -94,7 +95,7 @@ def _tensors(message: list[Any]) -> list[torch.Tensor]:
     return [v for v in message if isinstance(v, torch.Tensor)]
 
 
-def _encode(message: list[Any], note: list[int] | None = None, place: Place | None = None) -> torch.Tensor:
+def _encode(message: list[Any], note: list[int] | None = None, place: Place | None = None) -> list[int]:
     """The header of ``message``; ``place`` says where in shared memory its tensors are (else they follow)."""
     values = [len(message)]
     for item in message:
@@ -123,7 +124,12 @@ def _encode(message: list[Any], note: list[int] | None = None, place: Place | No
         note = []  # a note is best effort: it never costs a message of its own
     values += [len(note), *note]
     slot, *where = place if place is not None else (-1, 0, 0, 0)
-    return torch.tensor(values + [0] * (_ROOM - len(values)) + [slot + 1, *where], dtype=torch.int64)
+    return values + [0] * (_ROOM - len(values)) + [slot + 1, *where]
+
+
+def _end(signum: int) -> list[int]:
+    """The header that ends a channel's data: ``signum`` is the signal that stopped the job, 0 for a plain end."""
+    return [_END, signum] + [0] * (HEADER_SIZE - 2)
 
 
 def _held_only_by(t: torch.Tensor) -> bool:
@@ -132,10 +138,9 @@ def _held_only_by(t: torch.Tensor) -> bool:
     return count is not None and count <= 2
 
 
-def _decode(header: torch.Tensor) -> tuple[Specs, list[Any] | None, list[int], Place | None]:
+def _decode(values: list[int]) -> tuple[Specs, list[Any] | None, list[int], Place | None]:
     """The message's tensors' specs; its layout (the values that travelled in the header, ``_TENSOR`` where a
     tensor goes), None for the end of the data; the note; and where in shared memory the tensors are, if there."""
-    values = header.tolist()
     count, pos, specs, layout = values[0], 1, [], []
     if count == _END:
         return (), None, values[1:2], None  # the signal that stopped the job, 0 for a plain end
@@ -225,17 +230,23 @@ class Channel:
         self._retire_old_sends()
         self._sends.append([])
         tensors = _tensors(message)
-        place = self._writer.write(tensors) if self._writer is not None else None
-        self._isend(_encode(message, note, place).to(self._header_device))
-        if place is not None:
+        if self._writer is not None:
+            place = self._writer.write(tensors)
+            self._writer.post(array("q", _encode(message, note, place)).tobytes())
+            if place is None:  # the slot is still taken: the tensors follow over gloo
+                for t in tensors:
+                    self._isend(t.detach().clone() if may_change else t.detach().contiguous())
             return
+        self._isend(self._header(_encode(message, note)))
         specs = _specs(tensors)
         if self._sent_specs is not None and specs != self._sent_specs:
             self._fill_posted(self._sent_specs)
         for t in tensors:
             self._isend(t.detach().clone() if may_change else t.detach().contiguous())
-        if self._writer is None:  # the receiver posts the next data ahead only without shared memory
-            self._sent_specs = specs
+        self._sent_specs = specs
+
+    def _header(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(self._header_device)
 
     def _isend(self, tensor: torch.Tensor) -> None:
         self._sends[-1].append((dist.isend(tensor, self.peer, group=self.group), tensor))
@@ -266,12 +277,15 @@ class Channel:
         while self._sends:
             for work, _ in self._sends.popleft():
                 work.wait(self.timeout)
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        while self._writer is not None and self._writer.unread() and time.monotonic() < deadline:
+            time.sleep(0.001)  # the receiver takes the headers left in the pipe
 
     # receiving -----------------------------------------------------------------------------------------
     def prefetch(self) -> None:
         """Post the receives of the next message ahead of need: its header, and its data shaped like the
         previous message's (in steady state shapes do not change, so the data moves without a round trip)."""
-        if self._posted is not None:
+        if self._posted is not None or self._reader is not None:  # through shared memory, nothing is posted
             return
         header, self._free_header = self._free_header, None
         if header is None:
@@ -297,12 +311,16 @@ class Channel:
     def _take_posted(
         self,
     ) -> tuple[Specs, list[Any] | None, list[torch.Tensor], list[dist.Work], Place | None]:
+        if self._reader is not None:
+            raw = self._reader.take(8 * HEADER_SIZE, self.timeout.total_seconds())
+            specs, layout, self.note, place = _decode(array("q", raw).tolist())
+            return specs, layout, [], [], place
         self.prefetch()
         assert self._posted is not None
         header, tensors, works = self._posted
         self._posted = None
         works[0].wait(self.timeout)
-        specs, layout, self.note, place = _decode(header.cpu())
+        specs, layout, self.note, place = _decode(header.cpu().tolist())
         self._free_header = header
         return specs, layout, tensors, works[1:], place
 
@@ -320,7 +338,6 @@ class Channel:
             tensors = [self._buffer(dtype, shape) for dtype, shape in specs]
             self._reader.read(place, tensors)
             self.copied_s += time.perf_counter() - start
-            self.prefetch()
             return _assemble(layout, tensors)
         if specs != expected:
             for work in works:  # placeholders for the buffers posted with the previous shapes
@@ -339,10 +356,11 @@ class Channel:
     def send_end(self, signum: int = 0) -> None:
         """Tell the peer that no more data follows: this answers the receives it has posted. With ``signum``, the
         job is stopping because of that signal, and the peer's :meth:`recv` raises :class:`PipelineStopped`."""
+        if self._writer is not None:
+            self._writer.post(array("q", _end(signum)).tobytes())
+            return
         self._sends.append([])
-        end = torch.zeros(HEADER_SIZE, dtype=torch.int64, device=self._header_device)
-        end[0], end[1] = _END, signum
-        self._isend(end)
+        self._isend(self._header(_end(signum)))
         if self._sent_specs is not None:
             self._fill_posted(self._sent_specs)
         self._sent_specs = None
@@ -367,12 +385,13 @@ class Channel:
 
 
 def share_memory(sending: list[Channel], receiving: list[Channel]) -> None:
-    """Let every channel here whose two ends share a host carry its tensors through shared memory
+    """Let every channel here whose two ends share a host carry its messages through shared memory and a pipe
     (:mod:`~lightning_ddg.shared_memory`): gloo channels on the host, where :func:`shared_memory.available`.
 
     A collective between neighbours at setup: every rank passes every channel it sends and receives on. The sender
-    offers a slot holding a random number; the receiver accepts where it finds that number in it, which it does only
-    on the same host. Each rank posts all its offers before it waits on any, so no two ranks wait on each other.
+    offers a slot holding a random number, and its pipe; the receiver accepts where it finds that number in the
+    slot, which it does only on the same host. Each rank posts all its offers before it waits on any, so no two ranks
+    wait on each other.
     """
 
     def on_gloo(channels: list[Channel]) -> list[Channel]:
@@ -389,21 +408,23 @@ def share_memory(sending: list[Channel], receiving: list[Channel]) -> None:
                 writer = SlotWriter(channel.slots)
             except OSError:
                 pass
-        values = [writer.pid, writer.first_fd, writer.nonce] if writer is not None else [0, 0, 0]
+        values = [writer.pid, writer.first_fd, writer.header_fd, writer.nonce] if writer is not None else [0] * 4
         offer = torch.tensor(values, dtype=torch.int64)
         works.append(dist.isend(offer, channel.peer, group=channel.group))
         offers.append((channel, writer, offer))
     offered = []
     for channel in on_gloo(receiving):
-        offer = torch.zeros(3, dtype=torch.int64)
+        offer = torch.zeros(4, dtype=torch.int64)
         offered.append((channel, offer, dist.irecv(offer, channel.peer, group=channel.group)))
     replies = []
     for channel, offer, work in offered:
         work.wait(channel.timeout)
-        pid, first_fd, nonce = offer.tolist()
+        pid, first_fd, header_fd, nonce = offer.tolist()
         reader = SlotReader(pid, channel.slots) if pid and usable(channel) else None
-        if reader is not None and reader.open(first_fd, nonce):
+        if reader is not None and reader.open(first_fd, header_fd, nonce):
             channel._reader = reader
+        elif reader is not None:
+            reader.close()
         reply = torch.tensor([int(channel._reader is not None)], dtype=torch.int64)
         works.append(dist.isend(reply, channel.peer, group=channel.group))
         replies.append(reply)
@@ -411,6 +432,7 @@ def share_memory(sending: list[Channel], receiving: list[Channel]) -> None:
         reply = torch.zeros(1, dtype=torch.int64)
         dist.irecv(reply, channel.peer, group=channel.group).wait(channel.timeout)
         if writer is not None and reply.item():
+            writer.accepted()
             channel._writer = writer
         elif writer is not None:
             writer.close()

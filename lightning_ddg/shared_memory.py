@@ -1,34 +1,43 @@
-"""Tensors between two stages on one host through shared memory instead of through loopback TCP.
+"""Messages between two stages on one host through shared memory and a pipe instead of through loopback TCP.
 
-On gloo, every tensor a channel sends is written into a socket by the sending thread and read out of it by a gloo
-thread of the receiver: on a host whose cores all compute, that costs each side a few hundred microseconds of CPU
-per MiB (``benchmarks/transfer_cost.py``). Between two processes of one host, a channel's sender instead copies a
-message's tensors into a *slot*, memory that both processes map, and the receiver copies them out as the message's
-header arrives: one memory copy on each side. The header still travels over gloo and names the slot, so receiving
-still waits on gloo alone, with its timeout, and a stopped peer still ends the wait.
+On gloo, every transfer a channel makes costs both processes CPU time in gloo's threads besides the calling one:
+about 250 µs per transfer on each side for a message's 2 KiB header alone, and a few hundred microseconds more
+per MiB of tensors (``benchmarks/transfer_cost.py``), taken from compute on a host whose cores all compute. Between
+two processes of one host, a channel's sender instead copies a message's tensors into a *slot*, memory that both
+processes map, and writes the message's header into a pipe; the receiver reads the header from the pipe and copies
+the tensors out: one memory copy on each side, and two system calls.
 
 A channel has a few slots, used in turn. The receiver marks a slot free once it has copied a message out (a
 counter at the start of the slot); a sender that finds the next slot still taken, or cannot make it large enough
-(the host's memory is short), sends that message over gloo as before, so a sender never waits on shared memory.
+(the host's memory is short), sends that message's tensors over gloo after its header, so a sender never waits on
+shared memory.
 
 A slot is an anonymous memory file of the sending process (``memfd_create``), which the receiver opens through
-``/proc/<pid>/fd``: it has no name anywhere, and its memory goes when both processes have let go of it, however
-they end. A slot that grows gets a new file.
+``/proc/<pid>/fd``, as it opens the pipe's reading end: neither has a name anywhere, and their memory goes when both
+processes have let go of them, however they end. A slot that grows gets a new file. Once the receiver holds the
+pipe's reading end, the sender keeps only its writing end: a receive sees the end of the pipe as soon as the
+sender has exited, and waits at most the channel's timeout for a sender that lives.
 
 Example (both ends of one gloo channel agree on it with :func:`lightning_ddg.comm.share_memory`)::
 
-    writer = SlotWriter(slots=3)                   # sending process; tells the receiver its pid, first_fd, nonce
-    reader = SlotReader(pid, slots=3)              # receiving process
-    assert reader.open(first_fd, nonce)            # the same memory: the same host
-    place = writer.write(tensors)                  # where they are, or None: send them over gloo instead
-    reader.read(place, buffers)                    # copies the tensors into buffers, then frees the slot
+    writer = SlotWriter(slots=3)        # sending process; tells the receiver its pid, first_fd, header_fd, nonce
+    reader = SlotReader(pid, slots=3)   # receiving process
+    assert reader.open(first_fd, header_fd, nonce)   # the same memory: the same host
+    writer.accepted()                   # the receiver holds the pipe
+    place = writer.write(tensors)       # where they are, or None: send them over gloo instead
+    writer.post(header)                 # the header's bytes, naming the place
+    header = reader.take(len(header), timeout_s)
+    reader.read(place, buffers)         # copies the tensors into buffers, then frees the slot
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
 import secrets
+import select
+import termios
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -40,6 +49,7 @@ _CONTROL = 64  # bytes before a slot's data: the number of the last message copi
 # and in the first slot until its first message, the number the receiver checks
 _ALIGN = 64  # every tensor starts on a cache line
 _MIN_SLOT = 1 << 16
+_PIPE_SIZE = 1 << 20  # headers a receiver may lag behind before the sender's write waits: 512 of 2 KiB
 
 
 def available() -> bool:
@@ -50,8 +60,8 @@ def available() -> bool:
 
 
 class WriterGone(ConnectionError):
-    """The process that wrote a message has exited before the receiver opened the message's slot: a peer went
-    away, like a closed connection over gloo."""
+    """The process that sends on a channel has exited: its pipe has ended, or a slot it named cannot be opened any
+    more. A peer went away, like a closed connection over gloo."""
 
 
 def _layout(tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
@@ -88,10 +98,28 @@ class SlotWriter:
         if not self._create(0, _MIN_SLOT):
             raise OSError("no memory for a shared slot")
         _counter(self._memory[0], 1)[0] = self.nonce  # type: ignore[index]  # the receiver checks it
+        self.header_fd, self._header_out = os.pipe2(os.O_CLOEXEC)  # the receiver opens the reading end
+        try:
+            fcntl.fcntl(self._header_out, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        except OSError:
+            pass  # above the host's limit for pipes: the default (64 KiB) does, with writes that wait sooner
 
     @property
     def first_fd(self) -> int:
         return self._fds[0]
+
+    def accepted(self) -> None:
+        """The receiver holds the pipe's reading end: let go of this one, so that the pipe ends with the receiver."""
+        os.close(self.header_fd)
+        self.header_fd = -1
+
+    def post(self, header: bytes) -> None:
+        """Write a message's header into the pipe (at most 4 KiB: one write, never interleaved or split)."""
+        os.write(self._header_out, header)
+
+    def unread(self) -> int:
+        """Bytes of headers posted that the receiver has not taken yet."""
+        return int.from_bytes(fcntl.ioctl(self._header_out, termios.FIONREAD, bytes(4)), "little")
 
     def _create(self, slot: int, size: int) -> bool:
         try:
@@ -133,10 +161,11 @@ class SlotWriter:
         return slot, self._generation[slot], self._fds[slot], number
 
     def close(self) -> None:
-        for fd in self._fds:
+        for fd in [*self._fds, self.header_fd, self._header_out]:
             if fd >= 0:
                 os.close(fd)
         self._fds = [-1] * len(self._fds)
+        self.header_fd = self._header_out = -1
         self._memory = [None] * len(self._memory)
 
 
@@ -147,14 +176,33 @@ class SlotReader:
         self.pid = pid
         self._memory: list[torch.Tensor | None] = [None] * slots
         self._generation = [-1] * slots
+        self._header_in = -1
 
-    def open(self, first_fd: int, nonce: int) -> bool:
-        """Map the writer's first slot; ``True`` when it holds ``nonce``: both ends see the same memory."""
+    def open(self, first_fd: int, header_fd: int, nonce: int) -> bool:
+        """Map the writer's first slot and open its pipe; ``True`` when the slot holds ``nonce``: both ends see the
+        same memory."""
         try:
             self._map(0, 0, first_fd)
+            if int(_counter(self._memory[0], 1)[0]) != nonce:  # type: ignore[arg-type]
+                return False
+            self._header_in = os.open(f"/proc/{self.pid}/fd/{header_fd}", os.O_RDONLY | os.O_CLOEXEC)
         except (OSError, RuntimeError):
             return False
-        return int(_counter(self._memory[0], 1)[0]) == nonce  # type: ignore[arg-type]
+        return True
+
+    def take(self, size: int, timeout_s: float) -> bytes:
+        """The next header posted, of ``size`` bytes; waits at most ``timeout_s`` for it to begin."""
+        poll = select.poll()
+        poll.register(self._header_in, select.POLLIN)
+        if not poll.poll(timeout_s * 1000):
+            raise TimeoutError(f"process {self.pid} sent no message through shared memory in {timeout_s:.0f} s")
+        header = b""
+        while len(header) < size:
+            data = os.read(self._header_in, size - len(header))
+            if not data:
+                raise WriterGone(f"process {self.pid}, which sends on this channel through shared memory, has exited")
+            header += data
+        return header
 
     def _map(self, slot: int, generation: int, fd: int) -> None:
         path = f"/proc/{self.pid}/fd/{fd}"
@@ -176,4 +224,7 @@ class SlotReader:
         _counter(memory)[0] = number + 1
 
     def close(self) -> None:
+        if self._header_in >= 0:
+            os.close(self._header_in)
+            self._header_in = -1
         self._memory = [None] * len(self._memory)

@@ -38,7 +38,8 @@ def _tensors() -> list[torch.Tensor]:
 def _pair(slots: int = 2) -> tuple[SlotWriter, SlotReader]:
     writer = SlotWriter(slots)
     reader = SlotReader(writer.pid, slots)
-    assert reader.open(writer.first_fd, writer.nonce)
+    assert reader.open(writer.first_fd, writer.header_fd, writer.nonce)
+    writer.accepted()
     return writer, reader
 
 
@@ -96,8 +97,9 @@ def test_memory_too_short_for_a_slot_sends_over_gloo(monkeypatch) -> None:
 
 def test_a_reader_that_does_not_see_the_same_memory_declines() -> None:
     writer = SlotWriter(slots=2)
-    assert not SlotReader(writer.pid, slots=2).open(writer.first_fd + 100, writer.nonce)  # no such file there
-    assert not SlotReader(writer.pid, slots=2).open(writer.first_fd, writer.nonce + 1)  # another memory
+    fds = writer.first_fd, writer.header_fd
+    assert not SlotReader(writer.pid, slots=2).open(fds[0] + 100, fds[1], writer.nonce)  # no such file there
+    assert not SlotReader(writer.pid, slots=2).open(*fds, writer.nonce + 1)  # another memory
     writer.close()
 
 
@@ -106,26 +108,34 @@ import sys, torch
 from lightning_ddg.shared_memory import SlotWriter
 writer = SlotWriter(slots=2)
 places = [writer.write([torch.full((4,), float(i))]) for i in range(2)]
-print(writer.pid, writer.first_fd, writer.nonce, *places[1], flush=True)
-sys.stdin.readline()  # the reader has opened the first slot
+print(writer.pid, writer.first_fd, writer.header_fd, writer.nonce, *places[1], flush=True)
+sys.stdin.readline()  # the reader has opened the first slot and the pipe
+writer.accepted()
+writer.post(b"header-1")
 """
 
 
-def test_a_message_whose_writer_has_exited_is_a_peer_gone() -> None:
-    # the header of a message can arrive after its sender died; the slot it names may no longer be open
+def test_a_writer_that_has_exited_is_a_peer_gone_and_one_that_is_silent_times_out() -> None:
+    # the header of a message can be taken after its sender died; the slot it names may no longer be open
     writer = subprocess.Popen(
         [sys.executable, "-c", _WRITE_TWO_AND_EXIT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     assert writer.stdout is not None and writer.stdin is not None
-    pid, first_fd, nonce, *place = map(int, writer.stdout.readline().split())
+    pid, first_fd, header_fd, nonce, *place = map(int, writer.stdout.readline().split())
     reader = SlotReader(pid, slots=2)
-    assert reader.open(first_fd, nonce)
+    assert reader.open(first_fd, header_fd, nonce)
+    with pytest.raises(TimeoutError, match=f"process {pid} sent no message") as silent:
+        reader.take(8, timeout_s=0.2)
+    assert _is_communication_error(silent.value)
     writer.stdin.write("\n")
     writer.stdin.flush()
     assert writer.wait(timeout=30) == 0
-    with pytest.raises(WriterGone, match=f"process {pid} .* has exited") as raised:
-        reader.read(tuple(place), [torch.zeros(4)])
-    assert _is_communication_error(raised.value)  # the watchdog waits for the cause: a peer killed
+    assert reader.take(8, timeout_s=5) == b"header-1"  # posted before it exited
+    for lost in (lambda: reader.take(8, timeout_s=5), lambda: reader.read(tuple(place), [torch.zeros(4)])):
+        with pytest.raises(WriterGone, match=f"process {pid}.* has exited") as raised:
+            lost()
+        assert _is_communication_error(raised.value)  # the watchdog waits for the cause: a peer killed
+    reader.close()
 
 
 def _exchange(rank: int, world_size: int, lag_s: float) -> tuple[list, bool, int]:
