@@ -38,6 +38,7 @@ import platform
 import secrets
 import select
 import termios
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -57,6 +58,20 @@ def available() -> bool:
     order after its loads (x86-64), so that a slot marked free has been read to the end."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     return x86 and hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+
+
+_ENDS: weakref.WeakSet = weakref.WeakSet()  # the writers and readers of this process
+
+
+def _close_in_forked_child() -> None:
+    """A process forked from a stage (a data loader's worker) lets go of the stage's pipes and slots: a pipe then
+    ends as soon as the stage that writes it exits, whatever its workers still do."""
+    for end in list(_ENDS):
+        end.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_forked_child)
 
 
 class WriterGone(ConnectionError):
@@ -99,6 +114,7 @@ class SlotWriter:
             raise OSError("no memory for a shared slot")
         _counter(self._memory[0], 1)[0] = self.nonce  # type: ignore[index]  # the receiver checks it
         self.header_fd, self._header_out = os.pipe2(os.O_CLOEXEC)  # the receiver opens the reading end
+        _ENDS.add(self)
         try:
             fcntl.fcntl(self._header_out, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         except OSError:
@@ -177,6 +193,7 @@ class SlotReader:
         self._memory: list[torch.Tensor | None] = [None] * slots
         self._generation = [-1] * slots
         self._header_in = -1
+        _ENDS.add(self)
 
     def open(self, first_fd: int, header_fd: int, nonce: int) -> bool:
         """Map the writer's first slot and open its pipe; ``True`` when the slot holds ``nonce``: both ends see the

@@ -104,7 +104,7 @@ def test_a_reader_that_does_not_see_the_same_memory_declines() -> None:
 
 
 _WRITE_TWO_AND_EXIT = """
-import sys, torch
+import os, sys, torch
 from lightning_ddg.shared_memory import SlotWriter
 writer = SlotWriter(slots=2)
 places = [writer.write([torch.full((4,), float(i))]) for i in range(2)]
@@ -112,10 +112,13 @@ print(writer.pid, writer.first_fd, writer.header_fd, writer.nonce, *places[1], f
 sys.stdin.readline()  # the reader has opened the first slot and the pipe
 writer.accepted()
 writer.post(b"header-1")
+if os.fork() == 0:  # a child that outlives it, as a data loader's worker may: it holds no end of the pipe
+    sys.stdin.readline()
+    os._exit(0)
 """
 
 
-def test_a_writer_that_has_exited_is_a_peer_gone_and_one_that_is_silent_times_out() -> None:
+def test_a_writer_that_exited_is_a_peer_gone_though_a_child_it_forked_lives_on_and_a_silent_one_times_out() -> None:
     # the header of a message can be taken after its sender died; the slot it names may no longer be open
     writer = subprocess.Popen(
         [sys.executable, "-c", _WRITE_TWO_AND_EXIT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -131,10 +134,11 @@ def test_a_writer_that_has_exited_is_a_peer_gone_and_one_that_is_silent_times_ou
     writer.stdin.flush()
     assert writer.wait(timeout=30) == 0
     assert reader.take(8, timeout_s=5) == b"header-1"  # posted before it exited
-    for lost in (lambda: reader.take(8, timeout_s=5), lambda: reader.read(tuple(place), [torch.zeros(4)])):
+    for lost in (lambda: reader.take(8, timeout_s=30), lambda: reader.read(tuple(place), [torch.zeros(4)])):
         with pytest.raises(WriterGone, match=f"process {pid}.* has exited") as raised:
             lost()
         assert _is_communication_error(raised.value)  # the watchdog waits for the cause: a peer killed
+    writer.stdin.close()  # its child exits
     reader.close()
 
 
