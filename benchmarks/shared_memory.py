@@ -1,16 +1,19 @@
 """What shared memory between the stages gives a user: ``Trainer.fit`` of ``strategy="ddg"`` with K=2 on an MLP of
-eight 1024-wide layers (batch 256, cut in the middle, SGD; the model of ``fit_speed``), with the channels carrying
-their tensors through shared memory (the default) and over gloo alone, in alternating rounds. Each stage then
-sends a 1 MiB activation or gradient per step, and the first stage carries each 2 MiB batch to the last.
+eight 1024-wide layers (batch 256, cut in the middle, SGD; the model of ``fit_speed``; ``--width`` and ``--batch``
+change it), with the channels carrying their messages through shared memory (the default: tensors in memory both
+processes map, headers through a pipe) and over gloo alone, in alternating rounds. Each stage then sends a 1 MiB
+activation or gradient per step, and the first stage carries each 2 MiB batch to the last.
 
 "gloo" fits replace the setup handshake (``lightning_ddg.topology.share_memory``) with one that declines, in every
 process of the fit: Lightning starts the other ranks by running this script again with the same arguments.
 
     python benchmarks/shared_memory.py            # about 5 minutes: 4 rounds of 2 fits of 400 steps
+    python benchmarks/shared_memory.py --width 512 --batch 128 --out benchmarks/results/shared_memory_512.json
+                                                  # steps of about 10 ms, 256 KiB messages: about 2 minutes
 
 Prints each fit's samples/s (timed on global rank 0 after 10 steps) and the first stage's ``send_ms`` and
-``load_ms`` as the strategy logged them over its last 100 steps; results go to
-``benchmarks/results/shared_memory.json``.
+``load_ms`` as the strategy logged them over its last 100 steps; results go to ``--out``
+(``benchmarks/results/shared_memory.json``).
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from pathlib import Path
 os.environ["OMP_NUM_THREADS"] = "1"
 
 MODES = ("shared memory", "gloo")
-WARMUP, BATCH, WIDTH, LAYERS = 10, 256, 1024, 8
+WARMUP, LAYERS = 10, 8
 
 
-def _fit(mode: str, steps: int, out: str) -> None:
+def _fit(mode: str, steps: int, width: int, batch: int, out: str) -> None:
     import lightning as L
     import torch
     from fit_path import FitClock, stage_figures
@@ -43,7 +46,7 @@ def _fit(mode: str, steps: int, out: str) -> None:
     class MLP(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = nn.Sequential(*[m for _ in range(LAYERS) for m in (nn.Linear(WIDTH, WIDTH), nn.ReLU())])
+            self.net = nn.Sequential(*[m for _ in range(LAYERS) for m in (nn.Linear(width, width), nn.ReLU())])
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x)
@@ -57,7 +60,7 @@ def _fit(mode: str, steps: int, out: str) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(BATCH * steps, WIDTH), torch.randn(BATCH * steps, WIDTH))
+    data = torch.utils.data.TensorDataset(torch.randn(batch * steps, width), torch.randn(batch * steps, width))
     clock = FitClock(WARMUP)
     trainer = L.Trainer(
         strategy=DDGStrategy(split_points=[f"net.{LAYERS}"]),
@@ -71,9 +74,9 @@ def _fit(mode: str, steps: int, out: str) -> None:
         enable_model_summary=False,
         callbacks=[clock],
     )
-    trainer.fit(MLP(), torch.utils.data.DataLoader(data, batch_size=BATCH))
+    trainer.fit(MLP(), torch.utils.data.DataLoader(data, batch_size=batch))
     if trainer.global_rank == 0:
-        rate = (steps - WARMUP) * BATCH / (clock.end - clock.start)
+        rate = (steps - WARMUP) * batch / (clock.end - clock.start)
         figures = stage_figures(trainer.callback_metrics, 2)
         with open(out, "w") as f:
             json.dump({"samples_per_s": rate, "stages": figures}, f)
@@ -83,6 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--width", type=int, default=1024, help="of the MLP's eight layers")
+    parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "shared_memory.json")
     args = parser.parse_args()
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
@@ -90,7 +95,8 @@ def main() -> None:
         for round_ in range(args.rounds):
             for mode in MODES if round_ % 2 == 0 else MODES[::-1]:
                 out = os.path.join(tmp, "fit.json")
-                command = [sys.executable, os.path.abspath(__file__), "fit", mode, str(args.steps), out]
+                command = [sys.executable, os.path.abspath(__file__), "fit", mode]
+                command += [str(args.steps), str(args.width), str(args.batch), out]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0 or not os.path.exists(out):
                     raise RuntimeError(f"the {mode} fit failed:\n{done.stderr[-3000:]}")
@@ -105,13 +111,14 @@ def main() -> None:
                 )
     ratios = [s["samples_per_s"] / g["samples_per_s"] for s, g in zip(runs[MODES[0]], runs[MODES[1]], strict=True)]
     print("shared memory / gloo, round by round: " + ", ".join(f"{r:.3f}" for r in ratios))
-    args.out.write_text(json.dumps({"steps": args.steps, "runs": runs, "ratios": ratios}, indent=1))
+    config = {"steps": args.steps, "width": args.width, "batch": args.batch}
+    args.out.write_text(json.dumps(config | {"runs": runs, "ratios": ratios}, indent=1))
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "fit":
         sys.path[:0] = [os.path.dirname(os.path.abspath(__file__))]
-        _fit(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        _fit(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
     else:
         main()
