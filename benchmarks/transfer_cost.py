@@ -4,7 +4,9 @@ two stages' channels do (``isend`` on one side, ``irecv`` on the other, each wai
 time the process spends per transfer in all its threads (gloo's included), which is what a transfer takes from a
 stage's compute on a machine whose cores are all busy. ``docs/performance.md`` ("Communication") counts these per
 step: one transfer for a message's header and one per tensor. Then the same per message of one tensor, sent on a
-stage's :class:`~lightning_ddg.comm.Channel` over gloo and through shared memory (``lightning_ddg.shared_memory``).
+stage's :class:`~lightning_ddg.comm.Channel` over gloo and through shared memory (``lightning_ddg.shared_memory``:
+the tensors in memory both processes map, the header through a pipe), and of a header alone, next to what the
+spacing of the messages costs alone.
 
     python benchmarks/transfer_cost.py            # a few seconds; prints microseconds per transfer
 """
@@ -49,16 +51,30 @@ def _run(rank: int, port: int) -> None:
             flush=True,
         )
         dist.barrier()
+    _spacing_alone(rank)
     for shared in (False, True):
         _channel_messages(rank, shared)
     dist.destroy_process_group()
+
+
+def _spacing_alone(rank: int) -> None:
+    """The CPU time of the sleeps that space a channel's messages, without the messages: waking up costs some."""
+    dist.barrier()
+    cpu = time.process_time()
+    for _ in range(MESSAGES):
+        time.sleep(COMPUTE_S)
+    cpu = time.process_time() - cpu
+    time.sleep(0.1 * rank)
+    side = "sending" if rank == 0 else "receiving"
+    print(f"{'':>14} the spacing alone, {side}: {1e6 * cpu / MESSAGES:5.0f} us of CPU time per message", flush=True)
+    dist.barrier()
 
 
 def _channel_messages(rank: int, shared: bool) -> None:
     """A stage's channel sending messages of one tensor, over gloo or through shared memory, as a stage does: each
     side sleeps a few milliseconds between messages in place of its compute, so that messages are waiting when
     they are received. The CPU time each side spends per message, in all its threads (the header's transfer
-    included; sleeping takes none)."""
+    included, and the spacing: see :func:`_spacing_alone`)."""
     from lightning_ddg.comm import Channel, share_memory
 
     channel = Channel(peer=1 - rank, group=dist.new_group([0, 1]))
@@ -66,15 +82,14 @@ def _channel_messages(rank: int, shared: bool) -> None:
         share_memory([channel], []) if rank == 0 else share_memory([], [channel])
     how = "through shared memory" if channel.shares_memory else "over gloo"
     for name, numel in SIZES.items():
-        if name.startswith("header"):
-            continue
-        tensor = torch.ones(numel)
+        # a message of a number alone is its header alone; the others hold one tensor of that size
+        message = [numel] if name.startswith("header") else [torch.ones(numel)]
         for i in range(WARM + MESSAGES):
             if i == WARM:
                 dist.barrier()
                 cpu = time.process_time()
             if rank == 0:
-                channel.send([tensor])
+                channel.send(message)
             else:
                 channel.release(channel.recv())
             time.sleep(COMPUTE_S)

@@ -1,8 +1,9 @@
 """Messages between two stages on one host through shared memory and a pipe instead of through loopback TCP.
 
 On gloo, every transfer a channel makes costs both processes CPU time in gloo's threads besides the calling one:
-about 250 µs per transfer on each side for a message's 2 KiB header alone, and a few hundred microseconds more
-per MiB of tensors (``benchmarks/transfer_cost.py``), taken from compute on a host whose cores all compute. Between
+about 100–170 µs on each side for a message's 2 KiB header alone, against about 25 through a pipe, and a few
+hundred microseconds more per MiB of tensors (``benchmarks/transfer_cost.py``), taken from compute on a host whose
+cores all compute. Between
 two processes of one host, a channel's sender instead copies a message's tensors into a *slot*, memory that both
 processes map, and writes the message's header into a pipe; the receiver reads the header from the pipe and copies
 the tensors out: one memory copy on each side, and two system calls.
