@@ -33,12 +33,10 @@ Example (both ends of one gloo channel agree on it with :func:`lightning_ddg.com
 
 from __future__ import annotations
 
-import fcntl
 import os
 import platform
 import secrets
 import select
-import termios
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -114,6 +112,8 @@ class SlotWriter:
         if not self._create(0, _MIN_SLOT):
             raise OSError("no memory for a shared slot")
         _counter(self._memory[0], 1)[0] = self.nonce  # type: ignore[index]  # the receiver checks it
+        import fcntl  # here, like everything of this module's, only where available(): not on Windows
+
         self.header_fd, self._header_out = os.pipe2(os.O_CLOEXEC)  # the receiver opens the reading end
         _ENDS.add(self)
         try:
@@ -136,6 +136,9 @@ class SlotWriter:
 
     def unread(self) -> int:
         """Bytes of headers posted that the receiver has not taken yet."""
+        import fcntl
+        import termios
+
         return int.from_bytes(fcntl.ioctl(self._header_out, termios.FIONREAD, bytes(4)), "little")
 
     def _create(self, slot: int, size: int) -> bool:
