@@ -3,10 +3,9 @@
 On gloo, every transfer a channel makes costs both processes CPU time in gloo's threads besides the calling one:
 about 100–170 µs on each side for a message's 2 KiB header alone, against about 25 through a pipe, and a few
 hundred microseconds more per MiB of tensors (``benchmarks/transfer_cost.py``), taken from compute on a host whose
-cores all compute. Between
-two processes of one host, a channel's sender instead copies a message's tensors into a *slot*, memory that both
-processes map, and writes the message's header into a pipe; the receiver reads the header from the pipe and copies
-the tensors out: one memory copy on each side, and two system calls.
+cores all compute. Between two processes of one host, a channel's sender instead copies a message's tensors into a
+*slot*, memory that both processes map, and writes the message's header into a pipe; the receiver reads the header
+from the pipe and copies the tensors out: one memory copy on each side, and a few system calls.
 
 A channel has a few slots, used in turn. The receiver marks a slot free once it has copied a message out (a
 counter at the start of the slot); a sender that finds the next slot still taken, or cannot make it large enough
@@ -101,6 +100,8 @@ class SlotWriter:
     """The sending end: ``slots`` memory files used in turn, created and grown as messages need."""
 
     def __init__(self, slots: int) -> None:
+        import fcntl  # here, as everything of this module's, only where available(): not on Windows
+
         self.pid = os.getpid()
         self.nonce = 1 + secrets.randbits(62)
         self.written = 0  # messages that went through the slots
@@ -112,8 +113,6 @@ class SlotWriter:
         if not self._create(0, _MIN_SLOT):
             raise OSError("no memory for a shared slot")
         _counter(self._memory[0], 1)[0] = self.nonce  # type: ignore[index]  # the receiver checks it
-        import fcntl  # here, like everything of this module's, only where available(): not on Windows
-
         self.header_fd, self._header_out = os.pipe2(os.O_CLOEXEC)  # the receiver opens the reading end
         _ENDS.add(self)
         try:
@@ -197,6 +196,7 @@ class SlotReader:
         self._memory: list[torch.Tensor | None] = [None] * slots
         self._generation = [-1] * slots
         self._header_in = -1
+        self._poll = select.poll()
         _ENDS.add(self)
 
     def open(self, first_fd: int, header_fd: int, nonce: int) -> bool:
@@ -209,13 +209,12 @@ class SlotReader:
             self._header_in = os.open(f"/proc/{self.pid}/fd/{header_fd}", os.O_RDONLY | os.O_CLOEXEC)
         except (OSError, RuntimeError):
             return False
+        self._poll.register(self._header_in, select.POLLIN)
         return True
 
     def take(self, size: int, timeout_s: float) -> bytes:
         """The next header posted, of ``size`` bytes; waits at most ``timeout_s`` for it to begin."""
-        poll = select.poll()
-        poll.register(self._header_in, select.POLLIN)
-        if not poll.poll(timeout_s * 1000):
+        if not self._poll.poll(timeout_s * 1000):
             raise TimeoutError(f"process {self.pid} sent no message through shared memory in {timeout_s:.0f} s")
         header = b""
         while len(header) < size:
@@ -246,6 +245,7 @@ class SlotReader:
 
     def close(self) -> None:
         if self._header_in >= 0:
+            self._poll.unregister(self._header_in)
             os.close(self._header_in)
             self._header_in = -1
         self._memory = [None] * len(self._memory)
