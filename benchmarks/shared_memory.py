@@ -4,8 +4,8 @@ change it), with the channels carrying their messages through shared memory (the
 processes map, headers through a pipe) and over gloo alone, in alternating rounds. Each stage then sends a 1 MiB
 activation or gradient per step, and the first stage carries each 2 MiB batch to the last.
 
-"gloo" fits replace the setup handshake (``lightning_ddg.topology.share_memory``) with one that declines, in every
-process of the fit: Lightning starts the other ranks by running this script again with the same arguments.
+"gloo" fits skip the setup handshake (``lightning_ddg.topology.share_memory``), so every channel stays on gloo, in
+every process of the fit: Lightning starts the other ranks by running this script again with the same arguments.
 
     python benchmarks/shared_memory.py            # about 5 minutes: 4 rounds of 2 fits of 400 steps
     python benchmarks/shared_memory.py --width 512 --batch 128 --out benchmarks/results/shared_memory_512.json

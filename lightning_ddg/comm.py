@@ -278,8 +278,10 @@ class Channel:
             for work, _ in self._sends.popleft():
                 work.wait(self.timeout)
         deadline = time.monotonic() + self.timeout.total_seconds()
-        while self._writer is not None and self._writer.unread() and time.monotonic() < deadline:
-            time.sleep(0.001)  # the receiver takes the headers left in the pipe
+        while self._writer is not None and self._writer.unread():  # the receiver takes the headers left in the pipe
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {self.peer} took no message through shared memory in {self.timeout}")
+            time.sleep(0.001)
 
     # receiving -----------------------------------------------------------------------------------------
     def prefetch(self) -> None:

@@ -1,7 +1,7 @@
 """Messages between two stages on one host through shared memory and a pipe instead of through loopback TCP.
 
 On gloo, every transfer a channel makes costs both processes CPU time in gloo's threads besides the calling one:
-about 100–170 µs on each side for a message's 2 KiB header alone, against about 25 through a pipe, and a few
+about 100–170 µs on each side for a message's 2 KiB header alone, against 10–30 through a pipe, and a few
 hundred microseconds more per MiB of tensors (``benchmarks/transfer_cost.py``), taken from compute on a host whose
 cores all compute. Between two processes of one host, a channel's sender instead copies a message's tensors into a
 *slot*, memory that both processes map, and writes the message's header into a pipe; the receiver reads the header
@@ -159,7 +159,7 @@ class SlotWriter:
 
     def write(self, tensors: Sequence[torch.Tensor]) -> Place | None:
         """Copy ``tensors`` into the next slot and return where they are; ``None`` where the slot is still taken or
-        cannot grow: the message goes over gloo instead."""
+        cannot grow: the message's tensors go over gloo instead."""
         if not tensors:
             return None  # the header says it all
         number, self._sent = self._sent, self._sent + 1

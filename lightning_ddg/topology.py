@@ -99,7 +99,8 @@ class StageLinks:
         ``tied`` lists, per weight shared across stages, the stages that use it (``[w.stages for w in
         partition.tied]``): each gets a :class:`~lightning_ddg.comm.TiedGroup` of those stages' ranks in every
         replica, whose copies start from the first stage's in replica 0. With ``shared_memory``, the channels
-        between stages on one host carry their tensors through shared memory (:func:`~lightning_ddg.comm.share_memory`).
+        between stages on one host carry their messages through shared memory and a pipe
+        (:func:`~lightning_ddg.comm.share_memory`).
         """
         links = cls()
         stage, replica = topology.stage_of(rank), topology.replica_of(rank)

@@ -432,7 +432,8 @@ def _store_lost(describe: Callable[[int], str], err: BaseException) -> Failure:
 
 def _is_communication_error(error: BaseException) -> bool:
     """Errors a process gets because a peer went away, rather than errors of its own."""
-    if isinstance(error, (dist.DistError, ConnectionError, TimeoutError)):  # and a channel through shared memory's
+    # ConnectionError, TimeoutError: a channel through shared memory whose sender exited or fell silent
+    if isinstance(error, (dist.DistError, ConnectionError, TimeoutError)):
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and any(
