@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_ddg._compat import evaluation_results, saves_on_metric_now, should_update_logs
+from lightning_ddg._compat import evaluation_results, log_figures, saves_on_metric_now, should_update_logs
 from lightning_ddg.checks import (
     NO_ACCUMULATION_SCHEDULE,
     NO_BATCH_SIZE_FINDER,
@@ -140,7 +140,9 @@ class LogStageFigures(Callback):
     delay. They are averages since the previous logging.
 
     The figures reach the last stage in the headers of the activations it receives, so logging them costs no
-    message and no synchronisation. Evaluation and checkpoint saving are left out.
+    message and no synchronisation; they go straight to the loggers and ``trainer.callback_metrics``
+    (:func:`~lightning_ddg._compat.log_figures`), not through ``self.log``, which would add them to every step.
+    Evaluation and checkpoint saving are left out.
 
     When training ends, it logs ``ddg/measured_imbalance``: the slowest stage's time per step over the mean (waits
     left out, see :func:`~lightning_ddg.stats.measured_imbalance`), what the pipeline made of the plan's estimate
@@ -217,11 +219,11 @@ class LogStageFigures(Callback):
         # and every value logged adds to Lightning's loop on the last stage, which sets the pipeline's pace
         self._batches_unlogged += 1
         if should_update_logs(trainer) and self._batches_unlogged >= MEASURED_STEPS:
-            self._log(trainer, pl_module, on_step=True)
+            self._log(trainer, epoch_end=False)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(trainer, pl_module, on_step=False)
+        self._log(trainer, epoch_end=True)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -235,7 +237,7 @@ class LogStageFigures(Callback):
         if imbalance > IMBALANCE_WARNING and (plan is None or plan.balance_by != "memory"):  # memory: by design
             rank_zero_warn(_slow_stage_advice(imbalance, per_step_ms, plan), category=PossibleUserWarning)
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
+    def _log(self, trainer: pl.Trainer, epoch_end: bool) -> None:
         self._batches_unlogged = 0
         stage = self._stage(trainer)
         if stage is None or not stage.is_last or not trainer.is_global_zero:
@@ -248,7 +250,7 @@ class LogStageFigures(Callback):
             figures |= {f"ddg/stage{k}/{name}": value for name, value in (interval or {}).items()}
         self._logged = snapshots
         if figures:
-            pl_module.log_dict(figures, on_step=on_step, on_epoch=not on_step, rank_zero_only=True)
+            log_figures(trainer, figures, epoch_end)
 
 
 def _slow_stage_advice(imbalance: float, per_step_ms: list[float], plan: Plan | None) -> str:

@@ -28,6 +28,8 @@ def test_the_trainer_attributes_read() -> None:
     assert _compat.detect_anomaly(trainer) is True
     assert isinstance(trainer._logger_connector, _LoggerConnector)
     assert isinstance(_compat.should_update_logs(trainer), bool)
+    assert list(inspect.signature(trainer._logger_connector.log_metrics).parameters) == ["metrics", "step"]
+    assert trainer.fit_loop.epoch_loop._batches_that_stepped == 0  # log_figures
     assert _compat.data_source(trainer.fit_loop) is not None
     assert isinstance(trainer.test_loop._logged_outputs, list)  # evaluation_results, during a test
     assert _compat.evaluation_results(trainer) is None  # outside a validation or test
