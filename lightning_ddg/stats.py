@@ -18,7 +18,7 @@ Example::
 from __future__ import annotations
 
 import time
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 __all__ = [
     "MEASURED_STEPS",
@@ -50,7 +50,8 @@ class Snapshot:
     load_us: int = 0  # fetching the training batches: reading and sending them, or taking them as they arrive
 
 
-_WIDTH = len(fields(Snapshot))
+_FIELDS = tuple(f.name for f in fields(Snapshot))
+_WIDTH = len(_FIELDS)
 
 
 @dataclass
@@ -97,7 +98,8 @@ class StageCounters:
 
 
 def encode_snapshots(snapshots: list[Snapshot]) -> list[int]:
-    return [value for snapshot in snapshots for value in astuple(snapshot)]
+    # every step: the fields by name, not dataclasses.astuple, which copies each value through a recursive walk
+    return [getattr(snapshot, name) for snapshot in snapshots for name in _FIELDS]
 
 
 def decode_snapshots(values: list[int] | None) -> list[Snapshot]:
