@@ -135,31 +135,46 @@ def segment_times(
     """Seconds of forward + backward per segment, the fastest of ``repeats`` runs after one warm-up run.
 
     ``segments`` run in forward order from the model's input: the first one's backward computes no gradient for
-    that input, as the first stage of a pipeline does not. On the CPU a run counts the CPU time this process
-    spent in it where that is less than the wall time: on a machine busy with other work, the wall time of each
-    run grows by however long the process waited for a core, which differs from piece to piece, and the CPU time
-    does not. Where the system reports it, that is the time spent in the process's own code: the kernel's time is
-    mostly page faults, taken anew on each run as the allocator returns the freed activations to the system and
-    asks for them again, a few thousand per run of a layer on large images, as many or none depending on where
-    the heap ended; a stage that runs step after step reuses its memory (a tensor larger than the most glibc serves
-    from its heap, 32 MiB, is mapped anew every time, in training too: that cost is left out)."""
-    on_cpu = device.type == "cpu"
-    times = []
-    for index, (segment, args) in enumerate(zip(segments, inputs, strict=True)):
+    that input, as the first stage of a pipeline does not. Where every segment is already on ``device``, the runs
+    go in rounds, each segment once per round, as a step of training runs them: a machine whose speed drifts over
+    the second or two of timing then slows every segment alike, not the later ones more than the earlier ones
+    (which moved a cut by a whole layer from one plan to the next), and no segment is timed on caches its own
+    previous run left warm. Segments that have to move to ``device`` are timed one after the other.
+
+    On the CPU a run counts the CPU time this process spent in it where that is less than the wall time: on a
+    machine busy with other work, the wall time of each run grows by however long the process waited for a core,
+    which differs from piece to piece, and the CPU time does not. Where the system reports it, that is the time
+    spent in the process's own code: the kernel's time is mostly page faults, taken anew on each run as the
+    allocator returns the freed activations to the system and asks for them again, a few thousand per run of a
+    layer on large images, as many or none depending on where the heap ended; a stage that runs step after step
+    reuses its memory (a tensor larger than the most glibc serves from its heap, 32 MiB, is mapped anew every time,
+    in training too: that cost is left out)."""
+    runs = list(zip(segments, inputs, strict=True))
+    best = [float("inf")] * len(runs)
+    if all(_on(segment, device).stays for segment in segments):
+        for run in range(repeats + 1):
+            for index, (segment, args) in enumerate(runs):
+                took = _timed_run(segment, args, index, device)
+                if run:  # the first round warms caches and allocators up
+                    best[index] = min(best[index], took)
+        return best
+    for index, (segment, args) in enumerate(runs):
         with _on(segment, device):
-            best = float("inf")
             for run in range(repeats + 1):
-                _synchronize(device)
-                begin, cpu_begin = time.perf_counter(), _cpu_times()
-                _forward_backward(segment, args, input_grads=index > 0)
-                _synchronize(device)
-                took = time.perf_counter() - begin
-                if on_cpu:
-                    took = min(took, _own_cpu_time(cpu_begin, _cpu_times()))
-                if run:  # the first run warms caches and allocators up
-                    best = min(best, took)
-            times.append(best)
-    return times
+                took = _timed_run(segment, args, index, device)
+                if run:
+                    best[index] = min(best[index], took)
+    return best
+
+
+def _timed_run(segment: nn.Module, args: Sequence[Any], index: int, device: torch.device) -> float:
+    """Seconds of one forward + backward of ``segment``, the ``index``-th of the chain (see :func:`segment_times`)."""
+    _synchronize(device)
+    begin, cpu_begin = time.perf_counter(), _cpu_times()
+    _forward_backward(segment, args, input_grads=index > 0)
+    _synchronize(device)
+    took = time.perf_counter() - begin
+    return min(took, _own_cpu_time(cpu_begin, _cpu_times())) if device.type == "cpu" else took
 
 
 def _cpu_times() -> tuple[float, float]:
@@ -217,6 +232,11 @@ class _on:
         self.segment, self.device = segment, device
         tensors = list(segment.parameters()) + list(segment.buffers())
         self.home = tensors[0].device if tensors else device
+
+    @property
+    def stays(self) -> bool:
+        """The segment is on ``device`` already: nothing moves."""
+        return self.home == self.device
 
     def __enter__(self) -> None:
         if self.home != self.device:
