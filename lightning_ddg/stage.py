@@ -166,8 +166,11 @@ class DDGStage:
         self._buffer_slots = _slots(module, buffer_table, list(module.buffers()))
         self._updated_buffers: set[int] | None = None  # those a training forward changes in place, once one ran
         self.parameters = [p for _, p in named]
-        # a batch's weights hold the live tensor, not a copy, where its backward reads no value (an embedding's)
-        unread = _unread_by_backward(module, self.parameters) if keeps_graph(memory, self.delay) else set()
+        # a batch's weights hold the live tensor, not a copy, where its backward reads no value (a bias's, say)
+        first_of_several = stage_index == 0 and num_stages > 1
+        unread = (
+            _unread_by_backward(module, self.parameters, first_of_several) if keeps_graph(memory, self.delay) else set()
+        )
         self._stashed = [i for i in range(len(self.parameters)) if i not in unread]
         self._stashed_parameters = [self.parameters[i] for i in self._stashed]
         self._weight_bytes = sum(p.numel() * p.element_size() for p in self._stashed_parameters)  # of one stash
@@ -301,8 +304,10 @@ class DDGStage:
         mark = self.counters.mark()
         if [p.requires_grad for _, p in self._every_parameter] != self._trainable:
             check_trainable_unchanged(self._every_parameter, self._trainable)
-        if self.is_first:
+        if self.is_first and self.is_last:
             inputs = list(args)
+        elif self.is_first:  # its input's gradient goes nowhere: never computed (_unread_by_backward counts on it)
+            inputs = [x.detach() if isinstance(x, torch.Tensor) else x for x in args]
         else:
             try:
                 received = self._receive_inputs()
@@ -507,7 +512,7 @@ class DDGStage:
         ``d + 1``: the batch forwarded last reads the live weights until its step ends. After the first ``d`` steps,
         moving allocates nothing."""
         sharing = [item for item in self._inflight if item.weights is not None and item.copy is None]
-        if not sharing or not self._stashed:  # a stage of embeddings alone copies nothing
+        if not sharing or not self._stashed:  # a stage whose weights no backward reads copies nothing
             return
         for item in sharing:
             self._check_unchanged(item)
@@ -667,32 +672,51 @@ def _gradients(
 _Slot = tuple[dict, str]  # a module's _parameters or _buffers table, and the attribute name
 
 
-def _unread_by_backward(module: nn.Module, parameters: list[torch.Tensor]) -> set[int]:
+_BIAS_UNREAD = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # their bias's gradient sums the output's gradient
+
+
+def _unread_by_backward(module: nn.Module, parameters: list[torch.Tensor], input_needs_no_grad: bool) -> set[int]:
     """The indices of ``parameters`` whose values no backward reads, so that a batch's stash needs no copy of them:
-    the weight of an ``nn.Embedding`` (its gradient scatters the output's gradient by the indices alone) held by
-    nothing else, which the stage's graph calls directly and never from inside a module it calls whole, and in
-    a graph that calls no checkpoint (a recomputed forward would read it). Empty for a module that is no graph."""
+
+    - the weight of an ``nn.Embedding`` (its gradient scatters the output's gradient by the indices alone);
+    - the bias of an ``nn.Linear`` or ``nn.Conv{1,2,3}d`` (its gradient sums the output's gradient);
+    - with ``input_needs_no_grad`` (a first stage of several, which detaches its input), the weight of an
+      ``nn.Linear`` whose every call takes the stage's input: its gradient reads that input, and the input's
+      gradient, the one reader of the weight, is never computed (autograd does not even save the weight);
+
+    each held by nothing else, in a module without hooks of its own that the stage's graph calls directly and never
+    from inside a module it calls whole, and in a graph that calls no checkpoint (a recomputed forward would read
+    it). Empty for a module that is no graph. Should a backward read one after all, autograd raises: the batch's
+    graph holds the live parameter, which the optimizer step changes in place."""
     graph = getattr(module, "graph", None)
     if not isinstance(graph, torch.fx.Graph):
         return set()
     if any(node.op == "call_function" and "checkpoint" in str(node.target) for node in graph.nodes):
         return set()
-    called = {node.target for node in graph.nodes if node.op == "call_module"}
+    calls = [node for node in graph.nodes if node.op == "call_module"]
+    called = {node.target for node in calls}
+    on_input = called - {n.target for n in calls if not (n.args and getattr(n.args[0], "op", None) == "placeholder")}
     holders: dict[int, list[tuple[str, str, nn.Module]]] = {}
     index = {id(p): i for i, p in enumerate(parameters)}
     for name, m in module.named_modules(remove_duplicate=False):
         for attr, t in parameter_table(m).items():
             if t is not None and id(t) in index:
                 holders.setdefault(index[id(t)], []).append((name, attr, m))
+
+    def unread_there(name: str, attr: str, m: nn.Module) -> bool:
+        if name not in called or m._forward_hooks or m._forward_pre_hooks:
+            return False
+        if type(m) is nn.Embedding:
+            return attr == "weight" and m.max_norm is None
+        if type(m) is nn.Linear and attr == "weight":
+            return input_needs_no_grad and name in on_input
+        return type(m) in _BIAS_UNREAD and attr == "bias"
+
     unread = set()
     for i, held in holders.items():
-        embedding = all(
-            type(m) is nn.Embedding and attr == "weight" and m.max_norm is None and name in called
-            for name, attr, m in held
-        )
-        # a module called whole whose code calls the embedding may run it under a checkpoint of its own
+        # a module called whole whose code calls this one may run it under a checkpoint of its own
         inside = any(c != name and name.startswith(c + ".") for name, _, _ in held for c in called)
-        if embedding and not inside:
+        if all(unread_there(*h) for h in held) and not inside:
             unread.add(i)
     return unread
 

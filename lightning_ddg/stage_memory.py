@@ -6,7 +6,7 @@ Stage ``k`` of ``K`` has delay ``d_k = K-1-k`` and holds, besides what every pro
 - in ``"stash"`` and ``"recompute"``, the weight copies of its in-flight batches: ``d_k`` on a stage with
   ``d_k > 0`` (one for each batch whose backward is still to come; the batch being forwarded reads the live weights
   until its step ends), none on the last stage and in ``"replay"`` (an upper bound in ``"stash"``: a stage copies
-  no weight of an embedding it calls itself);
+  no weight its backward never reads: an embedding's, a bias's, the first stage's first linear layer's);
 - the activations of its ``d_k + 1`` in-flight batches: what autograd saves for the backward in ``"stash"`` (and on
   the last stage); in ``"recompute"`` and ``"replay"`` only their inputs, and one batch's saved activations while
   it is recomputed.

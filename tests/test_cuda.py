@@ -68,7 +68,7 @@ def test_a_stage_with_delay_d_holds_d_weight_copies_on_the_gpu() -> None:
             assert len(copies) == min(t + 1, stage.delay)
             assert all(c.device == GPU for copy in copies for c in copy)
             held = stage.snapshots()[-1].stashed_weight_bytes
-            assert held == len(copies) * sum(p.numel() * p.element_size() for p in stage.parameters)
+            assert held == len(copies) * sum(p.numel() * p.element_size() for p in stage._stashed_parameters)
         torch.cuda.synchronize()
         allocated.append(torch.cuda.memory_allocated(GPU))
     assert len(set(allocated[3:-1])) == 1, allocated  # steady once the pipeline is full (the last batch is smaller)

@@ -236,7 +236,8 @@ def test_an_embedding_weight_is_not_copied_for_the_batches_in_flight() -> None:
         first = LockStep(TiedLM(tie_head=False), TiedLM.SPLIT_POINTS[3], memory=memory).stages[0]
         copied = first._live_weights()
         kept = [name for name, p, c in zip(first._names, first.parameters, copied, strict=True) if c is p]
-        assert kept == (["embed.weight"] if memory == "stash" else []), memory  # recompute runs the forward again
+        # and the bias of the linear layer after it, whose gradient sums the output's gradient
+        assert kept == (["embed.weight", "blocks.0.bias"] if memory == "stash" else []), memory  # recompute runs again
     # a first stage of the embedding alone copies nothing, and trains
     model = TiedLM(tie_head=False)
     pipeline = LockStep(model, ["blocks.0", "blocks.4"], memory="stash")
@@ -251,7 +252,39 @@ def test_an_embedding_weight_is_not_copied_for_the_batches_in_flight() -> None:
     # an embedding that a module called whole runs under a checkpoint is read again in backward: copied
     model = nn.Sequential(_CheckpointedEmbedding(), nn.Linear(16, 16), nn.Linear(16, 16))
     first = LockStep(model, ["2"], memory="stash").stages[0]
-    assert all(c is not p for p, c in zip(first.parameters, first._live_weights(), strict=True))
+    live = [name for name, p, c in zip(first._names, first.parameters, first._live_weights(), strict=True) if c is p]
+    assert live == ["1.bias"], live  # the linear layer's bias, which its own graph node sums the gradient into
+
+
+class _ScaledInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(8))
+        self.first, self.second = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x * self.scale)))
+
+
+def test_a_first_stage_keeps_no_copy_of_its_first_linear_weight_nor_of_any_bias() -> None:
+    # autograd saves neither: a bias's gradient sums the output's gradient, and the first stage's first linear layer
+    # takes the stage's input, whose gradient (the one reader of the weight) the first stage never computes
+    _check(3, {"memory": "stash", "optimizer": "adam", "batches": 6, "seed": 5})
+    model = mlp(depth=4)
+    stages = LockStep(model, split_points_for(model, 2), memory="stash").stages
+    live = [
+        name
+        for name, p, c in zip(stages[0]._names, stages[0].parameters, stages[0]._live_weights(), strict=True)
+        if c is p
+    ]
+    assert live == ["0.weight", "0.bias", "2.bias"], live
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)  # the first stage detaches its input
+    stages[0].forward(x)
+    assert not stages[0]._inflight[0].inputs[0].requires_grad
+    # a linear layer whose input went through another parameter first is read by the backward: copied
+    first = LockStep(_ScaledInput(), ["second"], memory="stash").stages[0]
+    live = [name for name, p, c in zip(first._names, first.parameters, first._live_weights(), strict=True) if c is p]
+    assert live == ["first.bias"], live
 
 
 # over the real transport, one launch of three gloo processes serves three tests (a launch costs more than them)
@@ -285,10 +318,12 @@ def test_a_stage_with_delay_d_holds_d_weight_copies(memory: str) -> None:
         for stage, seen in zip(pipeline.stages, storages, strict=True):
             copies = {id(item.copy) for item in stage._inflight if item.copy is not None}
             assert len(copies) == min(t + 1, stage.delay)
+            # the first of the stashed weights, in the copies and live (a bias is never copied, nor in "stash" the
+            # first stage's first layer, whose input needs no gradient)
             seen.update(data[0].data_ptr() for data in [*(item.copy for item in stage._inflight if item.copy)])
-            seen.add(stage.parameters[0].data_ptr())
+            seen.add(stage._stashed_parameters[0].data_ptr())
             held = stage.snapshots()[-1].stashed_weight_bytes
-            assert held == len(copies) * sum(p.numel() * p.element_size() for p in stage.parameters)
+            assert held == len(copies) * sum(p.numel() * p.element_size() for p in stage._stashed_parameters)
     assert [len(seen) for seen in storages] == [4, 3, 2, 1]  # the live weights' data and the d copies, in turn
     pipeline.drain(optimizers)
     assert all(not stage._inflight for stage in pipeline.stages)
@@ -299,7 +334,7 @@ def test_a_weight_changed_in_place_between_a_forward_and_its_step_is_refused() -
     model = mlp()
     pipeline = LockStep(model, split_points_for(model, 2), memory="stash")
     optimizers = [make_optimizer("sgd", stage.parameters) for stage in pipeline.stages]
-    first_weight = pipeline.stages[0].parameters[0]
+    first_weight = pipeline.stages[0].parameters[2]  # the second linear layer's: its backward reads it
 
     def loss_changing_a_weight(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -308,7 +343,7 @@ def test_a_weight_changed_in_place_between_a_forward_and_its_step_is_refused() -
 
     (x, y), (x2, y2) = batches(2)
     pipeline.step(x, lambda out: LOSS(out, y), optimizers)
-    with pytest.raises(RuntimeError, match=r"'0.weight' of stage 0 was changed in place after batch 1's forward"):
+    with pytest.raises(RuntimeError, match=r"'2.weight' of stage 0 was changed in place after batch 1's forward"):
         pipeline.step(x2, lambda out: loss_changing_a_weight(out, y2), optimizers)
 
 
@@ -439,8 +474,9 @@ def test_last_stage_receives_every_stages_figures(three_gloo_processes: list) ->
     assert [s.samples for s in last] == [4 * 6 + 4] * 3
     assert all(s.busy_us > 0 and s.active_us >= s.busy_us for s in last)
     assert last[1].wait_us > 0  # stage 1 waits for stage 0's activations
-    # stage 0 (delay 2) holds 2 weight copies, when it sends an activation as after the step: the batch it forwards
-    # reads the live weights until the optimizer step
-    assert last[0].stashed_weight_bytes == by_stage[0][0].stashed_weight_bytes > 0
-    assert last[2].stashed_weight_bytes == 0
+    # stage 1 (delay 1) holds a weight copy, when it sends an activation as after the step: the batch it forwards
+    # reads the live weights until the optimizer step; stage 0's one linear layer takes the input, whose gradient
+    # it never computes, so that no backward reads its weight: it holds none, as the last stage
+    assert last[1].stashed_weight_bytes == by_stage[1][1].stashed_weight_bytes > 0
+    assert last[0].stashed_weight_bytes == last[2].stashed_weight_bytes == 0
     assert all(s.activation_bytes > 0 for s in last)
