@@ -351,7 +351,8 @@ def log_figures(trainer: pl.Trainer, figures: dict[str, float], epoch_end: bool 
     """Hand ``figures`` to the trainer's loggers at the step Lightning logs the module's metrics at (after a training
     batch, or at an epoch's end: ``epoch_end``), with ``epoch``, and put them in ``trainer.callback_metrics``,
     without keeping them among the epoch's logged results, which Lightning's loop reads again after every batch:
-    tens of figures there cost the last stage, which sets the pipeline's pace, about 0.15 ms per step. Uses
+    tens of figures there cost the last stage, which sets the pipeline's pace, 0.17 ms per step in
+    ``benchmarks/logging_cost.py`` (``docs/performance.md``). Uses
     ``trainer._logger_connector.log_metrics`` and ``trainer.fit_loop.epoch_loop._batches_that_stepped``; if either
     moves, each logger's ``log_metrics`` at ``trainer.global_step``, and a warning says so."""
     connector = getattr(trainer, "_logger_connector", None)

@@ -239,11 +239,11 @@ class _on:
         return self.home == self.device
 
     def __enter__(self) -> None:
-        if self.home != self.device:
+        if not self.stays:
             self.segment.to(self.device)
 
     def __exit__(self, *exc: object) -> None:
-        if self.home != self.device:
+        if not self.stays:
             self.segment.to(self.home)
 
 

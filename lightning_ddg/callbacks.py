@@ -216,7 +216,7 @@ class LogStageFigures(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # when Lightning logs, but MEASURED_STEPS batches apart at least: figures over fewer steps are mostly noise,
-        # and every value logged adds to Lightning's loop on the last stage, which sets the pipeline's pace
+        # and each logging calls every logger on the last stage, which sets the pipeline's pace
         self._batches_unlogged += 1
         if should_update_logs(trainer) and self._batches_unlogged >= MEASURED_STEPS:
             self._log(trainer, epoch_end=False)

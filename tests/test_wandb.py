@@ -60,6 +60,8 @@ def test_wandb_offline_run_records_user_and_stage_metrics(tmp_path, monkeypatch)
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="lightning-ddg-tests")
     trainer = cpu_trainer(DDGStrategy(start_method="spawn"), 3, logger=logger, log_every_n_steps=3)
     trainer.fit(MLPClassifier(), loader(n=8 * 24), loader())
+    # the figures reach the callbacks too, as the module's metrics do (for a monitor, a benchmark)
+    assert {f"ddg/stage{k}/busy_ms" for k in range(3)} | {"train_loss"} <= set(trainer.callback_metrics)
 
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     history = _wait_for_history(run_file, rows=16 + 2)  # logged steps, validations
