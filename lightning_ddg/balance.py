@@ -130,9 +130,15 @@ def run_segments(segments: Sequence[nn.Module], inputs: Sequence[Any], device: t
 
 
 def segment_times(
-    segments: Sequence[nn.Module], inputs: Sequence[Sequence[Any]], device: torch.device, repeats: int = 3
+    segments: Sequence[nn.Module], inputs: Sequence[Sequence[Any]], device: torch.device, repeats: int = 5
 ) -> list[float]:
-    """Seconds of forward + backward per segment, the fastest of ``repeats`` runs after one warm-up run.
+    """Seconds of forward + backward per segment, the second fastest of ``repeats`` runs after one warm-up run.
+
+    Not the fastest: on the CPU a run's user time can read well under what it took (see :func:`_own_cpu_time`),
+    and a machine shared with others runs faster for a moment now and then; the fastest of a few runs keeps such a
+    reading for whichever pieces happened to get one. Not the median either: the runs of the first layers of a CNN
+    pay page faults on some runs and not on others, which a stage that trains step after step does not pay (see
+    below), and the median counts them where they came in more than half of the runs.
 
     ``segments`` run in forward order from the model's input: the first one's backward computes no gradient for
     that input, as the first stage of a pipeline does not. Where every segment is already on ``device``, the runs
@@ -150,21 +156,26 @@ def segment_times(
     reuses its memory (a tensor larger than the most glibc serves from its heap, 32 MiB, is mapped anew every time,
     in training too: that cost is left out)."""
     runs = list(zip(segments, inputs, strict=True))
-    best = [float("inf")] * len(runs)
+    took: list[list[float]] = [[] for _ in runs]
     if all(_on(segment, device).stays for segment in segments):
         for run in range(repeats + 1):
             for index, (segment, args) in enumerate(runs):
-                took = _timed_run(segment, args, index, device)
+                seconds = _timed_run(segment, args, index, device)
                 if run:  # the first round warms caches and allocators up
-                    best[index] = min(best[index], took)
-        return best
+                    took[index].append(seconds)
+        return [_typical(t) for t in took]
     for index, (segment, args) in enumerate(runs):
         with _on(segment, device):
             for run in range(repeats + 1):
-                took = _timed_run(segment, args, index, device)
+                seconds = _timed_run(segment, args, index, device)
                 if run:
-                    best[index] = min(best[index], took)
-    return best
+                    took[index].append(seconds)
+    return [_typical(t) for t in took]
+
+
+def _typical(seconds: list[float]) -> float:
+    """What a piece's runs say it takes: the second fastest of them (see :func:`segment_times`)."""
+    return sorted(seconds)[min(1, len(seconds) - 1)]
 
 
 def _timed_run(segment: nn.Module, args: Sequence[Any], index: int, device: torch.device) -> float:

@@ -90,7 +90,7 @@ _MIB = 2**20
 _INF = float("inf")
 MEMORY_TIE_TOLERANCE = 0.1  # among equally fast cuts, those whose largest stage holds within 10% of the least
 _REFINEMENTS = 2  # re-solves of a time split with its stages timed whole
-_WHOLE_STAGE_REPEATS = 5  # a stage timed whole counts its fastest run: cuts compared on these differ by a few %
+_WHOLE_STAGE_REPEATS = 5  # a stage timed whole counts its second fastest run: cuts compared on these differ by a few %
 
 
 @dataclass
