@@ -31,7 +31,10 @@ costs one run of a configuration, not its figure. Peak memory is each process's 
 GPU, allocated by torch) less what it held once the model was built. For DDG the stages' own figures split
 each step into compute, waiting on a neighbour and sending. Also measured: the Lightning Trainer with
 ``strategy="ddg"`` on one device against a plain Lightning run (the cost of the strategy when it has nothing
-to pipeline), the two alternated in one process in each round.
+to pipeline), the two alternated in one process in each round; and the ``fit`` rows of ``fit_path.py``, each
+timed through ``Trainer.fit`` as a user runs it: backprop on one device, K such fits at once, ``strategy="ddp"``,
+``strategy="ddg"`` on the cut above, and each of its stages trained alone by a fit of its own, all at once (what a
+pipeline that cost nothing beyond its stages' own work would reach).
 
 Results go to ``--out`` (JSON) and a PNG next to it; ``docs/benchmarks.md`` shows them.
 """
@@ -56,7 +59,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from cifar_resnet import cifar_resnet  # noqa: E402
-from fit_path import STAGE_PARTS, fit_rates  # noqa: E402
+from fit_path import STAGE_APART_PARTS, STAGE_PARTS, fit_rates  # noqa: E402
 from harness import can_pin, device_of, launch, peak_memory_mib, reset_peak_memory, synchronize  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -485,10 +488,7 @@ def report(result: dict[str, Any]) -> None:
                 for r in sorted(run["ranks"], key=lambda r: r["stage"])
             )
         elif run.get("fit_stages"):
-            shares = "  ".join(
-                f"s{r['stage']} " + " ".join(f"{part} {r[f'{part}_share']:.0%}" for part in STAGE_PARTS)
-                for r in run["fit_stages"]
-            )
+            shares = "  ".join(f"s{r['stage']} {_stage_parts(r, ' ')}" for r in run["fit_stages"])
         elif run["processes"] > 1 or run["name"] == "backprop":
             shares = "  ".join(f"r{r['rank']} cpu {r['cpu_share']:.0%}" for r in run["ranks"])
         print(
@@ -510,7 +510,9 @@ def report(result: dict[str, Any]) -> None:
         f"{ratios['fit_ddg_over_fit_ddp']:.2f}x strategy='ddp', "
         f"{ratios['fit_ddg_over_runtime_ddg']:.2f}x the runtime's ddg stash; "
         f"Trainer.fit backprop apart (the ceiling): {ratios['fit_ceiling']:.2f}x, ddg reaches "
-        f"{ratios['fit_ddg_over_fit_backprop'] / ratios['fit_ceiling']:.0%} of it"
+        f"{ratios['fit_ddg_over_fit_backprop'] / ratios['fit_ceiling']:.0%} of it; "
+        f"each stage's own fit apart (a pipeline that costs nothing more): {ratios['fit_stages_ceiling']:.2f}x, "
+        f"ddg reaches {ratios['fit_ddg_over_fit_backprop'] / ratios['fit_stages_ceiling']:.0%} of it"
     )
 
 
@@ -530,6 +532,7 @@ def target_ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
             "speedup"
         ],
         "fit_ceiling": fit("fit backprop apart") / fit("fit backprop"),
+        "fit_stages_ceiling": fit("fit stages apart") / fit("fit backprop"),
         "ddg_over_best_pipeline": stash["samples_per_s"] / pipelines,
         "recompute_time_over_stash": stash["samples_per_s"] / by_name["ddg recompute"]["samples_per_s"],
         "lightning_ddg_over_plain": by_name["lightning ddg"]["samples_per_s"]
@@ -538,6 +541,14 @@ def target_ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
         "fit_ddg_over_fit_ddp": fit("fit ddg") / fit("fit ddp"),
         "fit_ddg_over_runtime_ddg": fit("fit ddg") / stash["samples_per_s"],
     }
+
+
+def _stage_parts(figures: dict[str, float], between: str) -> str:
+    """One stage's step in a fit: the DDG fit's shares of :data:`STAGE_PARTS` as the strategy logged them, or the
+    milliseconds of a stage trained apart (``fit stages``: forward, backward, update, rest)."""
+    if "busy_share" in figures:
+        return between.join(f"{figures[f'{part}_share']:.0%}" for part in STAGE_PARTS)
+    return between.join(f"{figures[f'{part}']:.1f}" for part in STAGE_APART_PARTS) + " ms"
 
 
 def _rounds(run: dict[str, Any]) -> str:
@@ -562,8 +573,7 @@ def markdown(result: dict[str, Any]) -> str:
             ranks = sorted(run["ranks"], key=lambda r: r["stage"])
             shares = ", ".join(f"{r['busy_share']:.0%} / {r['wait_share']:.0%} / {r['send_share']:.0%}" for r in ranks)
         elif run.get("fit_stages"):  # as the strategy logged them, with Lightning's loop as "other"
-            stages = run["fit_stages"]
-            shares = ", ".join(" / ".join(f"{r[f'{part}_share']:.0%}" for part in STAGE_PARTS) for r in stages)
+            shares = ", ".join(_stage_parts(r, " / ") for r in run["fit_stages"])
         peak = "" if run["peak_mib"] != run["peak_mib"] else f"{run['peak_mib']:.0f}"
         lines.append(
             f"| {run['name']} | {run['processes']} | {run['samples_per_s']:.0f} | {_rounds(run)} "
@@ -588,6 +598,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['stages']} `Trainer.fit` runs on one device each, with nothing to share, reach "
         f'{ratios["fit_ceiling"]:.2f}× (the ceiling of the `fit` rows): `strategy="ddg"` gets '
         f"{ratios['fit_ddg_over_fit_backprop'] / ratios['fit_ceiling']:.0%} of it",
+        f"- Each stage trained alone by a `Trainer.fit` of its own, all at once (`fit stages`: what a pipeline "
+        "would reach if it cost nothing beyond each stage's own work and Lightning's loop, its slowest stage's "
+        f"samples/s; per stage: forward / backward / update / rest in ms): **{ratios['fit_stages_ceiling']:.2f}×** "
+        f'backprop; `strategy="ddg"` gets {ratios["fit_ddg_over_fit_backprop"] / ratios["fit_stages_ceiling"]:.0%} '
+        "of it",
         "",
     ]
     return "\n".join(lines) + "\n"
