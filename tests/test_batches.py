@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_ddg import DDGStrategy
+from lightning_ddg.batches import SentBatches, _decode
 from tests.lightning_models import cpu_trainer
 
 
@@ -72,3 +73,37 @@ def test_only_the_first_stage_loads_and_the_last_gets_the_same_batches(tmp_path:
     seen = (tmp_path / "seen").read_text().split("\n")[:-1]
     expected = [f"sample-{i}" for i in range(24)]
     assert [name for line in seen for name in line.split()] == 2 * expected
+
+
+class _Channel:
+    """What the first stage's loader needs of a channel: it keeps what it is sent."""
+
+    blocked_s = 0.0
+
+    def __init__(self) -> None:
+        self.sent: list[list] = []
+
+    def send(self, message: list, may_change: bool = False) -> None:
+        self.sent.append(message)
+
+
+def test_a_batch_layout_is_encoded_once_while_the_batches_keep_it() -> None:
+    def batch(n: int, name: str | None = None) -> tuple:
+        return (torch.zeros(n, 3), torch.zeros(n, dtype=torch.long)) + ((name,) if name else ())
+
+    ended = []
+    channel = _Channel()
+    loader = SentBatches([batch(4), batch(4), batch(4), batch(2), batch(2, "a"), batch(2, "b")], [(channel, True)])
+    loader.on_fit_end = lambda: ended.append(True)
+    batches = iter(loader)
+    next(batches), next(batches)
+    loader.ends_fit = True  # the third is the fit's last: its layout says so
+    for _ in batches:
+        pass
+    layouts = [message[0] for message in channel.sent]
+    decoded = [_decode(layout) for layout in layouts]
+    assert layouts[1] is layouts[0] and not decoded[0][0]
+    assert layouts[2] is not layouts[0] and decoded[2][0] and ended == [True]
+    assert decoded[3][1][3] == [(torch.float32, (2, 3)), (torch.int64, (2,))]  # another shape: encoded anew
+    assert [d[1][1] for d in decoded[4:6]] == [[None, None, "a"], [None, None, "b"]]  # values besides tensors
+    assert decoded[6] == (False, "end")
