@@ -60,6 +60,21 @@ class FitClock(L.Callback):
         self.end = time.perf_counter()
 
 
+def timed_trainer(clock: L.Callback, strategy: Any = "auto", devices: int = 1, accelerator: str = "cpu") -> L.Trainer:
+    """A Trainer for one epoch with ``clock`` as its one callback and nothing else that writes or prints."""
+    return L.Trainer(
+        strategy=strategy,
+        accelerator=accelerator,
+        devices=devices,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+    )
+
+
 def fit_rates(cfg: dict[str, Any], stages: int, timeout: float) -> dict[str, dict[str, Any]]:
     """Each fit of ``ENGINES`` for the peers' configuration ``cfg``, by row name: its ``samples_per_s``, and for
     the DDG fit and the stages apart their per-stage figures (``stages``, see :func:`stage_figures` and
@@ -146,17 +161,7 @@ def _fit(engine: str, cfg: dict[str, Any], out: str) -> None:
     else:
         strategy = {"fit backprop": "auto", "fit ddp": "ddp"}[engine]
     clock = Clock()
-    trainer = L.Trainer(
-        strategy=strategy,
-        devices=1 if engine == "fit backprop" else stages,
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock],
-    )
+    trainer = timed_trainer(clock, strategy=strategy, devices=1 if engine == "fit backprop" else stages)
     trainer.fit(Module(), DataLoader(data, batch_size=per_process))
     if trainer.global_rank == 0:
         result = {"samples_per_s": steps * batch / (clock.end - clock.start), "cuts": clock.cuts}
@@ -243,16 +248,7 @@ def _fit_stage(cfg: dict[str, Any], out: str) -> None:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     clock = Parts()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock],
-    )
+    trainer = timed_trainer(clock)
     trainer.fit(Stage(), DataLoader(TensorDataset(*inputs, ys.flatten()), batch_size=batch))
     elapsed = clock.end - clock.start
     ms = {part: 1e3 * spent / steps for part, spent in clock.spent.items()}

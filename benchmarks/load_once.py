@@ -26,7 +26,7 @@ AUGMENT_ROUNDS = 6  # per sample: a few small tensor ops, as random crops, flips
 def _fit(mode: str, out: str) -> None:
     import lightning as L
     import torch
-    from fit_path import FitClock  # the clock of every timed fit here
+    from fit_path import FitClock, timed_trainer  # the clock of every timed fit here
     from torch import nn
     from torch.utils.data import DataLoader, Dataset
 
@@ -66,17 +66,7 @@ def _fit(mode: str, out: str) -> None:
 
     clock = FitClock(WARMUP)
     strategy = "auto" if mode == "backprop" else DDGStrategy(split_points=["net.8"], load_once=mode == "ddg load once")
-    trainer = L.Trainer(
-        strategy=strategy,
-        devices=1 if mode == "backprop" else 2,
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock],
-    )
+    trainer = timed_trainer(clock, strategy=strategy, devices=1 if mode == "backprop" else 2)
     loader = DataLoader(Augmented(), batch_size=BATCH, num_workers=1, persistent_workers=False)
     trainer.fit(MLP(), loader)
     if trainer.global_rank == 0:

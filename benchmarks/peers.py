@@ -59,7 +59,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from cifar_resnet import cifar_resnet  # noqa: E402
-from fit_path import STAGE_APART_PARTS, STAGE_PARTS, fit_rates  # noqa: E402
+from fit_path import STAGE_APART_PARTS, STAGE_PARTS, fit_rates, timed_trainer  # noqa: E402
 from harness import can_pin, device_of, launch, peak_memory_mib, reset_peak_memory, synchronize  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -318,16 +318,10 @@ def lightning_rank(rank: int, world_size: int, cfg: dict) -> dict[str, Any]:
     fits = []
     for engine in LIGHTNING:
         clock = Clock()
-        trainer = L.Trainer(
+        trainer = timed_trainer(
+            clock,
             strategy=DDGStrategy() if engine == "lightning ddg" else "auto",
             accelerator="gpu" if cfg["device"] == "cuda" else "cpu",
-            devices=1,
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[clock],
         )
         trainer.fit(Module(), DataLoader(TensorDataset(xs.flatten(0, 1), ys.flatten()), batch_size=xs.shape[1]))
         windows = [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)][: cfg["windows"]]
