@@ -131,7 +131,7 @@ def test_a_piece_timed_low_once_is_timed_as_the_others() -> None:
 
 def test_a_machine_that_slows_down_while_timing_slows_every_piece_alike() -> None:
     # timed one after the other, the last of four equal pieces would take more than twice the first's time (the
-    # slowdown of 20 runs); timed in rounds, as a training step runs them, about 1.1 times
+    # slowdown of 18 runs); timed in rounds, as a training step runs them, about 1.2 times
     segments = [_Slowing() for _ in range(4)]
     inputs = run_segments(segments, [torch.randn(4)], torch.device("cpu"))
     _Slowing.runs = 0
