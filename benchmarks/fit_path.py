@@ -60,8 +60,11 @@ class FitClock(L.Callback):
         self.end = time.perf_counter()
 
 
-def timed_trainer(clock: L.Callback, strategy: Any = "auto", devices: int = 1, accelerator: str = "cpu") -> L.Trainer:
-    """A Trainer for one epoch with ``clock`` as its one callback and nothing else that writes or prints."""
+def timed_trainer(
+    clock: L.Callback, strategy: Any = "auto", devices: int = 1, accelerator: str = "cpu", **options: Any
+) -> L.Trainer:
+    """A Trainer for one epoch with ``clock`` as its one callback and nothing else that writes or prints;
+    ``options`` go to the Trainer as well."""
     return L.Trainer(
         strategy=strategy,
         accelerator=accelerator,
@@ -72,6 +75,7 @@ def timed_trainer(clock: L.Callback, strategy: Any = "auto", devices: int = 1, a
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[clock],
+        **options,
     )
 
 

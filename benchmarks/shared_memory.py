@@ -35,7 +35,7 @@ WARMUP, LAYERS = 10, 8
 def _fit(mode: str, steps: int, width: int, batch: int, out: str) -> None:
     import lightning as L
     import torch
-    from fit_path import FitClock, stage_figures
+    from fit_path import FitClock, stage_figures, timed_trainer
     from torch import nn
 
     from lightning_ddg import DDGStrategy, topology
@@ -62,17 +62,8 @@ def _fit(mode: str, steps: int, width: int, batch: int, out: str) -> None:
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(batch * steps, width), torch.randn(batch * steps, width))
     clock = FitClock(WARMUP)
-    trainer = L.Trainer(
-        strategy=DDGStrategy(split_points=[f"net.{LAYERS}"]),
-        devices=2,
-        accelerator="cpu",
-        max_steps=steps,
-        log_every_n_steps=100,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock],
+    trainer = timed_trainer(
+        clock, strategy=DDGStrategy(split_points=[f"net.{LAYERS}"]), devices=2, max_steps=steps, log_every_n_steps=100
     )
     trainer.fit(MLP(), torch.utils.data.DataLoader(data, batch_size=batch))
     if trainer.global_rank == 0:
