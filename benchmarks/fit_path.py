@@ -106,11 +106,11 @@ def fit_rates(cfg: dict[str, Any], stages: int, timeout: float) -> dict[str, dic
                 os.remove(out)
             # K fits of the whole model add up; K stages of one pipeline go as fast as the slowest
             total = min(rates_here) if engine == "fit stages apart" else sum(rates_here)
-            name = engine if engine == "fit backprop" else engine.replace(" apart", f" ×{stages} apart")
-            rates[name if apart or engine == "fit backprop" else f"{engine} ×{stages}"] = {
-                "samples_per_s": total,
-                "stages": figures,
-            }
+            if apart:
+                name = engine.replace(" apart", f" ×{stages} apart")
+            else:
+                name = engine if engine == "fit backprop" else f"{engine} ×{stages}"
+            rates[name] = {"samples_per_s": total, "stages": figures}
     return rates
 
 

@@ -118,8 +118,7 @@ class SentBatches(_Wrapped):
 
     def _layout(self, spec: Any, others: list[Any], where: list[int], specs: list) -> torch.Tensor:
         """The message that tells the later stages how to rebuild a batch from its tensors. Batch after batch of
-        tensors alone it is the same: it is encoded once, not pickled again every step (about 50 µs of the first
-        stage's step in a fit of ``benchmarks/peers.py``'s MLP)."""
+        tensors alone it is the same: it is encoded once, not pickled again on every step of the first stage."""
         key = (spec, where, specs) if all(other is None for other in others) else None
         if key is not None and not self.ends_fit and self._last_layout is not None and self._last_layout[0] == key:
             return self._last_layout[1]
