@@ -13,6 +13,10 @@ on the same batches and batch size:
 - ``backprop ×K apart``: K processes each running backprop on batches of its own, with no communication at
   all: the samples/s of all K together is what K processes can do on this machine, the ceiling of every
   K-process configuration;
+- ``stages ×K apart``: K processes, process ``k`` training stage ``k`` of the cut below alone (forward, backward
+  with its input's gradient, its optimizer's step) on inputs computed beforehand, all at once, with no weight
+  copy and no message: the samples/s of the slowest stage, what any pipeline on this cut that steps every
+  stage's optimizer on every batch can reach at most;
 - ``ddp``: K processes of torch's ``DistributedDataParallel`` (what Lightning's ``strategy="ddp"`` runs), each
   on ``1/K`` of the batch, so every step is the same optimization step as backprop's;
 - ``gpipe m=…`` and ``1f1b m=…``: ``torch.distributed.pipelining``'s ``ScheduleGPipe`` and ``Schedule1F1B``
@@ -179,6 +183,38 @@ def torch_pipelining(model: nn.Module, rank: int, world_size: int, cfg: dict) ->
     return step, lambda: None, {}
 
 
+def stage_apart(model: nn.Module, rank: int, world_size: int, cfg: dict) -> tuple[Step, Callable, dict]:
+    """Stage ``rank`` of the cut trained alone, every rank at once: forward, backward and its optimizer's step on
+    inputs computed beforehand (what the earlier stages send), with its input's gradient where a stage sends one
+    back and a stand-in for the gradient the next stage would send (the last stage computes the loss). No weight
+    copies, no messages: a window lasts as long as the slowest stage, so this is the floor of any pipeline on
+    this cut that steps each stage's optimizer every batch."""
+    modules = _stage_modules(model, cfg)
+    module, last = modules[rank], rank == world_size - 1
+    optimizer, loss_fn = _optimizer(module.parameters()), nn.CrossEntropyLoss()
+    device = device_of(rank, cfg)
+    xs, _ = batches(cfg["model"], cfg["warmup"] + cfg["steps"], cfg["batch_size"], device)
+    inputs: list[tuple[torch.Tensor, ...]] = [(x,) for x in xs]
+    with torch.no_grad():
+        for earlier in modules[:rank]:
+            inputs = [tuple(earlier(*values)) for values in inputs]
+    fed = iter(inputs)
+    seeds: list[torch.Tensor] = []
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        values = [v.detach().requires_grad_() if rank and v.is_floating_point() else v for v in next(fed)]
+        optimizer.zero_grad(set_to_none=True)
+        out = module(*values)
+        if last:
+            loss_fn(out, y).backward()
+        else:
+            seeds[:] = seeds or [torch.randn_like(o) for o in out]
+            torch.autograd.backward(list(out), seeds)
+        optimizer.step()
+
+    return step, lambda: None, {}
+
+
 def ddg(model: nn.Module, rank: int, world_size: int, cfg: dict) -> tuple[Step, Callable, dict]:
     built = build_stage(
         model,
@@ -229,7 +265,14 @@ def ddg(model: nn.Module, rank: int, world_size: int, cfg: dict) -> tuple[Step, 
     return step, finish, figures
 
 
-ENGINES = {"backprop": backprop, "ddp": ddp, "gpipe": torch_pipelining, "1f1b": torch_pipelining, "ddg": ddg}
+ENGINES = {
+    "backprop": backprop,
+    "ddp": ddp,
+    "gpipe": torch_pipelining,
+    "1f1b": torch_pipelining,
+    "stages apart": stage_apart,
+    "ddg": ddg,
+}
 
 
 def run_rank(rank: int, world_size: int, cfg: dict) -> dict[str, Any]:
@@ -339,6 +382,7 @@ def configurations(stages: int, microbatches: list[int]) -> list[tuple[str, int,
         ("backprop", 1, {"engine": "backprop"}),
         (f"backprop ×{stages} apart", stages, {"engine": "backprop", "apart": True}),
         (f"ddp ×{stages}", stages, {"engine": "ddp"}),
+        (f"stages ×{stages} apart", stages, {"engine": "stages apart"}),
     ]
     for engine in ("gpipe", "1f1b"):
         configs += [(f"{engine} m={m}", stages, {"engine": engine, "microbatches": m}) for m in microbatches]
@@ -496,6 +540,10 @@ def report(result: dict[str, Any]) -> None:
         f"ceiling (backprop apart):        {ratios['ceiling']:.2f}; "
         f"ddg stash reaches {ratios['ddg_over_backprop'] / ratios['ceiling']:.0%} of it"
     )
+    print(
+        f"each stage alone, all at once:   {ratios['stages_ceiling']:.2f} (the floor of a pipeline on this cut); "
+        f"ddg stash reaches {ratios['ddg_over_backprop'] / ratios['stages_ceiling']:.0%} of it"
+    )
     print(f"ddg stash / best GPipe or 1F1B:  {ratios['ddg_over_best_pipeline']:.2f}")
     print(f"ddg recompute time / stash time: {ratios['recompute_time_over_stash']:.2f}")
     print(f"Lightning, one device, strategy='ddg' / plain: {ratios['lightning_ddg_over_plain']:.3f}")
@@ -525,6 +573,7 @@ def target_ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
         "ceiling": next(r for name, r in by_name.items() if name.startswith("backprop") and name.endswith("apart"))[
             "speedup"
         ],
+        "stages_ceiling": next(r for name, r in by_name.items() if name.startswith("stages"))["speedup"],
         "fit_ceiling": fit("fit backprop apart") / fit("fit backprop"),
         "fit_stages_ceiling": fit("fit stages apart") / fit("fit backprop"),
         "ddg_over_best_pipeline": stash["samples_per_s"] / pipelines,
@@ -581,6 +630,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"**{ratios['ddg_over_best_pipeline']:.2f}×**",
         f"- {result['stages']} processes with nothing to share reach {ratios['ceiling']:.2f}× on this machine: DDG "
         f"gets {ratios['ddg_over_backprop'] / ratios['ceiling']:.0%} of that ceiling",
+        f"- Each stage of the cut trained alone, all at once (`stages apart`: its forward, backward and optimizer "
+        f"step, no weight copy, no message; the floor of any pipeline on this cut): **{ratios['stages_ceiling']:.2f}×"
+        f"** backprop; DDG gets {ratios['ddg_over_backprop'] / ratios['stages_ceiling']:.0%} of it",
         f"- stash+recompute takes **{ratios['recompute_time_over_stash']:.2f}×** the time of stash; activations "
         f"held at most: stash {max(r['activations_mib'] for r in runs['ddg stash']['ranks']):.1f} MiB, "
         f"recompute {max(r['activations_mib'] for r in runs['ddg recompute']['ranks']):.1f} MiB (per stage)",
