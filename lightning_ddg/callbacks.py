@@ -218,7 +218,7 @@ class LogStageFigures(Callback):
         # when Lightning logs, but MEASURED_STEPS batches apart at least: figures over fewer steps are mostly noise,
         # and each logging calls every logger on the last stage, which sets the pipeline's pace
         self._batches_unlogged += 1
-        if should_update_logs(trainer) and self._batches_unlogged >= MEASURED_STEPS:
+        if self._batches_unlogged >= MEASURED_STEPS and should_update_logs(trainer):  # the cheap test first
             self._log(trainer, epoch_end=False)
 
     @override
