@@ -111,7 +111,9 @@ class TransformerClassifier(nn.Module):
 
 # name: (builder, one sample's shape, batch size, timed steps per run on a CPU, and per Trainer.fit). A fit is timed
 # in one window from its start: the MLP's 60 steps of about 10 ms would last under a second, which start-up and
-# one logging event weigh on, so its fits time more steps.
+# one logging event weigh on, so its fits time more steps; so do the one-device fits, whose three windows would
+# otherwise last a quarter of a second each, less than the machine's drift takes to move them by the few percent
+# they compare.
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, int, int]] = {
     "mlp": (mlp, (512,), 128, 60, 240),
     "resnet": (lambda: cifar_resnet(20), (3, 32, 32), 32, 12, 12),
@@ -445,11 +447,17 @@ def main() -> None:
             for name, world_size, options in configurations(args.stages, args.microbatches):
                 ranks = launch(run_rank, world_size, common | options, args.timeout)
                 runs.append({"name": name, "processes": world_size, "ranks": ranks} | options)
-            (fits,) = launch(lightning_rank, 1, common, args.timeout)
+            (fits,) = launch(lightning_rank, 1, common | {"steps": fit_steps}, args.timeout)
             for engine, windows in fits["fits"]:
                 every = [w for fit in windows for w in fit]
                 runs.append(
-                    {"name": engine, "processes": 1, "ranks": [{"rank": 0, "windows_s": every}], "fit_windows": windows}
+                    {
+                        "name": engine,
+                        "processes": 1,
+                        "ranks": [{"rank": 0, "windows_s": every}],
+                        "fit_windows": windows,
+                        "steps": fit_steps,
+                    }
                 )
             for name, fit in fit_rates(common | {"steps": fit_steps}, args.stages, args.timeout).items():
                 processes = 1 if name == "fit backprop" else args.stages  # the fits apart: K processes, summed
@@ -468,7 +476,8 @@ def main() -> None:
                 continue
             # a window takes as long as its slowest rank; the best window is the least disturbed by other work
             windows = [max(w) for w in zip(*(r["windows_s"] for r in run["ranks"]), strict=True)]
-            samples = steps // args.windows * batch * (run["processes"] if run.get("apart") else 1)
+            run_steps = run.get("steps", steps)
+            samples = run_steps // args.windows * batch * (run["processes"] if run.get("apart") else 1)
             run["samples_per_s"] = samples / min(windows)
             run["peak_mib"] = max(r.get("peak_mib", float("nan")) for r in run["ranks"])
         one_device = one_device_pairs(runs)  # before best_of_repeats keeps one round's fits
