@@ -1,6 +1,6 @@
 """DDG against its peers, side by side: one command, every configuration measured in the same run.
 
-Run from the repository root (8 to 11 minutes on a 2-core machine)::
+Run from the repository root (7 to 11 minutes on a 2-core machine)::
 
     python benchmarks/peers.py                       # all models, K=2, CPU processes
     python benchmarks/peers.py --models mlp --steps 100
