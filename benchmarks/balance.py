@@ -118,7 +118,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each stage alone (the median counts)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs of each stage alone (the second fastest counts)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="trainings of each split; the fastest counts")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="let the OS place the processes")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/balance.json"))
