@@ -183,7 +183,7 @@ def _fit_stage(cfg: dict[str, Any], out: str) -> None:
     ``Trainer.fit``, timed as :func:`_fit` times a fit, with what its steps spent in each of
     :data:`STAGE_APART_PARTS`."""
     import torch
-    from peers import _optimizer, batches, build
+    from peers import _optimizer, batches, build, stage_inputs
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -193,12 +193,9 @@ def _fit_stage(cfg: dict[str, Any], out: str) -> None:
     warmup, steps, batch, k = cfg["warmup"], cfg["steps"], cfg["batch_size"], cfg["stage"]
     stages = split_module(build(cfg["model"]), cfg["split_points"]).train
     last = k == len(stages) - 1
-    xs, ys = batches(cfg["model"], warmup + steps, batch, torch.device("cpu"))
-    inputs: list[torch.Tensor] = [xs.flatten(0, 1)]
-    with torch.no_grad():  # what the earlier stages send, batch by batch
-        for earlier in stages[:k]:
-            sent = [earlier(*(x[i * batch : (i + 1) * batch] for x in inputs)) for i in range(warmup + steps)]
-            inputs = [torch.cat(values) for values in zip(*sent, strict=True)]
+    _, ys = batches(cfg["model"], warmup + steps, batch, torch.device("cpu"))
+    sent = stage_inputs(stages, k, cfg, torch.device("cpu"))  # what the earlier stages send, batch by batch
+    inputs = [torch.cat(values) for values in zip(*sent, strict=True)]
 
     class Stage(L.LightningModule):
         def __init__(self) -> None:

@@ -188,6 +188,17 @@ def torch_pipelining(model: nn.Module, rank: int, world_size: int, cfg: dict) ->
     return step, lambda: None, {}
 
 
+def stage_inputs(stages: list[nn.Module], k: int, cfg: dict, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """What stage ``k`` receives for each batch of a run of ``cfg`` (warm-up and timed steps): the outputs of the
+    stages before it, computed beforehand without gradients."""
+    xs, _ = batches(cfg["model"], cfg["warmup"] + cfg["steps"], cfg["batch_size"], device)
+    inputs: list[tuple[torch.Tensor, ...]] = [(x,) for x in xs]
+    with torch.no_grad():
+        for earlier in stages[:k]:
+            inputs = [tuple(earlier(*values)) for values in inputs]
+    return inputs
+
+
 def stage_apart(model: nn.Module, rank: int, world_size: int, cfg: dict) -> tuple[Step, Callable, dict]:
     """Stage ``rank`` of the cut trained alone, every rank at once: forward, backward and its optimizer's step on
     inputs computed beforehand (what the earlier stages send), with its input's gradient where a stage sends one
@@ -197,13 +208,7 @@ def stage_apart(model: nn.Module, rank: int, world_size: int, cfg: dict) -> tupl
     modules = _stage_modules(model, cfg)
     module, last = modules[rank], rank == world_size - 1
     optimizer, loss_fn = _optimizer(module.parameters()), nn.CrossEntropyLoss()
-    device = device_of(rank, cfg)
-    xs, _ = batches(cfg["model"], cfg["warmup"] + cfg["steps"], cfg["batch_size"], device)
-    inputs: list[tuple[torch.Tensor, ...]] = [(x,) for x in xs]
-    with torch.no_grad():
-        for earlier in modules[:rank]:
-            inputs = [tuple(earlier(*values)) for values in inputs]
-    fed = iter(inputs)
+    fed = iter(stage_inputs(modules, rank, cfg, device_of(rank, cfg)))
     seeds: list[torch.Tensor] = []
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
